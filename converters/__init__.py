@@ -1,0 +1,1 @@
+"""Converters from the captured IR to target artifacts, one module per target."""

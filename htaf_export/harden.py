@@ -1,0 +1,187 @@
+"""Hardening: every smooth HTAF site becomes the exact step it approximates, and the gap is measured."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import BadInput
+from .nn import HTAF, Step, htaf_function
+from .nn.binary import _BinaryWeights
+
+# A pre-activation is "unsaturated" when HTAF differs from the step by more than this, on the 0..1 scale.
+GAP_TOLERANCE = 0.01
+
+
+@dataclass
+class Site:
+    """One step site: where it is and the step it computes once hardened."""
+
+    name: str
+    levels: str
+    threshold: float | None
+    tie: str
+    was: str  # "htaf" when hardened here, "step" when the model already had an exact step
+    alpha: float | None = None
+    beta: float | None = None
+    mode: str | None = None
+
+
+@dataclass
+class SiteGap:
+    """How far a site's HTAF is from its step on calibration data."""
+
+    name: str
+    count: int
+    unsaturated: int
+
+    @property
+    def fraction(self) -> float:
+        return self.unsaturated / self.count if self.count else 0.0
+
+
+@dataclass
+class HardenResult:
+    model: nn.Module
+    sites: list[Site]
+    tie: str | None
+    gaps: list[SiteGap] = field(default_factory=list)
+    smooth_accuracy: float | None = None
+    hardened_accuracy: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "tie": self.tie,
+            "sites": [asdict(s) for s in self.sites],
+            "gaps": [{**asdict(g), "fraction": g.fraction} for g in self.gaps],
+            "smooth_accuracy": self.smooth_accuracy,
+            "hardened_accuracy": self.hardened_accuracy,
+        }
+
+
+def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)
+
+
+def find_sites(model: nn.Module) -> list[Site]:
+    """Step sites of a module tree, in registration order; TorchScript submodules are matched by type name."""
+    sites = []
+    for name, m in model.named_modules():
+        kind = getattr(m, "original_name", type(m).__name__)
+        if isinstance(m, HTAF) or kind == "HTAF":
+            sites.append(Site(name, str(getattr(m, "levels", "?")), getattr(m, "threshold", None),
+                              str(getattr(m, "tie", "?")), "htaf", getattr(m, "alpha", None),
+                              getattr(m, "beta", None), getattr(m, "mode", None)))
+        elif isinstance(m, Step) or kind == "Step":
+            sites.append(Site(name, str(getattr(m, "levels", "?")), getattr(m, "threshold", None),
+                              str(getattr(m, "tie", "?")), "step"))
+    return sites
+
+
+def _exported_program_sites(model: nn.Module) -> list[Site]:
+    """Sites of a graph module from torch.export, read off the module stack recorded on each node."""
+    sites: dict[str, Site] = {}
+    for node in model.graph.nodes if hasattr(model, "graph") else []:
+        stack = node.meta.get("nn_module_stack") or {}
+        for path, type_name in stack.values():
+            short = str(type_name).rsplit(".", 1)[-1]
+            if short in ("HTAF", "Step") and path not in sites:
+                sites[path] = Site(path, "?", None, "?", "htaf" if short == "HTAF" else "step")
+    return list(sites.values())
+
+
+def harden(model: nn.Module, data: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+           tie: str | None = None, batch_size: int = 512) -> HardenResult:
+    """Return a hardened copy of ``model`` (the input is not modified) and a record of its sites.
+
+    Every HTAF becomes ``Step`` with the same threshold and levels; binary layers are frozen to
+    exact ±1 weights. ``tie`` overrides the tie rule of every smooth site. With ``data``, the
+    hardening gap of each site is measured, and with ``labels`` the accuracy before and after.
+    """
+    if tie not in (None, "ge", "gt"):
+        raise BadInput(f"tie must be 'ge' or 'gt', got {tie!r}")
+    if isinstance(model, torch.jit.ScriptModule):
+        sites = find_sites(model)
+        smooth = [s.name for s in sites if s.was == "htaf"]
+        if smooth:
+            raise BadInput(f"TorchScript model has smooth HTAF sites ({', '.join(smooth)}) that cannot be swapped "
+                           f"inside TorchScript; harden before scripting, or save an htaf-export checkpoint")
+        return HardenResult(model=model, sites=sites, tie=tie)
+    if isinstance(model, torch.fx.GraphModule) and not find_sites(model):
+        sites = _exported_program_sites(model)
+        smooth = [s.name for s in sites if s.was == "htaf"]
+        if smooth:
+            raise BadInput(f".pt2 program has smooth HTAF sites ({', '.join(smooth)}) that are traced into its "
+                           f"graph; harden before torch.export, or save an htaf-export checkpoint")
+        return HardenResult(model=model, sites=sites, tie=tie)
+
+    hard = copy.deepcopy(model).eval()
+    sites = []
+    for site in find_sites(hard):
+        if site.was == "htaf":
+            m = hard.get_submodule(site.name)
+            step = m.hardened(tie)  # type: ignore[operator]
+            _set_submodule(hard, site.name, step)
+            site.tie = step.tie
+        sites.append(site)
+    for m in hard.modules():
+        if isinstance(m, _BinaryWeights):
+            m.freeze()
+    hard._htaf_hardened_tie = tie  # type: ignore[attr-defined]
+    result = HardenResult(model=hard, sites=sites, tie=tie)
+    if data is not None:
+        result.gaps = measure_gap(model, data, batch_size)
+        if labels is not None:
+            result.smooth_accuracy = accuracy(model, data, labels, batch_size)
+            result.hardened_accuracy = accuracy(hard, data, labels, batch_size)
+    return result
+
+
+def primary_output(out: Any) -> torch.Tensor:
+    """The first output (the logits) of a model that may return a tuple."""
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, data: torch.Tensor, labels: torch.Tensor, batch_size: int = 512) -> float:
+    model = model.eval()
+    correct = 0
+    for i in range(0, len(data), batch_size):
+        logits = primary_output(model(data[i:i + batch_size]))
+        correct += int((logits.argmax(dim=1) == labels[i:i + batch_size]).sum())
+    return correct / max(len(data), 1)
+
+
+@torch.no_grad()
+def measure_gap(model: nn.Module, data: torch.Tensor, batch_size: int = 512) -> list[SiteGap]:
+    """Share of pre-activations per HTAF site where |HTAF(u) − H(u)| > GAP_TOLERANCE (0..1 scale)."""
+    gaps: dict[str, SiteGap] = {}
+    hooks = []
+
+    def record(name: str, m: HTAF):
+        def hook(_module, inputs, _output):
+            u = inputs[0] - m.threshold
+            h = htaf_function(u, m.alpha, m.beta)
+            step = (u >= 0).to(h.dtype) if m.tie == "ge" else (u > 0).to(h.dtype)
+            g = gaps.setdefault(name, SiteGap(name, 0, 0))
+            g.count += u.numel()
+            g.unsaturated += int(((h - step).abs() > GAP_TOLERANCE).sum())
+        return hook
+
+    for name, m in model.named_modules():
+        if isinstance(m, HTAF):
+            hooks.append(m.register_forward_hook(record(name, m)))
+    try:
+        model.eval()
+        for i in range(0, len(data), batch_size):
+            model(data[i:i + batch_size])
+    finally:
+        for h in hooks:
+            h.remove()
+    return list(gaps.values())

@@ -1,0 +1,124 @@
+"""A readable account of a model: family, step sites, binary layers, parameters and the bits they need."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from .data import Dataset
+from .harden import HardenResult, Site, harden
+from .io import LoadedModel
+from .nn.binary import _BinaryWeights
+
+FLOAT_BITS = 32
+
+
+@dataclass
+class LayerInfo:
+    """Parameters held directly by one module (not its children) and the bits they need."""
+
+    name: str
+    kind: str
+    binary: bool
+    params: int
+    one_bit: int  # parameters stored as 1 bit (binary weights)
+
+    @property
+    def bits(self) -> int:
+        return self.one_bit + (self.params - self.one_bit) * FLOAT_BITS
+
+
+@dataclass
+class ModelSummary:
+    loaded: LoadedModel
+    sites: list[Site]
+    layers: list[LayerInfo]
+    hardening: HardenResult | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def params(self) -> int:
+        return sum(layer.params for layer in self.layers)
+
+    @property
+    def bits(self) -> int:
+        return sum(layer.bits for layer in self.layers)
+
+
+def layer_table(module: torch.nn.Module) -> list[LayerInfo]:
+    layers = []
+    for name, m in module.named_modules():
+        # Parameters plus float buffers (batch-norm statistics, frozen scales): all of them ship.
+        own = list(m.parameters(recurse=False)) + [b for b in m.buffers(recurse=False) if b.is_floating_point()]
+        count = sum(t.numel() for t in own)
+        if count == 0:
+            continue
+        binary = isinstance(m, _BinaryWeights)
+        one_bit = m.weight.numel() if binary else 0
+        kind = getattr(m, "original_name", type(m).__name__)
+        layers.append(LayerInfo(name or "(root)", kind, binary, count, one_bit))
+    return layers
+
+
+def summarize(loaded: LoadedModel, data: Dataset | None = None) -> ModelSummary:
+    """Inspect a loaded model; with data, harden a copy to measure the gap (and accuracy with labels)."""
+    x = torch.from_numpy(data.x) if data is not None else None
+    y = torch.from_numpy(data.y) if data is not None and data.y is not None else None
+    result = harden(loaded.module, x, y)
+    summary = ModelSummary(loaded, result.sites, layer_table(loaded.module), result if data is not None else None)
+    if loaded.source_format in ("torchscript", "exported_program"):
+        summary.notes.append("binary layers are not recognisable inside a traced graph; bits assume float weights")
+    return summary
+
+
+def render(summary: ModelSummary, console: Console) -> None:
+    ld = summary.loaded
+    console.print(f"[bold]{ld.path}[/bold]  format={ld.source_format}  family={ld.family}"
+                  + (f"  arch={ld.arch}" if ld.arch else "")
+                  + f"  input=[batch, {', '.join(map(str, ld.input_shape))}]  outputs={', '.join(ld.output_names)}")
+
+    sites = Table(title="Step sites", title_justify="left")
+    for col in ("site", "levels", "threshold", "tie", "trained as"):
+        sites.add_column(col)
+    gap_by_name = {g.name: g for g in (summary.hardening.gaps if summary.hardening else [])}
+    if gap_by_name:
+        sites.add_column("unsaturated (|HTAF−step|>0.01)", justify="right")
+    for s in summary.sites:
+        trained = f"HTAF α={s.alpha:g} β={s.beta:g} {s.mode}" if s.was == "htaf" and s.alpha is not None else s.was
+        row = [s.name, s.levels, "?" if s.threshold is None else f"{s.threshold:g}", s.tie, trained]
+        if gap_by_name:
+            g = gap_by_name.get(s.name)
+            row.append(f"{g.fraction:.2%} of {g.count:,}" if g else "-")
+        sites.add_row(*row)
+    console.print(sites)
+
+    layers = Table(title="Layers with parameters", title_justify="left")
+    for col, just in (("layer", "left"), ("type", "left"), ("binary weights", "left"), ("parameters", "right"),
+                      ("bits needed", "right"), ("as float32", "right")):
+        layers.add_column(col, justify=just)  # type: ignore[arg-type]
+    for layer in summary.layers:
+        layers.add_row(layer.name, layer.kind, "yes (1 bit)" if layer.binary else "no", f"{layer.params:,}",
+                       _size(layer.bits), _size(layer.params * FLOAT_BITS))
+    total_float = summary.params * FLOAT_BITS
+    layers.add_row("[bold]total[/bold]", "", "", f"[bold]{summary.params:,}[/bold]", f"[bold]{_size(summary.bits)}[/bold]",
+                   f"{_size(total_float)} ({total_float / max(summary.bits, 1):.1f}x)")
+    console.print(layers)
+
+    h = summary.hardening
+    if h is not None and h.smooth_accuracy is not None:
+        console.print(f"accuracy: as trained {h.smooth_accuracy:.2%}, hardened {h.hardened_accuracy:.2%} "
+                      f"(change {100 * (h.hardened_accuracy - h.smooth_accuracy):+.2f} points)")
+    for note in summary.notes:
+        console.print(f"note: {note}")
+
+
+def _size(bits: int) -> str:
+    n = bits / 8
+    for unit in ("B", "KiB", "MiB"):
+        if n < 1024 or unit == "MiB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} MiB"

@@ -1,0 +1,149 @@
+"""HTAF, the smooth sigmoid–tanh stand-in for the Heaviside step, and the exact step it hardens to."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from torch import nn
+
+Levels = Literal["01", "pm1"]
+Mode = Literal["smooth", "surrogate"]
+Tie = Literal["ge", "gt"]
+
+LEVELS: tuple[str, ...] = ("01", "pm1")
+MODES: tuple[str, ...] = ("smooth", "surrogate")
+TIES: tuple[str, ...] = ("ge", "gt")
+
+
+def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+
+
+def htaf_function(x: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
+    """HTAF(x) = σ(α·x + β·tanh(x)), with values in (0, 1)."""
+    return torch.sigmoid(alpha * x + beta * torch.tanh(x))
+
+
+def htaf_derivative(x: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
+    """dHTAF/dx = σ(z)·(1 − σ(z))·(α + β·(1 − tanh²(x))), z = α·x + β·tanh(x)."""
+    s = htaf_function(x, alpha, beta)
+    t = torch.tanh(x)
+    return s * (1 - s) * (alpha + beta * (1 - t * t))
+
+
+def exact_step(x: torch.Tensor, threshold: torch.Tensor | float, levels: str, tie: str) -> torch.Tensor:
+    """Heaviside step of x − threshold: 1 (or +1) above, 0 (or −1) below; at the threshold, tie decides.
+
+    ±1 levels are 2·H − 1, computed exactly in floating point.
+    """
+    fired = (x >= threshold if tie == "ge" else x > threshold).to(x.dtype)
+    return fired if levels == "01" else 2 * fired - 1
+
+
+class _SurrogateStep(torch.autograd.Function):
+    """Forward: exact step. Backward: the gradient of HTAF (scaled by 2 for ±1 levels)."""
+
+    @staticmethod
+    def forward(ctx, x, threshold, alpha, beta, levels, tie):  # type: ignore[override]
+        ctx.save_for_backward(x - threshold)
+        ctx.alpha, ctx.beta, ctx.levels = alpha, beta, levels
+        return exact_step(x, threshold, levels, tie)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        (u,) = ctx.saved_tensors
+        grad = htaf_derivative(u, ctx.alpha, ctx.beta)
+        if ctx.levels == "pm1":
+            grad = 2 * grad
+        return grad_out * grad, None, None, None, None, None
+
+
+class HTAF(nn.Module):
+    """Heavy-tailed activation: a smooth, trainable stand-in for the Heaviside step.
+
+    With u = x − threshold and z = α·u + β·tanh(u)::
+
+        HTAF(u) = σ(z)                                   levels "01"
+        HTAF(u) = 2·σ(z) − 1                             levels "pm1"
+        dHTAF/du = σ(z)·(1 − σ(z))·(α + β·(1 − tanh²u))  (×2 for "pm1")
+
+    HTAF(0) = ½ (0 for "pm1"), it rises monotonically, its slope at 0 is (α+β)/4 and its tails
+    decay like e^(−α|u|): a large β gives a steep centre with heavy tails. Because z is odd and
+    strictly increasing in u, HTAF(u) ≥ ½ exactly when u ≥ 0, so hardening to the exact step is
+    exact for any α > 0, β ≥ 0.
+
+    Modes: ``smooth`` (forward is HTAF) and ``surrogate`` (forward is the exact step, backward
+    uses HTAF's gradient). ``tie`` is the value the hardened step takes at exactly the threshold:
+    ``ge`` fires (step(0) = 1, sign(0) = +1), ``gt`` does not.
+    """
+
+    def __init__(
+        self,
+        alpha: float = 2.0,
+        beta: float = 4.0,
+        threshold: float = 0.0,
+        levels: Levels = "01",
+        mode: Mode = "smooth",
+        tie: Tie = "ge",
+    ) -> None:
+        super().__init__()
+        if not (alpha > 0 and math.isfinite(alpha)):
+            raise ValueError(f"alpha must be a positive finite number, got {alpha}")
+        if not (beta >= 0 and math.isfinite(beta)):
+            raise ValueError(f"beta must be a non-negative finite number, got {beta}")
+        _check_choice("levels", levels, LEVELS)
+        _check_choice("mode", mode, MODES)
+        _check_choice("tie", tie, TIES)
+        self.alpha = float(alpha)
+        self.beta = float(beta)
+        self.threshold = float(threshold)
+        self.levels = levels
+        self.mode = mode
+        self.tie = tie
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "surrogate":
+            return _SurrogateStep.apply(x, self.threshold, self.alpha, self.beta, self.levels, self.tie)
+        h = htaf_function(x - self.threshold, self.alpha, self.beta)
+        return h if self.levels == "01" else 2 * h - 1
+
+    def hardened(self, tie: Tie | None = None) -> "Step":
+        """The exact step this site approximates."""
+        return Step(threshold=self.threshold, levels=self.levels, tie=tie or self.tie)
+
+    def extra_repr(self) -> str:
+        return (f"alpha={self.alpha}, beta={self.beta}, threshold={self.threshold}, "
+                f"levels={self.levels}, mode={self.mode}, tie={self.tie}")
+
+
+class Step(nn.Module):
+    """Exact step: levels "01" gives H(x − θ) ∈ {0, 1}; "pm1" gives sign = 2·H − 1 ∈ {−1, +1}.
+
+    At x = θ, ``tie="ge"`` gives 1 (+1) and ``tie="gt"`` gives 0 (−1).
+    """
+
+    def __init__(self, threshold: float = 0.0, levels: Levels = "01", tie: Tie = "ge") -> None:
+        super().__init__()
+        _check_choice("levels", levels, LEVELS)
+        _check_choice("tie", tie, TIES)
+        self.threshold = float(threshold)
+        self.levels = levels
+        self.tie = tie
+
+    @property
+    def onnx_op(self) -> str:
+        return "Heaviside" if self.levels == "01" else "Sign"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.onnx.is_in_onnx_export():
+            # One node in the htaf domain per call, so capture needs no pattern matching.
+            threshold = torch.tensor(self.threshold, dtype=x.dtype)
+            return torch.onnx.ops.symbolic(f"htaf::{self.onnx_op}", (x, threshold), attrs={"tie": self.tie},
+                                           dtype=x.dtype, shape=x.shape, version=1)
+        return exact_step(x, self.threshold, self.levels, self.tie)
+
+    def extra_repr(self) -> str:
+        return f"threshold={self.threshold}, levels={self.levels}, tie={self.tie}"
