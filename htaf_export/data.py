@@ -46,7 +46,10 @@ def load_npz(path: str | Path, input_shape: list[int]) -> Dataset:
     if not path.is_file():
         raise BadInput(f"data file {path} does not exist")
     try:
-        with np.load(path, allow_pickle=False) as f:
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):  # a .npy file gives a bare array
+            raise ValueError("it holds a single .npy array, not an .npz archive")
+        with loaded as f:
             arrays = {k: f[k] for k in f.files}
     except (ValueError, OSError, zipfile.BadZipFile, EOFError) as e:
         raise BadInput(f"data file {path} is not a readable .npz archive: {str(e).splitlines()[0][:120]}") from None

@@ -28,7 +28,7 @@ def atomic_write(path: Path | str, write: Callable[[Path], None]) -> Path:
     """
     path = Path(path)
     check_writable(path)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or Path("."))
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=path.parent or Path("."))
     os.close(fd)
     tmp = Path(tmp_name)
     try:

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .data import Dataset
@@ -76,13 +77,16 @@ def summarize(loaded: LoadedModel, data: Dataset | None = None) -> ModelSummary:
 
 def render(summary: ModelSummary, console: Console) -> None:
     ld = summary.loaded
-    console.print(f"[bold]{ld.path}[/bold]  format={ld.source_format}  family={ld.family}"
-                  + (f"  arch={ld.arch}" if ld.arch else "")
-                  + f"  input=[batch, {', '.join(map(str, ld.input_shape))}]  outputs={', '.join(ld.output_names)}")
+    # escape: "[batch, 64]" (or a path with brackets) would otherwise be eaten as rich markup.
+    console.print(f"[bold]{escape(str(ld.path))}[/bold]"
+                  + escape(f"  format={ld.source_format}  family={ld.family}"
+                           + (f"  arch={ld.arch}" if ld.arch else "")
+                           + f"  input=[batch, {', '.join(map(str, ld.input_shape))}]"
+                           + f"  outputs={', '.join(ld.output_names)}"))
 
     sites = Table(title="Step sites", title_justify="left")
     for col in ("site", "levels", "threshold", "tie", "trained as"):
-        sites.add_column(col)
+        sites.add_column(col, no_wrap=col == "site")  # names are never cut, narrow terminals wrap the rest
     gap_by_name = {g.name: g for g in (summary.hardening.gaps if summary.hardening else [])}
     if gap_by_name:
         sites.add_column("unsaturated (|HTAF−step|>0.01)", justify="right")
@@ -98,7 +102,7 @@ def render(summary: ModelSummary, console: Console) -> None:
     layers = Table(title="Layers with parameters", title_justify="left")
     for col, just in (("layer", "left"), ("type", "left"), ("binary weights", "left"), ("parameters", "right"),
                       ("bits needed", "right"), ("as float32", "right")):
-        layers.add_column(col, justify=just)  # type: ignore[arg-type]
+        layers.add_column(col, justify=just, no_wrap=col in ("layer", "type"))  # type: ignore[arg-type]
     for layer in summary.layers:
         layers.add_row(layer.name, layer.kind, "yes (1 bit)" if layer.binary else "no", f"{layer.params:,}",
                        _size(layer.bits), _size(layer.params * FLOAT_BITS))

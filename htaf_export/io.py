@@ -115,9 +115,14 @@ def load(path: str | Path, trust_pickle: bool = False) -> LoadedModel:
             raise BadInput(f"model file {path} is a truncated or corrupt archive")
         raise BadInput(f"model file {path} is not a PyTorch model (checkpoint, TorchScript, .pt2 or pickle)")
     try:
-        names = zipfile.ZipFile(path).namelist()
-    except (zipfile.BadZipFile, OSError) as e:
-        raise BadInput(f"model file {path} is a corrupt archive: {e}") from None
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+            damaged = _first_damaged_member(archive)
+    except Exception as e:  # BadZipFile, OSError, UnicodeDecodeError from a damaged directory, ...
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BadInput(f"model file {path} is a corrupt archive: {msg[:200]}") from None
+    if damaged is not None:
+        raise BadInput(f"model file {path} is corrupt: archive member {damaged} fails its CRC-32 check")
     try:
         if any(n.endswith("/archive_format") for n in names):
             return _load_exported_program(path, digest)
@@ -129,6 +134,24 @@ def load(path: str | Path, trust_pickle: bool = False) -> LoadedModel:
     except Exception as e:  # torch raises many kinds for damaged archives; the user needs one line.
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise BadInput(f"model file {path} cannot be read (truncated or corrupt?): {msg[:200]}") from None
+
+
+def _first_damaged_member(archive: zipfile.ZipFile) -> str | None:
+    """Name of the first member whose bytes do not match its recorded CRC-32, else None.
+
+    torch's own reader does not check the CRCs, so a flipped byte in a weight tensor would
+    otherwise load silently. Members written without a CRC (recorded as 0) are not checked.
+    """
+    for info in archive.infolist():
+        if info.CRC == 0 or info.is_dir():
+            continue
+        try:
+            with archive.open(info) as f:
+                while f.read(1 << 20):
+                    pass
+        except zipfile.BadZipFile:
+            return info.filename
+    return None
 
 
 def _read_spec(extra: str, path: Path, kind: str) -> dict[str, Any]:
@@ -202,11 +225,17 @@ def _from_checkpoint(obj: Any, path: Path, digest: str) -> LoadedModel:
         raise BadInput(f"checkpoint {path} names {e.args[0]}") from None
     except TypeError as e:
         raise BadInput(f"checkpoint {path} has a config that {obj['arch']} does not accept: {e}") from None
+    state = obj["state_dict"]
+    if isinstance(state, dict):
+        # Extra state (HTAF's alpha/beta, a binary layer's frozen flag) may be absent from older
+        # checkpoints; the freshly built module's values stand in for it.
+        state = {**{k: v for k, v in module.state_dict().items() if k.endswith("._extra_state")}, **state}
     try:
-        module.load_state_dict(obj["state_dict"], strict=True)
-    except RuntimeError as e:
-        first = str(e).splitlines()[0]
-        raise BadInput(f"checkpoint {path}: weights do not fit architecture {obj['arch']}: {first}") from None
+        module.load_state_dict(state, strict=True)
+    except (RuntimeError, TypeError, AttributeError) as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        detail = " ".join(lines[:2])[:300] if lines else type(e).__name__
+        raise BadInput(f"checkpoint {path}: weights do not fit architecture {obj['arch']}: {detail}") from None
     meta = dict(obj.get("meta", {}))
     return LoadedModel(module=module.eval(), input_shape=[int(d) for d in obj["input_shape"]],
                        source_format="checkpoint", path=path, sha256=digest, family=module.family,

@@ -110,6 +110,15 @@ class HTAF(nn.Module):
         h = htaf_function(x - self.threshold, self.alpha, self.beta)
         return h if self.levels == "01" else 2 * h - 1
 
+    # alpha and beta are often annealed during training (train.py sharpens alpha), so the values the
+    # model was trained to travel in the state dict, not only the constructor config.
+    def get_extra_state(self) -> dict:
+        return {"alpha": self.alpha, "beta": self.beta}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.alpha = float(state.get("alpha", self.alpha))
+        self.beta = float(state.get("beta", self.beta))
+
     def hardened(self, tie: Tie | None = None) -> "Step":
         """The exact step this site approximates."""
         return Step(threshold=self.threshold, levels=self.levels, tie=tie or self.tie)

@@ -1,0 +1,24 @@
+# Two commands do all the set-up on a fresh clone: `make demo` and `make test`.
+VENV ?= .venv
+PYTHON ?= python3
+STAMP := $(VENV)/.installed-stamp
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -e ".[tflite,dev]"
+	touch $(STAMP)
+
+.PHONY: install demo test bench
+install: $(STAMP)
+
+demo: $(STAMP)
+	mkdir -p out
+	$(VENV)/bin/htaf-export inspect sample_models/bnn_cnn.pt
+	$(VENV)/bin/htaf-export sample_models/bnn_cnn.pt --target onnx -o out/bnn_cnn.onnx --report out/bnn_cnn.json
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest -q
+
+bench: $(STAMP)
+	$(VENV)/bin/python benchmarks/run_all.py

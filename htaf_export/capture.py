@@ -1,0 +1,168 @@
+"""Capture: hardened module → the canonical ONNX graph (the IR every converter reads).
+
+Each exact step is one node in the ``htaf`` domain (``Heaviside`` for {0,1}, ``Sign`` for {−1,+1})
+with inputs (X, threshold) and attribute ``tie``; its output tensor is named after the module path
+of its site (``path@k`` for the k-th call of a site called more than once, as in unrolled SNNs).
+Weights stay float here (binary ones are exact ±1); converters decide how to store them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import onnx_ir as ir
+import onnx_ir.passes.common as common_passes
+import torch
+from onnxscript.optimizer import fold_constants
+from torch import nn
+
+from .errors import BadInput
+
+HTAF_DOMAIN = "htaf"
+STEP_OPS = ("Heaviside", "Sign")
+OPSET = 18
+INPUT_NAME = "input"
+
+
+@dataclass
+class StepNode:
+    """One step node of the IR: the tensor it writes and the site it came from."""
+
+    tensor: str
+    site: str
+    op: str
+    tie: str
+    call: int = 0
+
+
+@dataclass
+class Capture:
+    """The IR and what converters and validation need to know about it."""
+
+    model: ir.Model
+    input_names: list[str]
+    output_names: list[str]
+    steps: list[StepNode] = field(default_factory=list)
+    streaming: bool = False
+
+    @property
+    def step_tensors(self) -> list[str]:
+        return [s.tensor for s in self.steps]
+
+
+class _StreamingEntry(nn.Module):
+    """Exports one time step of a spiking model with the membrane state as explicit inputs and outputs."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor, *v: torch.Tensor):
+        return self.model.step(x, *v)
+
+
+def state_names(model: nn.Module) -> list[str]:
+    """Names of the membrane-state tensors of a spiking model, one per LIF layer."""
+    return [f"{name}.v" for name, m in model.named_modules() if type(m).__name__ == "LIF"]
+
+
+def _entry(model: nn.Module, input_shape: Sequence[int], output_names: Sequence[str], streaming: bool):
+    batch = torch.export.Dim("batch", min=1)
+    x = torch.zeros(2, *input_shape)
+    if not streaming:
+        return model, (x,), [INPUT_NAME], list(output_names), ({0: batch},)
+    if not hasattr(model, "step") or not hasattr(model, "initial_state"):
+        raise BadInput("streaming export needs a spiking model with step() and initial_state() (an SNN)")
+    states = state_names(model)
+    v = tuple(model.initial_state(2))
+    dyn = ({0: batch}, tuple({0: batch} for _ in v))  # forward(x, *v): the state is one varargs tuple
+    return (_StreamingEntry(model), (x, *v), [INPUT_NAME, *states],
+            [output_names[0], *(f"{s}_next" for s in states)], dyn)
+
+
+def _torch_export(module: nn.Module, args: tuple, input_names: list[str], output_names: list[str], dyn) -> ir.Model:
+    # The exporter prints progress and warns about optional packages; neither helps our users.
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        previous = logging.root.manager.disable
+        logging.disable(logging.WARNING)
+        try:
+            program = torch.onnx.export(module, args, dynamo=True, optimize=False, opset_version=OPSET,
+                                        input_names=input_names, output_names=output_names,
+                                        dynamic_shapes=dyn, verbose=False, report=False)
+        except Exception as e:  # the exporter's errors are long; keep the first line, which names the op
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise BadInput(f"cannot capture the model to ONNX: {first[:300]}") from None
+        finally:
+            logging.disable(previous)
+    return program.model
+
+
+def _site_of(node: ir.Node) -> str:
+    scopes = node.metadata_props.get("pkg.torch.onnx.name_scopes", "")
+    try:
+        names = [s.strip().strip("'\"") for s in scopes.strip("[]").split(",")]
+    except AttributeError:
+        names = []
+    path = names[-2] if len(names) >= 2 else ""
+    return path.removeprefix("model.") if path else node.name
+
+
+def _name_steps(model: ir.Model) -> list[StepNode]:
+    """Name each step output after its site, in graph order."""
+    nodes = [n for n in model.graph if n.domain == HTAF_DOMAIN and n.op_type in STEP_OPS]
+    sites = [_site_of(n) for n in nodes]
+    counts = {s: sites.count(s) for s in sites}
+    seen: dict[str, int] = {}
+    steps = []
+    for node, site in zip(nodes, sites):
+        k = seen.get(site, 0)
+        seen[site] = k + 1
+        out = node.outputs[0]
+        if not out.is_graph_output():
+            out.name = site if counts[site] == 1 else f"{site}@{k}"
+        node.name = f"{out.name}/{node.op_type}"
+        steps.append(StepNode(out.name, site, node.op_type, node.attributes["tie"].as_string(), k))
+    return steps
+
+
+def cleanup(model: ir.Model, fold: bool = True) -> ir.Model:
+    """Fold constants (unless ``fold`` is False) and remove what the exporter leaves behind.
+
+    Steps are never folded (their domain has no evaluator); converters that add subgraphs meant to
+    stay in the file, such as weight unpacking, clean up with ``fold=False``.
+    """
+    if fold:
+        fold_constants(model)
+    ir.passes.Sequential(
+        common_passes.IdentityEliminationPass(),
+        common_passes.RemoveUnusedNodesPass(),
+        common_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
+        common_passes.CommonSubexpressionEliminationPass(),
+        common_passes.RemoveUnusedNodesPass(),
+        common_passes.DeduplicateInitializersPass(),
+        common_passes.RemoveUnusedOpsetsPass(),
+        common_passes.ClearMetadataAndDocStringPass(),
+        common_passes.TopologicalSortPass(),
+    )(model)
+    return model
+
+
+def capture(hardened: nn.Module, input_shape: Sequence[int], output_names: Sequence[str] = ("logits",),
+            streaming: bool = False) -> Capture:
+    """Export a hardened module to the IR. ``streaming`` exports one SNN time step with explicit state."""
+    module, args, in_names, out_names, dyn = _entry(hardened.eval(), input_shape, output_names, streaming)
+    model = _torch_export(module, args, in_names, out_names, dyn)
+    steps = _name_steps(model)
+    cleanup(model)
+    # Steps may have been merged by common-subexpression elimination (identical calls); keep those left.
+    present = {n.outputs[0].name for n in model.graph if n.domain == HTAF_DOMAIN}
+    steps = [s for s in steps if s.tensor in present]
+    model.graph.name = type(hardened).__name__
+    model.producer_name = "htaf-export"
+    return Capture(model, in_names, out_names, steps, streaming)

@@ -1,0 +1,72 @@
+"""ONNX Runtime: the CPU provider always, the CUDA provider where a GPU and its provider exist."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from ..capture import StepNode
+from ..errors import BadInput
+from . import ArtifactInfo
+
+
+def read_onnx_artifact(path: Path) -> ArtifactInfo:
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # noqa: BLE001 - protobuf raises DecodeError and others
+        raise BadInput(f"artifact {path} is not a readable ONNX file: {str(e).splitlines()[0][:120] if str(e) else type(e).__name__}") from None
+    meta = {p.key: p.value for p in proto.metadata_props}
+    if "htaf_export.steps" not in meta:
+        raise BadInput(f"artifact {path} was not written by htaf-export (no htaf_export metadata)")
+    steps = [StepNode(**s) for s in json.loads(meta["htaf_export.steps"])]
+    initializers = {i.name for i in proto.graph.initializer}
+    inputs = [i.name for i in proto.graph.input if i.name not in initializers]
+    return ArtifactInfo(path, "onnx", inputs, [o.name for o in proto.graph.output], steps, meta)
+
+
+def _with_step_outputs(path: Path, steps: list[StepNode]) -> bytes:
+    """The model with every step tensor also exposed as a graph output, so it can be compared."""
+    proto = onnx.load(str(path))
+    present = {o.name for o in proto.graph.output}
+    for s in steps:
+        if s.tensor not in present:
+            proto.graph.output.append(onnx.helper.make_empty_tensor_value_info(s.tensor))
+    return proto.SerializeToString()
+
+
+class OnnxRuntimeRunner:
+    def __init__(self, info: ArtifactInfo, provider: str, threads: int = 0) -> None:
+        import onnxruntime as ort
+
+        self.info = info
+        self.provider = provider
+        self.device = "cuda" if provider.startswith("CUDA") else "cpu"
+        self.name = f"onnxruntime-{self.device}"
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        if threads:
+            opts.intra_op_num_threads = threads
+        try:
+            self.session = ort.InferenceSession(_with_step_outputs(info.path, info.steps), opts, providers=[provider])
+        except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
+            raise BadInput(f"ONNX Runtime cannot load {info.path}: {str(e).splitlines()[0][:200]}") from None
+        self.outputs = [o.name for o in self.session.get_outputs()]
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        values = self.session.run(self.outputs, {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in inputs.items()})
+        return dict(zip(self.outputs, values))
+
+
+def onnx_runners(info: ArtifactInfo, device: str = "all") -> list[OnnxRuntimeRunner]:
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    wanted = []
+    if device in ("cpu", "all"):
+        wanted.append("CPUExecutionProvider")
+    if device in ("cuda", "all") and "CUDAExecutionProvider" in available:
+        wanted.append("CUDAExecutionProvider")
+    return [OnnxRuntimeRunner(info, p) for p in wanted]

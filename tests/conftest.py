@@ -1,0 +1,82 @@
+"""Shared fixtures: the bundled sample checkpoints, the digits test split, small helpers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import htaf_export
+from htaf_export import data
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE_DIR = ROOT / "sample_models"
+SAMPLE_NAMES = ["bnn_mlp", "bnn_cnn", "dhn_mlp", "snn_mlp", "icbm_cnn"]
+
+
+@pytest.fixture(scope="session")
+def sample_paths() -> dict[str, Path]:
+    """name -> path of each bundled sample checkpoint (they must all be there)."""
+    paths = {name: SAMPLE_DIR / f"{name}.pt" for name in SAMPLE_NAMES}
+    missing = [str(p) for p in paths.values() if not p.is_file()]
+    assert not missing, f"sample checkpoints missing: {missing}"
+    return paths
+
+
+@pytest.fixture(params=SAMPLE_NAMES)
+def sample_name(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def sample_path(sample_paths, sample_name) -> Path:
+    return sample_paths[sample_name]
+
+
+@pytest.fixture
+def load_sample(sample_paths):
+    """Load a fresh copy of a sample model (tests may modify what they get)."""
+
+    def _load(name: str) -> htaf_export.LoadedModel:
+        return htaf_export.load(sample_paths[name])
+
+    return _load
+
+
+_DIGITS_CACHE: dict[tuple, data.Dataset] = {}
+
+
+@pytest.fixture(scope="session")
+def digits_test():
+    """Digits test split shaped for a model: ``digits_test(input_shape) -> (x, y)`` as tensors."""
+
+    def _get(input_shape, n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        key = tuple(input_shape)
+        if key not in _DIGITS_CACHE:
+            _DIGITS_CACHE[key] = data.digits("test", list(input_shape))
+        ds = _DIGITS_CACHE[key]
+        x, y = torch.from_numpy(ds.x.copy()), torch.from_numpy(ds.y.copy())
+        return (x[:n], y[:n]) if n is not None else (x, y)
+
+    return _get
+
+
+@pytest.fixture
+def npz_file(tmp_path):
+    """Write arrays to an .npz in tmp_path: ``npz_file(name, **arrays) -> Path``."""
+
+    def _write(name: str = "data.npz", **arrays) -> Path:
+        path = tmp_path / name
+        np.savez(path, **arrays)
+        return path
+
+    return _write
+
+
+def outputs_equal(a, b) -> bool:
+    """Exact equality of model outputs, which may be a tensor or a tuple of tensors."""
+    if isinstance(a, (tuple, list)):
+        return isinstance(b, (tuple, list)) and len(a) == len(b) and all(torch.equal(u, v) for u, v in zip(a, b))
+    return isinstance(b, torch.Tensor) and torch.equal(a, b)
