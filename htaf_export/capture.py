@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import re
 import warnings
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -21,7 +22,7 @@ import torch
 from onnxscript.optimizer import fold_constants
 from torch import nn
 
-from .errors import BadInput
+from .errors import BadInput, UnsupportedLayer
 
 HTAF_DOMAIN = "htaf"
 STEP_OPS = ("Heaviside", "Sign")
@@ -95,12 +96,36 @@ def _torch_export(module: nn.Module, args: tuple, input_names: list[str], output
             program = torch.onnx.export(module, args, dynamo=True, optimize=False, opset_version=OPSET,
                                         input_names=input_names, output_names=output_names,
                                         dynamic_shapes=dyn, verbose=False, report=False)
-        except Exception as e:  # the exporter's errors are long; keep the first line, which names the op
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise BadInput(f"cannot capture the model to ONNX: {first[:300]}") from None
+        except Exception as e:  # the exporter's errors are pages long; users need the layer and the op
+            raise _explain_failure(module, args, dyn, e) from None
         finally:
             logging.disable(previous)
     return program.model
+
+
+def _explain_failure(module: nn.Module, args: tuple, dyn, error: Exception) -> BadInput:
+    """Turn an exporter failure into one line naming the module (layer) and the operation."""
+    chain, cause = [], error
+    while cause is not None and len(chain) < 10:
+        chain.append(str(cause))
+        cause = cause.__cause__ or cause.__context__
+    text = "\n".join(chain)
+    node_match = re.search(r"translating node %(\w+)", text)
+    op_match = re.search(r"No ONNX function found for <OpOverload\(op='([\w.]+)'", text)
+    if node_match:
+        op = op_match.group(1) if op_match else "this operation"
+        layer = node_match.group(1)
+        with contextlib.suppress(Exception), contextlib.redirect_stdout(io.StringIO()):
+            program = torch.export.export(module, args, dynamic_shapes=dyn)
+            # The exporter decomposes before translating, so match the failing node's name by prefix too.
+            base = re.sub(r"_\d+$", "", node_match.group(1))
+            node = next(n for n in program.graph.nodes if n.name == node_match.group(1) or n.name.startswith(base))
+            stack = list((node.meta.get("nn_module_stack") or {}).values())
+            if stack:
+                layer = f"{stack[-1][0].removeprefix('model.')} ({str(stack[-1][1]).rsplit('.', 1)[-1]})"
+        return UnsupportedLayer(layer, f"ONNX has no translation for {op}")
+    last = [line for line in chain[-1].strip().splitlines() if line.strip()]
+    return BadInput(f"cannot capture the model to ONNX: {(last[0] if last else type(error).__name__)[:300]}")
 
 
 def _site_of(node: ir.Node) -> str:
