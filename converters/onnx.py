@@ -16,11 +16,11 @@ import onnx.inliner
 import onnx_ir as ir
 from onnx import helper
 
-from htaf_export.capture import HTAF_DOMAIN, OPSET, Capture, cleanup
+from htaf_export.capture import OPSET, Capture, cleanup
+from htaf_export.ops import HTAF_DOMAIN, HTAF_OPSET_VERSION
 from htaf_export.errors import UnsupportedLayer
 from htaf_export.passes import PackedWeight, fold_batchnorm_into_steps, pack_binary_weights
 
-HTAF_OPSET_VERSION = 1
 
 
 @dataclass

@@ -19,13 +19,14 @@ from typing import Sequence
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 import torch
+import onnx
 from onnxscript.optimizer import fold_constants
 from torch import nn
 
 from .errors import BadInput, UnsupportedLayer
+from .ops import HTAF_DOMAIN, STEP_OPS
+from .passes.plain_steps import recognise_plain_steps
 
-HTAF_DOMAIN = "htaf"
-STEP_OPS = ("Heaviside", "Sign")
 OPSET = 18
 INPUT_NAME = "input"
 
@@ -86,6 +87,19 @@ def _entry(model: nn.Module, input_shape: Sequence[int], output_names: Sequence[
             [output_names[0], *(f"{s}_next" for s in states)], dyn)
 
 
+def _legacy_export(module: nn.Module, args: tuple, input_names: list[str], output_names: list[str]) -> ir.Model:
+    """TorchScript modules: torch's TorchScript-based exporter (the dynamo exporter cannot read them)."""
+    buf = io.BytesIO()
+    axes = {name: {0: "batch"} for name in [*input_names, *output_names]}
+    try:
+        torch.onnx.export(module, args, buf, dynamo=False, opset_version=OPSET, input_names=input_names,
+                          output_names=output_names, dynamic_axes=axes)
+    except Exception as e:  # noqa: BLE001
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BadInput(f"cannot capture the TorchScript model to ONNX: {first[:300]}") from None
+    return ir.from_proto(onnx.load_from_string(buf.getvalue()))
+
+
 def _torch_export(module: nn.Module, args: tuple, input_names: list[str], output_names: list[str], dyn) -> ir.Model:
     # The exporter prints progress and warns about optional packages; neither helps our users.
     with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
@@ -93,6 +107,8 @@ def _torch_export(module: nn.Module, args: tuple, input_names: list[str], output
         previous = logging.root.manager.disable
         logging.disable(logging.WARNING)
         try:
+            if isinstance(module, torch.jit.ScriptModule):
+                return _legacy_export(module, args, input_names, output_names)
             program = torch.onnx.export(module, args, dynamo=True, optimize=False, opset_version=OPSET,
                                         input_names=input_names, output_names=output_names,
                                         dynamic_shapes=dyn, verbose=False, report=False)
@@ -129,6 +145,9 @@ def _explain_failure(module: nn.Module, args: tuple, dyn, error: Exception) -> B
 
 
 def _site_of(node: ir.Node) -> str:
+    """The module path a node came from: the dynamo exporter's name scopes, or the legacy '/a/b/Op' name."""
+    if "pkg.torch.onnx.name_scopes" not in node.metadata_props and (node.name or "").startswith("/"):
+        return ".".join(node.name.strip("/").split("/")[:-1]) or node.name
     scopes = node.metadata_props.get("pkg.torch.onnx.name_scopes", "")
     try:
         names = [s.strip().strip("'\"") for s in scopes.strip("[]").split(",")]
@@ -181,8 +200,13 @@ def cleanup(model: ir.Model, fold: bool = True) -> ir.Model:
 def capture(hardened: nn.Module, input_shape: Sequence[int], output_names: Sequence[str] = ("logits",),
             streaming: bool = False) -> Capture:
     """Export a hardened module to the IR. ``streaming`` exports one SNN time step with explicit state."""
-    module, args, in_names, out_names, dyn = _entry(hardened.eval(), input_shape, output_names, streaming)
+    with contextlib.suppress(NotImplementedError):  # graph modules from torch.export refuse eval()
+        hardened.eval()
+    module, args, in_names, out_names, dyn = _entry(hardened, input_shape, output_names, streaming)
     model = _torch_export(module, args, in_names, out_names, dyn)
+    # Traced programs (TorchScript, .pt2) hold their steps as plain comparisons: lift them to htaf ops.
+    fold_constants(model)
+    recognise_plain_steps(model)
     steps = _name_steps(model)
     cleanup(model)
     # Steps may have been merged by common-subexpression elimination (identical calls); keep those left.

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import pickle
+import re
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,6 +86,7 @@ def save(model: nn.Module, path: str | Path, meta: dict[str, Any] | None = None,
             "input_shape": spec["input_shape"],
             "meta": dict(meta or {}),
         }
+        _check_weights_only({k: v for k, v in payload.items() if k != "state_dict"})
         return atomic_write(path, lambda tmp: torch.save(payload, tmp))
     extra = {SPEC_FILE: json.dumps({**spec, "meta": dict(meta or {})}, sort_keys=True)}
     if format == "torchscript":
@@ -95,6 +98,20 @@ def save(model: nn.Module, path: str | Path, meta: dict[str, Any] | None = None,
                                       dynamic_shapes=({0: batch},))
         return atomic_write(path, lambda tmp: torch.export.save(program, tmp, extra_files=extra))
     raise BadInput(f"unknown save format {format!r}; use checkpoint, torchscript or pt2")
+
+
+def _check_weights_only(obj: dict[str, Any]) -> None:
+    """Refuse config/meta that ``torch.load(weights_only=True)`` could not read back (numpy scalars, objects)."""
+    buf = io.BytesIO()
+    try:
+        torch.save(obj, buf)
+        buf.seek(0)
+        torch.load(buf, weights_only=True)
+    except Exception as e:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        what = f"a {found.group(1)}" if found else f"an unpicklable value ({type(e).__name__})"
+        raise BadInput(f"checkpoint config/meta hold {what}, which torch.load(weights_only=True) cannot read; "
+                       f"use plain numbers, strings, lists and dicts") from None
 
 
 def load(path: str | Path, trust_pickle: bool = False) -> LoadedModel:

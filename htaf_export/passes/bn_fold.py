@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from ..capture import HTAF_DOMAIN, STEP_OPS
+from ..ops import HTAF_DOMAIN, STEP_OPS
 from .util import const_array, new_initializer
 
 
