@@ -38,8 +38,17 @@ def _export_parser() -> argparse.ArgumentParser:
     p.add_argument("--portable", action="store_true", help="onnx: standard ops only, no htaf functions")
     p.add_argument("--snn-mode", choices=("unrolled", "streaming"), default="unrolled",
                    help="onnx: export a spiking model unrolled over T steps, or one step with state in/out")
+    p.add_argument("--device", choices=("cpu", "cuda", "all"), default="all", help="backends to validate on")
     p.add_argument("--trust-pickle", action="store_true", help="allow a pickled nn.Module (unpickling runs code)")
+    _tolerance_options(p)
     return p
+
+
+def _tolerance_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--atol", type=float, help="absolute tolerance for float tensors (default 1e-5)")
+    p.add_argument("--rtol", type=float, help="relative tolerance for float tensors (default 1e-5)")
+    p.add_argument("--flip-margin", type=float,
+                   help="a flipped bit is explained when |pre-activation − threshold| is within this (default 1e-4)")
 
 
 def _inspect_parser() -> argparse.ArgumentParser:
@@ -58,8 +67,9 @@ def _validate_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path)
     p.add_argument("--device", choices=("cpu", "cuda", "all"), default="all")
     p.add_argument("--tie", choices=("ge", "gt"))
-    p.add_argument("--report", type=Path)
+    p.add_argument("--report", type=Path, help="write the parity report to FILE.json or FILE.html")
     p.add_argument("--trust-pickle", action="store_true")
+    _tolerance_options(p)
     return p
 
 

@@ -1,24 +1,70 @@
 """Validation: run the hardened reference and the artifact on the same inputs and compare tensor by tensor.
 
-Parity rules (DESIGN.md): binary tensors are compared exactly. A flipped bit is *explained* when the
-reference pre-activation lies within ``flip_margin`` of its threshold; everything downstream of an
-explained flip in that sample is excused too (it follows from the flip). Any other flip fails. Float
-tensors use atol/rtol plus argmax agreement. The report names the first failing tensor in graph order.
+Inputs
+------
+The data (the user's ``--data``, else the bundled digits for sample models, else inputs generated from
+the input spec) plus the *crafted* inputs of ``htaf_export.crafted``, which put pre-activations exactly
+on and one float step beside thresholds. Both are read in batches; see "Memory" below.
+
+Parity rules (DESIGN.md), as applied here
+------------------------------------------
+Let u be the reference pre-activation of a unit (its step input minus θ, float32, CPU).
+
+- **Binary tensors** (step outputs) are compared exactly. A unit whose bit differs is a *flip*.
+
+  1. A flip on a **certified tie** is never explained. A certified tie is a crafted input on which
+     u = 0 exactly *and* every float32 implementation computes u = 0 exactly (one product plus a bias,
+     rounding to θ whichever way it is evaluated; see ``htaf_export.crafted``). There the declared
+     tie rule alone decides the bit, so a flip means the artifact applies the other rule, or moved
+     the threshold. These flips are counted as ``tie_violations``.
+  2. Otherwise a flip is **explained** when |u| ≤ ``flip_margin``: the reference sits within float
+     rounding of the threshold, where an artifact that computes the same real numbers in another
+     order (batch norm folded into the threshold, another summation order, FMA) may legitimately land
+     on the other side. This includes exact ties that are not certified (u = 0 in the reference's
+     arithmetic only): they are counted (``exact_ties``, ``tie_flips``) but follow this rule.
+  3. Every other flip is **unexplained** and fails the tensor.
+
+  A sample whose flips at a tensor are all explained is *excused* for every later tensor (what
+  follows depends on the flip); a sample with an unexplained flip is not, so the damage shows
+  downstream too, but the report names the first failing tensor.
+- **Float tensors** (logits, membrane state) pass when |ref − artifact| ≤ atol + rtol·|ref|.
+- **Argmax** of the first output must agree, except on excused samples and where the reference's two
+  largest values are within atol + rtol·|max| of each other (a tie between classes).
+- **Accuracy** of reference and artifact is reported when the data has labels (crafted inputs have none).
+- The **first failure** is the first failing tensor in graph order (step tensors in the artifact's
+  graph order, then the outputs), on the first backend where one fails.
+- **Declared tie rule**: when the artifact records its tie rule (metadata ``htaf_export.tie``) and it
+  differs from the reference's, the check fails even if no input reaches an exact tie.
+
+Memory
+------
+Data is read and compared one batch at a time (``batch_size`` samples, a .npz is streamed from its
+archive). What accumulates is bounded: counters per tensor and backend, at most ``EXAMPLES`` example
+flips per tensor, and one fixed-size histogram of |u| per step tensor (``MARGIN_EDGES``), so memory
+does not grow with the number of samples.
 """
 
 from __future__ import annotations
 
+import time
+import zipfile
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterator
+from pathlib import Path
+from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from .capture import StepNode
+from .crafted import CraftedSet, craft
 from .data import Dataset
-from .reference import ReferenceRun, run_reference
+from .errors import BadInput
+from .reference import run_reference, step_modules
 from .runtimes import ArtifactInfo, Runner
+
+EXAMPLES = 3
+# |u| histogram: bin 0 counts exact zeros; then (0, 1e-9], (1e-9, 1e-8], …, (1e2, 1e3], (1e3, ∞).
+MARGIN_EDGES: list[float] = [0.0] + [10.0**e for e in range(-9, 4)] + [float("inf")]
 
 
 @dataclass
@@ -29,18 +75,38 @@ class Tolerance:
 
 
 @dataclass
+class Example:
+    """One mismatch, kept so a person can look at it."""
+
+    inputs: str  # "data" or "crafted"
+    sample: int
+    unit: int
+    reference: float
+    artifact: float
+    pre: float | None = None
+    certified_tie: bool = False
+
+
+@dataclass
 class TensorResult:
     """Agreement of one tensor on one backend, accumulated over all batches."""
 
     name: str
     kind: str  # "binary" or "float"
     site: str | None = None
+    layer: str | None = None  # the layer that feeds it, where the artifact says
+    observed: bool = True  # False when the reference cannot record this step (traced models)
     elements: int = 0
     mismatched: int = 0
     explained: int = 0
+    tie_violations: int = 0
     excused_samples: int = 0
     max_abs_error: float = 0.0
     min_margin: float | None = None  # smallest |pre-activation| seen at this step (how close to a tie)
+    exact_ties: int = 0  # units with u == 0 exactly in the reference
+    tie_flips: int = 0  # of those, how many the artifact flipped
+    certified_ties: int = 0
+    examples: list[Example] = field(default_factory=list)
 
     @property
     def unexplained(self) -> int:
@@ -50,37 +116,84 @@ class TensorResult:
     def passed(self) -> bool:
         return self.unexplained == 0
 
+    @property
+    def agreement(self) -> float:
+        return 1.0 - self.mismatched / self.elements if self.elements else 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.update(unexplained=self.unexplained, passed=self.passed, agreement=self.agreement)
+        return d
+
 
 @dataclass
 class BackendResult:
     backend: str
     device: str
     tensors: list[TensorResult] = field(default_factory=list)
-    samples: int = 0
+    samples: int = 0  # data samples
     argmax_agree: int = 0
+    argmax_explained: int = 0  # disagreements on excused samples or reference ties between classes
+    crafted_samples: int = 0
+    crafted_argmax_agree: int = 0
+    crafted_argmax_explained: int = 0
     reference_correct: int = 0
     artifact_correct: int = 0
     labelled: int = 0
+    seconds: float = 0.0
+
+    @property
+    def argmax_passed(self) -> bool:
+        return (self.argmax_agree + self.argmax_explained >= self.samples
+                and self.crafted_argmax_agree + self.crafted_argmax_explained >= self.crafted_samples)
 
     @property
     def passed(self) -> bool:
-        return all(t.passed for t in self.tensors) and self.argmax_agree + self._excused_argmax >= self.samples
-
-    _excused_argmax: int = 0
+        return all(t.passed for t in self.tensors) and self.argmax_passed
 
     @property
     def first_failure(self) -> str | None:
-        return next((t.name for t in self.tensors if not t.passed), None)
+        failing = next((t.name for t in self.tensors if not t.passed), None)
+        if failing is None and not self.argmax_passed:
+            first_float = next((t.name for t in self.tensors if t.kind == "float"), "output")
+            return f"argmax of {first_float}"
+        return failing
+
+    def tensor(self, name: str) -> TensorResult | None:
+        return next((t for t in self.tensors if t.name == name), None)
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "backend": self.backend, "device": self.device, "passed": self.passed, "samples": self.samples,
-            "first_failure": self.first_failure,
-            "argmax_agreement": self.argmax_agree / max(self.samples, 1),
+            "backend": self.backend, "device": self.device, "passed": self.passed,
+            "first_failure": self.first_failure, "samples": self.samples, "crafted_samples": self.crafted_samples,
+            "argmax_agreement": self.argmax_agree / self.samples if self.samples else None,
+            "argmax_explained": self.argmax_explained,
+            "crafted_argmax_agreement": (self.crafted_argmax_agree / self.crafted_samples
+                                         if self.crafted_samples else None),
             "reference_accuracy": self.reference_correct / self.labelled if self.labelled else None,
             "artifact_accuracy": self.artifact_correct / self.labelled if self.labelled else None,
-            "tensors": [{**asdict(t), "unexplained": t.unexplained, "passed": t.passed} for t in self.tensors],
+            "labelled": self.labelled, "seconds": round(self.seconds, 3),
+            "tensors": [t.to_dict() for t in self.tensors],
         }
+
+
+@dataclass
+class MarginHistogram:
+    """Counts of |u| for one step tensor in the fixed bins of ``MARGIN_EDGES`` (bounded memory)."""
+
+    tensor: str
+    counts: list[int] = field(default_factory=lambda: [0] * (len(MARGIN_EDGES) - 1))
+
+    def add(self, pre: np.ndarray) -> None:
+        a = np.abs(pre.astype(np.float64, copy=False)).reshape(-1)
+        zeros = int((a == 0).sum())
+        idx = np.searchsorted(np.asarray(MARGIN_EDGES[1:-1]), a[a != 0], side="left") + 1
+        binned = np.bincount(idx, minlength=len(self.counts))
+        binned[0] += zeros
+        self.counts = [c + int(b) for c, b in zip(self.counts, binned)]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"edges": MARGIN_EDGES, "counts": self.counts}
 
 
 @dataclass
@@ -90,118 +203,463 @@ class ParityReport:
     inputs: str
     tolerance: Tolerance
     backends: list[BackendResult] = field(default_factory=list)
+    crafted: dict[str, Any] = field(default_factory=dict)
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    margins: dict[str, MarginHistogram] = field(default_factory=dict)
+    tie_rule: dict[str, str | None] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def tie_rule_consistent(self) -> bool:
+        declared, artifact = self.tie_rule.get("reference"), self.tie_rule.get("artifact")
+        return declared is None or artifact is None or declared == artifact
 
     @property
     def passed(self) -> bool:
-        return bool(self.backends) and all(b.passed for b in self.backends)
+        return bool(self.backends) and all(b.passed for b in self.backends) and self.tie_rule_consistent
 
     @property
     def first_failure(self) -> tuple[str, str] | None:
+        """(backend, tensor) of the first failure, tensors before argmax, backends in order."""
         for b in self.backends:
-            if b.first_failure:
-                return b.backend, b.first_failure
+            name = next((t.name for t in b.tensors if not t.passed), None)
+            if name:
+                return b.backend, name
         for b in self.backends:
             if not b.passed:
-                return b.backend, "argmax of " + (b.tensors[-1].name if b.tensors else "output")
+                return b.backend, b.first_failure or "argmax"
+        if not self.tie_rule_consistent:
+            return "metadata", "tie rule"
         return None
+
+    def failure(self) -> dict[str, Any] | None:
+        """The first failure with the layer and a sentence saying what went wrong."""
+        first = self.first_failure
+        if first is None:
+            return None
+        backend, name = first
+        if backend == "metadata":
+            return {"backend": None, "tensor": None, "layer": None,
+                    "reason": f"the artifact declares tie rule {self.tie_rule.get('artifact')!r} but the model "
+                              f"declares {self.tie_rule.get('reference')!r}"}
+        b = next(x for x in self.backends if x.backend == backend)
+        t = b.tensor(name)
+        if t is None:
+            reason = (f"argmax disagrees on {b.samples - b.argmax_agree - b.argmax_explained} data and "
+                      f"{b.crafted_samples - b.crafted_argmax_agree - b.crafted_argmax_explained} crafted samples")
+            return {"backend": backend, "tensor": name, "layer": None, "reason": reason}
+        if t.kind == "binary":
+            reason = f"{t.unexplained} unexplained flip{'s' if t.unexplained != 1 else ''} of {t.elements:,} bits"
+            if t.tie_violations:
+                reason += (f", {t.tie_violations} of them on certified ties (u = 0 exactly): the tie rule or the "
+                           f"threshold differs from the model's")
+        else:
+            reason = f"{t.mismatched:,} of {t.elements:,} values beyond tolerance (max error {t.max_abs_error:.3g})"
+        return {"backend": backend, "tensor": name, "layer": t.layer, "reason": reason}
+
+    def failure_line(self) -> str | None:
+        f = self.failure()
+        if f is None:
+            return None
+        if f["tensor"] is None:
+            return f"parity FAILED: {f['reason']}"
+        layer = f" (fed by layer {f['layer']})" if f.get("layer") else ""
+        return f"parity FAILED on {f['backend']}: first failing tensor {f['tensor']}{layer}: {f['reason']}"
 
     def to_dict(self) -> dict[str, Any]:
         return {"schema": "htaf-export/parity-report", "version": 1, "model": self.model, "artifact": self.artifact,
-                "inputs": self.inputs, "tolerance": asdict(self.tolerance), "passed": self.passed,
-                "first_failure": self.first_failure, "backends": [b.to_dict() for b in self.backends]}
+                "passed": self.passed, "first_failure": self.failure(), "inputs": self.inputs,
+                "crafted": self.crafted, "tolerance": asdict(self.tolerance), "tie_rule": self.tie_rule,
+                "backends": [b.to_dict() for b in self.backends], "skipped": self.skipped,
+                "margins": {k: v.to_dict() for k, v in self.margins.items()}, "notes": self.notes,
+                "seconds": round(self.seconds, 3)}
 
 
-def _compare_binary(result: TensorResult, ref: np.ndarray, got: np.ndarray, pre: np.ndarray | None,
-                    excused: np.ndarray, tol: Tolerance) -> None:
+# ---- input sources ---------------------------------------------------------------------------------
+
+
+class Batches(Protocol):
+    """Samples read in batches: ``len``, a description, the first few inputs, and ``batches(size)``."""
+
+    source: str
+
+    def __len__(self) -> int: ...
+
+    def head(self, n: int) -> np.ndarray: ...
+
+    def batches(self, size: int) -> Iterator[tuple[np.ndarray, np.ndarray | None]]: ...
+
+
+class ArrayBatches:
+    """A ``Dataset`` already in memory."""
+
+    def __init__(self, data: Dataset) -> None:
+        self.data = data
+        self.source = data.source
+
+    def __len__(self) -> int:
+        return len(self.data.x)
+
+    def head(self, n: int) -> np.ndarray:
+        return self.data.x[:n]
+
+    def batches(self, size: int) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+        for i in range(0, len(self.data.x), size):
+            y = self.data.y[i:i + size] if self.data.y is not None else None
+            yield self.data.x[i:i + size], y
+
+
+class NpzBatches:
+    """Inputs ``x`` (and labels ``y``) of an .npz archive, read batch by batch from the archive.
+
+    Only the labels (one integer per sample) are held in memory; the inputs are decoded from the
+    archive member one batch at a time, whether the archive is stored or compressed.
+    """
+
+    def __init__(self, path: str | Path, input_shape: Sequence[int]) -> None:
+        self.path = Path(path)
+        self.shape = [int(d) for d in input_shape]
+        self.source = str(self.path)
+        path = self.path
+        if not path.is_file():
+            raise BadInput(f"data file {path} does not exist")
+        try:
+            with zipfile.ZipFile(path) as z:
+                members = [n for n in z.namelist() if n.endswith(".npy")]
+                names = [n[:-4] for n in members]
+                if "x" in names:
+                    self.member = "x.npy"
+                elif len(names) == 1:
+                    self.member = members[0]
+                else:
+                    raise BadInput(f"data file {path} must hold the inputs under key 'x' "
+                                   f"(found {', '.join(names) or 'nothing'})")
+                with z.open(self.member) as f:
+                    count, dtype, fortran = self._header(f)
+                y = None
+                if "y" in names and self.member != "y.npy":
+                    with z.open("y.npy") as f:
+                        y = np.lib.format.read_array(f, allow_pickle=False)
+        except BadInput:
+            raise
+        except (ValueError, OSError, zipfile.BadZipFile, EOFError, KeyError) as e:
+            what = "it is not a zip archive (.npz)" if isinstance(e, zipfile.BadZipFile) else str(e).splitlines()[0][:120]
+            raise BadInput(f"data file {path} is not a readable .npz archive: {what}") from None
+        self.count, self.dtype, self.fortran = count, dtype, fortran
+        if y is not None:
+            y = np.asarray(y).reshape(-1)
+            if len(y) != count or not np.issubdtype(y.dtype, np.integer):
+                raise BadInput(f"data file {path}: labels 'y' must be {count} integers, got {list(y.shape)} of {y.dtype}")
+            y = y.astype(np.int64)
+        self.y = y
+
+    def _header(self, f) -> tuple[int, np.dtype, bool]:
+        version = np.lib.format.read_magic(f)
+        reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = reader(f)
+        if not np.issubdtype(dtype, np.number) or dtype.hasobject:
+            raise BadInput(f"data file {self.path}: inputs have dtype {dtype}, expected numbers")
+        expected = int(np.prod(self.shape))
+        if len(shape) < 1 or (shape[0] and int(np.prod(shape[1:])) != expected):
+            raise BadInput(f"data file {self.path}: inputs of shape {list(shape)} do not fit the model input "
+                           f"[batch, {', '.join(map(str, self.shape))}]")
+        if shape[0] == 0:
+            raise BadInput(f"data file {self.path} holds no samples")
+        return int(shape[0]), dtype, bool(fortran)
+
+    def __len__(self) -> int:
+        return self.count
+
+    def head(self, n: int) -> np.ndarray:
+        return next(self.batches(n))[0]
+
+    def batches(self, size: int) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+        with zipfile.ZipFile(self.path) as z, z.open(self.member) as f:
+            self._header(f)
+            if self.fortran:  # column-major data cannot be cut into rows from the stream
+                full = np.lib.format.read_array(z.open(self.member), allow_pickle=False)
+            row = int(np.prod(self.shape)) * self.dtype.itemsize
+            for i in range(0, self.count, size):
+                m = min(size, self.count - i)
+                if self.fortran:
+                    raw = np.ascontiguousarray(full[i:i + m])
+                else:
+                    buf = f.read(row * m)
+                    if len(buf) != row * m:
+                        raise BadInput(f"data file {self.path} is truncated")
+                    raw = np.frombuffer(buf, dtype=self.dtype)
+                x = raw.astype(np.float32).reshape(m, *self.shape)
+                if not np.isfinite(x).all():
+                    raise BadInput(f"data file {self.path}: inputs contain NaN or infinity")
+                yield x, (self.y[i:i + m] if self.y is not None else None)
+
+
+def as_batches(data: Dataset | Batches) -> Batches:
+    return ArrayBatches(data) if isinstance(data, Dataset) else data
+
+
+# ---- comparison -------------------------------------------------------------------------------------
+
+
+def _example(t: TensorResult, part: str, offset: int, mask: np.ndarray, ref: np.ndarray, got: np.ndarray,
+             pre: np.ndarray | None, cert: np.ndarray | None) -> None:
+    if len(t.examples) >= EXAMPLES:
+        return
+    for s, j in zip(*np.nonzero(mask)):
+        if len(t.examples) >= EXAMPLES:
+            return
+        t.examples.append(Example(part, offset + int(s), int(j), float(ref[s, j]), float(got[s, j]),
+                                  float(pre[s, j]) if pre is not None else None,
+                                  bool(cert[s, j]) if cert is not None else False))
+
+
+def _compare_binary(t: TensorResult, ref: np.ndarray, got: np.ndarray, pre: np.ndarray | None,
+                    certified: np.ndarray | None, excused: np.ndarray, tol: Tolerance, part: str,
+                    offset: int) -> None:
     n = len(ref)
-    ref2, got2 = ref.reshape(n, -1), got.reshape(n, -1)
+    ref2, got2 = ref.reshape(n, -1), np.asarray(got).reshape(n, -1)
+    if ref2.shape != got2.shape:
+        raise BadInput(f"tensor {t.name}: the artifact gives shape {list(np.shape(got))}, "
+                       f"the reference {list(ref.shape)}")
     active = ~excused
-    result.excused_samples += int(excused.sum())
-    result.elements += int(ref2[active].size)
+    t.excused_samples += int(excused.sum())
+    t.elements += int(active.sum()) * ref2.shape[1]
     flips = (ref2 != got2) & active[:, None]
-    count = int(flips.sum())
-    result.mismatched += count
-    if pre is not None:
-        pre2 = np.abs(pre.reshape(n, -1))
-        margin = float(pre2[active].min()) if active.any() else None
-        if margin is not None:
-            result.min_margin = margin if result.min_margin is None else min(result.min_margin, margin)
-        if count:
-            close = flips & (pre2 <= tol.flip_margin)
-            result.explained += int(close.sum())
-            # A sample whose every flip is explained carries on excused: what follows depends on the flip.
-            explained_samples = close.any(axis=1) & ~(flips & ~close).any(axis=1)
-            excused |= explained_samples
+    t.mismatched += int(flips.sum())
+    cert = certified & active[:, None] if certified is not None else None
+    if cert is not None:
+        t.certified_ties += int(cert.sum())
+    if pre is None:
+        if flips.any():
+            _example(t, part, offset, flips, ref2, got2, None, None)
+        return
+    pre2 = pre.reshape(n, -1)
+    apre = np.abs(pre2)
+    if active.any():
+        margin = float(apre[active].min())
+        t.min_margin = margin if t.min_margin is None else min(t.min_margin, margin)
+    at_tie = (pre2 == 0) & active[:, None]
+    t.exact_ties += int(at_tie.sum())
+    if not flips.any():
+        return
+    t.tie_flips += int((flips & at_tie).sum())
+    close = flips & (apre <= tol.flip_margin)
+    if cert is not None:
+        violations = flips & cert
+        t.tie_violations += int(violations.sum())
+        close &= ~cert
+    t.explained += int(close.sum())
+    bad = flips & ~close
+    if bad.any():
+        _example(t, part, offset, bad, ref2, got2, pre2, cert)
+    # A sample whose every flip is explained carries on excused: what follows depends on the flip.
+    excused |= close.any(axis=1) & ~bad.any(axis=1)
 
 
-def _compare_float(result: TensorResult, ref: np.ndarray, got: np.ndarray, excused: np.ndarray,
-                   tol: Tolerance) -> None:
+def _compare_float(t: TensorResult, ref: np.ndarray, got: np.ndarray, excused: np.ndarray, tol: Tolerance,
+                   part: str, offset: int) -> None:
     n = len(ref)
     active = ~excused
-    result.excused_samples += int(excused.sum())
+    t.excused_samples += int(excused.sum())
+    got = np.asarray(got)
+    if ref.reshape(n, -1).shape != got.reshape(n, -1).shape:
+        raise BadInput(f"tensor {t.name}: the artifact gives shape {list(got.shape)}, the reference {list(ref.shape)}")
     ref2, got2 = ref.reshape(n, -1)[active], got.reshape(n, -1)[active]
-    result.elements += int(ref2.size)
+    t.elements += int(ref2.size)
     if ref2.size:
         err = np.abs(ref2.astype(np.float64) - got2.astype(np.float64))
-        result.max_abs_error = max(result.max_abs_error, float(err.max()))
-        result.mismatched += int((err > tol.atol + tol.rtol * np.abs(ref2)).sum())
-
-
-def _batches(x: np.ndarray, size: int) -> Iterator[slice]:
-    for i in range(0, len(x), size):
-        yield slice(i, min(i + size, len(x)))
+        err = np.where(np.isnan(err), np.inf, err)
+        t.max_abs_error = max(t.max_abs_error, float(err.max()))
+        bad = err > tol.atol + tol.rtol * np.abs(ref2)
+        t.mismatched += int(bad.sum())
+        if bad.any():
+            rows = np.nonzero(active)[0]
+            full = np.zeros((n, ref.reshape(n, -1).shape[1]), bool)
+            full[rows] = bad
+            _example(t, part, offset, full, ref.reshape(n, -1), got.reshape(n, -1), None, None)
 
 
 def _ordered_tensors(info: ArtifactInfo) -> list[TensorResult]:
-    steps = [TensorResult(s.tensor, "binary", s.site) for s in info.steps]
+    layers = getattr(info, "layers", {}) or {}
+    steps = [TensorResult(s.tensor, "binary", s.site, layers.get(s.tensor)) for s in info.steps]
     step_names = {s.tensor for s in info.steps}
     outputs = [TensorResult(o, "float") for o in info.output_names if o not in step_names]
     return steps + outputs
 
 
-def _validate_backend(model: nn.Module, info: ArtifactInfo, runner: Runner, data: Dataset,
-                      tol: Tolerance, batch_size: int, reference_device: str) -> BackendResult:
-    result = BackendResult(runner.name, runner.device, _ordered_tensors(info))
-    step_of = {s.tensor: s for s in info.steps}
-    output_names = info.output_names
-    steps_per_run = 1 if not info.streaming else int(getattr(model, "steps", 1))
-    for sl in _batches(data.x, batch_size):
-        x = data.x[sl]
+def _argmax_explained(ref: np.ndarray, tol: Tolerance) -> np.ndarray:
+    """Samples whose reference top two values are within tolerance of each other (a tie between classes)."""
+    r = ref.reshape(len(ref), -1).astype(np.float64)
+    if r.shape[1] < 2:
+        return np.zeros(len(r), bool)
+    top2 = np.sort(r, axis=1)[:, -2:]
+    return (top2[:, 1] - top2[:, 0]) <= tol.atol + tol.rtol * np.abs(top2[:, 1])
+
+
+def _declared_tie(model: nn.Module) -> str | None:
+    ties = {m.tie for m in step_modules(model).values()}
+    return ties.pop() if len(ties) == 1 else None
+
+
+class _Validation:
+    """One pass over the inputs: the reference runs once per batch, then every backend on the same batch."""
+
+    def __init__(self, model: nn.Module, info: ArtifactInfo, runners: Sequence[Runner], tol: Tolerance,
+                 reference_device: str, crafted: CraftedSet | None) -> None:
+        self.model, self.info, self.runners, self.tol = model, info, list(runners), tol
+        self.reference_device = reference_device
+        self.results = [BackendResult(r.name, r.device, _ordered_tensors(info)) for r in self.runners]
+        self.step_of = {s.tensor: s for s in info.steps}
+        self.margins = {s.tensor: MarginHistogram(s.tensor) for s in info.steps}
+        self.unobserved: set[str] = set()
+        self.ties: set[str] = set()
+        self.steps_per_run = int(getattr(model, "steps", 1)) if info.streaming else 1
+        self.crafted = crafted
+        # Certified ties by (tensor, time step) → list of (crafted row, unit).
+        self.certified: dict[tuple[str, int], list[tuple[int, int]]] = {}
+        if crafted is not None:
+            for p in crafted.certified():
+                for s in info.steps:
+                    if s.site != p.site:
+                        continue
+                    if info.streaming:
+                        self.certified.setdefault((s.tensor, p.call), []).append((p.sample, p.unit))
+                    elif s.call == p.call:
+                        self.certified.setdefault((s.tensor, 0), []).append((p.sample, p.unit))
+
+    def _certified_mask(self, tensor: str, t: int, offset: int, n: int, units: int) -> np.ndarray | None:
+        marks = self.certified.get((tensor, t))
+        if not marks:
+            return None
+        mask = np.zeros((n, units), bool)
+        for row, unit in marks:
+            if offset <= row < offset + n and unit < units:
+                mask[row - offset, unit] = True
+        return mask
+
+    def batch(self, x: np.ndarray, y: np.ndarray | None, part: str, offset: int) -> None:
         n = len(x)
-        excused = np.zeros(n, dtype=bool)
-        state = [v.numpy() for v in model.initial_state(n)] if info.streaming else []
-        for _ in range(steps_per_run):
-            inputs = (torch.from_numpy(x), *(torch.from_numpy(v) for v in state))
-            ref = run_reference(model, inputs, output_names, reference_device, streaming=info.streaming)
-            art = runner.run(dict(zip(info.input_names, [x, *state])))
-            for t in result.tensors:
-                if t.kind == "binary":
-                    s: StepNode = step_of[t.name]
-                    _compare_binary(t, ref.steps[(s.site, s.call)], art[t.name],
-                                    ref.preactivations.get((s.site, s.call)), excused, tol)
-                else:
-                    _compare_float(t, ref.outputs[t.name], art[t.name], excused, tol)
+        info = self.info
+        excused = [np.zeros(n, dtype=bool) for _ in self.runners]
+        state = [v.numpy() for v in self.model.initial_state(n)] if info.streaming else []
+        ref_out = None
+        arts: list[dict[str, np.ndarray]] = [{} for _ in self.runners]
+        for t in range(self.steps_per_run):
+            inputs = (torch.from_numpy(np.ascontiguousarray(x)), *(torch.from_numpy(v) for v in state))
+            ref = run_reference(self.model, inputs, info.output_names, self.reference_device,
+                                streaming=info.streaming)
+            self.ties |= ref.ties
+            for s in info.steps:
+                pre = ref.preactivations.get((s.site, s.call))
+                if pre is not None:
+                    self.margins[s.tensor].add(pre)
+            feed = dict(zip(info.input_names, [x, *state]))
+            for i, (runner, result) in enumerate(zip(self.runners, self.results)):
+                started = time.perf_counter()
+                art = runner.run(feed)
+                result.seconds += time.perf_counter() - started
+                arts[i] = art
+                for tr in result.tensors:
+                    if tr.kind == "binary":
+                        s = self.step_of[tr.name]
+                        key = (s.site, s.call)
+                        if key not in ref.steps:
+                            tr.observed = False
+                            self.unobserved.add(tr.name)
+                            continue
+                    if tr.name not in art:
+                        raise BadInput(f"backend {runner.name} gives no tensor {tr.name!r}")
+                    if tr.kind == "binary":
+                        pre = ref.preactivations[key]
+                        cert = (self._certified_mask(tr.name, t, offset, n, int(pre[0].size))
+                                if part == "crafted" else None)
+                        _compare_binary(tr, ref.steps[key], art[tr.name], pre, cert, excused[i], self.tol,
+                                        part, offset)
+                    else:
+                        _compare_float(tr, ref.outputs[tr.name], art[tr.name], excused[i], self.tol, part, offset)
+            ref_out = ref
             # Streaming is checked one step at a time from the reference state, so errors do not compound.
-            state = [ref.outputs[name] for name in output_names[1:]] if info.streaming else []
-        first = output_names[0]
-        agree = ref.outputs[first].reshape(n, -1).argmax(1) == art[first].reshape(n, -1).argmax(1)
-        result.samples += n
-        result.argmax_agree += int(agree.sum())
-        result._excused_argmax += int((~agree & excused).sum())
-        if data.y is not None:
-            y = data.y[sl]
-            result.labelled += n
-            result.reference_correct += int((ref.outputs[first].reshape(n, -1).argmax(1) == y).sum())
-            result.artifact_correct += int((art[first].reshape(n, -1).argmax(1) == y).sum())
-    return result
+            state = [ref.outputs[name] for name in info.output_names[1:]] if info.streaming else []
+        assert ref_out is not None
+        first = info.output_names[0]
+        ref_logits = ref_out.outputs[first].reshape(n, -1)
+        tie_between_classes = _argmax_explained(ref_logits, self.tol)
+        for i, result in enumerate(self.results):
+            got = np.asarray(arts[i][first]).reshape(n, -1)
+            agree = ref_logits.argmax(1) == got.argmax(1)
+            explained = int((~agree & (excused[i] | tie_between_classes)).sum())
+            if part == "data":
+                result.samples += n
+                result.argmax_agree += int(agree.sum())
+                result.argmax_explained += explained
+                if y is not None:
+                    result.labelled += n
+                    result.reference_correct += int((ref_logits.argmax(1) == y).sum())
+                    result.artifact_correct += int((got.argmax(1) == y).sum())
+            else:
+                result.crafted_samples += n
+                result.crafted_argmax_agree += int(agree.sum())
+                result.crafted_argmax_explained += explained
 
 
-def validate(model: nn.Module, info: ArtifactInfo, runners: list[Runner], data: Dataset,
-             model_name: str = "", tolerance: Tolerance | None = None,
-             batch_size: int = 256, reference_device: str = "cpu") -> ParityReport:
-    """Compare ``model`` (hardened) with the artifact on every runner; inputs in batches of ``batch_size``."""
+def validate(model: nn.Module, info: ArtifactInfo, runners: list[Runner], data: Dataset | Batches,
+             model_name: str = "", tolerance: Tolerance | None = None, batch_size: int = 256,
+             reference_device: str = "cpu", *, crafted: CraftedSet | bool = True,
+             progress: Callable[[int, int], None] | None = None,
+             skipped: Sequence[tuple[str, str]] = ()) -> ParityReport:
+    """Compare ``model`` (hardened) with the artifact on every runner; inputs in batches of ``batch_size``.
+
+    ``crafted``: True builds the crafted threshold inputs from the model (see ``htaf_export.crafted``),
+    a ``CraftedSet`` uses that one, False leaves them out. ``progress(done, total)`` is called after
+    each batch with sample counts. ``skipped`` lists (backend, reason) for backends not run.
+    """
+    started = time.perf_counter()
     tol = tolerance or Tolerance()
-    report = ParityReport(model_name, str(info.path), data.source, tol)
-    for runner in runners:
-        report.backends.append(_validate_backend(model, info, runner, data, tol, batch_size, reference_device))
+    batches = as_batches(data)
+    report = ParityReport(model_name, str(info.path), batches.source, tol,
+                          skipped=[{"backend": b, "reason": r} for b, r in skipped])
+    artifact_tie = info.tie if isinstance(getattr(info, "tie", None), str) else None
+    report.tie_rule = {"reference": _declared_tie(model), "artifact": artifact_tie}
+    crafted_set: CraftedSet | None = None
+    if crafted is True:
+        head = batches.head(8)
+        try:
+            crafted_set = craft(model, list(head.shape[1:]), head)
+        except BadInput:
+            raise
+        except Exception as e:  # noqa: BLE001 - an exotic model must not stop the ordinary comparison
+            report.notes.append(f"crafted threshold inputs could not be built ({type(e).__name__}: "
+                                f"{str(e).splitlines()[0][:160] if str(e) else ''}); validated on the data only")
+    elif isinstance(crafted, CraftedSet):
+        crafted_set = crafted
+    if crafted_set is not None:
+        report.crafted = crafted_set.to_dict()
+    run = _Validation(model, info, runners, tol, reference_device, crafted_set)
+    total = len(batches) + (len(crafted_set) if crafted_set is not None else 0)
+    done = 0
+    if progress:
+        progress(0, total)
+    offset = 0
+    for x, y in batches.batches(batch_size):
+        run.batch(x, y, "data", offset)
+        offset += len(x)
+        done += len(x)
+        if progress:
+            progress(done, total)
+    if crafted_set is not None and len(crafted_set):
+        for i in range(0, len(crafted_set), batch_size):
+            xc = crafted_set.x[i:i + batch_size]
+            run.batch(xc, None, "crafted", i)
+            done += len(xc)
+            if progress:
+                progress(done, total)
+    report.backends = run.results
+    if report.tie_rule["reference"] is None and len(run.ties) == 1:
+        report.tie_rule["reference"] = next(iter(run.ties))  # a traced model: the comparisons it applied
+    report.margins = run.margins
+    if run.unobserved:
+        report.notes.append(f"the reference cannot record step tensors {', '.join(sorted(run.unobserved))} "
+                            f"(a traced model has no Step modules to hook); they are checked through the outputs only")
+    report.seconds = time.perf_counter() - started
     return report

@@ -26,6 +26,8 @@ class ArtifactInfo:
     output_names: list[str]
     steps: list[StepNode] = field(default_factory=list)
     metadata: dict[str, str] = field(default_factory=dict)
+    # step tensor → the layer (weights) that feeds it, where the file shows it; used to name failures
+    layers: dict[str, str] = field(default_factory=dict)
 
     @property
     def streaming(self) -> bool:
@@ -52,6 +54,35 @@ def runners_for(info: ArtifactInfo, device: str = "all") -> list[Runner]:
     from .tflite import tflite_runners  # imports TensorFlow: only for .tflite artifacts
 
     return tflite_runners(info, device)
+
+
+def backends_for(info: ArtifactInfo, device: str = "all", model=None) -> tuple[list[Runner], list[tuple[str, str]]]:
+    """The runners to validate with, and (backend, reason) for each known backend that cannot run here.
+
+    Artifact runners come first (ONNX Runtime CPU, then CUDA; or the TFLite interpreters), then, when a
+    hardened ``model`` is given, PyTorch on CUDA, which checks the reference itself on the GPU.
+    """
+    if device not in ("cpu", "cuda", "all"):
+        from ..errors import BadInput
+
+        raise BadInput(f"unknown device {device!r}; choose cpu, cuda or all")
+    runners = list(runners_for(info, device))
+    skipped: list[tuple[str, str]] = []
+    if info.kind == "onnx" and device in ("cuda", "all"):
+        from .onnxruntime import cuda_unavailable
+
+        reason = cuda_unavailable()
+        if reason:
+            skipped.append(("onnxruntime-cuda", reason))
+    if info.kind == "tflite" and device == "cuda":
+        skipped.append(("tflite", "the TFLite interpreters run on the CPU only"))
+    if model is not None and device in ("cuda", "all"):
+        from .torch_cuda import torch_cuda_runners
+
+        more, why = torch_cuda_runners(model, info)
+        runners += more
+        skipped += why
+    return runners, skipped
 
 
 def read_artifact(path: Path) -> ArtifactInfo:

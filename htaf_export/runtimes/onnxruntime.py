@@ -21,10 +21,63 @@ def read_onnx_artifact(path: Path) -> ArtifactInfo:
     meta = {p.key: p.value for p in proto.metadata_props}
     if "htaf_export.steps" not in meta:
         raise BadInput(f"artifact {path} was not written by htaf-export (no htaf_export metadata)")
-    steps = [StepNode(**s) for s in json.loads(meta["htaf_export.steps"])]
+    try:
+        steps = [StepNode(**s) for s in json.loads(meta["htaf_export.steps"])]
+    except (ValueError, TypeError):
+        raise BadInput(f"artifact {path} has unreadable htaf_export.steps metadata") from None
     initializers = {i.name for i in proto.graph.initializer}
     inputs = [i.name for i in proto.graph.input if i.name not in initializers]
-    return ArtifactInfo(path, "onnx", inputs, [o.name for o in proto.graph.output], steps, meta)
+    return ArtifactInfo(path, "onnx", inputs, [o.name for o in proto.graph.output], steps, meta,
+                        feeding_layers(proto.graph, [s.tensor for s in steps]))
+
+
+WEIGHTED_OPS = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1}
+WEIGHT_SUFFIXES = (".weight.unpacked", ".weight", ".packed", ".unpacked")
+
+
+def _layer_of_weight(name: str) -> str | None:
+    for suffix in WEIGHT_SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return None
+
+
+def feeding_layers(graph: onnx.GraphProto, tensors: list[str], depth: int = 8) -> dict[str, str]:
+    """For each step tensor, the weighted layer nearest upstream (breadth first), named after its weight."""
+    producer = {o: n for n in graph.node for o in n.output}
+    constants = {i.name for i in graph.initializer}
+    found: dict[str, str] = {}
+    for tensor in tensors:
+        node = producer.get(tensor)
+        frontier = [i for i in node.input[:1]] if node is not None else []
+        seen: set[str] = set()
+        for _ in range(depth):
+            nxt: list[str] = []
+            for value in frontier:
+                if value in seen or value in constants or value not in producer:
+                    continue
+                seen.add(value)
+                n = producer[value]
+                index = WEIGHTED_OPS.get(n.op_type) if n.domain == "" else None
+                if index is not None and len(n.input) > index:
+                    layer = _layer_of_weight(n.input[index])
+                    if layer:
+                        found[tensor] = layer
+                        break
+                nxt += list(n.input)
+            if tensor in found or not nxt:
+                break
+            frontier = nxt
+    return found
+
+
+def cuda_unavailable() -> str | None:
+    """Why ONNX Runtime cannot run on CUDA here, or None when it can."""
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return "this onnxruntime build has no CUDAExecutionProvider (install onnxruntime-gpu)"
+    return None
 
 
 def _with_step_outputs(path: Path, steps: list[StepNode]) -> bytes:

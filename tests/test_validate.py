@@ -1,0 +1,367 @@
+"""Validation: clean artifacts pass, sabotage is caught and named, ties are crafted and checked, bad input exits 2."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import helper, numpy_helper
+
+import htaf_export
+from htaf_export import cli
+from htaf_export.crafted import craft
+from htaf_export.data import digits
+from htaf_export.harden import harden
+from htaf_export.pipeline import default_data, export, validate_file
+from htaf_export.reference import record_steps
+from htaf_export.runtimes import read_artifact
+from htaf_export.runtimes.torch_cuda import TorchRunner
+from htaf_export.testing import assert_parity
+from htaf_export.validate import MARGIN_EDGES, NpzBatches, validate
+
+SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"
+NAMES = ["bnn_mlp", "bnn_cnn", "dhn_mlp", "snn_mlp", "icbm_cnn"]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """Every sample exported to ONNX once, with the automatic validation that export runs."""
+    out = tmp_path_factory.mktemp("validate")
+    return {name: export(SAMPLES / f"{name}.pt", "onnx", out / f"{name}.onnx", device="cpu") for name in NAMES}
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    code = cli.main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, " ".join(captured.out.split()), captured.err
+
+
+def rewrite(src: Path, dst: Path, edit) -> Path:
+    proto = onnx.load(str(src))
+    edit(proto)
+    onnx.save(proto, str(dst))
+    return dst
+
+
+def initializer(proto: onnx.ModelProto, name: str) -> tuple[onnx.TensorProto, np.ndarray]:
+    init = next(i for i in proto.graph.initializer if i.name == name)
+    return init, numpy_helper.to_array(init).copy()
+
+
+def replace(init: onnx.TensorProto, array: np.ndarray) -> None:
+    init.CopyFrom(numpy_helper.from_array(array, init.name))
+
+
+def own_threshold(proto: onnx.ModelProto, step_tensor: str, change) -> None:
+    """Give one step node its own threshold initializer, changed by ``change(array) -> array``."""
+    node = next(n for n in proto.graph.node if n.output[0] == step_tensor)
+    _, array = initializer(proto, node.input[1])
+    name = f"{step_tensor}.sabotaged_threshold"
+    proto.graph.initializer.append(numpy_helper.from_array(change(array).astype(np.float32), name))
+    node.input[1] = name
+
+
+# ---- clean artifacts -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_clean_artifact_passes_with_zero_unexplained_flips(exported, name):
+    report = exported[name].report
+    assert report is not None and report.passed, report.failure_line()
+    assert report.backends[0].backend == "onnxruntime-cpu"
+    for b in report.backends:
+        binary = [t for t in b.tensors if t.kind == "binary"]
+        assert binary and all(t.observed for t in binary)
+        assert sum(t.unexplained for t in b.tensors) == 0
+        assert sum(t.tie_violations for t in b.tensors) == 0
+        assert b.crafted_samples == report.crafted["samples"] > 0
+        assert b.samples == 1797 and b.labelled == 1797
+    # Crafted inputs put pre-activations on or within float rounding of every first-layer threshold.
+    first = report.backends[0].tensors[0]
+    assert first.min_margin is not None and first.min_margin < 1e-6
+
+
+def test_spiking_model_gets_certified_exact_ties_that_the_artifact_reproduces(exported):
+    report = exported["snn_mlp"].report
+    crafted = report.crafted
+    assert crafted["exact_ties"] >= 50 and crafted["certified_ties"] >= 10
+    t0 = report.backends[0].tensor("lifs.0.spike@0")
+    assert t0.certified_ties == crafted["certified_ties"]
+    assert t0.exact_ties >= crafted["by_site"]["lifs.0.spike"]["tie"]
+    assert t0.tie_flips == 0 and t0.tie_violations == 0
+
+
+def test_crafted_roles_are_measured_not_assumed(load_sample):
+    loaded = load_sample("snn_mlp")
+    model = harden(loaded.module).model
+    crafted = craft(model, loaded.input_shape, digits("all", loaded.input_shape).x[:4])
+    with torch.no_grad(), record_steps(model) as calls:
+        model(torch.from_numpy(crafted.x))
+    pre = {(c.site, c.call): c.pre.reshape(len(crafted.x), -1).numpy() for c in calls}
+    assert crafted.exact_ties > 0 and crafted.certified_ties > 0
+    for p in crafted.points:
+        u = pre[(p.site, p.call)][p.sample, p.unit]
+        assert u == p.pre
+        assert (u == 0) == (p.role == "tie")
+        if p.certified:
+            assert p.role == "tie" and p.family == "single-term" and np.count_nonzero(crafted.x[p.sample]) == 1
+        if p.role == "below":
+            assert u < 0
+        if p.role == "above":
+            assert u > 0
+
+
+def test_batch_norm_sites_get_nearest_float_ties(load_sample):
+    """Torch evaluates batch norm with a fused multiply-add: no float input reaches u = 0 exactly there."""
+    loaded = load_sample("dhn_mlp")
+    crafted = craft(harden(loaded.module).model, loaded.input_shape, digits("all", loaded.input_shape).x[:4])
+    assert crafted.certified_ties == 0 and len(crafted) > 0
+    near = [abs(p.pre) for p in crafted.points if p.role == "near"]
+    assert near and np.median(near) < 1e-6
+    assert any("fused multiply-add" in n for n in crafted.notes)
+
+
+def test_margin_histograms_are_bounded_and_complete(exported):
+    report = exported["bnn_cnn"].report
+    backend = report.backends[0]
+    for t in backend.tensors:
+        if t.kind != "binary":
+            continue
+        hist = report.margins[t.name]
+        assert len(hist.counts) == len(MARGIN_EDGES) - 1
+        # Every unit of every sample (data and crafted) is counted; nothing is kept per sample.
+        total, samples = sum(hist.counts), backend.samples + backend.crafted_samples
+        units = total // samples
+        assert units * samples == total and t.elements == total - t.excused_samples * units
+
+
+# ---- sabotage --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("weight,expected", [("layers.conv1", "layers.act1"), ("layers.conv2", "layers.act2"),
+                                             ("layers.conv3", "layers.act3"), ("layers.fc_out", "logits")])
+def test_one_flipped_weight_bit_fails_and_names_the_layer(exported, tmp_path, capsys, weight, expected):
+    def flip(proto):
+        init, packed = initializer(proto, f"{weight}.weight.packed")
+        packed.reshape(-1)[0] ^= 0x01
+        replace(init, packed)
+
+    bad = rewrite(exported["bnn_cnn"].artifact, tmp_path / "flipped.onnx", flip)
+    code, out, err = run_cli(capsys, "validate", SAMPLES / "bnn_cnn.pt", bad, "--device", "cpu")
+    assert code == 1, out
+    assert f"first failing tensor {expected}" in out
+    if expected != "logits":
+        assert f"fed by layer {weight}" in out
+
+
+def test_threshold_moved_one_integer_step_fails_and_names_the_step(exported, tmp_path, capsys):
+    """conv2 sums 288 products of ±1, so its pre-activations are even integers: one lattice step is 2."""
+    def move(proto):
+        init, t = initializer(proto, "layers.act2.threshold")
+        t.reshape(-1)[5] += 2.0
+        replace(init, t)
+
+    bad = rewrite(exported["bnn_cnn"].artifact, tmp_path / "moved.onnx", move)
+    code, out, _ = run_cli(capsys, "validate", SAMPLES / "bnn_cnn.pt", bad, "--device", "cpu")
+    assert code == 1 and "first failing tensor layers.act2" in out
+
+
+def test_real_threshold_moved_beyond_rounding_fails(exported, tmp_path, capsys):
+    def move(proto):
+        init, t = initializer(proto, "layers.act1.threshold")
+        t.reshape(-1)[3] += 0.01
+        replace(init, t)
+
+    bad = rewrite(exported["dhn_mlp"].artifact, tmp_path / "moved.onnx", move)
+    code, out, _ = run_cli(capsys, "validate", SAMPLES / "dhn_mlp.pt", bad, "--device", "cpu")
+    assert code == 1 and "first failing tensor layers.act1" in out
+
+
+def test_threshold_moved_one_float_step_is_caught_on_certified_ties(exported, tmp_path, capsys):
+    bad = rewrite(exported["snn_mlp"].artifact, tmp_path / "moved.onnx",
+                  lambda proto: own_threshold(proto, "lifs.0.spike@0", lambda t: np.nextafter(t, np.float32(2))))
+    report = tmp_path / "r.json"
+    code, out, _ = run_cli(capsys, "validate", SAMPLES / "snn_mlp.pt", bad, "--device", "cpu", "--report", report)
+    assert code == 1 and "first failing tensor lifs.0.spike@0" in out
+    data = json.loads(report.read_text())
+    first = data["backends"][0]["tensors"][0]
+    assert first["name"] == "lifs.0.spike@0" and first["tie_violations"] == first["certified_ties"] > 0
+
+
+def test_one_float_step_on_a_folded_threshold_is_within_rounding(exported, tmp_path, capsys):
+    """A batch norm folded into a threshold is rounded once; one float step more is the same kind of
+    rounding, and the parity rules explain it. (Documented limit: no input can tell them apart.)"""
+    def move(proto):
+        init, t = initializer(proto, "layers.act1.threshold")
+        replace(init, np.nextafter(t, np.float32(np.inf)).astype(np.float32))
+
+    bad = rewrite(exported["dhn_mlp"].artifact, tmp_path / "ulp.onnx", move)
+    code, out, _ = run_cli(capsys, "validate", SAMPLES / "dhn_mlp.pt", bad, "--device", "cpu")
+    assert code == 0, out
+
+
+# ---- tie rule --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def snn_gt(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tie") / "snn_gt.onnx"
+    export(SAMPLES / "snn_mlp.pt", "onnx", out, tie="gt", validate_artifact=False)
+    return out
+
+
+def test_tie_mismatch_is_caught_on_crafted_ties(snn_gt, tmp_path, capsys):
+    code, out, _ = run_cli(capsys, "validate", SAMPLES / "snn_mlp.pt", snn_gt, "--tie", "ge", "--device", "cpu")
+    assert code == 1 and "first failing tensor lifs.0.spike@0" in out and "certified ties" in out
+
+
+def test_tie_mismatch_is_caught_by_behaviour_even_when_the_file_claims_the_right_rule(snn_gt, tmp_path, capsys):
+    """A converter that writes `>` but records 'ge' is caught by the crafted ties, not by metadata."""
+    def lie(proto):
+        for p in proto.metadata_props:
+            if p.key == "htaf_export.tie":
+                p.value = "ge"
+
+    liar = rewrite(snn_gt, tmp_path / "liar.onnx", lie)
+    report = tmp_path / "r.json"
+    code, out, _ = run_cli(capsys, "validate", SAMPLES / "snn_mlp.pt", liar, "--device", "cpu", "--report", report)
+    assert code == 1
+    data = json.loads(report.read_text())
+    assert data["tie_rule"] == {"reference": "ge", "artifact": "ge"}
+    assert data["first_failure"]["tensor"] == "lifs.0.spike@0"
+    assert data["backends"][0]["tensors"][0]["tie_violations"] > 0
+
+
+def test_matching_tie_rule_passes(snn_gt, capsys):
+    code, out, _ = run_cli(capsys, "validate", SAMPLES / "snn_mlp.pt", snn_gt, "--tie", "gt", "--device", "cpu")
+    assert code == 0, out
+
+
+def test_declared_tie_rule_mismatch_fails_where_no_input_reaches_a_tie(tmp_path, capsys):
+    art = tmp_path / "dhn_gt.onnx"
+    export(SAMPLES / "dhn_mlp.pt", "onnx", art, tie="gt", validate_artifact=False)
+    code, out, _ = run_cli(capsys, "validate", SAMPLES / "dhn_mlp.pt", art, "--device", "cpu")
+    assert code == 1 and "tie rule 'gt'" in out
+
+
+# ---- backends ----------------------------------------------------------------------------------------------
+
+
+def test_torch_runner_plumbing_on_cpu(exported, load_sample):
+    """The runner behind torch-cuda, run on the CPU: the hardened model agrees with itself bit for bit."""
+    loaded = load_sample("bnn_cnn")
+    hardening = harden(loaded.module)
+    info = read_artifact(exported["bnn_cnn"].artifact)
+    runner = TorchRunner(hardening.model, info, "cpu")
+    report = validate(hardening.model, info, [runner], default_data(loaded, None), "bnn_cnn")
+    assert report.passed and report.backends[0].backend == "torch-cpu"
+    assert all(t.mismatched == 0 for t in report.backends[0].tensors)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_backends_pass(exported, capsys):
+    for name in NAMES:
+        code, out, _ = run_cli(capsys, "validate", SAMPLES / f"{name}.pt", exported[name].artifact, "--device", "cuda")
+        assert code == 0, out
+        assert "torch-cuda" in out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
+def test_device_cuda_without_a_gpu_is_bad_input(exported, capsys):
+    code, _, err = run_cli(capsys, "validate", SAMPLES / "dhn_mlp.pt", exported["dhn_mlp"].artifact, "--device", "cuda")
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "no runtime on this machine" in lines[0]
+
+
+# ---- data ---------------------------------------------------------------------------------------------------
+
+
+def test_user_data_is_streamed_in_batches(tmp_path, exported, npz_file):
+    ds = digits("test", [64])
+    path = npz_file("d.npz", x=ds.x, y=ds.y)
+    source = NpzBatches(path, [64])
+    sizes = [len(x) for x, _ in source.batches(100)]
+    assert sizes == [100] * (len(ds.x) // 100) + [len(ds.x) % 100]
+    x_all = np.concatenate([x for x, _ in source.batches(128)])
+    np.testing.assert_array_equal(x_all, ds.x)
+    compressed = tmp_path / "c.npz"
+    np.savez_compressed(compressed, x=ds.x.reshape(-1, 8, 8), y=ds.y)
+    report = validate_file(harden(htaf_export.load(SAMPLES / "dhn_mlp.pt").module),
+                           read_artifact(exported["dhn_mlp"].artifact), NpzBatches(compressed, [64]), "dhn", "cpu")
+    assert report.passed and report.backends[0].labelled == len(ds.x)
+
+
+def bad_input_cases(tmp_path: Path, exported) -> list[list]:
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"\x00not an onnx file at all")
+    text = tmp_path / "notes.txt"
+    text.write_text("hello")
+    foreign = tmp_path / "foreign.onnx"
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 64])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 64])])
+    onnx.save(helper.make_model(graph), str(foreign))
+    wrong_shape = tmp_path / "wrong.npz"
+    np.savez(wrong_shape, x=np.zeros((10, 63), np.float32))
+    dhn = SAMPLES / "dhn_mlp.pt"
+    art = exported["dhn_mlp"].artifact
+    return [
+        ["validate", dhn, tmp_path / "missing.onnx"],
+        ["validate", dhn, garbage],
+        ["validate", dhn, text],
+        ["validate", dhn, foreign],
+        ["validate", dhn, art, "--data", wrong_shape],
+        ["validate", dhn, art, "--report", tmp_path / "r.txt"],
+        ["validate", SAMPLES / "bnn_cnn.pt", art],  # an artifact of another model
+        [dhn, "--target", "onnx", "-o", tmp_path / "x.onnx", "--report", tmp_path / "r.pdf"],
+    ]
+
+
+def test_bad_input_gives_exit_2_and_one_line(tmp_path, exported, capsys):
+    for argv in bad_input_cases(tmp_path, exported):
+        code, out, err = run_cli(capsys, *argv)
+        lines = err.strip().splitlines()
+        assert code == 2, (argv, out, err)
+        assert len(lines) == 1 and lines[0].startswith("htaf-export: error:"), (argv, err)
+    assert not (tmp_path / "x.onnx").exists() and not (tmp_path / "r.txt").exists()
+
+
+# ---- assert_parity --------------------------------------------------------------------------------------------
+
+
+def test_assert_parity_passes_on_a_clean_artifact(exported, load_sample):
+    report = assert_parity(SAMPLES / "icbm_cnn.pt", exported["icbm_cnn"].artifact)
+    assert report.passed
+    loaded = load_sample("dhn_mlp")
+    ds = digits("test", loaded.input_shape)
+    assert assert_parity(loaded.module, exported["dhn_mlp"].artifact, (ds.x[:200], ds.y[:200]), atol=1e-4).passed
+
+
+def test_assert_parity_names_the_layer_on_a_sabotaged_artifact(exported, tmp_path):
+    def flip(proto):
+        init, packed = initializer(proto, "layers.fc2.weight.packed")
+        packed.reshape(-1)[:4] ^= 0xFF
+        replace(init, packed)
+
+    bad = rewrite(exported["bnn_mlp"].artifact, tmp_path / "bad.onnx", flip)
+    with pytest.raises(AssertionError, match=r"onnxruntime-cpu: first failing tensor layers\.act2 "
+                                             r"\(fed by layer layers\.fc2\)"):
+        assert_parity(SAMPLES / "bnn_mlp.pt", bad)
+
+
+def test_torch_export_program_is_a_full_reference(exported, load_sample, tmp_path):
+    """A .pt2 program has no Step modules to hook: its steps are read off the graph's comparisons."""
+    loaded = load_sample("snn_mlp")
+    hard = harden(loaded.module).model
+    hard.input_shape = loaded.input_shape
+    program = htaf_export.load(htaf_export.save(hard, tmp_path / "snn.pt2", format="pt2"))
+    report = validate_file(harden(program.module), read_artifact(exported["snn_mlp"].artifact),
+                           default_data(loaded, None), "snn.pt2", "cpu")
+    assert report.passed, report.failure_line()
+    tensors = report.backends[0].tensors
+    assert all(t.observed for t in tensors) and not report.notes
+    assert report.crafted["certified_ties"] > 0 and report.tie_rule["reference"] == "ge"
