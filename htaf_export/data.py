@@ -5,6 +5,7 @@ from __future__ import annotations
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator, Protocol, Sequence
 
 import numpy as np
 
@@ -40,40 +41,128 @@ def digits(split: str = "test", input_shape: list[int] | None = None) -> Dataset
     return Dataset(x, y, f"digits:{split}")
 
 
+class Batches(Protocol):
+    """Samples read in batches: ``len``, a description, the first few inputs, and ``batches(size)``."""
+
+    source: str
+
+    def __len__(self) -> int: ...
+
+    def head(self, n: int) -> np.ndarray: ...
+
+    def batches(self, size: int) -> Iterator[tuple[np.ndarray, np.ndarray | None]]: ...
+
+
+class ArrayBatches:
+    """A ``Dataset`` already in memory."""
+
+    def __init__(self, data: Dataset) -> None:
+        self.data = data
+        self.source = data.source
+
+    def __len__(self) -> int:
+        return len(self.data.x)
+
+    def head(self, n: int) -> np.ndarray:
+        return self.data.x[:n]
+
+    def batches(self, size: int) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+        for i in range(0, len(self.data.x), size):
+            y = self.data.y[i:i + size] if self.data.y is not None else None
+            yield self.data.x[i:i + size], y
+
+
+class NpzBatches:
+    """Inputs ``x`` (and labels ``y``) of an .npz archive, read batch by batch from the archive.
+
+    Only the labels (one integer per sample) are held in memory; the inputs are decoded from the
+    archive member one batch at a time, whether the archive is stored or compressed.
+    """
+
+    def __init__(self, path: str | Path, input_shape: Sequence[int]) -> None:
+        self.path = Path(path)
+        self.shape = [int(d) for d in input_shape]
+        self.source = str(self.path)
+        path = self.path
+        if not path.is_file():
+            raise BadInput(f"data file {path} does not exist")
+        try:
+            with zipfile.ZipFile(path) as z:
+                members = [n for n in z.namelist() if n.endswith(".npy")]
+                names = [n[:-4] for n in members]
+                if "x" in names:
+                    self.member = "x.npy"
+                elif len(names) == 1:
+                    self.member = members[0]
+                else:
+                    raise BadInput(f"data file {path} must hold the inputs under key 'x' "
+                                   f"(found {', '.join(names) or 'nothing'})")
+                with z.open(self.member) as f:
+                    count, dtype, fortran = self._header(f)
+                y = None
+                if "y" in names and self.member != "y.npy":
+                    with z.open("y.npy") as f:
+                        y = np.lib.format.read_array(f, allow_pickle=False)
+        except BadInput:
+            raise
+        except (ValueError, OSError, zipfile.BadZipFile, EOFError, KeyError) as e:
+            what = "it is not a zip archive (.npz)" if isinstance(e, zipfile.BadZipFile) else str(e).splitlines()[0][:120]
+            raise BadInput(f"data file {path} is not a readable .npz archive: {what}") from None
+        self.count, self.dtype, self.fortran = count, dtype, fortran
+        if y is not None:
+            y = np.asarray(y).reshape(-1)
+            if len(y) != count or not np.issubdtype(y.dtype, np.integer):
+                raise BadInput(f"data file {path}: labels 'y' must be {count} integers, got {list(y.shape)} of {y.dtype}")
+            y = y.astype(np.int64)
+        self.y = y
+
+    def _header(self, f) -> tuple[int, np.dtype, bool]:
+        version = np.lib.format.read_magic(f)
+        reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = reader(f)
+        if not np.issubdtype(dtype, np.number) or dtype.hasobject:
+            raise BadInput(f"data file {self.path}: inputs have dtype {dtype}, expected numbers")
+        expected = int(np.prod(self.shape))
+        if len(shape) < 1 or (shape[0] and int(np.prod(shape[1:])) != expected):
+            raise BadInput(f"data file {self.path}: inputs of shape {list(shape)} do not fit the model input "
+                           f"[batch, {', '.join(map(str, self.shape))}]")
+        if shape[0] == 0:
+            raise BadInput(f"data file {self.path} holds no samples")
+        return int(shape[0]), dtype, bool(fortran)
+
+    def __len__(self) -> int:
+        return self.count
+
+    def head(self, n: int) -> np.ndarray:
+        return next(self.batches(n))[0]
+
+    def batches(self, size: int) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+        with zipfile.ZipFile(self.path) as z, z.open(self.member) as f:
+            self._header(f)
+            if self.fortran:  # column-major data cannot be cut into rows from the stream
+                full = np.lib.format.read_array(z.open(self.member), allow_pickle=False)
+            row = int(np.prod(self.shape)) * self.dtype.itemsize
+            for i in range(0, self.count, size):
+                m = min(size, self.count - i)
+                if self.fortran:
+                    raw = np.ascontiguousarray(full[i:i + m])
+                else:
+                    buf = f.read(row * m)
+                    if len(buf) != row * m:
+                        raise BadInput(f"data file {self.path} is truncated")
+                    raw = np.frombuffer(buf, dtype=self.dtype)
+                x = raw.astype(np.float32).reshape(m, *self.shape)
+                if not np.isfinite(x).all():
+                    raise BadInput(f"data file {self.path}: inputs contain NaN or infinity")
+                yield x, (self.y[i:i + m] if self.y is not None else None)
+
+
+def as_batches(data: Dataset | Batches) -> Batches:
+    return ArrayBatches(data) if isinstance(data, Dataset) else data
+
+
 def load_npz(path: str | Path, input_shape: list[int]) -> Dataset:
-    """Read inputs (key ``x``, or the only array) and optional labels (``y``) from an .npz file."""
-    path = Path(path)
-    if not path.is_file():
-        raise BadInput(f"data file {path} does not exist")
-    try:
-        loaded = np.load(path, allow_pickle=False)
-        if not isinstance(loaded, np.lib.npyio.NpzFile):  # a .npy file gives a bare array
-            raise ValueError("it holds a single .npy array, not an .npz archive")
-        with loaded as f:
-            arrays = {k: f[k] for k in f.files}
-    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as e:
-        raise BadInput(f"data file {path} is not a readable .npz archive: {str(e).splitlines()[0][:120]}") from None
-    if "x" in arrays:
-        x = arrays["x"]
-    elif len(arrays) == 1:
-        x = next(iter(arrays.values()))
-    else:
-        raise BadInput(f"data file {path} must hold the inputs under key 'x' (found {', '.join(arrays) or 'nothing'})")
-    y = arrays.get("y")
-    if not np.issubdtype(x.dtype, np.number):
-        raise BadInput(f"data file {path}: inputs have dtype {x.dtype}, expected numbers")
-    expected = int(np.prod(input_shape))
-    if x.ndim < 1 or (len(x) and x[0].size != expected):
-        raise BadInput(f"data file {path}: inputs of shape {list(x.shape)} do not fit the model input "
-                       f"[batch, {', '.join(map(str, input_shape))}]")
-    if len(x) == 0:
-        raise BadInput(f"data file {path} holds no samples")
-    x = x.astype(np.float32).reshape(len(x), *input_shape)
-    if not np.isfinite(x).all():
-        raise BadInput(f"data file {path}: inputs contain NaN or infinity")
-    if y is not None:
-        y = np.asarray(y).reshape(-1)
-        if len(y) != len(x) or not np.issubdtype(y.dtype, np.integer):
-            raise BadInput(f"data file {path}: labels 'y' must be {len(x)} integers, got {list(y.shape)} of {y.dtype}")
-        y = y.astype(np.int64)
-    return Dataset(x, y, str(path))
+    """Read all inputs (key ``x``, or the only array) and optional labels (``y``) of an .npz file."""
+    source = NpzBatches(path, input_shape)
+    xs = [x for x, _ in source.batches(65536)]
+    return Dataset(np.concatenate(xs), source.y, source.source)

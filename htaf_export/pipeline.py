@@ -16,14 +16,14 @@ from rich.console import Console
 
 from . import __version__
 from .capture import Capture, capture
-from .data import Dataset, digits, load_npz
+from .data import Batches, Dataset, NpzBatches, digits
 from .errors import BadInput
 from .files import atomic_write_bytes, check_writable
 from .harden import HardenResult, harden
 from .io import LoadedModel, load
 from .reference import step_modules
 from .runtimes import ArtifactInfo, backends_for, read_artifact
-from .validate import Batches, NpzBatches, ParityReport, Tolerance, validate
+from .validate import ParityReport, Tolerance, validate
 
 DEFAULT_SUFFIX = {"onnx": ".onnx", "tflite": ".tflite", "tflite-float": ".float.tflite"}
 GENERATED_SAMPLES = 512
@@ -88,22 +88,16 @@ def _convert_tflite(cap: Capture, meta: dict[str, Any], target: str) -> Converte
     return convert_for_pipeline(cap, meta, bitpacked=(target == "tflite"))
 
 
-def default_data(loaded: LoadedModel, data_path: Path | None) -> Dataset:
-    """The user's data; else the bundled digits for models with digits-shaped input; else seeded noise."""
+def default_data(loaded: LoadedModel, data_path: Path | None) -> Dataset | Batches:
+    """The user's .npz (streamed batch by batch); else the bundled digits for models with digits-shaped
+    input; else seeded noise from the input spec."""
     if data_path is not None:
-        return load_npz(data_path, loaded.input_shape)
+        return NpzBatches(data_path, loaded.input_shape)
     if int(np.prod(loaded.input_shape)) == 64:
         return digits("all", loaded.input_shape)
     rng = np.random.default_rng(0)
     return Dataset(rng.standard_normal((GENERATED_SAMPLES, *loaded.input_shape)).astype(np.float32), None,
                    f"generated: {GENERATED_SAMPLES} standard normal samples (seed 0)")
-
-
-def data_source(loaded: LoadedModel, data_path: Path | None) -> Dataset | Batches:
-    """Like ``default_data``, but the user's .npz is streamed batch by batch instead of loaded whole."""
-    if data_path is not None:
-        return NpzBatches(data_path, loaded.input_shape)
-    return default_data(loaded, None)
 
 
 def export(model: str | Path | LoadedModel, target: str, output: str | Path | None = None, *, tie: str | None = None,
@@ -120,7 +114,7 @@ def export(model: str | Path | LoadedModel, target: str, output: str | Path | No
     if out.suffix != (".onnx" if target == "onnx" else ".tflite"):
         raise BadInput(f"output {out} must end in {'.onnx' if target == 'onnx' else '.tflite'} for target {target}")
     check_writable(out)
-    dataset = data_source(loaded, data) if validate_artifact else None
+    dataset = default_data(loaded, data) if validate_artifact else None
     seconds["load"] = time.perf_counter() - start
 
     t = time.perf_counter()
@@ -352,7 +346,7 @@ def validate_command(args: argparse.Namespace) -> int:
     tolerance = _tolerance(args)
     loaded = load(args.model, trust_pickle=args.trust_pickle)
     info = read_artifact(args.artifact)
-    dataset = data_source(loaded, args.data)
+    dataset = default_data(loaded, args.data)
     # The reference follows the declared rule (--tie, else the model's own), never the artifact's:
     # an artifact built with another rule must fail on inputs that land on a threshold.
     hardening = harden(loaded.module, tie=args.tie)

@@ -22,7 +22,8 @@ from torch import nn
 from .data import Dataset
 from .harden import harden
 from .io import LoadedModel, load
-from .validate import Batches, NpzBatches, ParityReport, Tolerance
+from .data import Batches, NpzBatches
+from .validate import ParityReport, Tolerance
 
 __all__ = ["assert_parity"]
 

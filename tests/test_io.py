@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import random
 import zipfile
 from pathlib import Path
@@ -16,7 +15,7 @@ import torch
 import htaf_export
 from htaf_export import models
 from htaf_export.errors import BadInput
-from htaf_export.nn import HTAF, BinaryConv2d, BinaryLinear, Step
+from htaf_export.nn import HTAF, BinaryConv2d, BinaryLinear
 
 from conftest import SAMPLE_NAMES, outputs_equal
 

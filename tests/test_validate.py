@@ -21,7 +21,8 @@ from htaf_export.reference import record_steps
 from htaf_export.runtimes import read_artifact
 from htaf_export.runtimes.torch_cuda import TorchRunner
 from htaf_export.testing import assert_parity
-from htaf_export.validate import MARGIN_EDGES, NpzBatches, validate
+from htaf_export.data import NpzBatches
+from htaf_export.validate import MARGIN_EDGES, validate
 
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"
 NAMES = ["bnn_mlp", "bnn_cnn", "dhn_mlp", "snn_mlp", "icbm_cnn"]
