@@ -242,3 +242,21 @@ def test_cuda_provider_parity(exported):
     for name in NAMES:
         backends = {b.backend: b for b in exported[name].report.backends}
         assert backends["onnxruntime-cuda"].passed
+
+
+@pytest.mark.parametrize("fmt", ["pt2", "torchscript"])
+def test_traced_programs_get_their_steps_lifted_to_htaf_ops(tmp_path, fmt):
+    loaded = htaf_export.load(SAMPLES / "bnn_mlp.pt")
+    hardened = htaf_export.harden(loaded.module).model
+    hardened.input_shape, hardened.family, hardened.output_names = loaded.input_shape, "bnn", loaded.output_names
+    source = htaf_export.save(hardened, tmp_path / f"m.{fmt}", format=fmt)
+    result = export(source, "onnx", tmp_path / "m.onnx")
+    assert result.report.passed
+    proto = onnx.load(str(result.artifact))
+    steps = [n for n in proto.graph.node if n.domain == HTAF_DOMAIN]
+    assert [(n.op_type, n.output[0]) for n in steps] == [("Sign", "layers.act1"), ("Sign", "layers.act2")]
+    # Same decisions as the checkpoint's own export.
+    x = digits("test", loaded.input_shape).x
+    direct = export(SAMPLES / "bnn_mlp.pt", "onnx", tmp_path / "direct.onnx", validate_artifact=False)
+    np.testing.assert_array_equal(session(result.artifact).run(["logits"], {"input": x})[0].argmax(1),
+                                  session(direct.artifact).run(["logits"], {"input": x})[0].argmax(1))
