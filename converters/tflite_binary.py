@@ -1,0 +1,484 @@
+"""Binary layers: find ±1-weight convs and dense layers over ±1 activations, and fold what follows them.
+
+The pattern, in the IR that capture writes::
+
+    htaf.Sign ─[MaxPool | Reshape | Flatten | Identity | Pad(±1)]*─▶ [Pad(p)] ▶ Conv(W ∈ {±1}) | Gemm(·, W ∈ {±1})
+              ─[Add | Sub | Mul | Div by per-channel constants | BatchNormalization]*─▶ [htaf.Sign | htaf.Heaviside]
+
+**Threshold mode** (the chain ends in a step). With ±1 inputs and ±1 weights the pre-activation v is an
+integer in [−K, K], K the fan-in, so everything after the conv is a function of v alone. Evaluating
+that chain with torch on every integer of [−K, K] — the very float32 operations the reference runs,
+ties included — gives for each output channel a rule "fires iff flip·v ≥ T" (flip = −1 where the
+chain decreases, e.g. a negative batch-norm scale). A conv with kernel flip·W and bias −(T − ½) has an
+output y = flip·v − T + ½ that is never 0 and whose sign is the step, so the layer is exact by
+construction, whatever the tie rule, scale or batch-norm parameters. LCE turns such a layer into an
+``LceBconv2d`` whose output thresholds are these integers, writing bit-packed activations when the next
+layer is binary.
+
+**Affine mode** (anything else follows, e.g. the last layer's batch norm): the per-channel ops after the
+conv become one y = scale·v + shift, applied by a separate 1×1 depthwise conv to the exact integers the
+binary layer writes. (Fused into ``LceBconv2d``, LCE computes it as (shift + K·m) − 2·popcount·m, whose
+cancellation costs about K·|m| ulps, 1e-4 and more for real layers; folded into float weights by the
+TFLite converter, the sum is no longer exact.)
+
+Each match replaces its nodes by one node ``htaf.tflite::BinaryConv`` whose output keeps the name of the
+value it replaces (the step tensor in threshold mode), with the layer in ``node.meta["binary"]``.
+A binary-weight layer that does not match says why (:class:`Rejected`), for the export summary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+import torch
+import torch.nn.functional as F
+
+from htaf_export.capture import HTAF_DOMAIN
+from htaf_export.passes.util import const_array
+
+DOMAIN = "htaf.tflite"
+OP = "BinaryConv"
+PASSTHROUGH = ("MaxPool", "Reshape", "Flatten", "Identity")
+AFFINE = ("Add", "Sub", "Mul", "Div", "BatchNormalization")
+TORCH_BINARY = {"Add": torch.add, "Sub": torch.sub, "Mul": torch.mul, "Div": torch.div}
+
+
+@dataclass
+class Padding:
+    """Spatial padding of a conv input: rows/columns added before and after, and the value padded."""
+
+    top: int
+    bottom: int
+    left: int
+    right: int
+    value: float
+
+    @property
+    def any(self) -> bool:
+        return bool(self.top or self.bottom or self.left or self.right)
+
+
+@dataclass
+class BinaryLayer:
+    """One binary conv (``kind`` "conv") or dense layer ("dense") and how it is emitted.
+
+    ``weight`` is ±1, OIHW for convs, [out, in] for dense layers. In threshold mode the layer writes the
+    step ``step``: channel c fires iff flip[c]·v ≥ threshold[c], v being the integer pre-activation.
+    """
+
+    name: str
+    kind: str
+    weight: np.ndarray
+    mode: str  # "threshold" or "affine"
+    fan_in: int
+    stride: tuple[int, int] = (1, 1)
+    padding: Padding | None = None
+    input_hw: tuple[int, int] | None = None
+    group: int = 1
+    dilation: tuple[int, int] = (1, 1)
+    weight_scale: np.ndarray | None = None  # the real weights are weight·weight_scale (per output channel)
+    bias: np.ndarray | None = None  # affine mode: the conv's own bias (when no chain follows)
+    scale: np.ndarray | None = None  # affine mode: the chain after the conv as y = scale·v + shift
+    shift: np.ndarray | None = None
+    flip: np.ndarray | None = None
+    threshold: np.ndarray | None = None
+    step: str | None = None
+    levels: str | None = None  # "pm1" (Sign) or "01" (Heaviside)
+    tie: str | None = None
+    lce: bool = False
+    lce_padding: str = "valid"  # "valid", "same" (TF SAME with pad_values) or "explicit"
+    lce_note: str = ""  # how LCE pads
+    notes: list[str] = field(default_factory=list)
+    reason: str = ""  # why the layer is not bit-packed (bitpacked target only)
+
+    @property
+    def out_channels(self) -> int:
+        return int(self.weight.shape[0])
+
+    def folded_bias(self) -> np.ndarray | None:
+        """The conv bias that makes y = flip·v + bias have the step's sign (threshold mode)."""
+        if self.mode != "threshold":
+            return self.bias
+        return (0.5 - self.threshold).astype(np.float32)
+
+    def folded_weight(self) -> np.ndarray:
+        """±1 weights with each output channel multiplied by its flip (threshold mode)."""
+        if self.flip is None:
+            return self.weight
+        shape = (-1,) + (1,) * (self.weight.ndim - 1)
+        return (self.weight * self.flip.reshape(shape)).astype(np.float32)
+
+
+@dataclass
+class Rejected:
+    """A layer with ±1 weights that is not emitted as a binary layer, and why."""
+
+    name: str
+    reason: str
+
+
+def layer_name(node: ir.Node) -> str:
+    """The module path of a conv/dense node, read off its weight initializer (``layers.conv2.weight``)."""
+    weight = node.inputs[1] if len(node.inputs) > 1 else None
+    name = weight.name if weight is not None and weight.name else node.name
+    return name.removesuffix(".weight")
+
+
+def is_binary_weight(array: np.ndarray | None) -> bool:
+    return array is not None and array.dtype == np.float32 and array.size > 0 and bool(np.all(np.abs(array) == 1.0))
+
+
+def binary_factor(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray | None] | None:
+    """(±1 signs, per-output-channel scale s > 0, None when all 1) with weight = signs·s, for ``weight`` [out, …];
+    None when the weights are not of that form. (An exporter that folds a batch norm into a binary conv, as
+    TorchScript's does, leaves ±s weights.)"""
+    if weight.dtype != np.float32 or weight.size == 0:
+        return None
+    flat = np.abs(weight.reshape(weight.shape[0], -1))
+    scale = flat[:, 0]
+    if not np.all(flat == scale[:, None]) or not np.all(scale > 0):
+        return None
+    signs = np.where(weight >= 0, 1.0, -1.0).astype(np.float32)
+    return signs, (None if np.all(scale == 1.0) else scale.astype(np.float32))
+
+
+def _attr(node: ir.Node, name: str, default):
+    attr = node.attributes.get(name)
+    return default if attr is None else attr.value
+
+
+def _is_step(node: ir.Node | None, ops=("Sign", "Heaviside")) -> bool:
+    return node is not None and node.domain == HTAF_DOMAIN and node.op_type in ops
+
+
+def _pad_spec(node: ir.Node) -> tuple[list[int], float] | None:
+    """(pads, value) of a constant-mode Pad with constant pads, else None."""
+    if node.op_type != "Pad" or node.domain != "" or _attr(node, "mode", "constant") != "constant":
+        return None
+    pads = const_array(node.inputs[1]) if len(node.inputs) > 1 else None
+    value = const_array(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else np.zeros(())
+    if pads is None or value is None or value.size != 1 or (len(node.inputs) > 3 and node.inputs[3] is not None):
+        return None
+    return [int(p) for p in pads], float(value.reshape(()))
+
+
+def is_pm1(value: ir.Value | None) -> bool:
+    """Whether ``value`` holds ±1 activations: a Sign step seen through ops that commute with sign."""
+    while value is not None:
+        node = value.producer()
+        if node is None:
+            return False
+        if _is_step(node, ("Sign",)):
+            return True
+        if node.domain == DOMAIN and node.op_type == OP:
+            layer: BinaryLayer = node.meta["binary"]
+            return layer.mode == "threshold" and layer.levels == "pm1"
+        pad = _pad_spec(node)
+        if node.domain == "" and (node.op_type in PASSTHROUGH or (pad is not None and abs(pad[1]) == 1.0)):
+            value = node.inputs[0]
+            continue
+        return False
+    return False
+
+
+def _per_channel(array: np.ndarray, rank: int, channels: int) -> bool:
+    """Whether a constant broadcast against [N, C, ...] (rank ``rank``) varies along C only."""
+    if array.ndim > rank:
+        return False
+    shape = (1,) * (rank - array.ndim) + array.shape
+    return all(d == 1 for i, d in enumerate(shape) if i != 1) and shape[1] in (1, channels)
+
+
+def _chain_member(node: ir.Node, index: int, channels: int, rank: int) -> bool:
+    if node.domain != "" or node.op_type not in AFFINE:
+        return False
+    if node.op_type == "BatchNormalization":
+        params = [const_array(v) for v in node.inputs[1:5]]
+        return index == 0 and len(node.outputs) == 1 and all(p is not None and p.size == channels for p in params)
+    if node.op_type == "Div" and index == 1:  # c / x is not affine in x
+        return False
+    other = const_array(node.inputs[1 - index])
+    return other is not None and _per_channel(other, rank, channels)
+
+
+def _channel_vector(array: np.ndarray, rank: int, channels: int) -> np.ndarray:
+    shape = (1,) * (rank - array.ndim) + array.shape
+    return np.broadcast_to(array.reshape(shape).reshape(-1), (channels,)).astype(np.float64)
+
+
+def compose_affine(chain: list[tuple[ir.Node, int]], bias: np.ndarray | None, channels: int, rank: int,
+                   weight_scale: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The chain after the conv (and the conv's bias and weight scale) as one per-channel y = scale·v + shift,
+    v the integer ±1 sum (float64, rounded once)."""
+    scale = np.ones(channels) if weight_scale is None else weight_scale.astype(np.float64)
+    shift = np.zeros(channels) if bias is None else bias.astype(np.float64)
+    for node, index in chain:
+        if node.op_type == "BatchNormalization":
+            gamma, beta, mean, var = (const_array(v).astype(np.float64) for v in node.inputs[1:5])  # type: ignore[union-attr]
+            a = gamma / np.sqrt(var + float(np.float32(_attr(node, "epsilon", 1e-5))))
+            scale, shift = scale * a, (shift - mean) * a + beta
+            continue
+        c = _channel_vector(const_array(node.inputs[1 - index]), rank, channels)  # type: ignore[arg-type]
+        if node.op_type == "Add":
+            shift = shift + c
+        elif node.op_type == "Mul":
+            scale, shift = scale * c, shift * c
+        elif node.op_type == "Div":
+            scale, shift = scale / c, shift / c
+        elif index == 0:  # x − c
+            shift = shift - c
+        else:  # c − x
+            scale, shift = -scale, c - shift
+    return scale.astype(np.float32), shift.astype(np.float32)
+
+
+def _follow_chain(value: ir.Value, channels: int, rank: int) -> tuple[list[tuple[ir.Node, int]], ir.Node | None]:
+    """Per-channel affine nodes after ``value`` (each the only use of its input) with the input index the
+    chain enters by, and the step they end in (None if they end in anything else)."""
+    chain: list[tuple[ir.Node, int]] = []
+    while not value.is_graph_output():
+        uses = list(value.uses())
+        if len(uses) != 1:
+            break
+        node, index = uses[0].node, uses[0].idx
+        if _is_step(node) and index == 0:
+            threshold = const_array(node.inputs[1])
+            if threshold is not None and _per_channel(threshold, rank, channels):
+                return chain, node
+            break
+        if not _chain_member(node, index, channels, rank):
+            break
+        chain.append((node, index))
+        value = node.outputs[0]
+    return chain, None
+
+
+def _apply(node: ir.Node, x: torch.Tensor, index: int) -> torch.Tensor:
+    """One chain node on a torch tensor, with the same float32 operation the reference module runs."""
+    if node.op_type == "BatchNormalization":
+        gamma, beta, mean, var = (torch.from_numpy(np.array(const_array(v), dtype=np.float32)) for v in node.inputs[1:5])
+        return F.batch_norm(x, mean, var, gamma, beta, False, 0.0, float(_attr(node, "epsilon", 1e-5)))
+    other = torch.from_numpy(np.array(const_array(node.inputs[1 - index]), dtype=np.float32))
+    a, b = (x, other) if index == 0 else (other, x)
+    return TORCH_BINARY[node.op_type](a, b)
+
+
+def integer_thresholds(chain: list[tuple[ir.Node, int]], step: ir.Node, bias: np.ndarray | None, fan_in: int,
+                       channels: int, rank: int, weight_scale: np.ndarray | None = None
+                       ) -> tuple[np.ndarray, np.ndarray] | str:
+    """Per-channel (flip, T) with "fires iff flip·v ≥ T" for every integer v in [−K, K], or why there is none."""
+    v = torch.arange(-fan_in, fan_in + 1, dtype=torch.float32)
+    spatial = [1] * (rank - 2)
+    x = v.reshape(-1, 1, *spatial).expand(-1, channels, *spatial).contiguous()
+    if weight_scale is not None:
+        x = x * torch.from_numpy(weight_scale).reshape(1, -1, *spatial)
+    if bias is not None:
+        x = x + torch.from_numpy(bias.astype(np.float32)).reshape(1, -1, *spatial)
+    for node, index in chain:
+        x = _apply(node, x, index)
+    theta = torch.from_numpy(np.array(const_array(step.inputs[1]), dtype=np.float32))
+    fired = ((x >= theta) if step.attributes["tie"].as_string() == "ge" else (x > theta))
+    fired = fired.reshape(len(v), channels).numpy()
+    rising = np.all(fired[1:] >= fired[:-1], axis=0)
+    falling = np.all(fired[1:] <= fired[:-1], axis=0)
+    if not np.all(rising | falling):
+        return f"the ops between the conv and its step are not monotone (channel {int(np.argmin(rising | falling))})"
+    ints = v.numpy().astype(np.int64)
+    flip = np.where(rising, 1.0, -1.0).astype(np.float32)
+    threshold = np.full(channels, fan_in + 1, dtype=np.int64)  # never fires
+    for c in np.flatnonzero(fired.any(axis=0)):
+        f = fired[:, c]
+        # rising: fires iff v ≥ first firing v; falling: fires iff v ≤ last firing v ⇔ −v ≥ −(last firing v)
+        threshold[c] = ints[np.argmax(f)] if rising[c] else -ints[len(f) - 1 - np.argmax(f[::-1])]
+    return flip, threshold.astype(np.float32)
+
+
+def trim_padding(size: int, kernel: int, stride: int, before: int, after: int, dilation: int = 1) -> int:
+    """``after`` without the trailing rows no output reads (exact). With it trimmed, a pad the converters
+    fuse into a SAME conv is always TF's SAME split: LCE's pad fusion checks only the output size and the
+    before/after ratio, and would otherwise turn PyTorch's pad (1, 1) at stride 2 into TF's (0, 1)."""
+    span = dilation * (kernel - 1) + 1
+    out = (size + before + after - span) // stride + 1
+    last_read = (out - 1) * stride + span - 1
+    return max(after - (size + before + after - 1 - last_read), 0)
+
+
+def _tf_same(size: int, kernel: int, stride: int) -> tuple[int, int]:
+    """Padding TensorFlow's SAME adds before and after a spatial dimension."""
+    out = -(-size // stride)
+    total = max((out - 1) * stride + kernel - size, 0)
+    return total // 2, total - total // 2
+
+
+def _lce_padding(layer: BinaryLayer, kernel: tuple[int, int]) -> tuple[str, str]:
+    """("valid" | "same" | "explicit" | "", note or reason) for LCE; "" means LCE cannot express it exactly."""
+    pad = layer.padding
+    if pad is None or not pad.any:
+        return "valid", ""
+    same = layer.input_hw is not None and (
+        (pad.top, pad.bottom) == _tf_same(layer.input_hw[0], kernel[0], layer.stride[0])
+        and (pad.left, pad.right) == _tf_same(layer.input_hw[1], kernel[1], layer.stride[1]))
+    if pad.value == 1.0 and same:
+        return "same", "pad +1: pad_values=1"
+    if pad.value == 0.0 and same:
+        return "same", "zero pad: pad_values=0, exact but float output"
+    if abs(pad.value) == 1.0:
+        return "explicit", f"pad {pad.value:+g}: explicit PADV2 (TF SAME pads differently here)"
+    if pad.value == 0.0:
+        return "", "zero padding of ±1 activations at this stride/size: no exact LCE form (TF SAME pads differently)"
+    return "", f"padding ±1 activations with {pad.value:g} has no exact LCE form"
+
+
+def _conv_layer(node: ir.Node, weight: np.ndarray) -> tuple[BinaryLayer, list[ir.Node], ir.Value] | str:
+    """The conv as a layer, with the Pad in front of it when it pads (only) the conv's input."""
+    if _attr(node, "auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
+        return "auto_pad is not supported"
+    x = node.inputs[0]
+    absorbed = [node]
+    pads = [int(p) for p in _attr(node, "pads", [0, 0, 0, 0])]
+    padding = Padding(pads[0], pads[2], pads[1], pads[3], 0.0)
+    producer = x.producer()
+    spec = _pad_spec(producer) if producer is not None else None
+    if spec is not None and not padding.any and len(x.uses()) == 1 and not x.is_graph_output():
+        p, value = spec
+        if len(p) == 8 and p[0] == p[1] == p[4] == p[5] == 0:
+            padding = Padding(p[2], p[6], p[3], p[7], value)
+            absorbed.insert(0, producer)
+            x = producer.inputs[0]
+    hw = _hw(x)
+    if hw is None and len(absorbed) == 2:  # traced programs may leave the Pad's input unshaped; its output is not
+        padded = _hw(node.inputs[0])
+        hw = (padded[0] - padding.top - padding.bottom, padded[1] - padding.left - padding.right) if padded else None
+    stride = tuple(int(s) for s in _attr(node, "strides", [1, 1]))
+    dilation = tuple(int(d) for d in _attr(node, "dilations", [1, 1]))
+    if hw is not None:
+        padding.bottom = trim_padding(hw[0], weight.shape[2], stride[0], padding.top, padding.bottom, dilation[0])
+        padding.right = trim_padding(hw[1], weight.shape[3], stride[1], padding.left, padding.right, dilation[1])
+    layer = BinaryLayer(layer_name(node), "conv", weight, "affine", int(np.prod(weight.shape[1:])),
+                        stride, padding, hw, int(_attr(node, "group", 1)), dilation)  # type: ignore[arg-type]
+    return layer, absorbed, x
+
+
+def _hw(value: ir.Value) -> tuple[int, int] | None:
+    """Static (H, W) of an NCHW value, if the IR knows them."""
+    dims = list(value.shape)[2:4] if value.shape is not None else []
+    return (int(dims[0]), int(dims[1])) if len(dims) == 2 and all(isinstance(d, int) for d in dims) else None
+
+
+def _dense_layer(node: ir.Node, weight: np.ndarray) -> tuple[BinaryLayer, list[ir.Node], ir.Value] | str:
+    """The dense layer (``weight`` already [out, in]) as a layer."""
+    if node.op_type == "Gemm" and (int(_attr(node, "transA", 0)) or float(_attr(node, "alpha", 1.0)) != 1.0
+                                   or float(_attr(node, "beta", 1.0)) != 1.0):
+        return "Gemm with transA, or alpha/beta other than 1, is not supported"
+    return BinaryLayer(layer_name(node), "dense", weight, "affine", int(weight.shape[1])), [node], node.inputs[0]
+
+
+def match(node: ir.Node, bitpacked: bool) -> tuple[BinaryLayer, list[ir.Node], ir.Value] | Rejected | None:
+    """The binary layer rooted at ``node``, the nodes it replaces (in order) and the value it writes; or why not.
+
+    None when ``node`` is not a conv/dense layer with ±1 weights (times a positive per-channel scale), or
+    when the pattern brings nothing (a bare ±1 layer on the float target, which is exact op by op).
+    """
+    if node.domain != "" or node.op_type not in ("Conv", "Gemm", "MatMul") or len(node.inputs) < 2:
+        return None
+    weight = const_array(node.inputs[1])
+    if weight is None or weight.ndim != (4 if node.op_type == "Conv" else 2):
+        return None
+    if node.op_type == "MatMul" or node.op_type == "Gemm" and not int(_attr(node, "transB", 0)):
+        weight = np.ascontiguousarray(weight.T)  # [out, in]
+    factor = binary_factor(weight)
+    if factor is None:
+        return None
+    made = _conv_layer(node, weight) if node.op_type == "Conv" else _dense_layer(node, weight)
+    if isinstance(made, str):
+        return Rejected(layer_name(node), made)
+    layer, absorbed, source = made
+    layer.weight, layer.weight_scale = factor
+    if not is_pm1(source):
+        return Rejected(layer.name, "input is real-valued; LCE packs ±1 inputs only")
+    bias = const_array(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
+    bias = bias if bias is not None and np.any(bias) else None
+    rank = 4 if layer.kind == "conv" else 2
+    out = node.outputs[0]
+    chain, step = _follow_chain(out, layer.out_channels, rank)
+    if step is not None:
+        found = integer_thresholds(chain, step, bias, layer.fan_in, layer.out_channels, rank, layer.weight_scale)
+        if isinstance(found, str):
+            layer.notes.append(found)
+        else:
+            layer.mode = "threshold"
+            layer.flip, layer.threshold = found
+            layer.step = step.outputs[0].name
+            layer.levels = "pm1" if step.op_type == "Sign" else "01"
+            layer.tie = step.attributes["tie"].as_string()
+            absorbed += [n for n, _ in chain] + [step]
+            out = step.outputs[0]
+    if layer.mode == "affine":
+        if not (bitpacked or chain or layer.weight_scale is not None):
+            return None  # a float conv of ±1 values is exact already
+        # Folded into the layer, these ops lose precision: LceBconv2d computes (bias + K·m) − 2·popcount·m,
+        # which cancels for large fan-ins, and TFLite scales the weights. The layer writes the exact integers
+        # instead, and one per-channel op follows.
+        if chain or layer.weight_scale is not None:
+            layer.scale, layer.shift = compose_affine(chain, bias, layer.out_channels, rank, layer.weight_scale)
+            absorbed += [n for n, _ in chain]
+            out = chain[-1][0].outputs[0] if chain else out
+        else:
+            layer.bias = bias
+    _decide_lce(layer, bitpacked)
+    return layer, absorbed, out
+
+
+def _decide_lce(layer: BinaryLayer, bitpacked: bool) -> None:
+    if layer.mode == "threshold":
+        layer.notes.append(f"batch norm + {'sign' if layer.levels == 'pm1' else 'step'} → integer thresholds "
+                           f"(tie {layer.tie}, exact)")
+    if bitpacked and layer.kind == "dense":
+        layer.notes.append("dense as a binary conv (LCE keeps QuantDense float)")
+    if bitpacked:
+        decide_lce(layer)
+
+
+def decide_lce(layer: BinaryLayer, input_hw: tuple[int, int] | None = None) -> None:
+    """Set whether LCE can run ``layer`` bit-packed and exactly (``lce``, ``lce_padding``, ``lce_note``), or why
+    not (``reason``). The builder calls it again with ``input_hw`` when the IR did not know the input size."""
+    layer.input_hw = layer.input_hw or input_hw
+    layer.lce, layer.lce_padding, layer.lce_note, layer.reason = False, "valid", "", ""
+    if layer.kind == "dense":
+        layer.lce = True
+    elif layer.group != 1:
+        depthwise = layer.group == layer.weight.shape[0] and layer.weight.shape[1] == 1
+        layer.reason = ("LCE has no binary depthwise conv" if depthwise else
+                        "grouped binary convs run only on LCE's indirect-BGEMM kernel, not its default one")
+    elif layer.dilation != (1, 1):
+        layer.reason = "dilated binary convs are not supported by this converter"
+    else:
+        mode, note = _lce_padding(layer, tuple(int(k) for k in layer.weight.shape[2:]))  # type: ignore[arg-type]
+        layer.lce, layer.lce_padding = bool(mode), mode or "valid"
+        layer.lce_note, layer.reason = (note, "") if mode else ("", note)
+
+
+def fuse_binary_layers(model: ir.Model, bitpacked: bool) -> tuple[list[BinaryLayer], list[Rejected]]:
+    """Replace each binary layer by one ``htaf.tflite::BinaryConv`` node; in graph order, so a layer sees
+    the layers before it already fused."""
+    graph = model.graph
+    layers: list[BinaryLayer] = []
+    rejected: list[Rejected] = []
+    for node in list(graph):
+        if node.graph is None:  # removed by an earlier match
+            continue
+        found = match(node, bitpacked)
+        if found is None:
+            continue
+        if isinstance(found, Rejected):
+            rejected.append(found)
+            continue
+        layer, absorbed, out = found
+        source = absorbed[0].inputs[0]
+        fused = ir.node(OP, [source], domain=DOMAIN, name=f"{layer.name}/binary")
+        fused.meta["binary"] = layer
+        ir.convenience.replace_nodes_and_values(graph, absorbed[-1], absorbed, [fused], [out], [fused.outputs[0]])
+        layers.append(layer)
+    return layers, rejected
