@@ -15,7 +15,8 @@ install: $(STAMP)
 demo: $(STAMP)
 	mkdir -p out
 	$(VENV)/bin/htaf-export inspect sample_models/bnn_cnn.pt
-	$(VENV)/bin/htaf-export sample_models/bnn_cnn.pt --target onnx -o out/bnn_cnn.onnx --report out/bnn_cnn.json
+	$(VENV)/bin/htaf-export sample_models/bnn_cnn.pt --target onnx -o out/bnn_cnn.onnx --report out/bnn_cnn.onnx.html
+	$(VENV)/bin/htaf-export sample_models/bnn_cnn.pt --target tflite -o out/bnn_cnn.tflite --report out/bnn_cnn.tflite.json
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q
