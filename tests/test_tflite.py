@@ -364,3 +364,38 @@ def test_core_import_does_not_load_tensorflow():
     code = "import htaf_export, htaf_export.pipeline, htaf_export.cli, sys; print('tensorflow' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def _move_threshold(artifact: Path, op_name: str, input_index: int, out: Path, step) -> None:
+    """Copy ``artifact`` with channel 0 of the first ``op_name`` op's constant input moved by ``step``."""
+    model = rt.read_model(artifact.read_bytes())
+    graph = model.subgraphs[0]
+    op = next(o for o, n in zip(graph.operators, rt.op_names(model))
+              if n == op_name and len(o.inputs) > input_index and o.inputs[input_index] >= 0
+              and model.buffers[graph.tensors[int(o.inputs[input_index])].buffer].data is not None)
+    buffer = model.buffers[graph.tensors[int(op.inputs[input_index])].buffer]
+    data = np.array(buffer.data, dtype=np.uint8)
+    values = data.view(np.int32 if op_name == "LceBconv2d" else np.float32)
+    values[0] += step
+    buffer.data = data
+    out.write_bytes(rt.write_model(model))
+
+
+@pytest.mark.slow
+def test_bitpacked_threshold_moved_one_step_fails_and_names_the_step(export, tmp_path, capsys):
+    _, artifact, _, _ = export("bnn_cnn", "tflite")
+    bad = tmp_path / "threshold.tflite"
+    _move_threshold(artifact, "LceBconv2d", 4, bad, 1)  # LceBconv2d input 4: integer output thresholds
+    capsys.readouterr()
+    assert cli.main(["validate", str(SAMPLE_DIR / "bnn_cnn.pt"), str(bad)]) == 1
+    assert "first failing tensor layers.act2" in capsys.readouterr().out.replace("\n", " ")
+
+
+@pytest.mark.slow
+def test_float_threshold_moved_fails_and_names_the_step(export, tmp_path, capsys):
+    _, artifact, _, _ = export("dhn_mlp", "tflite-float")
+    bad = tmp_path / "threshold.tflite"
+    _move_threshold(artifact, "GREATER_EQUAL", 1, bad, np.float32(0.05))
+    capsys.readouterr()
+    assert cli.main(["validate", str(SAMPLE_DIR / "dhn_mlp.pt"), str(bad)]) == 1
+    assert "first failing tensor layers.act1" in capsys.readouterr().out.replace("\n", " ")
