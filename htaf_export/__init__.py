@@ -18,11 +18,11 @@ def export(*args: Any, **kwargs: Any) -> Any:
     return _export(*args, **kwargs)
 
 
-def validate(*args: Any, **kwargs: Any) -> Any:
-    """Compare an artifact with the hardened reference (see ``htaf_export.validate.validate``)."""
-    from .validate import validate as _validate
+def validate(model: Any, artifact: Any, data: Any = None, **options: Any) -> Any:
+    """Compare ``artifact`` with the hardened ``model``; returns a ParityReport (see ``testing.check_parity``)."""
+    from .testing import check_parity
 
-    return _validate(*args, **kwargs)
+    return check_parity(model, artifact, data, **options)
 
 
 __all__ = [

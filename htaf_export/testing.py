@@ -19,13 +19,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from .data import Dataset
+from .data import Batches, Dataset, NpzBatches
 from .harden import harden
 from .io import LoadedModel, load
-from .data import Batches, NpzBatches
 from .validate import ParityReport, Tolerance
 
-__all__ = ["assert_parity"]
+__all__ = ["assert_parity", "check_parity"]
 
 
 def _loaded(model: str | Path | nn.Module | LoadedModel, trust_pickle: bool) -> tuple[nn.Module, list[int], str]:
@@ -60,10 +59,10 @@ def _data(data: Any, input_shape: list[int]) -> Dataset | Batches | None:
     return Dataset(x, y, f"arrays: {len(x)} samples")
 
 
-def assert_parity(model: str | Path | nn.Module | LoadedModel, artifact: str | Path, data: Any = None, *,
-                  device: str = "cpu", tie: str | None = None, crafted: bool = True, trust_pickle: bool = False,
-                  **tolerances: float) -> ParityReport:
-    """Assert that ``artifact`` computes what the hardened ``model`` computes; return the report if it does.
+def check_parity(model: str | Path | nn.Module | LoadedModel, artifact: str | Path, data: Any = None, *,
+                 device: str = "cpu", tie: str | None = None, crafted: bool = True, trust_pickle: bool = False,
+                 **tolerances: float) -> ParityReport:
+    """Compare ``artifact`` with the hardened ``model`` and return the report (``report.passed``).
 
     ``model``: a model file, an ``nn.Module`` (with an ``input_shape`` attribute) or a ``LoadedModel``;
     smooth HTAF sites are hardened first. ``data``: None (the bundled digits for 64-input models, else
@@ -86,7 +85,13 @@ def assert_parity(model: str | Path | nn.Module | LoadedModel, artifact: str | P
         stub = LoadedModel(module, input_shape, "checkpoint", Path(name), "")
         batches = default_data(stub, None)
     info = read_artifact(Path(artifact))
-    report = validate_file(hardening, info, batches, name, device, Tolerance(**tolerances), crafted=crafted)
+    return validate_file(hardening, info, batches, name, device, Tolerance(**tolerances), crafted=crafted)
+
+
+def assert_parity(model: str | Path | nn.Module | LoadedModel, artifact: str | Path, data: Any = None,
+                  **options: Any) -> ParityReport:
+    """Like ``check_parity``, but raise ``AssertionError`` naming the backend and the first failing layer."""
+    report = check_parity(model, artifact, data, **options)
     if not report.passed:
         raise AssertionError(report.failure_line())
     return report

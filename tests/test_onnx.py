@@ -260,3 +260,11 @@ def test_traced_programs_get_their_steps_lifted_to_htaf_ops(tmp_path, fmt):
     direct = export(SAMPLES / "bnn_mlp.pt", "onnx", tmp_path / "direct.onnx", validate_artifact=False)
     np.testing.assert_array_equal(session(result.artifact).run(["logits"], {"input": x})[0].argmax(1),
                                   session(direct.artifact).run(["logits"], {"input": x})[0].argmax(1))
+
+
+def test_python_validate_returns_the_report(exported, tmp_path):
+    report = htaf_export.validate(SAMPLES / "dhn_mlp.pt", exported["dhn_mlp"].artifact)
+    assert report.passed and report.backends[0].samples >= 1797
+    # A model that is not the one exported: the report says so instead of raising.
+    other = htaf_export.validate(SAMPLES / "dhn_mlp.pt", exported["dhn_mlp"].artifact, tie="gt")
+    assert not other.passed
