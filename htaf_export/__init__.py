@@ -7,6 +7,7 @@ from typing import Any
 from .errors import BadInput, HtafExportError, ParityFailure, UnsupportedLayer
 from .harden import HardenResult, harden
 from .io import LoadedModel, load, save
+from . import validate as _validate_module  # noqa: F401  (imported first, so the function below keeps its name)
 
 __version__ = "0.1.0"
 
