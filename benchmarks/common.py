@@ -11,11 +11,13 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
 ROOT = Path(__file__).resolve().parents[1]
-console = Console(width=140)
+# Wide enough that no cell wraps: tables print as Markdown, the same text that benchmarks/README.md holds.
+console = Console(width=400, soft_wrap=True)
 
 
 def best_of(fn: Callable[[], object], repeat: int = 3) -> float:
@@ -33,7 +35,7 @@ def machine() -> str:
 
 
 def table(title: str, columns: list[str], rows: list[list[object]]) -> None:
-    t = Table(title=title, title_justify="left")
+    t = Table(title=title, title_justify="left", box=box.MARKDOWN)
     for c in columns:
         t.add_column(c)
     for r in rows:
@@ -54,7 +56,66 @@ def peak_rss_mib(code: str) -> float:
     return float(line.split()[1])
 
 
+def verdict(report) -> str:
+    """A parity report in one line: pass, or which tensors failed, and how many step tensors were exact."""
+    if report is None:
+        return "not validated"
+    tensors = report.backends[0].tensors if report.backends else []
+    steps = [t for t in tensors if t.kind == "binary"]
+    exact = sum(1 for t in steps if t.passed)
+    if report.passed:
+        return f"pass ({report.backends[0].samples:,} inputs, {exact}/{len(steps)} steps exact)"
+    bad = sorted({f"{t.name} (max err {t.max_abs_error:.1e})" if t.kind == "float" else t.name
+                  for b in report.backends for t in b.tensors if not t.passed})
+    return f"FAIL: {', '.join(bad)}; {exact}/{len(steps)} steps exact"
+
+
 def dump(name: str, payload: dict) -> None:
     out = ROOT / "benchmarks" / "results"
     out.mkdir(exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps({"machine": machine(), **payload}, indent=2, default=str))
+
+
+class Timers:
+    """Wrap named callables (module or class attributes) to add up their wall time; ``restore()`` puts them back.
+
+    For breakdowns of one instrumented run, never for the timed runs themselves."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._saved: list[tuple[object, str, object]] = []
+
+    def wrap(self, owner: object, attr: str, label: str, wrap_result=None) -> None:
+        original = getattr(owner, attr)
+        self._saved.append((owner, attr, original))
+        seconds = self.seconds
+        seconds.setdefault(label, 0.0)
+
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                value = original(*args, **kwargs)
+            finally:
+                seconds[label] += time.perf_counter() - start
+            return wrap_result(value) if wrap_result else value
+
+        setattr(owner, attr, timed)
+
+    def timed_fn(self, label: str):
+        """A wrapper for a returned callable (an interpreter's run function)."""
+        self.seconds.setdefault(label, 0.0)
+
+        def wrap(fn):
+            def timed(*args, **kwargs):
+                start = time.perf_counter()
+                try:
+                    return fn(*args, **kwargs)
+                finally:
+                    self.seconds[label] += time.perf_counter() - start
+            return timed
+        return wrap
+
+    def restore(self) -> None:
+        for owner, attr, original in reversed(self._saved):
+            setattr(owner, attr, original)
+        self._saved.clear()

@@ -1,0 +1,66 @@
+"""Profile one export with cProfile (not part of run_all.py): where the time of each stage goes.
+
+    python benchmarks/profile_export.py [--target tflite] [--network bnn_resnet] [--validate] [--top 40]
+
+The export runs once unprofiled (warm-up: first-call set-up of the exporters is not what we profile),
+then once under cProfile. Prints the stage seconds and the functions with the largest cumulative time;
+``--out FILE.prof`` keeps the raw profile (open it with ``python -m pstats`` or snakeviz).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import cProfile
+import io
+import os
+import pstats
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import torch  # noqa: E402
+
+import htaf_export  # noqa: E402
+from htaf_export.models import build  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--target", default="tflite", choices=("onnx", "tflite", "tflite-float"))
+    parser.add_argument("--network", default="bnn_resnet", help="bnn_resnet (random weights) or a sample model name")
+    parser.add_argument("--validate", action="store_true", help="profile validation too")
+    parser.add_argument("--top", type=int, default=40)
+    parser.add_argument("--out", type=Path, help="write the raw profile here")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    tmp = Path(tempfile.mkdtemp())
+    if args.network == "bnn_resnet":
+        torch.manual_seed(0)
+        path = tmp / "bnn_resnet.pt"
+        htaf_export.save(build("bnn_resnet", {}).eval(), path)
+    else:
+        path = ROOT / "sample_models" / f"{args.network}.pt"
+    out = tmp / ("model.onnx" if args.target == "onnx" else "model.tflite")
+    with contextlib.redirect_stdout(io.StringIO()):
+        htaf_export.export(path, args.target, out, validate_artifact=False)
+        profile = cProfile.Profile()
+        profile.enable()
+        result = htaf_export.export(path, args.target, out, validate_artifact=args.validate)
+        profile.disable()
+    print(f"{args.network} → {args.target}: " + ", ".join(f"{k} {v:.2f} s" for k, v in result.seconds.items())
+          + " (under cProfile, which inflates Python-heavy stages)")
+    stats = pstats.Stats(profile)
+    if args.out:
+        stats.dump_stats(args.out)
+    stats.sort_stats("cumulative").print_stats(args.top)
+
+
+if __name__ == "__main__":
+    main()
