@@ -206,7 +206,7 @@ def convert_breakdown(nets: list[dict], tmp: Path) -> list[dict]:
               f"against convert_keras_model, {bare_total:.2f} s",
               ["step", "seconds", "share"],
               [[k, f"{v:.3f}", f"{100 * v / total:.0f}%"] for k, v in parts.items()] +
-              [[f"[bare] {k}", f"{v:.3f}", ""] for k, v in bare_parts.items()])
+              [[f"bare convert_keras_model: {k}", f"{v:.3f}", ""] for k, v in bare_parts.items()])
     return rows
 
 

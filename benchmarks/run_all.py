@@ -1,6 +1,6 @@
 """Run every benchmark in turn and print each one's tables: `make bench` or `python benchmarks/run_all.py [--quick]`.
 
-About 7 minutes on 2 cores (the budget is 10); --quick (smaller networks, fewer repeats) about 4. Results go
+About 7 minutes on 2 cores (the budget is 10); --quick (smaller networks, fewer repeats) about 5. Results go
 to benchmarks/results/*.json (not committed), plots to benchmarks/*.png; benchmarks/README.md holds the
 latest full run.
 """
