@@ -36,7 +36,8 @@ from .tflite_binary import BinaryLayer, decide_lce, is_binary_weight, layer_name
 
 # This module is imported only by the TFLite converter, so TensorFlow loads only for TFLite targets.
 tf = tensorflow()
-if not tf.keras.__name__.startswith("tf_keras"):  # Keras 3 names its legacy namespace keras._tf_keras
+# Ask where the Model class lives: importing larq renames tf.keras itself, but tf_keras stays Keras 2.
+if not tf.keras.Model.__module__.startswith("tf_keras"):
     raise BadInput("TensorFlow was imported with Keras 3 before htaf-export; the TFLite targets need Keras 2 "
                    "(tf_keras): set TF_USE_LEGACY_KERAS=1 before anything imports TensorFlow")
 keras = tf.keras
