@@ -21,6 +21,7 @@ TensorFlow is imported only here and in the TFLite converter, never by the core.
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import json
 import os
@@ -236,7 +237,7 @@ def read_tflite_artifact(path: Path) -> ArtifactInfo:
 # ---- runners -----------------------------------------------------------------------------------
 
 
-class _TfliteRunner:
+class _TfliteRunner(abc.ABC):
     """Shared part: the file with observed steps as extra outputs, run one sample at a time."""
 
     name: str
@@ -251,8 +252,9 @@ class _TfliteRunner:
         order = [int(i) for i in read_model(self.data).subgraphs[0].inputs]
         self.inputs = sorted(self.layout.inputs, key=lambda spec: order.index(int(spec["index"])))
 
+    @abc.abstractmethod
     def _invoke(self, sample: list[np.ndarray]) -> dict[int, np.ndarray]:
-        raise NotImplementedError
+        """Run one sample; return the requested tensors by index (each interpreter does it its own way)."""
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         arrays = [encode_input(inputs[spec["name"]], spec) for spec in self.inputs]
