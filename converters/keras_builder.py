@@ -266,6 +266,8 @@ class KerasBuilder:
         if a.size == 1:
             return a.reshape(())
         if like.layout == "nhwc":
+            if a.ndim == 3 and a.shape[1:] == (1, 1) and a.shape[0] == like.shape[0]:
+                return np.ascontiguousarray(a.reshape(-1))  # per channel: (C,) broadcasts over NHWC's last axis
             return np.ascontiguousarray(np.broadcast_to(a, like.shape).transpose(1, 2, 0))
         if like.layout == "nhwc_flat":
             full_a = np.broadcast_to(a, like.shape).reshape(like.source)  # type: ignore[arg-type]
