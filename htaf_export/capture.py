@@ -23,6 +23,7 @@ import onnx
 from onnxscript.optimizer import fold_constants
 from torch import nn
 
+from .harden import set_eval
 from .errors import BadInput, UnsupportedLayer
 from .ops import HTAF_DOMAIN, STEP_OPS
 from .passes.plain_steps import recognise_plain_steps
@@ -200,8 +201,7 @@ def cleanup(model: ir.Model, fold: bool = True) -> ir.Model:
 def capture(hardened: nn.Module, input_shape: Sequence[int], output_names: Sequence[str] = ("logits",),
             streaming: bool = False) -> Capture:
     """Export a hardened module to the IR. ``streaming`` exports one SNN time step with explicit state."""
-    with contextlib.suppress(NotImplementedError):  # graph modules from torch.export refuse eval()
-        hardened.eval()
+    set_eval(hardened)
     module, args, in_names, out_names, dyn = _entry(hardened, input_shape, output_names, streaming)
     model = _torch_export(module, args, in_names, out_names, dyn)
     # Traced programs (TorchScript, .pt2) hold their steps as plain comparisons: lift them to htaf ops.

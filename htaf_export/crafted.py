@@ -66,6 +66,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .harden import set_eval
 from .nn import BinaryConv2d, BinaryLinear
 from .reference import _StepInterpreter, forward_recording, traced_steps
 
@@ -376,8 +377,7 @@ def _craft(model: nn.Module, input_shape: Sequence[int], seeds: np.ndarray | Non
     shape = [int(d) for d in input_shape]
     dim = int(np.prod(shape))
     rng = np.random.default_rng(seed)
-    with contextlib.suppress(NotImplementedError):
-        model.eval()
+    set_eval(model)
     zero = np.zeros((1, dim), np.float32)
     data = (np.asarray(seeds, dtype=np.float32).reshape(len(seeds), -1)[:data_seeds]
             if seeds is not None and len(seeds) else np.zeros((0, dim), np.float32))

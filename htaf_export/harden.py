@@ -63,6 +63,16 @@ class HardenResult:
         }
 
 
+def set_eval(module: nn.Module) -> nn.Module:
+    """Put ``module`` in inference mode. Graph modules from torch.export refuse ``eval()``; they are
+    already traced in inference mode, so they are returned as they are."""
+    try:
+        module.eval()
+    except NotImplementedError:
+        pass
+    return module
+
+
 def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .harden import set_eval
 from .nn import Step
 
 
@@ -177,8 +178,7 @@ def run_reference(model: nn.Module, inputs: tuple[torch.Tensor, ...], output_nam
     The model is moved to ``device`` in place; pass a copy when the original must stay where it is.
     """
     model = model.to(device)
-    with contextlib.suppress(NotImplementedError):  # graph modules from torch.export refuse eval()
-        model.eval()
+    set_eval(model)
     out, calls = forward_recording(model, tuple(t.to(device) for t in inputs), streaming=streaming)
     outs = out if isinstance(out, (tuple, list)) else (out,)
     run = ReferenceRun()

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..harden import set_eval
 from ..reference import run_reference
 from . import ArtifactInfo
 
@@ -43,8 +44,7 @@ class TorchRunner:
         self.device = device
         self.name = f"torch-{device}"
         self.model = copy.deepcopy(model).to(device)
-        with contextlib.suppress(NotImplementedError):
-            self.model.eval()
+        set_eval(self.model)
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         tensors = tuple(torch.from_numpy(np.ascontiguousarray(inputs[name], dtype=np.float32))
