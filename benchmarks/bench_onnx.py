@@ -28,7 +28,7 @@ from htaf_export.capture import capture
 from htaf_export.converters.onnx import OnnxOptions, convert
 from htaf_export.models import build
 
-from common import ROOT, Timers, best_of, console, dump, machine, peak_rss_mib, table, verdict
+from common import ROOT, Timers, best_of, console, dump, machine, peak_rss_mib, table, verdict, plot_scaling
 
 warnings.filterwarnings("ignore")
 
@@ -168,29 +168,10 @@ def scaling(tmp: Path, quick: bool) -> list[dict]:
           [[f"{r['width']} x {r['depth']}", f"{r['weights']:,}", f"{r['export_s']:.2f} s", f"{r['validate_s']:.2f} s",
             f"{1000 * r['validate_s'] / max(r['samples'], 1):.2f} s"] for r in rows])
     # --quick runs are smoke tests: their plot goes to results/ (not committed), not over the published one
-    plot_scaling(rows, ROOT / "benchmarks" / ("results/scaling_onnx_quick.png" if quick else "scaling_onnx.png"))
+    plot_scaling(rows, [("export_s", "o-", "export (no validation)"), ("validate_s", "s-", "validation")],
+                 "htaf-export --target onnx, bnn_mlp of growing size",
+                 ROOT / "benchmarks" / ("results/scaling_onnx_quick.png" if quick else "scaling_onnx.png"))
     return rows
-
-
-def plot_scaling(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    weights = [r["weights"] for r in rows]
-    ax.plot(weights, [r["export_s"] for r in rows], "o-", label="export (no validation)")
-    ax.plot(weights, [r["validate_s"] for r in rows], "s-", label="validation")
-    ax.set_xscale("log")
-    ax.set_xlabel("weights")
-    ax.set_ylabel("seconds")
-    ax.set_title("htaf-export --target onnx, bnn_mlp of growing size")
-    ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def memory(tmp: Path, nets: dict[str, Path]) -> list[dict]:

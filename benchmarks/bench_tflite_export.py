@@ -42,7 +42,7 @@ from htaf_export.models import build  # noqa: E402
 from htaf_export.runtimes import tflite as rt  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, Timers, best_of, console, dump, machine, peak_rss_mib, table, verdict  # noqa: E402
+from common import ROOT, Timers, best_of, console, dump, machine, peak_rss_mib, table, verdict, plot_scaling  # noqa: E402
 
 BATCH = 64
 THREADS = 2
@@ -322,30 +322,11 @@ def scaling(tmp: Path, quick: bool) -> list[dict]:
             f"{r['validate_s']:.2f} s", f"{1000 * r['validate_s'] / max(r['samples'], 1):.2f} s",
             "pass" if r["passed"] else "FAIL"] for r in rows])
     # --quick runs are smoke tests: their plot goes to results/ (not committed), not over the published one
-    plot_scaling(rows, ROOT / "benchmarks" / ("results/scaling_tflite_quick.png" if quick else "scaling_tflite.png"))
+    plot_scaling(rows, [("export_s", "o-", "export (no validation)"), ("convert_s", "^--", "of which convert"),
+                  ("validate_s", "s-", "validation (both LCE kernels)")],
+                 "htaf-export --target tflite, bnn_mlp of growing size",
+                 ROOT / "benchmarks" / ("results/scaling_tflite_quick.png" if quick else "scaling_tflite.png"))
     return rows
-
-
-def plot_scaling(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    weights = [r["weights"] for r in rows]
-    ax.plot(weights, [r["export_s"] for r in rows], "o-", label="export (no validation)")
-    ax.plot(weights, [r["convert_s"] for r in rows], "^--", label="of which convert")
-    ax.plot(weights, [r["validate_s"] for r in rows], "s-", label="validation (both LCE kernels)")
-    ax.set_xscale("log")
-    ax.set_xlabel("weights")
-    ax.set_ylabel("seconds")
-    ax.set_title("htaf-export --target tflite, bnn_mlp of growing size")
-    ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 # ---- 5. memory ---------------------------------------------------------------------------------

@@ -119,3 +119,25 @@ class Timers:
         for owner, attr, original in reversed(self._saved):
             setattr(owner, attr, original)
         self._saved.clear()
+
+
+def plot_scaling(rows: list[dict], series: list[tuple[str, str, str]], title: str, path: Path) -> None:
+    """Seconds against weights, one line per (row key, marker style, label) in ``series``; saved to ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    weights = [r["weights"] for r in rows]
+    for key, style, label in series:
+        ax.plot(weights, [r[key] for r in rows], style, label=label)
+    ax.set_xscale("log")
+    ax.set_xlabel("weights")
+    ax.set_ylabel("seconds")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
