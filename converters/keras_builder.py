@@ -19,20 +19,22 @@ gets the ±1 values (``materialize``). MaxPool, flatten and ±1 padding commute 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import numpy as np
 import onnx_ir as ir
 
-from htaf_export.capture import HTAF_DOMAIN, Capture
+from htaf_export.capture import Capture
 from htaf_export.errors import BadInput, UnsupportedLayer
+from htaf_export.ops import HTAF_DOMAIN
 from htaf_export.passes.util import const_array
-from htaf_export.runtimes.tflite import tensorflow
+from htaf_export.tflite_file import IoSlot, StepForm, tensorflow
 
 from .tflite_binary import DOMAIN as BINARY_DOMAIN
+from .tflite_binary import FLOAT_PLAN
 from .tflite_binary import OP as BINARY_OP
-from .tflite_binary import BinaryLayer, decide_lce, is_binary_weight, layer_name, trim_padding
+from .tflite_binary import BinaryLayer, LcePlan, is_binary_weight, layer_name, plan_lce, trim_padding, with_input_size
 
 # This module is imported only by the TFLite converter, so TensorFlow loads only for TFLite targets.
 tf = tensorflow()
@@ -87,7 +89,7 @@ class Val:
         return self.shape
 
 
-@dataclass
+@dataclass(frozen=True)
 class EmittedLayer:
     """What one weight layer became in the Keras graph (for the export summary)."""
 
@@ -97,18 +99,18 @@ class EmittedLayer:
     numel: int
     note: str = ""
     binary: BinaryLayer | None = None
+    lce: LcePlan = FLOAT_PLAN
 
 
-@dataclass
+@dataclass(frozen=True)
 class Built:
-    """The deployed Keras model, and a probe model whose outputs are the step tensors (for locating them)."""
+    """The deployed Keras model; where its inputs and outputs are; how each step tensor is laid out."""
 
     model: Any
-    probe: Any
-    inputs: list[dict[str, Any]]
-    outputs: list[dict[str, Any]]
-    steps: dict[str, dict[str, Any]]  # step tensor → {layout, shape, levels, tie, presign, keras_name}
-    layers: list[EmittedLayer] = field(default_factory=list)
+    inputs: tuple[IoSlot, ...]
+    outputs: tuple[IoSlot, ...]
+    steps: dict[str, StepForm]
+    layers: tuple[EmittedLayer, ...] = ()
 
 
 def _static_shape(value: ir.Value) -> tuple[int, ...]:
@@ -287,7 +289,7 @@ class KerasBuilder:
             tensor = keras.Input(shape=stored, name=self.name(f"in_{len(inputs)}"))
             inputs.append(tensor)
             self.set(value, Val(tensor, shape, layout))
-            in_specs.append({"name": value.name, "layout": layout, "shape": list(shape)})
+            in_specs.append(IoSlot(value.name, -1, layout, shape))
         for node in graph:
             emit = EMITTERS.get((node.domain, node.op_type))
             if emit is None:
@@ -299,21 +301,17 @@ class KerasBuilder:
         for k, value in enumerate(graph.outputs):
             v = self.to_canonical(self.real(value))
             outputs.append(self.lam(lambda z: tf.identity(z), v.tensor, f"out_{k}"))
-            out_specs.append({"name": value.name, "layout": v.layout, "shape": list(v.shape), "keras": f"out_{k}"})
+            out_specs.append(IoSlot(value.name, -1, v.layout, v.shape, keras=f"out_{k}"))
         model = keras.Model(inputs, outputs, name="htaf_export")
-        steps, probes = {}, []
+        steps = {}
         for s in cap.steps:
             v = self.step_vals.get(s.tensor)
             if v is None:
                 continue
-            real = self.materialize(v)
-            probes.append(real.tensor)
             presign = v.presign or Presign("pm1" if s.op == "Sign" else "01", s.tie)
-            steps[s.tensor] = {"layout": v.layout, "shape": list(v.shape), "stored": list(v.stored_shape),
-                               "levels": presign.levels, "tie": presign.tie,
-                               "keras": _keras_layer_name(v.tensor)}
-        probe = keras.Model(inputs, probes, name="htaf_export_probe") if probes else None
-        return Built(model, probe, in_specs, out_specs, steps, self.layers)
+            steps[s.tensor] = StepForm(s.tensor, v.layout, tuple(v.shape), tuple(v.stored_shape), presign.levels,
+                                       presign.tie, _keras_layer_name(v.tensor))
+        return Built(model, tuple(in_specs), tuple(out_specs), steps, tuple(self.layers))
 
     def record_step(self, name: str, v: Val) -> Val:
         self.step_vals[name] = v
@@ -713,15 +711,20 @@ def _binary(b: KerasBuilder, node: ir.Node) -> list[Val]:
     x = b.get(node.inputs[0])
     weight, bias = layer.folded_weight(), layer.folded_bias()
     if layer.kind == "dense":
-        if layer.lce:
+        plan = plan_lce(layer) if b.bitpacked else FLOAT_PLAN
+        if plan.packed:
             y, kind = b.dense_as_conv(x, weight, bias, layer.name, quantizer=b.quantizer(x))
         elif layer.scale is not None:  # as a conv, so that the depthwise op below applies to its output
             y, kind = b.dense_as_conv(b.materialize(x), weight, bias, layer.name)
         else:
             y, kind = b.dense(b.materialize(x), weight, bias, layer.name)
     else:
-        y, kind = _binary_conv(b, layer, x, weight, bias)
-    b.layers.append(EmittedLayer(layer.name, kind, True, int(layer.weight.size), binary=layer))
+        x = b.to_canonical(x)
+        if layer.input_hw is None:  # a traced program's IR may not know the input size; Keras does
+            layer = with_input_size(layer, x.shape[1:3])  # type: ignore[arg-type]
+        plan = plan_lce(layer) if b.bitpacked else FLOAT_PLAN
+        y, kind = _binary_conv(b, layer, plan, x, weight, bias)
+    b.layers.append(EmittedLayer(layer.name, kind, True, int(layer.weight.size), binary=layer, lce=plan))
     if layer.mode != "threshold":
         if layer.scale is None:
             return [y]
@@ -735,24 +738,15 @@ def _binary(b: KerasBuilder, node: ir.Node) -> list[Val]:
     return [b.record_step(layer.step or node.outputs[0].name, out)]
 
 
-def _binary_conv(b: KerasBuilder, layer: BinaryLayer, x: Val, weight: np.ndarray, bias) -> tuple[Val, str]:
-    x = b.to_canonical(x)
-    if layer.input_hw is None:  # a traced program's IR may not know the input size; Keras does
-        _, h, w = x.shape
-        if layer.padding is not None:
-            layer.padding.bottom = trim_padding(h, weight.shape[2], layer.stride[0], layer.padding.top,
-                                                layer.padding.bottom, layer.dilation[0])
-            layer.padding.right = trim_padding(w, weight.shape[3], layer.stride[1], layer.padding.left,
-                                               layer.padding.right, layer.dilation[1])
-        if b.bitpacked:
-            decide_lce(layer, (h, w))
+def _binary_conv(b: KerasBuilder, layer: BinaryLayer, plan: LcePlan, x: Val, weight: np.ndarray,
+                 bias) -> tuple[Val, str]:
     pad = layer.padding
     out_shape: tuple[int, ...]
-    if layer.lce:
+    if plan.packed:
         t, padding, pad_values = x.tensor, "valid", 0.0
-        if layer.lce_padding == "same" and pad is not None:
+        if plan.padding == "same" and pad is not None:
             padding, pad_values = "same", pad.value
-        elif layer.lce_padding == "explicit" and pad is not None:  # ±1 padding commutes with the quantizer
+        elif plan.padding == "explicit" and pad is not None:  # ±1 padding commutes with the quantizer
             t = b.pad_nhwc(t, pad.top, pad.bottom, pad.left, pad.right, pad.value, f"{layer.name}_pad")
         quantizer = b.quantizer(x)
         make = lambda: _larq().layers.QuantConv2D(  # noqa: E731

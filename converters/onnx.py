@@ -8,33 +8,29 @@ ops only, for runtimes without function support.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import asdict, dataclass
+from typing import Mapping
 
 import onnx
 import onnx.inliner
 import onnx_ir as ir
 from onnx import helper
 
-from htaf_export.capture import OPSET, Capture, cleanup
-from htaf_export.ops import HTAF_DOMAIN, HTAF_OPSET_VERSION
+from htaf_export import metadata as md
+from htaf_export.capture import Capture, cleanup
+from htaf_export.contracts import Conversion, LayerRow
 from htaf_export.errors import UnsupportedLayer
-from htaf_export.passes import PackedWeight, fold_batchnorm_into_steps, pack_binary_weights
+from htaf_export.ops import HTAF_DOMAIN, attach_step_functions
+from htaf_export.passes import FoldBatchNormIntoSteps, PackBinaryWeights, PackedWeight
+from htaf_export.targets import ExportOptions
 
 
+@dataclass(frozen=True)
+class OnnxBuild:
+    """The built model and the weights it stores as packed bits."""
 
-@dataclass
-class OnnxOptions:
-    portable: bool = False
-    pack_weights: bool = True
-    fold_batchnorm: bool = True
-
-
-@dataclass
-class OnnxArtifact:
     proto: onnx.ModelProto
-    packed: list[PackedWeight] = field(default_factory=list)
-    metadata: dict[str, str] = field(default_factory=dict)
+    packed: tuple[PackedWeight, ...] = ()
 
     @property
     def binary_floor_bytes(self) -> float:
@@ -48,27 +44,6 @@ class OnnxArtifact:
         return self.proto.SerializeToString(deterministic=True)
 
 
-def step_function(op: str, tie: str) -> onnx.FunctionProto:
-    """Body of htaf.Heaviside (→ {0,1}) or htaf.Sign (→ {−1,+1}) for one tie rule."""
-    compare = "GreaterOrEqual" if tie == "ge" else "Greater"
-    nodes = [helper.make_node(compare, ["X", "T"], ["fired"])]
-    if op == "Heaviside":
-        nodes.append(helper.make_node("CastLike", ["fired", "X"], ["Y"]))
-    else:
-        nodes += [
-            helper.make_node("Constant", [], ["one"], value=helper.make_tensor("one", onnx.TensorProto.FLOAT, [], [1.0])),
-            helper.make_node("Constant", [], ["minus_one"],
-                             value=helper.make_tensor("minus_one", onnx.TensorProto.FLOAT, [], [-1.0])),
-            helper.make_node("CastLike", ["one", "X"], ["one_x"]),
-            helper.make_node("CastLike", ["minus_one", "X"], ["minus_one_x"]),
-            helper.make_node("Where", ["fired", "one_x", "minus_one_x"], ["Y"]),
-        ]
-    doc = (f"{op}(X, T): {'1' if op == 'Heaviside' else '+1'} where X {'>=' if tie == 'ge' else '>'} T, "
-           f"else {'0' if op == 'Heaviside' else '-1'} (tie rule '{tie}').")
-    return helper.make_function(HTAF_DOMAIN, op, ["X", "T"], ["Y"], nodes,
-                                [helper.make_opsetid("", OPSET)], attributes=["tie"], doc_string=doc)
-
-
 def _tie_of(capture: Capture) -> str:
     ties = sorted({s.tie for s in capture.steps})
     if len(ties) > 1:
@@ -78,24 +53,19 @@ def _tie_of(capture: Capture) -> str:
     return ties[0] if ties else "ge"
 
 
-def convert(capture: Capture, metadata: dict[str, Any], options: OnnxOptions | None = None) -> OnnxArtifact:
-    """IR → ONNX artifact. ``metadata`` is stored in the file's metadata_props (values JSON-encoded)."""
-    options = options or OnnxOptions()
-    model = ir.from_proto(ir.to_proto(capture.model))  # converters never modify the shared IR
-    if options.fold_batchnorm:
-        fold_batchnorm_into_steps(model)
-    packed: list[PackedWeight] = []
-    if options.pack_weights:
-        _, packed = pack_binary_weights(model)
+def build(capture: Capture, provenance: Mapping[str, str], *, portable: bool = False, pack_weights: bool = True,
+          fold_batchnorm: bool = True) -> OnnxBuild:
+    """IR → ONNX model with ``provenance`` in its metadata_props. ``pack_weights``/``fold_batchnorm`` off
+    give the plain float file (benchmarks compare against it)."""
+    model = capture.ir_copy()  # converters never modify the shared IR
+    if fold_batchnorm:
+        FoldBatchNormIntoSteps()(model)
+    packed: tuple[PackedWeight, ...] = PackBinaryWeights()(model).records if pack_weights else ()
     cleanup(model, fold=False)
     proto = ir.to_proto(model)
     tie = _tie_of(capture)
-    ops = sorted({n.op_type for n in proto.graph.node if n.domain == HTAF_DOMAIN})
-    proto.functions.extend(step_function(op, tie) for op in ops)
-    if ops:
-        del proto.opset_import[:]
-        proto.opset_import.extend([helper.make_opsetid("", OPSET), helper.make_opsetid(HTAF_DOMAIN, HTAF_OPSET_VERSION)])
-    if options.portable:
+    attach_step_functions(proto)
+    if portable:
         proto = onnx.inliner.inline_local_functions(proto)
         del proto.functions[:]
         kept = [o for o in proto.opset_import if o.domain != HTAF_DOMAIN]
@@ -103,13 +73,26 @@ def convert(capture: Capture, metadata: dict[str, Any], options: OnnxOptions | N
         proto.opset_import.extend(kept)
     proto.ir_version = 10
     proto.producer_name = "htaf-export"
-    meta = {**{k: v if isinstance(v, str) else json.dumps(v, sort_keys=True) for k, v in metadata.items()},
-            "htaf_export.tie": tie,
-            "htaf_export.mode": "portable" if options.portable else "htaf-functions",
-            "htaf_export.steps": json.dumps([s.__dict__ for s in capture.steps], sort_keys=True),
-            "htaf_export.binary_weights": json.dumps([p.__dict__ for p in packed], sort_keys=True)}
+    meta = {**md.encode(provenance),
+            md.TIE: tie,
+            md.ONNX_MODE: "portable" if portable else "htaf-functions",
+            md.STEPS: json.dumps([s.to_dict() for s in capture.steps], sort_keys=True),
+            md.BINARY_WEIGHTS: json.dumps([asdict(p) for p in packed], sort_keys=True)}
     del proto.metadata_props[:]
     for key in sorted(meta):
         proto.metadata_props.add(key=key, value=meta[key])
     onnx.checker.check_model(proto, full_check=True)
-    return OnnxArtifact(proto, packed, meta)
+    return OnnxBuild(proto, packed)
+
+
+def convert(capture: Capture, provenance: Mapping[str, str], options: ExportOptions) -> Conversion:
+    """The target's contract: IR + provenance + options → the .onnx bytes and the export summary."""
+    built = build(capture, provenance, portable=options.portable)
+    rows = [LayerRow(p.layer, "packed 1-bit weights", f"{p.numel:,} weights in {p.packed_bytes:,} B")
+            for p in built.packed]
+    rows += [LayerRow(s.tensor, f"{s.op} (standard ops)" if options.portable else f"htaf.{s.op}", f"tie {s.tie}")
+             for s in capture.steps]
+    return Conversion(built.serialized(), tuple(rows), built.binary_floor_bytes, built.binary_stored_bytes)
+
+
+__all__ = ["convert", "build", "OnnxBuild"]

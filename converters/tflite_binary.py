@@ -22,20 +22,23 @@ cancellation costs about K·|m| ulps, 1e-4 and more for real layers; folded into
 TFLite converter, the sum is no longer exact.)
 
 Each match replaces its nodes by one node ``htaf.tflite::BinaryConv`` whose output keeps the name of the
-value it replaces (the step tensor in threshold mode), with the layer in ``node.meta["binary"]``.
-A binary-weight layer that does not match says why (:class:`Rejected`), for the export summary.
+value it replaces (the step tensor in threshold mode), with the frozen :class:`BinaryLayer` in
+``node.meta["binary"]``. A binary-weight layer that does not match says why (:class:`Rejected`), for the
+export summary. Whether LCE can run a layer bit-packed is decided where its input size is certain, by
+:func:`plan_lce`, which returns an :class:`LcePlan`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnx_ir as ir
 import torch
 import torch.nn.functional as F
 
-from htaf_export.capture import HTAF_DOMAIN
+from htaf_export.ops import HTAF_DOMAIN
+from htaf_export.passes.base import PassReport, report
 from htaf_export.passes.util import const_array
 
 DOMAIN = "htaf.tflite"
@@ -45,7 +48,7 @@ AFFINE = ("Add", "Sub", "Mul", "Div", "BatchNormalization")
 TORCH_BINARY = {"Add": torch.add, "Sub": torch.sub, "Mul": torch.mul, "Div": torch.div}
 
 
-@dataclass
+@dataclass(frozen=True)
 class Padding:
     """Spatial padding of a conv input: rows/columns added before and after, and the value padded."""
 
@@ -60,7 +63,7 @@ class Padding:
         return bool(self.top or self.bottom or self.left or self.right)
 
 
-@dataclass
+@dataclass(frozen=True)
 class BinaryLayer:
     """One binary conv (``kind`` "conv") or dense layer ("dense") and how it is emitted.
 
@@ -87,11 +90,13 @@ class BinaryLayer:
     step: str | None = None
     levels: str | None = None  # "pm1" (Sign) or "01" (Heaviside)
     tie: str | None = None
-    lce: bool = False
-    lce_padding: str = "valid"  # "valid", "same" (TF SAME with pad_values) or "explicit"
-    lce_note: str = ""  # how LCE pads
-    notes: list[str] = field(default_factory=list)
-    reason: str = ""  # why the layer is not bit-packed (bitpacked target only)
+    notes: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("conv", "dense") or self.mode not in ("threshold", "affine"):
+            raise ValueError(f"binary layer {self.name!r}: kind {self.kind!r}, mode {self.mode!r}")
+        if self.mode == "threshold" and (self.flip is None or self.threshold is None or self.step is None):
+            raise ValueError(f"binary layer {self.name!r}: threshold mode needs flip, threshold and step")
 
     @property
     def out_channels(self) -> int:
@@ -111,7 +116,21 @@ class BinaryLayer:
         return (self.weight * self.flip.reshape(shape)).astype(np.float32)
 
 
-@dataclass
+@dataclass(frozen=True)
+class LcePlan:
+    """Whether LCE runs a layer bit-packed and exactly: ``padding`` "valid", "same" (TF SAME with pad_values)
+    or "explicit"; ``note`` how it pads; ``reason`` why not, when it does not."""
+
+    packed: bool
+    padding: str = "valid"
+    note: str = ""
+    reason: str = ""
+
+
+FLOAT_PLAN = LcePlan(False)
+
+
+@dataclass(frozen=True)
 class Rejected:
     """A layer with ±1 weights that is not emitted as a binary layer, and why."""
 
@@ -353,12 +372,19 @@ def _conv_layer(node: ir.Node, weight: np.ndarray) -> tuple[BinaryLayer, list[ir
         hw = (padded[0] - padding.top - padding.bottom, padded[1] - padding.left - padding.right) if padded else None
     stride = tuple(int(s) for s in _attr(node, "strides", [1, 1]))
     dilation = tuple(int(d) for d in _attr(node, "dilations", [1, 1]))
-    if hw is not None:
-        padding.bottom = trim_padding(hw[0], weight.shape[2], stride[0], padding.top, padding.bottom, dilation[0])
-        padding.right = trim_padding(hw[1], weight.shape[3], stride[1], padding.left, padding.right, dilation[1])
     layer = BinaryLayer(layer_name(node), "conv", weight, "affine", int(np.prod(weight.shape[1:])),
-                        stride, padding, hw, int(_attr(node, "group", 1)), dilation)  # type: ignore[arg-type]
-    return layer, absorbed, x
+                        stride, padding, None, int(_attr(node, "group", 1)), dilation)  # type: ignore[arg-type]
+    return (with_input_size(layer, hw) if hw is not None else layer), absorbed, x
+
+
+def with_input_size(layer: BinaryLayer, hw: tuple[int, int]) -> BinaryLayer:
+    """``layer`` once its input's (H, W) is known: trailing padding no output reads is trimmed (exact)."""
+    pad = layer.padding
+    if pad is not None:
+        kh, kw = layer.weight.shape[2], layer.weight.shape[3]
+        pad = replace(pad, bottom=trim_padding(hw[0], kh, layer.stride[0], pad.top, pad.bottom, layer.dilation[0]),
+                      right=trim_padding(hw[1], kw, layer.stride[1], pad.left, pad.right, layer.dilation[1]))
+    return replace(layer, padding=pad, input_hw=hw)
 
 
 def _hw(value: ir.Value) -> tuple[int, int] | None:
@@ -395,90 +421,80 @@ def match(node: ir.Node, bitpacked: bool) -> tuple[BinaryLayer, list[ir.Node], i
     if isinstance(made, str):
         return Rejected(layer_name(node), made)
     layer, absorbed, source = made
-    layer.weight, layer.weight_scale = factor
+    layer = replace(layer, weight=factor[0], weight_scale=factor[1])
     if not is_pm1(source):
         return Rejected(layer.name, "input is real-valued; LCE packs ±1 inputs only")
     bias = const_array(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
     bias = bias if bias is not None and np.any(bias) else None
     rank = 4 if layer.kind == "conv" else 2
-    out = node.outputs[0]
-    chain, step = _follow_chain(out, layer.out_channels, rank)
+    chain, step = _follow_chain(node.outputs[0], layer.out_channels, rank)
     if step is not None:
         found = integer_thresholds(chain, step, bias, layer.fan_in, layer.out_channels, rank, layer.weight_scale)
-        if isinstance(found, str):
-            layer.notes.append(found)
-        else:
-            layer.mode = "threshold"
-            layer.flip, layer.threshold = found
-            layer.step = step.outputs[0].name
-            layer.levels = "pm1" if step.op_type == "Sign" else "01"
-            layer.tie = step.attributes["tie"].as_string()
-            absorbed += [n for n, _ in chain] + [step]
-            out = step.outputs[0]
-    if layer.mode == "affine":
-        if not (bitpacked or chain or layer.weight_scale is not None):
-            return None  # a float conv of ±1 values is exact already
-        # Folded into the layer, these ops lose precision: LceBconv2d computes (bias + K·m) − 2·popcount·m,
-        # which cancels for large fan-ins, and TFLite scales the weights. The layer writes the exact integers
-        # instead, and one per-channel op follows.
-        if chain or layer.weight_scale is not None:
-            layer.scale, layer.shift = compose_affine(chain, bias, layer.out_channels, rank, layer.weight_scale)
-            absorbed += [n for n, _ in chain]
-            out = chain[-1][0].outputs[0] if chain else out
-        else:
-            layer.bias = bias
-    _decide_lce(layer, bitpacked)
-    return layer, absorbed, out
+        if not isinstance(found, str):
+            levels, tie = ("pm1" if step.op_type == "Sign" else "01"), step.attributes["tie"].as_string()
+            note = (f"batch norm + {'sign' if levels == 'pm1' else 'step'} → integer thresholds (tie {tie}, exact)")
+            layer = replace(layer, mode="threshold", flip=found[0], threshold=found[1], step=step.outputs[0].name,
+                            levels=levels, tie=tie, notes=(note,))
+            return _noted(layer, bitpacked), absorbed + [n for n, _ in chain] + [step], step.outputs[0]
+        layer = replace(layer, notes=(found,))
+    if not (bitpacked or chain or layer.weight_scale is not None):
+        return None  # a float conv of ±1 values is exact already
+    # Folded into the layer, these ops lose precision: LceBconv2d computes (bias + K·m) − 2·popcount·m,
+    # which cancels for large fan-ins, and TFLite scales the weights. The layer writes the exact integers
+    # instead, and one per-channel op follows.
+    if chain or layer.weight_scale is not None:
+        scale, shift = compose_affine(chain, bias, layer.out_channels, rank, layer.weight_scale)
+        layer = replace(layer, scale=scale, shift=shift)
+        out = chain[-1][0].outputs[0] if chain else node.outputs[0]
+        return _noted(layer, bitpacked), absorbed + [n for n, _ in chain], out
+    return _noted(replace(layer, bias=bias), bitpacked), absorbed, node.outputs[0]
 
 
-def _decide_lce(layer: BinaryLayer, bitpacked: bool) -> None:
-    if layer.mode == "threshold":
-        layer.notes.append(f"batch norm + {'sign' if layer.levels == 'pm1' else 'step'} → integer thresholds "
-                           f"(tie {layer.tie}, exact)")
+def _noted(layer: BinaryLayer, bitpacked: bool) -> BinaryLayer:
     if bitpacked and layer.kind == "dense":
-        layer.notes.append("dense as a binary conv (LCE keeps QuantDense float)")
-    if bitpacked:
-        decide_lce(layer)
+        return replace(layer, notes=layer.notes + ("dense as a binary conv (LCE keeps QuantDense float)",))
+    return layer
 
 
-def decide_lce(layer: BinaryLayer, input_hw: tuple[int, int] | None = None) -> None:
-    """Set whether LCE can run ``layer`` bit-packed and exactly (``lce``, ``lce_padding``, ``lce_note``), or why
-    not (``reason``). The builder calls it again with ``input_hw`` when the IR did not know the input size."""
-    layer.input_hw = layer.input_hw or input_hw
-    layer.lce, layer.lce_padding, layer.lce_note, layer.reason = False, "valid", "", ""
+def plan_lce(layer: BinaryLayer) -> LcePlan:
+    """Whether LCE can run ``layer`` bit-packed and exactly, and how it pads; or why not."""
     if layer.kind == "dense":
-        layer.lce = True
-    elif layer.group != 1:
+        return LcePlan(True)
+    if layer.group != 1:
         depthwise = layer.group == layer.weight.shape[0] and layer.weight.shape[1] == 1
-        layer.reason = ("LCE has no binary depthwise conv" if depthwise else
-                        "grouped binary convs run only on LCE's indirect-BGEMM kernel, not its default one")
-    elif layer.dilation != (1, 1):
-        layer.reason = "dilated binary convs are not supported by this converter"
-    else:
-        mode, note = _lce_padding(layer, tuple(int(k) for k in layer.weight.shape[2:]))  # type: ignore[arg-type]
-        layer.lce, layer.lce_padding = bool(mode), mode or "valid"
-        layer.lce_note, layer.reason = (note, "") if mode else ("", note)
+        return LcePlan(False, reason="LCE has no binary depthwise conv" if depthwise else
+                       "grouped binary convs run only on LCE's indirect-BGEMM kernel, not its default one")
+    if layer.dilation != (1, 1):
+        return LcePlan(False, reason="dilated binary convs are not supported by this converter")
+    mode, note = _lce_padding(layer, tuple(int(k) for k in layer.weight.shape[2:]))  # type: ignore[arg-type]
+    return LcePlan(True, mode, note) if mode else LcePlan(False, reason=note)
 
 
-def fuse_binary_layers(model: ir.Model, bitpacked: bool) -> tuple[list[BinaryLayer], list[Rejected]]:
-    """Replace each binary layer by one ``htaf.tflite::BinaryConv`` node; in graph order, so a layer sees
-    the layers before it already fused."""
-    graph = model.graph
-    layers: list[BinaryLayer] = []
-    rejected: list[Rejected] = []
-    for node in list(graph):
-        if node.graph is None:  # removed by an earlier match
-            continue
-        found = match(node, bitpacked)
-        if found is None:
-            continue
-        if isinstance(found, Rejected):
-            rejected.append(found)
-            continue
-        layer, absorbed, out = found
-        source = absorbed[0].inputs[0]
-        fused = ir.node(OP, [source], domain=DOMAIN, name=f"{layer.name}/binary")
-        fused.meta["binary"] = layer
-        ir.convenience.replace_nodes_and_values(graph, absorbed[-1], absorbed, [fused], [out], [fused.outputs[0]])
-        layers.append(layer)
-    return layers, rejected
+class FuseBinaryLayers(ir.passes.InPlacePass):
+    """Replace each binary layer by one ``htaf.tflite::BinaryConv`` node, in graph order (so a layer sees the
+    layers before it already fused). Records the layers; refusals name the ±1 layers left as they were."""
+
+    def __init__(self, bitpacked: bool) -> None:
+        super().__init__()
+        self.bitpacked = bitpacked
+
+    def call(self, model: ir.Model) -> PassReport:
+        graph = model.graph
+        layers: list[BinaryLayer] = []
+        rejected: list[tuple[str, str]] = []
+        for node in list(graph):
+            if node.graph is None:  # removed by an earlier match
+                continue
+            found = match(node, self.bitpacked)
+            if found is None:
+                continue
+            if isinstance(found, Rejected):
+                rejected.append((found.name, found.reason))
+                continue
+            layer, absorbed, out = found
+            source = absorbed[0].inputs[0]
+            fused = ir.node(OP, [source], domain=DOMAIN, name=f"{layer.name}/binary")
+            fused.meta["binary"] = layer
+            ir.convenience.replace_nodes_and_values(graph, absorbed[-1], absorbed, [fused], [out], [fused.outputs[0]])
+            layers.append(layer)
+        return report(model, layers, refusals=rejected)

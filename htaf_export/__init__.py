@@ -13,7 +13,7 @@ __version__ = "0.1.0"
 
 
 def export(*args: Any, **kwargs: Any) -> Any:
-    """Harden, capture and convert a model to a target artifact (see ``htaf_export.pipeline.export``)."""
+    """Harden, capture and convert a model to a target artifact, then validate it (``htaf_export.pipeline.export``)."""
     from .pipeline import export as _export
 
     return _export(*args, **kwargs)

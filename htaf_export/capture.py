@@ -13,7 +13,7 @@ import io
 import logging
 import re
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 import onnx_ir as ir
@@ -23,39 +23,34 @@ import onnx
 from onnxscript.optimizer import fold_constants
 from torch import nn
 
-from .harden import set_eval
+from .contracts import StepSpec
 from .errors import BadInput, UnsupportedLayer
-from .ops import HTAF_DOMAIN, STEP_OPS
-from .passes.plain_steps import recognise_plain_steps
+from .harden import set_eval
+from .ops import HTAF_DOMAIN, OPSET, STEP_OPS
+from .passes.plain_steps import RecognisePlainSteps
 
-OPSET = 18
 INPUT_NAME = "input"
 
 
-@dataclass
-class StepNode:
-    """One step node of the IR: the tensor it writes and the site it came from."""
-
-    tensor: str
-    site: str
-    op: str
-    tie: str
-    call: int = 0
-
-
-@dataclass
+@dataclass(frozen=True)
 class Capture:
-    """The IR and what converters and validation need to know about it."""
+    """The IR and what converters and validation need to know about it.
+
+    ``model`` is shared by every converter of one export: converters work on a copy (``ir_copy``).
+    """
 
     model: ir.Model
-    input_names: list[str]
-    output_names: list[str]
-    steps: list[StepNode] = field(default_factory=list)
+    input_names: tuple[str, ...]
+    output_names: tuple[str, ...]
+    steps: tuple[StepSpec, ...] = ()
     streaming: bool = False
 
     @property
     def step_tensors(self) -> list[str]:
         return [s.tensor for s in self.steps]
+
+    def ir_copy(self) -> ir.Model:
+        return ir.from_proto(ir.to_proto(self.model))
 
 
 class _StreamingEntry(nn.Module):
@@ -95,7 +90,7 @@ def _legacy_export(module: nn.Module, args: tuple, input_names: list[str], outpu
     try:
         torch.onnx.export(module, args, buf, dynamo=False, opset_version=OPSET, input_names=input_names,
                           output_names=output_names, dynamic_axes=axes)
-    except Exception as e:  # noqa: BLE001
+    except RuntimeError as e:  # the TorchScript exporter's errors (OnnxExporterError among them)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise BadInput(f"cannot capture the TorchScript model to ONNX: {first[:300]}") from None
     return ir.from_proto(onnx.load_from_string(buf.getvalue()))
@@ -113,7 +108,7 @@ def _torch_export(module: nn.Module, args: tuple, input_names: list[str], output
             program = torch.onnx.export(module, args, dynamo=True, optimize=False, opset_version=OPSET,
                                         input_names=input_names, output_names=output_names,
                                         dynamic_shapes=dyn, verbose=False, report=False)
-        except Exception as e:  # the exporter's errors are pages long; users need the layer and the op
+        except RuntimeError as e:  # OnnxExporterError wraps every failure; pages long, users need the layer and op
             raise _explain_failure(module, args, dyn, e) from None
         finally:
             logging.disable(previous)
@@ -132,7 +127,8 @@ def _explain_failure(module: nn.Module, args: tuple, dyn, error: Exception) -> B
     if node_match:
         op = op_match.group(1) if op_match else "this operation"
         layer = node_match.group(1)
-        with contextlib.suppress(Exception), contextlib.redirect_stdout(io.StringIO()):
+        # Best effort: torch.export's errors are RuntimeErrors; no node of that name is StopIteration.
+        with contextlib.suppress(RuntimeError, StopIteration), contextlib.redirect_stdout(io.StringIO()):
             program = torch.export.export(module, args, dynamic_shapes=dyn)
             # The exporter decomposes before translating, so match the failing node's name by prefix too.
             base = re.sub(r"_\d+$", "", node_match.group(1))
@@ -158,7 +154,7 @@ def _site_of(node: ir.Node) -> str:
     return path.removeprefix("model.") if path else node.name
 
 
-def _name_steps(model: ir.Model) -> list[StepNode]:
+def _name_steps(model: ir.Model) -> list[StepSpec]:
     """Name each step output after its site, in graph order."""
     nodes = [n for n in model.graph if n.domain == HTAF_DOMAIN and n.op_type in STEP_OPS]
     sites = [_site_of(n) for n in nodes]
@@ -172,7 +168,7 @@ def _name_steps(model: ir.Model) -> list[StepNode]:
         if not out.is_graph_output():
             out.name = site if counts[site] == 1 else f"{site}@{k}"
         node.name = f"{out.name}/{node.op_type}"
-        steps.append(StepNode(out.name, site, node.op_type, node.attributes["tie"].as_string(), k))
+        steps.append(StepSpec(out.name, site, node.op_type, node.attributes["tie"].as_string(), k))
     return steps
 
 
@@ -206,7 +202,7 @@ def capture(hardened: nn.Module, input_shape: Sequence[int], output_names: Seque
     model = _torch_export(module, args, in_names, out_names, dyn)
     # Traced programs (TorchScript, .pt2) hold their steps as plain comparisons: lift them to htaf ops.
     fold_constants(model)
-    recognise_plain_steps(model)
+    RecognisePlainSteps()(model)
     steps = _name_steps(model)
     cleanup(model)
     # Steps may have been merged by common-subexpression elimination (identical calls); keep those left.
@@ -214,4 +210,4 @@ def capture(hardened: nn.Module, input_shape: Sequence[int], output_names: Seque
     steps = [s for s in steps if s.tensor in present]
     model.graph.name = type(hardened).__name__
     model.producer_name = "htaf-export"
-    return Capture(model, in_names, out_names, steps, streaming)
+    return Capture(model, tuple(in_names), tuple(out_names), tuple(steps), streaming)

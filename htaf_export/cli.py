@@ -1,6 +1,8 @@
 """Command line: ``htaf-export MODEL --target T``, ``htaf-export inspect MODEL``, ``htaf-export validate MODEL ARTIFACT``.
 
-Exit codes: 0 success, 1 parity failure, 2 bad usage or bad input (one line on stderr, no traceback).
+A thin adapter: argparse → typed calls of the library API (``pipeline``) → console rendering (``console``).
+Exit codes: 0 success, 1 parity failure, 2 bad usage or bad input (one line on stderr, no traceback),
+3 an internal error (a bug; HTAF_EXPORT_DEBUG=1 shows the traceback).
 """
 
 from __future__ import annotations
@@ -13,9 +15,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .errors import BadInput, HtafExportError
-
-TARGETS = ("onnx", "tflite", "tflite-float")
-SUFFIX = {"onnx": ".onnx", "tflite": ".tflite", "tflite-float": ".float.tflite"}
+from .targets import LCE_KERNEL_CHOICES, SNN_MODES, TARGETS
 
 
 class _Parser(argparse.ArgumentParser):
@@ -29,15 +29,17 @@ def _export_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="htaf-export", description="Harden an HTAF-trained model, export it, and prove parity. "
                 "Other commands: 'htaf-export inspect MODEL', 'htaf-export validate MODEL ARTIFACT'.")
     p.add_argument("model", help="model file: htaf-export checkpoint, TorchScript, .pt2, or pickle (--trust-pickle)")
-    p.add_argument("--target", required=True, choices=TARGETS, help="artifact to produce")
+    p.add_argument("--target", required=True, choices=list(TARGETS), help="artifact to produce")
     p.add_argument("-o", "--output", type=Path, help="artifact path (default: beside the model)")
     p.add_argument("--data", type=Path, help=".npz with inputs 'x' (and labels 'y') for validation")
     p.add_argument("--tie", choices=("ge", "gt"), help="value at exactly the threshold: ge fires (default), gt not")
     p.add_argument("--no-validate", action="store_true", help="skip the parity check after export")
     p.add_argument("--report", type=Path, help="write the parity report to FILE.json or FILE.html")
     p.add_argument("--portable", action="store_true", help="onnx: standard ops only, no htaf functions")
-    p.add_argument("--snn-mode", choices=("unrolled", "streaming"), default="unrolled",
+    p.add_argument("--snn-mode", choices=SNN_MODES, default="unrolled",
                    help="onnx: export a spiking model unrolled over T steps, or one step with state in/out")
+    p.add_argument("--lce-kernel", choices=LCE_KERNEL_CHOICES, default="auto",
+                   help="tflite: the LCE kernel the file recommends (auto: indirect-bgemm, see the README)")
     p.add_argument("--device", choices=("cpu", "cuda", "all"), default="all", help="backends to validate on")
     p.add_argument("--trust-pickle", action="store_true", help="allow a pickled nn.Module (unpickling runs code)")
     _tolerance_options(p)
@@ -73,12 +75,27 @@ def _validate_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _load_data(path: Path | None, input_shape: list[int]):
-    if path is None:
-        return None
-    from .data import load_npz
+def _tolerance(args: argparse.Namespace):
+    """Defaults, overridden by --atol / --rtol / --flip-margin where the command line has them."""
+    from .validate import Tolerance
 
-    return load_npz(path, input_shape)
+    given = {}
+    for name in ("atol", "rtol", "flip_margin"):
+        value = getattr(args, name, None)
+        if value is not None:
+            if not (value >= 0 and value != float("inf")):
+                raise BadInput(f"--{name.replace('_', '-')} must be a non-negative number, got {value}")
+            given[name] = float(value)
+    return Tolerance(**given)
+
+
+def _check_report_arg(path: Path | None) -> None:
+    if path is not None:
+        from .files import check_writable
+        from .report import check_report_path
+
+        check_report_path(path)
+        check_writable(path)
 
 
 def run_inspect(argv: Sequence[str]) -> int:
@@ -86,27 +103,68 @@ def run_inspect(argv: Sequence[str]) -> int:
     from rich.console import Console
 
     from . import io
+    from .data import load_npz
     from .inspect import render, summarize
 
     loaded = io.load(args.model, trust_pickle=args.trust_pickle)
-    render(summarize(loaded, _load_data(args.data, loaded.input_shape)), Console())
+    data = load_npz(args.data, loaded.input_shape) if args.data is not None else None
+    render(summarize(loaded, data), Console())
     return 0
 
 
 def run_export(argv: Sequence[str]) -> int:
     args = _export_parser().parse_args(argv)
-    if args.report is not None and args.report.suffix not in (".json", ".html"):
-        raise BadInput(f"--report must end in .json or .html, got {args.report}")
-    from .pipeline import export_command
+    _check_report_arg(args.report)
+    tolerance = _tolerance(args)
+    from rich.console import Console
 
-    return export_command(args)
+    from . import console as out
+    from .pipeline import export
+    from .report import write_report
+
+    console = Console()
+    with out.progress_bar() as progress:
+        result = export(args.model, args.target, args.output, tie=args.tie, data=args.data,
+                        validate_artifact=not args.no_validate, portable=args.portable, snn_mode=args.snn_mode,
+                        lce_kernel=args.lce_kernel, trust_pickle=args.trust_pickle, device=args.device,
+                        tolerance=tolerance, progress=progress)
+    out.print_export(result, console)
+    if result.report is None:
+        return 0
+    out.print_report(result.report, console)
+    if args.report is not None:
+        write_report(result.report, args.report, result)
+        console.print(f"report written to {args.report}")
+    return out.verdict(result.report, console)
 
 
 def run_validate(argv: Sequence[str]) -> int:
     args = _validate_parser().parse_args(argv)
-    from .pipeline import validate_command
+    _check_report_arg(args.report)
+    tolerance = _tolerance(args)
+    from rich.console import Console
 
-    return validate_command(args)
+    from . import console as out
+    from .harden import harden
+    from .io import load
+    from .pipeline import default_data, validate_file
+    from .report import write_report
+    from .runtimes import read_artifact
+
+    console = Console()
+    loaded = load(args.model, trust_pickle=args.trust_pickle)
+    info = read_artifact(args.artifact)
+    dataset = default_data(loaded.input_shape, args.data)
+    # The reference follows the declared rule (--tie, else the model's own), never the artifact's:
+    # an artifact built with another rule must fail on inputs that land on a threshold.
+    hardening = harden(loaded.module, tie=args.tie)
+    with out.progress_bar() as progress:
+        report = validate_file(hardening, info, dataset, str(loaded.path), args.device, tolerance, progress=progress)
+    out.print_report(report, console)
+    if args.report is not None:
+        write_report(report, args.report)
+        console.print(f"report written to {args.report}")
+    return out.verdict(report, console)
 
 
 COMMANDS = {"inspect": run_inspect, "validate": run_validate}
@@ -127,7 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("htaf-export: interrupted", file=sys.stderr)
         return 130
-    except Exception as e:  # noqa: BLE001 - a bug must still not dump a traceback on users by default
+    except Exception as e:  # noqa: BLE001 - the one boundary: a bug must still not dump a traceback on users
         if os.environ.get("HTAF_EXPORT_DEBUG"):
             raise
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""

@@ -68,7 +68,7 @@ from torch import nn
 
 from .harden import set_eval
 from .nn import BinaryConv2d, BinaryLinear
-from .reference import _StepInterpreter, forward_recording, traced_steps
+from .reference import StepInterpreter, forward_recording, traced_steps
 
 CHUNK = 64
 SMALL_MODEL = 2_000_000  # parameters
@@ -283,7 +283,7 @@ def _record_layers(model: nn.Module):
             h.remove()
 
 
-class _LayerInterpreter(_StepInterpreter):
+class _LayerInterpreter(StepInterpreter):
     """A torch.export graph: its steps, and its dense / convolution calls (zero padding is built into them)."""
 
     def __init__(self, module: torch.fx.GraphModule, calls: list, layers: list[Layer]) -> None:

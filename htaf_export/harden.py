@@ -11,7 +11,7 @@ from torch import nn
 
 from .errors import BadInput
 from .nn import HTAF, Step, htaf_function
-from .nn.binary import _BinaryWeights
+from .nn.binary import BinaryWeights
 
 # A pre-activation is "unsaturated" when HTAF differs from the step by more than this, on the 0..1 scale.
 GAP_TOLERANCE = 0.01
@@ -141,9 +141,8 @@ def harden(model: nn.Module, data: torch.Tensor | None = None, labels: torch.Ten
             site.tie = step.tie
         sites.append(site)
     for m in hard.modules():
-        if isinstance(m, _BinaryWeights):
+        if isinstance(m, BinaryWeights):
             m.freeze()
-    hard._htaf_hardened_tie = tie  # type: ignore[attr-defined]
     result = HardenResult(model=hard, sites=sites, tie=tie)
     if data is not None:
         result.gaps = measure_gap(model, data, batch_size)

@@ -12,7 +12,7 @@ from rich.table import Table
 from .data import Dataset
 from .harden import HardenResult, Site, harden
 from .io import LoadedModel
-from .nn.binary import _BinaryWeights
+from .nn.binary import BinaryWeights
 
 FLOAT_BITS = 32
 
@@ -57,7 +57,7 @@ def layer_table(module: torch.nn.Module) -> list[LayerInfo]:
         count = sum(t.numel() for t in own)
         if count == 0:
             continue
-        binary = isinstance(m, _BinaryWeights)
+        binary = isinstance(m, BinaryWeights)
         one_bit = m.weight.numel() if binary else 0
         kind = getattr(m, "original_name", type(m).__name__)
         layers.append(LayerInfo(name or "(root)", kind, binary, count, one_bit))

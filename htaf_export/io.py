@@ -24,6 +24,11 @@ CHECKPOINT_VERSION = 1
 # Name of the JSON file embedded in TorchScript and .pt2 archives (input shape, family, outputs).
 SPEC_FILE = "htaf_export.json"
 
+# What torch's readers raise on damaged or foreign archives (they raise many kinds; users need one line).
+TORCH_READ_ERRORS = (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, TypeError, AttributeError,
+                     ImportError, UnicodeDecodeError, pickle.UnpicklingError, zipfile.BadZipFile)
+ZIP_ERRORS = (zipfile.BadZipFile, OSError, EOFError, UnicodeDecodeError, NotImplementedError, RuntimeError, ValueError)
+
 SourceFormat = Literal["checkpoint", "torchscript", "exported_program", "pickle"]
 
 
@@ -107,7 +112,7 @@ def _check_weights_only(obj: dict[str, Any]) -> None:
         torch.save(obj, buf)
         buf.seek(0)
         torch.load(buf, weights_only=True)
-    except Exception as e:
+    except (pickle.PicklingError, pickle.UnpicklingError, TypeError, AttributeError, RuntimeError) as e:
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
         what = f"a {found.group(1)}" if found else f"an unpicklable value ({type(e).__name__})"
         raise BadInput(f"checkpoint config/meta hold {what}, which torch.load(weights_only=True) cannot read; "
@@ -135,7 +140,7 @@ def load(path: str | Path, trust_pickle: bool = False) -> LoadedModel:
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
             damaged = _first_damaged_member(archive)
-    except Exception as e:  # BadZipFile, OSError, UnicodeDecodeError from a damaged directory, ...
+    except ZIP_ERRORS as e:  # a damaged directory
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise BadInput(f"model file {path} is a corrupt archive: {msg[:200]}") from None
     if damaged is not None:
@@ -148,7 +153,7 @@ def load(path: str | Path, trust_pickle: bool = False) -> LoadedModel:
         return _load_pickled(path, digest, trust_pickle)
     except BadInput:
         raise
-    except Exception as e:  # torch raises many kinds for damaged archives; the user needs one line.
+    except TORCH_READ_ERRORS as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise BadInput(f"model file {path} cannot be read (truncated or corrupt?): {msg[:200]}") from None
 

@@ -64,7 +64,7 @@ class _Enough(Exception):
     """Raised inside a forward pass once every step call that was asked for has been recorded."""
 
 
-class _StepInterpreter(torch.fx.Interpreter):
+class StepInterpreter(torch.fx.Interpreter):
     """Runs a graph module from torch.export and records its steps, which appear there as plain comparisons.
 
     A step call is the comparison node (x ≥ θ or x > θ) inside a Step's module scope; its output is the
@@ -125,7 +125,7 @@ def forward_recording(model: nn.Module, inputs: tuple[torch.Tensor, ...], keep_g
     try:
         if traced_steps(model) and not streaming:
             calls: list[StepCall] = []
-            out = _StepInterpreter(model, calls, keep_graph, until).run(*inputs)  # type: ignore[arg-type]
+            out = StepInterpreter(model, calls, keep_graph, until).run(*inputs)  # type: ignore[arg-type]
             return out, calls
         forward = model.step if streaming else model  # streaming: one SNN time step, state in and out
         with record_steps(model, keep_graph, until) as calls:

@@ -82,8 +82,7 @@ def check_parity(model: str | Path | nn.Module | LoadedModel, artifact: str | Pa
         hardening.model.input_shape = input_shape  # type: ignore[attr-defined]
     batches = _data(data, input_shape)
     if batches is None:
-        stub = LoadedModel(module, input_shape, "checkpoint", Path(name), "")
-        batches = default_data(stub, None)
+        batches = default_data(input_shape, None)
     info = read_artifact(Path(artifact))
     return validate_file(hardening, info, batches, name, device, Tolerance(**tolerances), crafted=crafted)
 

@@ -14,8 +14,9 @@ from torch import nn
 
 import htaf_export
 from htaf_export import cli
-from htaf_export.capture import HTAF_DOMAIN, capture
-from htaf_export.converters.onnx import OnnxOptions, convert
+from htaf_export.capture import capture
+from htaf_export.converters.onnx import build
+from htaf_export.ops import HTAF_DOMAIN
 from htaf_export.data import digits
 from htaf_export.errors import BadInput, UnsupportedLayer
 from htaf_export.models.registry import ReferenceModel
@@ -85,7 +86,7 @@ def test_batch_dimension_is_dynamic(exported):
 def test_binary_weights_are_packed_within_ten_percent_of_floor(exported):
     for name in ("bnn_mlp", "bnn_cnn"):
         result = exported[name]
-        conv = result.converted
+        conv = result.conversion
         assert conv.binary_floor_bytes > 0
         assert conv.binary_stored_bytes / conv.binary_floor_bytes <= 1.1
         proto = onnx.load(str(result.artifact))
@@ -163,7 +164,7 @@ def test_ties_follow_the_declared_rule(portable, levels, flip_bn):
         model = TieModel(levels, tie, flip_bn).eval()
         pre = model.bn(model.fc(torch.from_numpy(x))).detach().numpy()
         assert (pre == 0).sum() >= 5, "the inputs must land exactly on the threshold"
-        art = convert(capture(model, [4], model.output_names), {}, OnnxOptions(portable=portable))
+        art = build(capture(model, [4], model.output_names), {}, portable=portable)
         bits = session(art.serialized()).run(["bits"], {"input": x})[0]
         on, off = (1.0, 0.0) if levels == "01" else (1.0, -1.0)
         fired = pre >= 0 if tie == "ge" else pre > 0
@@ -177,7 +178,7 @@ def test_mixed_tie_rules_are_refused():
     model.extra = Step(0.0, "01", "gt")
     model.forward = lambda x: (model.head(model.extra(model.step(model.bn(model.fc(x))))), model.step(model.bn(model.fc(x))))
     with pytest.raises(UnsupportedLayer, match="different tie rules"):
-        convert(capture(model, [4], model.output_names), {})
+        build(capture(model, [4], model.output_names), {})
 
 
 class Unsupported(nn.Module):
@@ -225,7 +226,7 @@ def test_failure_during_conversion_leaves_no_file(tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise BadInput("simulated converter failure")
 
-    monkeypatch.setattr(pipeline, "_convert_onnx", broken)
+    monkeypatch.setattr(pipeline, "convert", broken)
     out = tmp_path / "x.onnx"
     with pytest.raises(BadInput):
         export(SAMPLES / "dhn_mlp.pt", "onnx", out)

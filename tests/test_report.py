@@ -14,7 +14,8 @@ from onnx import numpy_helper
 
 from htaf_export import cli
 from htaf_export.pipeline import export
-from htaf_export.report import CATEGORY_BINARY, render_html, size_breakdown
+from htaf_export.report import render_html
+from htaf_export.sizes import CATEGORY_BINARY, size_breakdown
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "sample_models"
@@ -154,9 +155,9 @@ def test_terminal_summary(tmp_path, capsys):
 
 def test_export_writes_html_report(tmp_path):
     result = export(SAMPLES / "icbm_cnn.pt", "onnx", tmp_path / "icbm.onnx", device="cpu")
-    from htaf_export.pipeline import _export_extra, write_report
+    from htaf_export.report import write_report
 
-    write_report(result.report, tmp_path / "icbm.html", _export_extra(result))
+    write_report(result.report, tmp_path / "icbm.html", result)
     page = (tmp_path / "icbm.html").read_text()
     assert "PASS" in page and "concepts" in page and page.count("data:image/png;base64,") == 3
     assert [p.name for p in sorted(tmp_path.iterdir())] == ["icbm.html", "icbm.onnx"]

@@ -30,6 +30,8 @@ from htaf_export.harden import harden  # noqa: E402
 from htaf_export.io import LoadedModel  # noqa: E402
 from htaf_export.nn import HTAF, BinaryConv2d, BinaryLinear  # noqa: E402
 from htaf_export.reference import run_reference  # noqa: E402
+from htaf_export import metadata as md  # noqa: E402
+from htaf_export import tflite_file as tfl  # noqa: E402
 from htaf_export.runtimes import tflite as rt  # noqa: E402
 
 from conftest import SAMPLE_DIR, SAMPLE_NAMES  # noqa: E402
@@ -66,7 +68,7 @@ def export(tmp_path_factory):
 
 
 def _ops(path: Path) -> list[str]:
-    return rt.op_names(rt.read_model(path.read_bytes()))
+    return tfl.op_names(tfl.read_model(path.read_bytes()))
 
 
 # ---- every sample, both targets ------------------------------------------------------------------
@@ -97,22 +99,22 @@ def test_sample_passes_parity_from_cli(export, name, target):
 @pytest.mark.parametrize("name", sorted(PACKABLE))
 def test_bnn_binary_layers_are_bitpacked(export, name):
     _, artifact, _, _ = export(name, "tflite")
-    model = rt.read_model(artifact.read_bytes())
-    ops = rt.op_names(model)
+    model = tfl.read_model(artifact.read_bytes())
+    ops = tfl.op_names(model)
     assert ops.count("LceBconv2d") == len(PACKABLE[name]), ops
     assert "FULLY_CONNECTED" not in ops, f"a binary dense layer stayed a float FULLY_CONNECTED: {ops}"
     graph = model.subgraphs[0]
-    int32 = rt.schema().TensorType.INT32
+    int32 = tfl.schema().TensorType.INT32
     for op, op_name in zip(graph.operators, ops):
         if op_name == "LceBconv2d":  # 1-bit weights: int32 words holding 32 channels each
             filt = graph.tensors[int(op.inputs[1])]
-            assert filt.type == int32 and rt.constant_bytes(model, int(op.inputs[1])) * 8 == \
+            assert filt.type == int32 and tfl.constant_bytes(model, int(op.inputs[1])) * 8 == \
                 int(np.prod(filt.shape[:-1])) * 32 * filt.shape[-1]
-    meta = rt.read_metadata(model)
-    assert meta[rt.KERNEL_KEY] in rt.LCE_KERNELS
-    assert set(json.loads(meta[rt.KERNEL_MS_KEY])) == set(rt.LCE_KERNELS)
+    meta = tfl.read_metadata(model)
+    assert meta[md.TFLITE_LCE_KERNEL] == "indirect_bgemm"  # --lce-kernel auto: a fixed rule, no timings in the file
+    assert not any("ms" in key for key in meta)
     # hidden binary layers write bit-packed activations, and validation reads them back unpacked
-    encodings = {s["tensor"]: s["encoding"] for s in json.loads(meta[rt.OBSERVED_KEY])}
+    encodings = {s["tensor"]: s["encoding"] for s in json.loads(meta[md.TFLITE_OBSERVED])}
     assert list(encodings.values()).count("bitpacked") == len(encodings)
 
 
@@ -120,11 +122,11 @@ def test_bnn_binary_layers_are_bitpacked(export, name):
 @pytest.mark.parametrize("name", SAMPLE_NAMES)
 def test_float_target_uses_builtin_ops_only(export, name):
     _, artifact, _, _ = export(name, "tflite-float")
-    model = rt.read_model(artifact.read_bytes())
-    custom = rt.schema().BuiltinOperator.CUSTOM
+    model = tfl.read_model(artifact.read_bytes())
+    custom = tfl.schema().BuiltinOperator.CUSTOM
     assert all(max(c.builtinCode, c.deprecatedBuiltinCode) != custom for c in model.operatorCodes), _ops(artifact)
-    tf = rt.tensorflow()
-    with rt.quiet_stderr():
+    tf = tfl.tensorflow()
+    with tfl.quiet_stderr():
         tf.lite.Interpreter(model_content=artifact.read_bytes()).allocate_tensors()  # the stock interpreter loads it
 
 
@@ -141,9 +143,9 @@ def test_summary_names_ops_sizes_and_reasons(export):
 
 def _flip_first_filter(artifact: Path, op_name: str, out: Path) -> None:
     """Copy ``artifact`` with the first 32 binary weights of the first ``op_name`` layer negated."""
-    model = rt.read_model(artifact.read_bytes())
+    model = tfl.read_model(artifact.read_bytes())
     graph = model.subgraphs[0]
-    op = next(o for o, n in zip(graph.operators, rt.op_names(model)) if n == op_name)
+    op = next(o for o, n in zip(graph.operators, tfl.op_names(model)) if n == op_name)
     buffer = model.buffers[graph.tensors[int(op.inputs[1])].buffer]
     data = np.array(buffer.data, dtype=np.uint8)
     if op_name == "LceBconv2d":
@@ -152,7 +154,7 @@ def _flip_first_filter(artifact: Path, op_name: str, out: Path) -> None:
         weights = data.view(np.float32)
         weights[:32] *= -1
     buffer.data = data
-    out.write_bytes(rt.write_model(model))
+    out.write_bytes(tfl.write_model(model))
 
 
 @pytest.mark.slow
@@ -221,10 +223,12 @@ def tiny(ties: bool = False, **kw) -> TinyBNN:
 
 def _convert(model: nn.Module, target: str, tmp_path: Path, tie: str | None = None) -> Path:
     from htaf_export.capture import capture
-    from htaf_export.converters.tflite import convert
+    from htaf_export.pipeline import convert
+    from htaf_export.targets import TARGETS, ExportOptions
 
-    cap = capture(harden(model, tie=tie).model, model.input_shape, ["logits"])
-    art = convert(cap, {"htaf_export.target": target}, bitpacked=target == "tflite")
+    hardened = harden(model, tie=tie).model
+    cap = capture(hardened, model.input_shape, ["logits"])
+    art = convert(cap, TARGETS[target], {md.TARGET: target}, ExportOptions(), hardened)
     path = tmp_path / f"tiny.{target}.tflite"
     path.write_bytes(art.data)
     return path
@@ -265,7 +269,7 @@ def test_binary_layers_lce_cannot_pack_as_is_are_exact_and_explained(tmp_path, k
     model = tiny(**kw)
     loaded = LoadedModel(model, list(model.input_shape), "checkpoint", tmp_path / "tiny.pt", "0", "bnn")
     result = export_api(loaded, "tflite", tmp_path / "tiny.tflite", device="cpu")
-    row = next(r for r in result.converted.rows if r.layer == "conv2")
+    row = next(r for r in result.conversion.rows if r.layer == "conv2")
     assert row.became.startswith(became) and why in row.note, row
     if became.startswith(("CONV_2D", "DEPTHWISE")):
         assert "fell back to float" in row.note
@@ -325,7 +329,7 @@ def test_unpack_bits_follows_lce_layout():
     signs = np.where(rng.random((3, 4, 70)) < 0.5, -1.0, 1.0).astype(np.float32)
     bits = np.concatenate([(signs < 0), np.zeros((3, 4, 26), bool)], axis=-1).astype(np.uint8)  # pad to 96
     words = np.packbits(bits.reshape(3, 4, 3, 32), axis=-1, bitorder="little").view("<i4")[..., 0]
-    np.testing.assert_array_equal(rt.unpack_bits(words, 70), signs)
+    np.testing.assert_array_equal(tfl.unpack_bits(words, 70), signs)
 
 
 def test_trim_padding_keeps_only_rows_an_output_reads():
@@ -368,9 +372,9 @@ def test_core_import_does_not_load_tensorflow():
 
 def _move_threshold(artifact: Path, op_name: str, input_index: int, out: Path, step) -> None:
     """Copy ``artifact`` with channel 0 of the first ``op_name`` op's constant input moved by ``step``."""
-    model = rt.read_model(artifact.read_bytes())
+    model = tfl.read_model(artifact.read_bytes())
     graph = model.subgraphs[0]
-    op = next(o for o, n in zip(graph.operators, rt.op_names(model))
+    op = next(o for o, n in zip(graph.operators, tfl.op_names(model))
               if n == op_name and len(o.inputs) > input_index and o.inputs[input_index] >= 0
               and model.buffers[graph.tensors[int(o.inputs[input_index])].buffer].data is not None)
     buffer = model.buffers[graph.tensors[int(op.inputs[input_index])].buffer]
@@ -378,7 +382,7 @@ def _move_threshold(artifact: Path, op_name: str, input_index: int, out: Path, s
     values = data.view(np.int32 if op_name == "LceBconv2d" else np.float32)
     values[0] += step
     buffer.data = data
-    out.write_bytes(rt.write_model(model))
+    out.write_bytes(tfl.write_model(model))
 
 
 @pytest.mark.slow

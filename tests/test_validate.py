@@ -258,7 +258,7 @@ def test_torch_runner_plumbing_on_cpu(exported, load_sample):
     hardening = harden(loaded.module)
     info = read_artifact(exported["bnn_cnn"].artifact)
     runner = TorchRunner(hardening.model, info, "cpu")
-    report = validate(hardening.model, info, [runner], default_data(loaded, None), "bnn_cnn")
+    report = validate(hardening.model, info, [runner], default_data(loaded.input_shape, None), "bnn_cnn")
     assert report.passed and report.backends[0].backend == "torch-cpu"
     assert all(t.mismatched == 0 for t in report.backends[0].tensors)
 
@@ -361,7 +361,7 @@ def test_torch_export_program_is_a_full_reference(exported, load_sample, tmp_pat
     hard.input_shape = loaded.input_shape
     program = htaf_export.load(htaf_export.save(hard, tmp_path / "snn.pt2", format="pt2"))
     report = validate_file(harden(program.module), read_artifact(exported["snn_mlp"].artifact),
-                           default_data(loaded, None), "snn.pt2", "cpu")
+                           default_data(loaded.input_shape, None), "snn.pt2", "cpu")
     assert report.passed, report.failure_line()
     tensors = report.backends[0].tensors
     assert all(t.observed for t in tensors) and not report.notes

@@ -21,7 +21,7 @@ class _SignSTE(torch.autograd.Function):
         return grad_out * (w.abs() <= 1).to(grad_out.dtype)
 
 
-class _BinaryWeights(nn.Module):
+class BinaryWeights(nn.Module):
     """Shared weight handling: latent real weights while training, exact ±1 once frozen.
 
     A frozen layer keeps its ±1 weights in ``weight`` and its per-channel scale in the ``scale``
@@ -71,7 +71,7 @@ class _BinaryWeights(nn.Module):
         return y * s.reshape(shape)
 
 
-class BinaryLinear(_BinaryWeights):
+class BinaryLinear(BinaryWeights):
     """y = (x · sign(W)ᵀ) · s + b, sign(0) = +1, s the per-output scale mean|W| when ``scale``."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, scale: bool = False) -> None:
@@ -91,7 +91,7 @@ class BinaryLinear(_BinaryWeights):
         return f"{self.in_features}, {self.out_features}, bias={self.bias is not None}, scale={self.scaled}"
 
 
-class BinaryConv2d(_BinaryWeights):
+class BinaryConv2d(BinaryWeights):
     """y = conv(pad(x, pad_value), sign(W)) · s + b.
 
     Binary activations are ±1 and cannot represent 0, so padding uses ``pad_value`` = +1 by default,

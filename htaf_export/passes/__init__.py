@@ -1,6 +1,9 @@
-"""Graph passes over the IR. Each is ``apply(model) -> (model, changed)`` plus a record of what it did."""
+"""Graph passes over the IR, one contract for all (see ``base``): ``SomePass()(model) -> PassReport``."""
 
-from .bn_fold import fold_batchnorm_into_steps
-from .pack_weights import PackedWeight, pack_binary_weights
+from .base import PassReport, apply_rules
+from .bn_fold import FoldBatchNormIntoSteps
+from .pack_weights import PackBinaryWeights, PackedWeight
+from .plain_steps import RecognisePlainSteps
 
-__all__ = ["fold_batchnorm_into_steps", "pack_binary_weights", "PackedWeight"]
+__all__ = ["PassReport", "apply_rules", "FoldBatchNormIntoSteps", "PackBinaryWeights", "PackedWeight",
+           "RecognisePlainSteps"]

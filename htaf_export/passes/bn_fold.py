@@ -16,59 +16,83 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
+from onnxscript.rewriter import MatchResult, RewriteRuleClassBase
 
-from ..ops import HTAF_DOMAIN, STEP_OPS
-from .util import const_array, new_initializer
+from ..ops import HTAF_DOMAIN, HTAF_OPSET_VERSION, STEP_OPS
+from .base import PassReport, apply_rules, report
+from .util import const_array, unique_initializer_name
 
 
-def _fold_one(graph: ir.Graph, bn: ir.Node, step: ir.Node) -> bool:
-    params = [const_array(v) for v in bn.inputs[1:5]]
-    theta = const_array(step.inputs[1])
-    x = bn.inputs[0]
-    if any(p is None for p in params) or theta is None or theta.size != 1 or x is None or x.shape is None:
-        return False
-    gamma, beta, mean, var = (p.astype(np.float64) for p in params)  # type: ignore[union-attr]
-    eps = bn.attributes["epsilon"].as_float() if "epsilon" in bn.attributes else 1e-5
+def folded_threshold(params: list[np.ndarray], theta: float, eps: float, tie: str) -> tuple[np.ndarray, np.ndarray]:
+    """(direction s, threshold s·t) per channel for batch-norm ``params`` (γ, b, μ, var) followed by a step at θ."""
+    gamma, beta, mean, var = (p.astype(np.float64) for p in params)
     sigma = np.sqrt(var.astype(np.float32) + np.float32(eps)).astype(np.float64)
-    th = float(theta.reshape(()))
     s = np.sign(gamma)
     safe = np.where(gamma == 0, 1.0, gamma)
-    t = mean + (th - beta) * sigma / safe
+    t = mean + (theta - beta) * sigma / safe
     # γ = 0: the output is b everywhere; 0·x = 0 then fires exactly when b's comparison with θ does.
-    ge = step.attributes["tie"].as_string() == "ge"
-    fires = beta >= th if ge else beta > th
+    ge = tie == "ge"
+    fires = beta >= theta if ge else beta > theta
     constant_t = np.where(fires, 0.0 if ge else -1.0, 1.0 if ge else 0.0)
-    threshold = np.where(gamma == 0, constant_t, s * t)
-    shape = (-1,) + (1,) * (len(x.shape) - 2)
-    name = step.outputs[0].name or "step"
-    t_value = new_initializer(graph, f"{name}.threshold", threshold.astype(np.float32).reshape(shape))
-    new_nodes = []
-    if np.all(s == 1):
+    return s, np.where(gamma == 0, constant_t, s * t)
+
+
+class FoldBatchNorm(RewriteRuleClassBase):
+    """step(BatchNormalization(X, γ, b, μ, var), θ) → step(s·X, s·t)  (see the module docstring)."""
+
+    def __init__(self, op: str) -> None:
+        super().__init__(name=f"FoldBatchNorm[{op}]")
+        self.op = op
+
+    def pattern(self, op, x, gamma, beta, mean, var, theta, tie):
+        y = op.BatchNormalization(x, gamma, beta, mean, var, _outputs=["normalized"])
+        return getattr(op, self.op)(y, theta, tie=tie, _domain=HTAF_DOMAIN, _outputs=["stepped"])
+
+    def check(self, context, x, gamma, beta, mean, var, theta, normalized, **_) -> MatchResult:
+        result = MatchResult()
+        if any(const_array(v) is None for v in (gamma, beta, mean, var)):
+            return result.fail("batch-norm parameters are computed at run time", normalized)
+        threshold = const_array(theta)
+        if threshold is None or threshold.size != 1:
+            return result.fail("the step threshold is not one constant", theta)
+        if x.shape is None:
+            return result.fail("the batch norm's input has no known rank", x)
+        bn = normalized.producer()
+        if normalized.is_graph_output() or len(normalized.uses()) != 1 or any(o.uses() for o in bn.outputs[1:]):
+            return result.fail("the batch norm's output is used by more than its step", normalized)
+        return result
+
+    def rewrite(self, op, x, gamma, beta, mean, var, theta, tie, normalized, stepped, **_):
+        bn, step = normalized.producer(), stepped.producer()
+        graph = step.graph
+        eps = bn.attributes["epsilon"].as_float() if "epsilon" in bn.attributes else 1e-5
+        params = [const_array(v) for v in (gamma, beta, mean, var)]
+        s, threshold = folded_threshold(params, float(const_array(theta).reshape(())), eps,  # type: ignore[union-attr]
+                                        tie.as_string())
+        shape = (-1,) + (1,) * (len(x.shape) - 2)
+        name = stepped.name or "step"
+        t_value = op.initializer(ir.tensor(threshold.astype(np.float32).reshape(shape)),
+                                 name=unique_initializer_name(graph, f"{name}.threshold"))
         source = x
-    else:
-        s_value = new_initializer(graph, f"{name}.direction", s.astype(np.float32).reshape(shape))
-        flip = ir.node("Mul", [x, s_value], name=f"{name}/direction")
-        flip.outputs[0].name = f"{name}.directed_input"
-        new_nodes.append(flip)
-        source = flip.outputs[0]
-    graph.insert_before(bn, new_nodes) if new_nodes else None
-    step.replace_input_with(0, source)
-    step.replace_input_with(1, t_value)
-    graph.remove(bn, safe=True)
-    return True
+        if not np.all(s == 1):
+            s_value = op.initializer(ir.tensor(s.astype(np.float32).reshape(shape)),
+                                     name=unique_initializer_name(graph, f"{name}.direction"))
+            source = op.Mul(x, s_value)
+            source.producer().name = f"{name}/direction"
+            source.name = f"{name}.directed_input"
+        out = getattr(op, self.op)(source, t_value, tie=tie.as_string(), _domain=HTAF_DOMAIN,
+                                   _version=HTAF_OPSET_VERSION)
+        out.producer().name = step.name
+        out.metadata_props.update(stepped.metadata_props)  # the step's output keeps what the exporter said of it
+        return out
 
 
-def fold_batchnorm_into_steps(model: ir.Model) -> tuple[ir.Model, bool]:
-    """Fold every BatchNormalization whose only consumer is a step (and is no graph output)."""
-    graph = model.graph
-    changed = False
-    for bn in [n for n in graph if n.op_type == "BatchNormalization" and n.domain == ""]:
-        out = bn.outputs[0]
-        uses = list(out.uses())
-        if out.is_graph_output() or len(uses) != 1 or len(bn.outputs) != 1 and any(o.uses() for o in bn.outputs[1:]):
-            continue
-        step, index = uses[0].node, uses[0].idx
-        if step.domain != HTAF_DOMAIN or step.op_type not in STEP_OPS or index != 0:
-            continue
-        changed |= _fold_one(graph, bn, step)
-    return model, changed
+RULES = [FoldBatchNorm.rule(op) for op in STEP_OPS]
+
+
+class FoldBatchNormIntoSteps(ir.passes.InPlacePass):
+    """Fold every BatchNormalization whose only consumer is a step; refusals say why one stayed."""
+
+    def call(self, model: ir.Model) -> PassReport:
+        count, refusals = apply_rules(model, RULES)
+        return report(model, modified=bool(count), refusals=refusals)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
+from .base import PassReport, report
 from .util import const_array, new_initializer
 
 # (op type, index of the weight input) of the layers whose weights may be binary.
@@ -21,7 +22,7 @@ WEIGHT_INPUTS = {"Conv": 1, "Gemm": 1, "MatMul": 1, "ConvTranspose": 1}
 MIN_PACKED = 64  # tiny tensors are not worth a subgraph
 
 
-@dataclass
+@dataclass(frozen=True)
 class PackedWeight:
     layer: str
     weight: str
@@ -64,9 +65,26 @@ def _unpack_nodes(graph: ir.Graph, name: str, array: np.ndarray, shared: dict[st
     return nodes, shaped.outputs[0], int(packed.size), overhead
 
 
-def pack_binary_weights(model: ir.Model) -> tuple[ir.Model, list[PackedWeight]]:
-    """Replace each ±1 weight initializer of a Conv/Gemm/MatMul by its packed bits and an unpacker."""
-    graph = model.graph
+class PackBinaryWeights(ir.passes.InPlacePass):
+    """Replace each ±1 weight initializer of a Conv/Gemm/MatMul by its packed bits and an unpacker;
+    records one ``PackedWeight`` per packed tensor."""
+
+    def call(self, model: ir.Model) -> PassReport:
+        return report(model, _pack(model.graph))
+
+
+def _shared_constants(graph: ir.Graph) -> dict[str, ir.Value]:
+    return {
+        "shifts": new_initializer(graph, "htaf.unpack.shifts", np.arange(7, -1, -1, dtype=np.uint8).reshape(1, 8)),
+        "one_u8": new_initializer(graph, "htaf.unpack.one_u8", np.array(1, dtype=np.uint8)),
+        "flat_shape": new_initializer(graph, "htaf.unpack.flat", np.array([-1], dtype=np.int64)),
+        "zero_i64": new_initializer(graph, "htaf.unpack.zero", np.array([0], dtype=np.int64)),
+        "two": new_initializer(graph, "htaf.unpack.two", np.array(2.0, dtype=np.float32)),
+        "one_f": new_initializer(graph, "htaf.unpack.one", np.array(1.0, dtype=np.float32)),
+    }
+
+
+def _pack(graph: ir.Graph) -> list[PackedWeight]:
     shared: dict[str, ir.Value] = {}
     packed: list[PackedWeight] = []
     for node in list(graph):
@@ -78,14 +96,7 @@ def pack_binary_weights(model: ir.Model) -> tuple[ir.Model, list[PackedWeight]]:
         if array is None or not is_binary(array) or weight is None:
             continue
         if not shared:
-            shared = {
-                "shifts": new_initializer(graph, "htaf.unpack.shifts", np.arange(7, -1, -1, dtype=np.uint8).reshape(1, 8)),
-                "one_u8": new_initializer(graph, "htaf.unpack.one_u8", np.array(1, dtype=np.uint8)),
-                "flat_shape": new_initializer(graph, "htaf.unpack.flat", np.array([-1], dtype=np.int64)),
-                "zero_i64": new_initializer(graph, "htaf.unpack.zero", np.array([0], dtype=np.int64)),
-                "two": new_initializer(graph, "htaf.unpack.two", np.array(2.0, dtype=np.float32)),
-                "one_f": new_initializer(graph, "htaf.unpack.one", np.array(1.0, dtype=np.float32)),
-            }
+            shared = _shared_constants(graph)
         name = weight.name or f"{node.name}.weight"
         nodes, unpacked, nbytes, overhead = _unpack_nodes(graph, name, array, shared)
         graph.insert_before(node, nodes)
@@ -94,4 +105,4 @@ def pack_binary_weights(model: ir.Model) -> tuple[ir.Model, list[PackedWeight]]:
         if not weight.uses() and weight.name in graph.initializers:
             graph.initializers.pop(weight.name)
         packed.append(PackedWeight(name.removesuffix(".weight"), name, int(array.size), nbytes, overhead))
-    return model, packed
+    return packed

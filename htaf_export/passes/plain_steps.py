@@ -1,62 +1,79 @@
 """Recognise exact steps written with plain ops (as traced TorchScript or .pt2 programs contain them).
 
-    Cast(X ≥ T)            →  htaf.Heaviside(X, T), tie "ge"     (Greater: tie "gt")
-    Cast(X ≥ T) · 2 − 1    →  htaf.Sign(X, T)
+    Cast(X ≥ T) · 2 − 1    →  htaf.Sign(X, T)                    (rule PlainSign)
+    Cast(X ≥ T)            →  htaf.Heaviside(X, T), tie "ge"     (rule PlainHeaviside; Greater: tie "gt")
 
-T must be a constant. The rewritten node keeps the comparison node's name and metadata, so the
-site it came from can still be read off it.
+T must be a constant. The step keeps the comparison node's name and metadata, so the site it came
+from can still be read off it. Sign rules run first, so a ±1 step is one node, not a Heaviside and
+arithmetic.
 """
 
 from __future__ import annotations
 
-import numpy as np
 import onnx_ir as ir
+from onnxscript.rewriter import MatchResult, RewriteRuleClassBase
 
-from ..ops import HTAF_DOMAIN
-from .util import const_array
+from ..ops import HTAF_DOMAIN, HTAF_OPSET_VERSION
+from .base import PassReport, apply_rules, report
 
-COMPARISONS = {"GreaterOrEqual": "ge", "Greater": "gt"}
-
-
-def _only_consumer(value: ir.Value, op_type: str) -> ir.Node | None:
-    uses = list(value.uses())
-    if len(uses) != 1 or value.is_graph_output():
-        return None
-    node = uses[0].node
-    return node if node.op_type == op_type and node.domain == "" else None
+COMPARISONS = {"ge": "GreaterOrEqual", "gt": "Greater"}
 
 
-def _other_constant(node: ir.Node, value: ir.Value) -> np.ndarray | None:
-    others = [v for v in node.inputs if v is not value]
-    return const_array(others[0]) if len(others) == 1 else None
+def _threshold_check(t: ir.Value) -> MatchResult:
+    result = MatchResult()
+    if t.const_value is None:
+        return result.fail(f"threshold {t.name!r} is computed at run time, not a constant", t)
+    return result
 
 
-def recognise_plain_steps(model: ir.Model) -> tuple[ir.Model, int]:
-    graph = model.graph
-    count = 0
-    for compare in [n for n in graph if n.domain == "" and n.op_type in COMPARISONS]:
-        x, t = compare.inputs[0], compare.inputs[1]
-        if x is None or const_array(t) is None:
-            continue
-        cast = _only_consumer(compare.outputs[0], "Cast")
-        if cast is None or cast.attributes["to"].as_int() != ir.DataType.FLOAT:
-            continue
-        op, last, removed = "Heaviside", cast, [compare, cast]
-        mul = _only_consumer(cast.outputs[0], "Mul")
-        if mul is not None and np.all(_other_constant(mul, cast.outputs[0]) == 2):
-            sub = _only_consumer(mul.outputs[0], "Sub")
-            if sub is not None and sub.inputs[0] is mul.outputs[0] and np.all(const_array(sub.inputs[1]) == 1):
-                op, last, removed = "Sign", sub, removed + [mul, sub]
-        step = ir.node(op, [x, t], {"tie": COMPARISONS[compare.op_type]}, domain=HTAF_DOMAIN, name=compare.name,
-                       metadata_props=dict(compare.metadata_props))
-        graph.insert_before(compare, step)
-        out = last.outputs[0]
-        step.outputs[0].name = out.name
-        was_output = out.is_graph_output()
-        out.replace_all_uses_with(step.outputs[0], replace_graph_outputs=True)
-        if was_output:
-            out.name = None
-            step.outputs[0].name = graph.outputs[[o is step.outputs[0] for o in graph.outputs].index(True)].name
-        graph.remove(list(reversed(removed)), safe=True)
-        count += 1
-    return model, count
+def _step(op, kind: str, x: ir.Value, t: ir.Value, tie: str, cmp: ir.Value) -> ir.Value:
+    out = getattr(op, kind)(x, t, tie=tie, _domain=HTAF_DOMAIN, _version=HTAF_OPSET_VERSION)
+    source, node = cmp.producer(), out.producer()
+    node.name = source.name
+    node.metadata_props.update(source.metadata_props)
+    return out
+
+
+class PlainHeaviside(RewriteRuleClassBase):
+    """Cast(Compare(X, T), to=FLOAT) → htaf.Heaviside(X, T, tie)."""
+
+    def __init__(self, tie: str) -> None:
+        super().__init__(name=f"PlainHeaviside[{tie}]")
+        self.tie = tie
+
+    def pattern(self, op, x, t):
+        return op.Cast(getattr(op, COMPARISONS[self.tie])(x, t, _outputs=["cmp"]), to=ir.DataType.FLOAT)
+
+    def check(self, context, x, t, **_) -> MatchResult:
+        return _threshold_check(t)
+
+    def rewrite(self, op, x, t, cmp, **_):
+        return _step(op, "Heaviside", x, t, self.tie, cmp)
+
+
+class PlainSign(PlainHeaviside):
+    """Sub(Mul(Cast(Compare(X, T), to=FLOAT), 2), 1) → htaf.Sign(X, T, tie)."""
+
+    def __init__(self, tie: str) -> None:
+        super().__init__(tie)
+        self.name = f"PlainSign[{tie}]"
+
+    def pattern(self, op, x, t):
+        return op.Sub(op.Mul(super().pattern(op, x, t), 2.0), 1.0)
+
+    def rewrite(self, op, x, t, cmp, **_):
+        return _step(op, "Sign", x, t, self.tie, cmp)
+
+
+SIGN_RULES = [PlainSign.rule(tie) for tie in COMPARISONS]
+HEAVISIDE_RULES = [PlainHeaviside.rule(tie) for tie in COMPARISONS]
+
+
+class RecognisePlainSteps(ir.passes.InPlacePass):
+    """Lift plain-op steps to htaf ops; records the number lifted, refusals say why a comparison stayed."""
+
+    def call(self, model: ir.Model) -> PassReport:
+        signs, refused_signs = apply_rules(model, SIGN_RULES, commute=True)
+        steps, refused = apply_rules(model, HEAVISIDE_RULES)
+        del refused_signs  # what the sign rules refused, the Heaviside rules see again
+        return report(model, modified=bool(signs + steps), refusals=refused)

@@ -7,35 +7,46 @@ with like whatever the runtime's own layout.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Mapping, Protocol
 
 import numpy as np
 
-from ..capture import StepNode
+from .. import metadata as md
+from ..contracts import StepSpec
+from ..errors import BadInput
 
 
-@dataclass
+@dataclass(frozen=True)
 class ArtifactInfo:
     """What an artifact file says about itself (read from its metadata)."""
 
     path: Path
     kind: str  # "onnx" or "tflite"
-    input_names: list[str]
-    output_names: list[str]
-    steps: list[StepNode] = field(default_factory=list)
-    metadata: dict[str, str] = field(default_factory=dict)
+    input_names: tuple[str, ...]
+    output_names: tuple[str, ...]
+    steps: tuple[StepSpec, ...] = ()
+    metadata: Mapping[str, str] = field(default_factory=dict)
     # step tensor → the layer (weights) that feeds it, where the file shows it; used to name failures
-    layers: dict[str, str] = field(default_factory=dict)
+    layers: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def streaming(self) -> bool:
-        return self.metadata.get("htaf_export.snn_mode") == "streaming"
+        return self.metadata.get(md.SNN_MODE) == "streaming"
 
     @property
     def tie(self) -> str | None:
-        return self.metadata.get("htaf_export.tie")
+        return self.metadata.get(md.TIE)
+
+
+def read_steps(path: Path, metadata: Mapping[str, str]) -> list[StepSpec]:
+    """The step list an artifact's metadata declares; one clear error for a damaged entry."""
+    try:
+        return [StepSpec.from_dict(s) for s in json.loads(metadata[md.STEPS])]
+    except (ValueError, TypeError, KeyError):
+        raise BadInput(f"artifact {path} has unreadable {md.STEPS} metadata") from None
 
 
 class Runner(Protocol):
@@ -63,8 +74,6 @@ def backends_for(info: ArtifactInfo, device: str = "all", model=None) -> tuple[l
     hardened ``model`` is given, PyTorch on CUDA, which checks the reference itself on the GPU.
     """
     if device not in ("cpu", "cuda", "all"):
-        from ..errors import BadInput
-
         raise BadInput(f"unknown device {device!r}; choose cpu, cuda or all")
     runners = list(runners_for(info, device))
     skipped: list[tuple[str, str]] = []
@@ -86,8 +95,6 @@ def backends_for(info: ArtifactInfo, device: str = "all", model=None) -> tuple[l
 
 
 def read_artifact(path: Path) -> ArtifactInfo:
-    from ..errors import BadInput
-
     if not path.is_file():
         raise BadInput(f"artifact {path} does not exist")
     if path.suffix == ".onnx":

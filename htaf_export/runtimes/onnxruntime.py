@@ -2,35 +2,44 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import onnx
+import onnx_ir as ir
+from google.protobuf.message import DecodeError
 
-from ..capture import StepNode
+from .. import metadata as md
+from ..contracts import StepSpec
 from ..errors import BadInput
-from . import ArtifactInfo
+from ..ops import lower_steps
+from . import ArtifactInfo, read_steps
 
 
 def read_onnx_artifact(path: Path) -> ArtifactInfo:
     try:
         proto = onnx.load(str(path), load_external_data=False)
-    except Exception as e:  # noqa: BLE001 - protobuf raises DecodeError and others
+    except (DecodeError, ValueError, OSError) as e:
         raise BadInput(f"artifact {path} is not a readable ONNX file: {str(e).splitlines()[0][:120] if str(e) else type(e).__name__}") from None
     meta = {p.key: p.value for p in proto.metadata_props}
-    if "htaf_export.steps" not in meta:
+    if md.STEPS not in meta:
         raise BadInput(f"artifact {path} was not written by htaf-export (no htaf_export metadata)")
-    try:
-        steps = [StepNode(**s) for s in json.loads(meta["htaf_export.steps"])]
-    except (ValueError, TypeError):
-        raise BadInput(f"artifact {path} has unreadable htaf_export.steps metadata") from None
+    steps = read_steps(path, meta)
     initializers = {i.name for i in proto.graph.initializer}
-    inputs = [i.name for i in proto.graph.input if i.name not in initializers]
-    return ArtifactInfo(path, "onnx", inputs, [o.name for o in proto.graph.output], steps, meta,
+    inputs = tuple(i.name for i in proto.graph.input if i.name not in initializers)
+    return ArtifactInfo(path, "onnx", inputs, tuple(o.name for o in proto.graph.output), tuple(steps), meta,
                         feeding_layers(proto.graph, [s.tensor for s in steps]))
 
 
+def _ort_errors() -> tuple[type[Exception], ...]:
+    from onnxruntime.capi import onnxruntime_pybind11_state as state
+
+    return (state.Fail, state.InvalidGraph, state.InvalidProtobuf, state.InvalidArgument, state.NotImplemented,
+            state.RuntimeException)
+
+
+ORT_LOAD_ERRORS = _ort_errors()
 WEIGHTED_OPS = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1}
 WEIGHT_SUFFIXES = (".weight.unpacked", ".weight", ".packed", ".unpacked")
 
@@ -80,7 +89,7 @@ def cuda_unavailable() -> str | None:
     return None
 
 
-def _with_step_outputs(path: Path, steps: list[StepNode]) -> bytes:
+def _with_step_outputs(path: Path, steps: Sequence[StepSpec]) -> bytes:
     """The model with every step tensor also exposed as a graph output, so it can be compared."""
     proto = onnx.load(str(path))
     present = {o.name for o in proto.graph.output}
@@ -104,7 +113,7 @@ class OnnxRuntimeRunner:
             opts.intra_op_num_threads = threads
         try:
             self.session = ort.InferenceSession(_with_step_outputs(info.path, info.steps), opts, providers=[provider])
-        except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
+        except ORT_LOAD_ERRORS as e:
             raise BadInput(f"ONNX Runtime cannot load {info.path}: {str(e).splitlines()[0][:200]}") from None
         self.outputs = [o.name for o in self.session.get_outputs()]
 
@@ -123,3 +132,22 @@ def onnx_runners(info: ArtifactInfo, device: str = "all") -> list[OnnxRuntimeRun
     if device in ("cuda", "all") and "CUDAExecutionProvider" in available:
         wanted.append("CUDAExecutionProvider")
     return [OnnxRuntimeRunner(info, p) for p in wanted]
+
+
+def ir_session(model: ir.Model, tensors: Sequence[str]):
+    """``run({input: array}) -> {tensor: array}``: ONNX Runtime on an IR model itself (steps lowered to standard
+    ops, each with its own tie rule), returning ``tensors``. An oracle independent of any converter."""
+    import onnxruntime as ort
+
+    proto = lower_steps(ir.to_proto(model))
+    present = {o.name for o in proto.graph.output}
+    proto.graph.output.extend(onnx.helper.make_empty_tensor_value_info(t) for t in tensors if t not in present)
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    session = ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    names = list(tensors)
+
+    def run(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return dict(zip(names, session.run(names, inputs)))
+
+    return run
