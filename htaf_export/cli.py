@@ -18,6 +18,21 @@ from .errors import BadInput, HtafExportError
 from .targets import LCE_KERNEL_CHOICES, SNN_MODES, TARGETS
 
 
+def _shape(text: str) -> list[int]:
+    try:
+        shape = [int(d) for d in text.replace("x", ",").split(",") if d.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated sizes such as 1,8,8, got {text!r}") from None
+    if not shape or any(d <= 0 for d in shape):
+        raise argparse.ArgumentTypeError(f"expected positive sizes such as 1,8,8, got {text!r}")
+    return shape
+
+
+def _input_shape_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--input-shape", type=_shape, metavar="C,H,W",
+                   help="per-sample input shape, no batch (needed only when neither --data nor the file says it)")
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line and exit code 2."""
 
@@ -42,6 +57,7 @@ def _export_parser() -> argparse.ArgumentParser:
                    help="tflite: the LCE kernel the file recommends (auto: indirect-bgemm, see the README)")
     p.add_argument("--device", choices=("cpu", "cuda", "all"), default="all", help="backends to validate on")
     p.add_argument("--trust-pickle", action="store_true", help="allow a pickled nn.Module (unpickling runs code)")
+    _input_shape_option(p)
     _tolerance_options(p)
     return p
 
@@ -58,7 +74,9 @@ def _inspect_parser() -> argparse.ArgumentParser:
                 "the bits its parameters need; with --data, the hardening gap.")
     p.add_argument("model")
     p.add_argument("--data", type=Path, help=".npz with inputs 'x' (and labels 'y'): measures the hardening gap")
+    p.add_argument("--tie", choices=("ge", "gt"), help="tie rule for sites that declare none")
     p.add_argument("--trust-pickle", action="store_true")
+    _input_shape_option(p)
     return p
 
 
@@ -71,6 +89,7 @@ def _validate_parser() -> argparse.ArgumentParser:
     p.add_argument("--tie", choices=("ge", "gt"))
     p.add_argument("--report", type=Path, help="write the parity report to FILE.json or FILE.html")
     p.add_argument("--trust-pickle", action="store_true")
+    _input_shape_option(p)
     _tolerance_options(p)
     return p
 
@@ -106,9 +125,9 @@ def run_inspect(argv: Sequence[str]) -> int:
     from .data import load_npz
     from .inspect import render, summarize
 
-    loaded = io.load(args.model, trust_pickle=args.trust_pickle)
+    loaded = io.resolve(io.load(args.model, trust_pickle=args.trust_pickle), args.input_shape, args.data)
     data = load_npz(args.data, loaded.input_shape) if args.data is not None else None
-    render(summarize(loaded, data), Console())
+    render(summarize(loaded, data, tie=args.tie), Console())
     return 0
 
 
@@ -125,6 +144,7 @@ def run_export(argv: Sequence[str]) -> int:
     console = Console()
     with out.progress_bar() as progress:
         result = export(args.model, args.target, args.output, tie=args.tie, data=args.data,
+                        input_shape=args.input_shape,
                         validate_artifact=not args.no_validate, portable=args.portable, snn_mode=args.snn_mode,
                         lce_kernel=args.lce_kernel, trust_pickle=args.trust_pickle, device=args.device,
                         tolerance=tolerance, progress=progress)
@@ -146,20 +166,21 @@ def run_validate(argv: Sequence[str]) -> int:
 
     from . import console as out
     from .harden import harden
-    from .io import load
+    from .io import load, resolve
     from .pipeline import default_data, validate_file
     from .report import write_report
     from .runtimes import read_artifact
 
     console = Console()
-    loaded = load(args.model, trust_pickle=args.trust_pickle)
+    loaded = resolve(load(args.model, trust_pickle=args.trust_pickle), args.input_shape, args.data)
     info = read_artifact(args.artifact)
     dataset = default_data(loaded.input_shape, args.data)
     # The reference follows the declared rule (--tie, else the model's own), never the artifact's:
     # an artifact built with another rule must fail on inputs that land on a threshold.
     hardening = harden(loaded.module, tie=args.tie)
     with out.progress_bar() as progress:
-        report = validate_file(hardening, info, dataset, str(loaded.path), args.device, tolerance, progress=progress)
+        report = validate_file(hardening, info, dataset, str(loaded.path), args.device, tolerance, progress=progress,
+                               input_shape=loaded.input_shape)
     out.print_report(report, console)
     if args.report is not None:
         write_report(report, args.report)

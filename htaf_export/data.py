@@ -157,6 +157,31 @@ class NpzBatches:
                 yield x, (self.y[i:i + m] if self.y is not None else None)
 
 
+def npz_sample_shape(path: str | Path) -> list[int]:
+    """The per-sample shape of the inputs ``x`` (or the only array) of an .npz, read from its header."""
+    path = Path(path)
+    if not path.is_file():
+        raise BadInput(f"data file {path} does not exist")
+    try:
+        with zipfile.ZipFile(path) as z:
+            members = [n for n in z.namelist() if n.endswith(".npy")]
+            member = "x.npy" if "x.npy" in members else (members[0] if len(members) == 1 else None)
+            if member is None:
+                raise BadInput(f"data file {path} must hold the inputs under key 'x' "
+                               f"(found {', '.join(n[:-4] for n in members) or 'nothing'})")
+            with z.open(member) as f:
+                version = np.lib.format.read_magic(f)
+                reader = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                          else np.lib.format.read_array_header_2_0)
+                shape, _, _ = reader(f)
+    except (ValueError, OSError, zipfile.BadZipFile, EOFError, KeyError) as e:
+        what = "it is not a zip archive (.npz)" if isinstance(e, zipfile.BadZipFile) else str(e).splitlines()[0][:120]
+        raise BadInput(f"data file {path} is not a readable .npz archive: {what}") from None
+    if len(shape) < 2:
+        raise BadInput(f"data file {path}: inputs of shape {list(shape)} have no per-sample dimensions")
+    return [int(d) for d in shape[1:]]
+
+
 def as_batches(data: Dataset | Batches) -> Batches:
     return ArrayBatches(data) if isinstance(data, Dataset) else data
 

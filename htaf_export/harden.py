@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import outputs
 from .errors import BadInput
 from .nn import HTAF, Step, htaf_function
 from .nn.binary import BinaryWeights
@@ -153,8 +154,8 @@ def harden(model: nn.Module, data: torch.Tensor | None = None, labels: torch.Ten
 
 
 def primary_output(out: Any) -> torch.Tensor:
-    """The first output (the logits) of a model that may return a tuple."""
-    return out[0] if isinstance(out, (tuple, list)) else out
+    """The first output (the logits) of a model that may return a tuple, a dict or a nested mix."""
+    return outputs.leaves(out)[0]
 
 
 @torch.no_grad()

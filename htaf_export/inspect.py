@@ -64,11 +64,11 @@ def layer_table(module: torch.nn.Module) -> list[LayerInfo]:
     return layers
 
 
-def summarize(loaded: LoadedModel, data: Dataset | None = None) -> ModelSummary:
+def summarize(loaded: LoadedModel, data: Dataset | None = None, tie: str | None = None) -> ModelSummary:
     """Inspect a loaded model; with data, harden a copy to measure the gap (and accuracy with labels)."""
     x = torch.from_numpy(data.x) if data is not None else None
     y = torch.from_numpy(data.y) if data is not None and data.y is not None else None
-    result = harden(loaded.module, x, y)
+    result = harden(loaded.module, x, y, tie=tie)
     summary = ModelSummary(loaded, result.sites, layer_table(loaded.module), result if data is not None else None)
     if loaded.source_format in ("torchscript", "exported_program"):
         summary.notes.append("binary layers are not recognisable inside a traced graph; bits assume float weights")

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
+import os
 import pickle
 import re
+import sys
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Iterator, Literal, Sequence
 
 import torch
 from torch import nn
@@ -34,19 +37,48 @@ SourceFormat = Literal["checkpoint", "torchscript", "exported_program", "pickle"
 
 @dataclass
 class LoadedModel:
-    """A model read from a file, with what the rest of the pipeline needs to know about it."""
+    """A model read from a file, with what the rest of the pipeline needs to know about it.
+
+    ``input_shape`` (per sample, no batch) is None when the file does not say; ``output_names`` None when
+    the model does not name its outputs: ``resolve`` fills both in.
+    """
 
     module: nn.Module
-    input_shape: list[int]
+    input_shape: list[int] | None
     source_format: SourceFormat
     path: Path
     sha256: str
     family: str = "unknown"
     arch: str | None = None
     config: dict[str, Any] = field(default_factory=dict)
-    output_names: list[str] = field(default_factory=lambda: ["logits"])
+    output_names: list[str] | None = None
     meta: dict[str, Any] = field(default_factory=dict)
     exported_program: Any = None
+
+
+def resolve(loaded: LoadedModel, input_shape: Sequence[int] | None = None, data: Path | None = None) -> LoadedModel:
+    """``loaded`` with its input shape (``input_shape``, else what the file records, else the shape of ``data``'s
+    samples) and its output names (what the model declares, else named after its output structure)."""
+    from . import outputs
+    from .data import npz_sample_shape
+
+    shape = [int(d) for d in input_shape] if input_shape is not None else loaded.input_shape
+    if shape is None and data is not None:
+        shape = npz_sample_shape(data)
+    if shape is None:
+        raise BadInput(f"{loaded.path}: the model does not say its input shape; {SHAPE_HELP}")
+    if any(d <= 0 for d in shape):
+        raise BadInput(f"input shape {shape} must be positive numbers")
+    if loaded.source_format == "exported_program" and loaded.input_shape and shape != loaded.input_shape:
+        raise BadInput(f"input shape {shape} differs from the {loaded.input_shape} the .pt2 program was exported for")
+    try:
+        with torch.no_grad():
+            out = loaded.module(torch.zeros(2, *shape))
+    except (RuntimeError, ValueError, TypeError, IndexError, AssertionError) as e:
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise BadInput(f"{loaded.path}: the model does not run on inputs of shape [batch, "
+                       f"{', '.join(map(str, shape))}] ({first}); {SHAPE_HELP}") from None
+    return replace(loaded, input_shape=shape, output_names=outputs.names(out, loaded.output_names))
 
 
 def file_sha256(path: Path) -> str:
@@ -57,25 +89,36 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _spec_of(module: nn.Module) -> dict[str, Any]:
-    shape = getattr(module, "input_shape", None)
+SHAPE_HELP = ("pass --input-shape (per sample, no batch, e.g. 1,8,8), or --data FILE.npz with inputs 'x', "
+              "or save the model with htaf_export.save or torch.export, which record it")
+
+
+def _declared_outputs(module: nn.Module) -> list[str] | None:
+    names = getattr(module, "output_names", None)
+    return [str(n) for n in names] if isinstance(names, (list, tuple)) and names else None
+
+
+def _spec_of(module: nn.Module, input_shape: Sequence[int] | None = None) -> dict[str, Any]:
+    shape = input_shape if input_shape is not None else getattr(module, "input_shape", None)
     if shape is None:
-        raise BadInput(f"{type(module).__name__} has no input_shape attribute; set model.input_shape "
-                       f"(without the batch dimension) before saving")
+        raise BadInput(f"{type(module).__name__} does not say its input shape: pass input_shape=(...) "
+                       f"(per sample, no batch) or set model.input_shape before saving")
     return {"input_shape": [int(d) for d in shape], "family": getattr(module, "family", "unknown"),
-            "output_names": list(getattr(module, "output_names", ("logits",)))}
+            "output_names": _declared_outputs(module) or ["logits"]}
 
 
 def save(model: nn.Module, path: str | Path, meta: dict[str, Any] | None = None,
-         format: Literal["checkpoint", "torchscript", "pt2"] = "checkpoint") -> Path:
+         format: Literal["checkpoint", "torchscript", "pt2"] = "checkpoint",
+         input_shape: Sequence[int] | None = None) -> Path:
     """Write ``model`` atomically.
 
     ``checkpoint`` (default) is the project format, readable with ``torch.load(path, weights_only=True)``:
     ``{"format", "version", "arch", "config", "state_dict", "input_shape", "meta"}``; the model must be
     a registered architecture. ``torchscript`` and ``pt2`` embed the input spec as an extra file.
+    ``input_shape`` (per sample) is needed when the model has no ``input_shape`` attribute.
     """
     path = Path(path)
-    spec = _spec_of(model)
+    spec = _spec_of(model, input_shape)
     if format == "checkpoint":
         arch = getattr(model, "arch", None)
         if arch is None or arch not in models.architectures():
@@ -178,8 +221,7 @@ def _first_damaged_member(archive: zipfile.ZipFile) -> str | None:
 
 def _read_spec(extra: str, path: Path, kind: str) -> dict[str, Any]:
     if not extra:
-        raise BadInput(f"{kind} file {path} carries no input spec ({SPEC_FILE}); "
-                       f"save it with htaf_export.save(model, path, format=...)")
+        return {"input_shape": None}
     try:
         spec = json.loads(extra)
         spec["input_shape"] = [int(d) for d in spec["input_shape"]]
@@ -194,7 +236,7 @@ def _load_torchscript(path: Path, digest: str) -> LoadedModel:
     spec = _read_spec(extra[SPEC_FILE], path, "TorchScript")
     return LoadedModel(module=module.eval(), input_shape=spec["input_shape"], source_format="torchscript",
                        path=path, sha256=digest, family=spec.get("family", "unknown"),
-                       output_names=spec.get("output_names", ["logits"]), meta=spec.get("meta", {}))
+                       output_names=spec.get("output_names"), meta=spec.get("meta", {}))
 
 
 def _load_exported_program(path: Path, digest: str) -> LoadedModel:
@@ -208,10 +250,47 @@ def _load_exported_program(path: Path, digest: str) -> LoadedModel:
         if len(placeholders) != 1:
             raise BadInput(f".pt2 file {path} has {len(placeholders)} inputs; htaf-export handles one input tensor")
         spec = {"input_shape": [int(d) for d in placeholders[0].meta["val"].shape[1:]]}
-    return LoadedModel(module=program.module(), input_shape=spec["input_shape"], source_format="exported_program",
+    module = program.module()
+    batch = _static_batch(program)
+    if batch is not None:
+        _free_batch(module, path, batch, spec["input_shape"])
+    return LoadedModel(module=module, input_shape=spec["input_shape"], source_format="exported_program",
                        path=path, sha256=digest, family=spec.get("family", "unknown"),
-                       output_names=spec.get("output_names", ["logits"]), meta=spec.get("meta", {}),
+                       output_names=spec.get("output_names"), meta=spec.get("meta", {}),
                        exported_program=program)
+
+
+def _static_batch(program: Any) -> int | None:
+    """The batch size a program was exported for, when it was exported without a dynamic batch dimension."""
+    user = [n for n in program.graph.nodes if n.op == "placeholder" and n.name in program.graph_signature.user_inputs]
+    dims = [n.meta["val"].shape[0] for n in user if "val" in n.meta and len(n.meta["val"].shape)]
+    return int(dims[0]) if dims and all(isinstance(d, int) for d in dims) else None
+
+
+def _free_batch(module: nn.Module, path: Path, batch: int, shape: list[int]) -> None:
+    """Let a program exported for one batch size run on any: drop its batch guard, then check that each
+    sample's result is what it is alone (a program that folded the batch into a reshape mixes samples)."""
+    graph = module.graph  # type: ignore[attr-defined]
+    for node in list(graph.nodes):
+        if node.op == "call_module" and str(node.target) == "_guards_fn":
+            graph.erase_node(node)
+    module.recompile()  # type: ignore[operator]
+    from . import outputs
+
+    x = torch.randn(3, *shape, generator=torch.Generator().manual_seed(0))
+    try:
+        with torch.no_grad():
+            together = outputs.leaves(module(x))
+            alone = [outputs.leaves(module(x[i:i + 1])) for i in range(3)]
+        ok = all(t.shape[:1] == (3,) and all(torch.allclose(t[i:i + 1], a[k], rtol=1e-4, atol=1e-5)
+                                             for i, a in enumerate(alone))
+                 for k, t in enumerate(together))
+    except (RuntimeError, AssertionError, IndexError, ValueError):
+        ok = False
+    if not ok:
+        raise BadInput(f".pt2 file {path} was exported for batch size {batch} only and cannot run on other batch "
+                       f"sizes; export it with a dynamic batch dimension: torch.export.export(model, (x,), "
+                       f"dynamic_shapes=({{0: torch.export.Dim('batch')}},))")
 
 
 def _load_pickled(path: Path, digest: str, trust_pickle: bool) -> LoadedModel:
@@ -221,14 +300,56 @@ def _load_pickled(path: Path, digest: str, trust_pickle: bool) -> LoadedModel:
         if not trust_pickle:
             raise BadInput(f"{path} is a pickled Python object, and unpickling runs code from the file; "
                            f"pass --trust-pickle only if you trust its source") from None
-        obj = torch.load(path, map_location="cpu", weights_only=False)
+        obj = _unpickle(path)
         if not isinstance(obj, nn.Module):
             raise BadInput(f"{path} holds a pickled {type(obj).__name__}, not an nn.Module") from None
-        spec = _spec_of(obj)
-        return LoadedModel(module=obj.eval(), input_shape=spec["input_shape"], source_format="pickle", path=path,
-                           sha256=digest, family=spec["family"], arch=getattr(obj, "arch", None),
-                           config=dict(getattr(obj, "config", {})), output_names=spec["output_names"])
+        shape = getattr(obj, "input_shape", None)
+        return LoadedModel(module=obj.eval(), input_shape=[int(d) for d in shape] if shape is not None else None,
+                           source_format="pickle", path=path, sha256=digest,
+                           family=str(getattr(obj, "family", "unknown")), arch=getattr(obj, "arch", None),
+                           config=dict(getattr(obj, "config", {}) or {}), output_names=_declared_outputs(obj))
     return _from_checkpoint(obj, path, digest)
+
+
+@contextlib.contextmanager
+def _current_directory_importable() -> Iterator[None]:
+    """Class lookup as in ``python`` run from here: the current directory is importable (a console script
+    puts its own bin directory first instead). Appended, so local files never shadow installed packages."""
+    cwd = os.getcwd()
+    added = cwd not in sys.path and "" not in sys.path
+    if added:
+        sys.path.append(cwd)
+    try:
+        yield
+    finally:
+        if added and cwd in sys.path:
+            sys.path.remove(cwd)
+
+
+_MISSING_CLASS = re.compile(r"Can't get attribute '([\w.]+)' on <module '([\w.]+)'")
+
+
+def _unpickle(path: Path) -> Any:
+    """``torch.load`` of a trusted pickle; a class that cannot be imported is one clear line, not "corrupt"."""
+    try:
+        with _current_directory_importable():
+            return torch.load(path, map_location="cpu", weights_only=False)
+    except ModuleNotFoundError as e:
+        where = f"module {e.name!r}"
+        raise BadInput(_missing_class_message(path, where)) from None
+    except AttributeError as e:
+        found = _MISSING_CLASS.search(str(e))
+        if found is None:
+            raise
+        raise BadInput(_missing_class_message(path, f"class {found.group(1)!r} of module {found.group(2)!r}")) from None
+
+
+def _missing_class_message(path: Path, what: str) -> str:
+    main = "'__main__'" in what
+    fix = ("it was defined in the training script itself (__main__): move the class to a module of its own"
+           if main else "make that module importable (run from its directory, or add it to PYTHONPATH)")
+    return (f"{path} is a pickled model whose {what} cannot be imported; {fix}, or save a checkpoint "
+            f"(htaf_export.save) or a torch.export program (.pt2), which need no Python class")
 
 
 def _from_checkpoint(obj: Any, path: Path, digest: str) -> LoadedModel:
@@ -261,5 +382,5 @@ def _from_checkpoint(obj: Any, path: Path, digest: str) -> LoadedModel:
     meta = dict(obj.get("meta", {}))
     return LoadedModel(module=module.eval(), input_shape=[int(d) for d in obj["input_shape"]],
                        source_format="checkpoint", path=path, sha256=digest, family=module.family,
-                       arch=obj["arch"], config=dict(obj["config"]), output_names=list(module.output_names),
+                       arch=obj["arch"], config=dict(obj["config"]), output_names=_declared_outputs(module),
                        meta=meta)

@@ -24,7 +24,7 @@ from .data import Batches, Dataset, NpzBatches, digits
 from .errors import BadInput
 from .files import atomic_write_bytes, check_writable
 from .harden import HardenResult, harden
-from .io import LoadedModel, load
+from .io import LoadedModel, load, resolve
 from .reference import run_reference, step_modules
 from .runtimes import ArtifactInfo, backends_for, read_artifact
 from .runtimes.onnxruntime import ir_session
@@ -112,15 +112,19 @@ def convert(cap: Capture, target: Target, provenance_: Mapping[str, str], option
 
 
 def export(model: str | Path | LoadedModel, target: str, output: str | Path | None = None, *, tie: str | None = None,
-           data: Path | None = None, validate_artifact: bool = True, portable: bool = False,
+           data: Path | None = None, input_shape: Sequence[int] | None = None, validate_artifact: bool = True,
+           portable: bool = False,
            snn_mode: str = "unrolled", lce_kernel: str = "auto", trust_pickle: bool = False, device: str = "all",
            tolerance: Tolerance | None = None, progress: Progress | None = None) -> ExportResult:
-    """Export ``model`` to ``target`` (see ``htaf_export.targets.TARGETS``) and, unless told not to, validate it."""
+    """Export ``model`` to ``target`` (see ``htaf_export.targets.TARGETS``) and, unless told not to, validate it.
+
+    ``input_shape`` (per sample, no batch) is needed only when neither ``data`` nor the model file says it."""
     chosen = target_named(target)
     options = ExportOptions(portable=portable, snn_mode=snn_mode, lce_kernel=lce_kernel)
     seconds: dict[str, float] = {}
     start = time.perf_counter()
-    loaded = model if isinstance(model, LoadedModel) else load(model, trust_pickle=trust_pickle)
+    loaded = resolve(model if isinstance(model, LoadedModel) else load(model, trust_pickle=trust_pickle),
+                     input_shape, data)
     out = output_path(loaded, chosen, output)
     check_writable(out)
     dataset = default_data(loaded.input_shape, data) if validate_artifact else None
@@ -143,16 +147,16 @@ def export(model: str | Path | LoadedModel, target: str, output: str | Path | No
     if dataset is not None:
         t = time.perf_counter()
         report = validate_file(hardening, read_artifact(out), dataset, str(loaded.path), device, tolerance,
-                               progress=progress)
+                               progress=progress, input_shape=loaded.input_shape)
         seconds["validate"] = time.perf_counter() - t
     return ExportResult(out, chosen.name, hardening, conversion, report, seconds)
 
 
 def validate_file(hardening: HardenResult, info: ArtifactInfo, data: Dataset | Batches, model_name: str,
                   device: str = "all", tolerance: Tolerance | None = None, *, progress: Progress | None = None,
-                  crafted: bool = True) -> ParityReport:
+                  crafted: bool = True, input_shape: Sequence[int] | None = None) -> ParityReport:
     """Validate an artifact against a hardened model on every backend this machine has for ``device``."""
-    check_artifact_fits(hardening, info)
+    check_artifact_fits(hardening, info, input_shape)
     runners, skipped = backends_for(info, device, model=hardening.model)
     if not runners:
         why = "; ".join(f"{b}: {r}" for b, r in skipped)
@@ -161,10 +165,9 @@ def validate_file(hardening: HardenResult, info: ArtifactInfo, data: Dataset | B
                     progress=progress, skipped=skipped)
 
 
-def check_artifact_fits(hardening: HardenResult, info: ArtifactInfo) -> None:
+def check_artifact_fits(hardening: HardenResult, info: ArtifactInfo, model_shape: Sequence[int] | None) -> None:
     """Refuse (exit 2) an artifact that was not exported from this model: other input shape or other steps."""
     shape = info.metadata.get(md.INPUT_SHAPE)
-    model_shape = getattr(hardening.model, "input_shape", None)
     if shape and model_shape is not None:
         try:
             artifact_shape = [int(d) for d in json.loads(shape)]

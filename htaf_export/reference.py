@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import outputs
 from .harden import set_eval
 from .nn import Step
 
@@ -180,9 +181,8 @@ def run_reference(model: nn.Module, inputs: tuple[torch.Tensor, ...], output_nam
     model = model.to(device)
     set_eval(model)
     out, calls = forward_recording(model, tuple(t.to(device) for t in inputs), streaming=streaming)
-    outs = out if isinstance(out, (tuple, list)) else (out,)
     run = ReferenceRun()
-    for name, value in zip(output_names, outs):
+    for name, value in zip(output_names, outputs.leaves(out)):
         run.outputs[name] = value.detach().cpu().numpy()
     for c in calls:
         key = (c.site, c.call)

@@ -13,7 +13,7 @@ graph order, the layer that feeds it, and what went wrong, so pytest shows it di
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -21,25 +21,37 @@ from torch import nn
 
 from .data import Batches, Dataset, NpzBatches
 from .harden import harden
-from .io import LoadedModel, load
+from .io import LoadedModel, load, resolve
 from .validate import ParityReport, Tolerance
 
 __all__ = ["assert_parity", "check_parity"]
 
 
-def _loaded(model: str | Path | nn.Module | LoadedModel, trust_pickle: bool) -> tuple[nn.Module, list[int], str]:
-    if isinstance(model, LoadedModel):
-        return model.module, list(model.input_shape), str(model.path)
+def _shape_of(data: Any) -> list[int] | None:
+    """Per-sample shape of in-memory data (arrays, tensors, an (inputs, labels) pair, a Dataset)."""
+    if isinstance(data, Dataset):
+        return list(data.x.shape[1:])
+    if isinstance(data, tuple) and len(data) == 2:
+        data = data[0]
+    if isinstance(data, (torch.Tensor, np.ndarray)) and data.ndim >= 2:
+        return [int(d) for d in data.shape[1:]]
+    return None
+
+
+def _loaded(model: str | Path | nn.Module | LoadedModel, trust_pickle: bool, data: Any,
+            input_shape: Sequence[int] | None) -> tuple[nn.Module, list[int], str]:
+    npz = Path(data) if isinstance(data, (str, Path)) else None
+    shape = list(input_shape) if input_shape is not None else _shape_of(data)
     if isinstance(model, (str, Path)):
-        ld = load(model, trust_pickle=trust_pickle)
-        return ld.module, list(ld.input_shape), str(ld.path)
+        model = load(model, trust_pickle=trust_pickle)
     if isinstance(model, nn.Module):
-        shape = getattr(model, "input_shape", None)
-        if shape is None:
-            raise TypeError(f"{type(model).__name__} has no input_shape attribute; set model.input_shape "
-                            f"(without the batch dimension) or pass a model file")
-        return model, [int(d) for d in shape], type(model).__name__
-    raise TypeError(f"model must be a path, an nn.Module or a LoadedModel, not {type(model).__name__}")
+        declared = getattr(model, "input_shape", None)
+        model = LoadedModel(model, [int(d) for d in declared] if declared is not None else None, "pickle",
+                            Path(type(model).__name__), "")
+    if not isinstance(model, LoadedModel):
+        raise TypeError(f"model must be a path, an nn.Module or a LoadedModel, not {type(model).__name__}")
+    ld = resolve(model, shape, npz)
+    return ld.module, list(ld.input_shape or []), str(ld.path)
 
 
 def _data(data: Any, input_shape: list[int]) -> Dataset | Batches | None:
@@ -61,11 +73,11 @@ def _data(data: Any, input_shape: list[int]) -> Dataset | Batches | None:
 
 def check_parity(model: str | Path | nn.Module | LoadedModel, artifact: str | Path, data: Any = None, *,
                  device: str = "cpu", tie: str | None = None, crafted: bool = True, trust_pickle: bool = False,
-                 **tolerances: float) -> ParityReport:
+                 input_shape: Sequence[int] | None = None, **tolerances: float) -> ParityReport:
     """Compare ``artifact`` with the hardened ``model`` and return the report (``report.passed``).
 
-    ``model``: a model file, an ``nn.Module`` (with an ``input_shape`` attribute) or a ``LoadedModel``;
-    smooth HTAF sites are hardened first. ``data``: None (the bundled digits for 64-input models, else
+    ``model``: a model file, an ``nn.Module`` or a ``LoadedModel``; smooth HTAF sites are hardened first.
+    Its per-sample input shape comes from ``input_shape``, else ``data``, else the model (file or attribute). ``data``: None (the bundled digits for 64-input models, else
     generated inputs), an array or tensor of inputs, an ``(inputs, labels)`` pair, a ``Dataset`` or an
     .npz path. ``device``: "cpu" (default, deterministic for CI), "cuda" or "all". ``tie``: the
     declared tie rule, if not the model's own. ``tolerances``: ``atol``, ``rtol``, ``flip_margin``.
@@ -76,15 +88,14 @@ def check_parity(model: str | Path | nn.Module | LoadedModel, artifact: str | Pa
     unknown = set(tolerances) - {"atol", "rtol", "flip_margin"}
     if unknown:
         raise TypeError(f"unknown tolerance {', '.join(sorted(unknown))}; use atol, rtol or flip_margin")
-    module, input_shape, name = _loaded(model, trust_pickle)
+    module, shape, name = _loaded(model, trust_pickle, data, input_shape)
     hardening = harden(module, tie=tie)
-    if not hasattr(hardening.model, "input_shape"):
-        hardening.model.input_shape = input_shape  # type: ignore[attr-defined]
-    batches = _data(data, input_shape)
+    batches = _data(data, shape)
     if batches is None:
-        batches = default_data(input_shape, None)
+        batches = default_data(shape, None)
     info = read_artifact(Path(artifact))
-    return validate_file(hardening, info, batches, name, device, Tolerance(**tolerances), crafted=crafted)
+    return validate_file(hardening, info, batches, name, device, Tolerance(**tolerances), crafted=crafted,
+                         input_shape=shape)
 
 
 def assert_parity(model: str | Path | nn.Module | LoadedModel, artifact: str | Path, data: Any = None,

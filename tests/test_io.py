@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import htaf_export
+from htaf_export.io import resolve
 from htaf_export import models
 from htaf_export.errors import BadInput
 from htaf_export.nn import HTAF, BinaryConv2d, BinaryLinear
@@ -170,11 +171,21 @@ def test_torchscript_and_pt2_round_trip_of_hardened_model(name, fmt, source, loa
     assert all(s.was == "step" for s in again.sites)
 
 
-def test_torchscript_without_spec_is_refused(tmp_path):
+def test_torchscript_without_spec_needs_a_shape_from_one_of_three_places(tmp_path, npz_file):
     m = htaf_export.harden(models.build("dhn_mlp", dict(hidden=[4]))).model
     path = tmp_path / "plain.ts"
     torch.jit.save(torch.jit.trace(m, torch.zeros(2, 64)), str(path))
-    assert "input spec" in _bad(path)
+    loaded = htaf_export.load(path)
+    assert loaded.input_shape is None
+    with pytest.raises(BadInput) as info:
+        resolve(loaded)
+    message = str(info.value)
+    assert "--input-shape" in message and "--data" in message and "htaf_export.save" in message
+    assert resolve(loaded, [64]).input_shape == [64]
+    assert resolve(loaded, data=npz_file(x=np.zeros((3, 64), np.float32))).input_shape == [64]
+    assert resolve(loaded, [64]).output_names == ["logits"]
+    with pytest.raises(BadInput, match="does not run on inputs of shape"):
+        resolve(loaded, [8, 8])
 
 
 # ------------------------------------------------------------------------------------------- pickles

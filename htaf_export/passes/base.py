@@ -28,24 +28,30 @@ class PassReport(ir.passes.PassResult):
 
 
 class _Refusals(MatchingTracer):
-    """Keeps every refusal (MatchingTracer alone keeps only the best match per rule)."""
+    """Keeps every refusal (MatchingTracer alone keeps only the best match per rule). The matcher itself refuses
+    a match one of whose inner values is used outside it, before any ``check`` runs: ``shared`` says that."""
 
-    def __init__(self) -> None:
+    def __init__(self, shared: str) -> None:
         super().__init__()
+        self.shared = shared
         self.found: list[tuple[str, str]] = []
 
     def log(self, rule, container, node, match_result, status) -> None:  # type: ignore[override]
+        value = str(node.outputs[0].name if node.outputs else node.name)
+        reason = str(match_result.reason)
         if status == MatchStatus.CONDITION_FAILED:
-            value = node.outputs[0].name if node.outputs else node.name
-            self.found.append((str(value), str(match_result.reason)))
+            self.found.append((value, reason))
+        elif "other uses" in reason:
+            self.found.append((value, self.shared))
         super().log(rule, container, node, match_result, status)
 
 
-def apply_rules(model: ir.Model, rules: Sequence[Any], commute: bool = False) -> tuple[int, list[tuple[str, str]]]:
+def apply_rules(model: ir.Model, rules: Sequence[Any], commute: bool = False,
+                shared: str = "a value inside the pattern is also used elsewhere") -> tuple[int, list[tuple[str, str]]]:
     """Apply ``rules`` to ``model``; returns (rewrites made, refusals). A tracer makes the rewriter change
     nothing, so the refusals are collected on a dry run after the rewrites (only what is left was refused)."""
     count = RewriteRuleSet(list(rules), commute=commute).apply_to_model(model)
-    tracer = _Refusals()
+    tracer = _Refusals(shared)
     RewriteRuleSet(list(rules), commute=commute).apply_to_model(model, tracer=tracer)
     return count, tracer.found
 

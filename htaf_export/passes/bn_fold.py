@@ -57,9 +57,8 @@ class FoldBatchNorm(RewriteRuleClassBase):
             return result.fail("the step threshold is not one constant", theta)
         if x.shape is None:
             return result.fail("the batch norm's input has no known rank", x)
-        bn = normalized.producer()
-        if normalized.is_graph_output() or len(normalized.uses()) != 1 or any(o.uses() for o in bn.outputs[1:]):
-            return result.fail("the batch norm's output is used by more than its step", normalized)
+        if any(o.uses() for o in normalized.producer().outputs[1:]):
+            return result.fail("the batch norm's running statistics are used (training mode)", normalized)
         return result
 
     def rewrite(self, op, x, gamma, beta, mean, var, theta, tie, normalized, stepped, **_):
@@ -94,5 +93,5 @@ class FoldBatchNormIntoSteps(ir.passes.InPlacePass):
     """Fold every BatchNormalization whose only consumer is a step; refusals say why one stayed."""
 
     def call(self, model: ir.Model) -> PassReport:
-        count, refusals = apply_rules(model, RULES)
+        count, refusals = apply_rules(model, RULES, shared="the batch norm's output is used by more than its step")
         return report(model, modified=bool(count), refusals=refusals)

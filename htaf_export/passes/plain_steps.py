@@ -15,15 +15,23 @@ from onnxscript.rewriter import MatchResult, RewriteRuleClassBase
 
 from ..ops import HTAF_DOMAIN, HTAF_OPSET_VERSION
 from .base import PassReport, apply_rules, report
+from .util import const_array
 
 COMPARISONS = {"ge": "GreaterOrEqual", "gt": "Greater"}
 
 
-def _threshold_check(t: ir.Value) -> MatchResult:
+def _step_check(x: ir.Value, t: ir.Value) -> MatchResult:
     result = MatchResult()
     if t.const_value is None:
         return result.fail(f"threshold {t.name!r} is computed at run time, not a constant", t)
+    if x.dtype != ir.DataType.FLOAT:
+        return result.fail(f"the step input is {x.dtype}, not float32 (a step keeps its input's type)", x)
     return result
+
+
+def _exactly(value: ir.Value, number: float) -> bool:
+    array = const_array(value)
+    return array is not None and array.size == 1 and float(array.reshape(())) == number
 
 
 def _step(op, kind: str, x: ir.Value, t: ir.Value, tie: str, cmp: ir.Value) -> ir.Value:
@@ -45,7 +53,7 @@ class PlainHeaviside(RewriteRuleClassBase):
         return op.Cast(getattr(op, COMPARISONS[self.tie])(x, t, _outputs=["cmp"]), to=ir.DataType.FLOAT)
 
     def check(self, context, x, t, **_) -> MatchResult:
-        return _threshold_check(t)
+        return _step_check(x, t)
 
     def rewrite(self, op, x, t, cmp, **_):
         return _step(op, "Heaviside", x, t, self.tie, cmp)
@@ -58,8 +66,13 @@ class PlainSign(PlainHeaviside):
         super().__init__(tie)
         self.name = f"PlainSign[{tie}]"
 
-    def pattern(self, op, x, t):
-        return op.Sub(op.Mul(super().pattern(op, x, t), 2.0), 1.0)
+    def pattern(self, op, x, t, two, one):
+        return op.Sub(op.Mul(super().pattern(op, x, t), two), one)
+
+    def check(self, context, x, t, two, one, **_) -> MatchResult:
+        if not (_exactly(two, 2.0) and _exactly(one, 1.0)):
+            return MatchResult().fail("not 2·H − 1 exactly", two)
+        return _step_check(x, t)
 
     def rewrite(self, op, x, t, cmp, **_):
         return _step(op, "Sign", x, t, self.tie, cmp)
