@@ -89,7 +89,7 @@ def import_times(repeat: int) -> dict:
         "import htaf_export": wall([PY, "-c", "import htaf_export"], repeat),
         "import htaf_export.cli": wall([PY, "-c", "import htaf_export.cli"], repeat),
         "import tensorflow (Keras 2), for TFLite targets only": wall(
-            [PY, "-c", "from htaf_export.runtimes.tflite import tensorflow; tensorflow()"], repeat),
+            [PY, "-c", "from htaf_export.tflite_file import tensorflow; tensorflow()"], repeat),
     }
     # -X importtime: cumulative microseconds per module; htaf_export's own share is its total minus its imports
     # of third-party packages.

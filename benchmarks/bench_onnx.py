@@ -25,7 +25,7 @@ import torch
 
 import htaf_export
 from htaf_export.capture import capture
-from htaf_export.converters.onnx import OnnxOptions, convert
+from htaf_export.converters.onnx import build as build_onnx
 from htaf_export.models import build
 
 from common import ROOT, Timers, best_of, console, dump, machine, peak_rss_mib, table, verdict, plot_scaling
@@ -89,17 +89,22 @@ def breakdown(nets: dict[str, Path], tmp: Path) -> list[dict]:
     for label, path in nets.items():
         timers = Timers()
         timers.wrap(torch.onnx, "export", "torch.onnx.export (dynamo, optimize=False)")
+        timers.wrap(conv, "build", "build")
         timers.wrap(onnx.checker, "check_model", "convert: onnx.checker.check_model(full_check=True)")
-        timers.wrap(conv.OnnxArtifact, "serialized", "convert: serialize")
+        timers.wrap(conv.OnnxBuild, "serialized", "convert: serialize")
         try:
             result = htaf_export.export(path, "onnx", tmp / "breakdown.onnx", validate_artifact=False)
         finally:
             timers.restore()
-        s, t = timers.seconds, result.seconds
+        s, t = dict(timers.seconds), result.seconds
         exporter = s.pop("torch.onnx.export (dynamo, optimize=False)")
+        built = s.pop("build")
+        checker = s["convert: onnx.checker.check_model(full_check=True)"]
         parts = {"load": t["load"], "harden": t["harden"], "capture: torch.onnx.export (dynamo, optimize=False)": exporter,
                  "capture: IR passes (fold constants, lift steps, name steps, cleanup)": t["capture"] - exporter,
-                 **s, "convert: BN folding, 1-bit packing, cleanup, metadata": t["convert"] - sum(s.values())}
+                 "convert: build (IR copy, BN folding, 1-bit packing, cleanup, step functions, metadata)":
+                     built - checker,
+                 **s, "convert: the rest (export summary)": t["convert"] - built - s["convert: serialize"]}
         total = sum(t[k] for k in ("load", "harden", "capture", "convert"))
         loaded = htaf_export.load(path)
         hardened = htaf_export.harden(loaded.module).model
@@ -117,8 +122,8 @@ def size_and_inference(nets: dict[str, Path]) -> list[dict]:
         loaded = htaf_export.load(path)
         hardened = htaf_export.harden(loaded.module).model
         cap = capture(hardened, loaded.input_shape, loaded.output_names)
-        packed = convert(cap, {})
-        plain = convert(cap, {}, OnnxOptions(pack_weights=False))
+        packed = build_onnx(cap, {})
+        plain = build_onnx(cap, {}, pack_weights=False)
         binary = sum(p.numel for p in packed.packed)
         floats = sum(t.numel() for t in hardened.state_dict().values() if torch.is_tensor(t)
                      and t.is_floating_point()) - binary

@@ -6,8 +6,8 @@ The network: sign(input) → six binary 3x3 convs of 256 channels (pad +1) with 
 them, on a 256×28×28 input; the last conv's batch norm is the float output. It is built from htaf-export's
 own layers with random ±1 weights and batch-norm statistics, and goes through the toolchain twice:
 
-- ``tflite`` (bit-packed through LCE; the LCE kernel is chosen at export by timing and recorded in the
-  file's metadata, and that kernel is what is timed here);
+- ``tflite`` (bit-packed through LCE; the file's metadata recommends an LCE kernel, by a fixed rule under
+  ``--lce-kernel auto``, and that kernel is what is timed here);
 - ``tflite-float`` (builtin ops, the stock TFLite interpreter with its default XNNPACK delegate) — the
   **baseline** of every ratio. The same file on TFLite's builtin kernels alone (no XNNPACK) is shown too.
 
@@ -36,11 +36,14 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from htaf_export import harden  # noqa: E402
+from htaf_export import metadata as md  # noqa: E402
+from htaf_export import pipeline  # noqa: E402
+from htaf_export import tflite_file as tfl  # noqa: E402
 from htaf_export.capture import capture  # noqa: E402
-from htaf_export.converters.tflite import convert  # noqa: E402
 from htaf_export.nn import HTAF, BinaryConv2d  # noqa: E402
 from htaf_export.reference import run_reference  # noqa: E402
 from htaf_export.runtimes import tflite as rt  # noqa: E402
+from htaf_export.targets import TARGETS, ExportOptions  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import console, dump, machine, table  # noqa: E402
@@ -77,14 +80,16 @@ def build_network(convs: int, channels: int, size: int) -> nn.Module:
     return model.eval()
 
 
-def export_both(model: nn.Module) -> dict[str, tuple[bytes, float]]:
+def export_both(model: nn.Module) -> dict[str, tuple[bytes, float, tuple[str, ...]]]:
+    """Each target's converter and its runtime stage (which locates the step tensors and, bit-packed, times
+    both LCE kernels for the summary): (file bytes, seconds, summary notes)."""
     hardened = harden(model).model
     cap = capture(hardened, model.input_shape, ["output"])
     builds = {}
     for target in ("tflite", "tflite-float"):
         start = time.perf_counter()
-        art = convert(cap, {"htaf_export.target": target}, bitpacked=target == "tflite")
-        builds[target] = (art.data, time.perf_counter() - start)
+        conversion = pipeline.convert(cap, TARGETS[target], {md.TARGET: target}, ExportOptions(), hardened)
+        builds[target] = (conversion.data, time.perf_counter() - start, conversion.notes)
     return builds
 
 
@@ -117,9 +122,9 @@ def time_lce(data: bytes, kernel: str, threads: int, runs: int) -> float:
 
 def time_stock(data: bytes, threads: int, runs: int, xnnpack: bool = True) -> float:
     """The stock interpreter as users run it (XNNPACK delegate on), or on TFLite's builtin kernels only."""
-    tf = rt.tensorflow()
+    tf = tfl.tensorflow()
     resolver = tf.lite.experimental.OpResolverType
-    with rt.quiet_stderr():
+    with tfl.quiet_stderr():
         it = tf.lite.Interpreter(model_content=data, num_threads=threads, experimental_op_resolver_type=(
             resolver.AUTO if xnnpack else resolver.BUILTIN_WITHOUT_DEFAULT_DELEGATES))
         it.allocate_tensors()
@@ -141,7 +146,7 @@ def _median(fn, runs: int) -> float:
 
 def hand_built(convs: int, channels: int, size: int) -> bytes:
     """The same shape written directly in Keras + larq, converted by LCE (no htaf-export involved)."""
-    tf = rt.tensorflow()
+    tf = tfl.tensorflow()
     import larq
     import larq_compute_engine as lce
 
@@ -155,7 +160,7 @@ def hand_built(convs: int, channels: int, size: int) -> bytes:
     rng = np.random.default_rng(0)
     model.set_weights([rng.uniform(-1, 1, w.shape).astype(np.float32) if w.ndim == 4 else
                        np.abs(rng.normal(1, 0.2, w.shape)).astype(np.float32) for w in model.get_weights()])
-    with rt.quiet_stderr():
+    with tfl.quiet_stderr():
         return bytes(lce.convert_keras_model(model))
 
 
@@ -171,14 +176,16 @@ def main() -> int:
 
     model = build_network(convs, channels, size)
     builds = export_both(model)
-    bitpacked, t_bp = builds["tflite"]
-    floatbuild, t_fl = builds["tflite-float"]
-    meta = rt.read_metadata(rt.read_model(bitpacked))
-    chosen = meta[rt.KERNEL_KEY]
+    bitpacked, t_bp, notes = builds["tflite"]
+    floatbuild, t_fl, _ = builds["tflite-float"]
+    meta = tfl.read_metadata(tfl.read_model(bitpacked))
+    chosen = meta[md.TFLITE_LCE_KERNEL]
     other = next(k for k in rt.LCE_KERNELS if k != chosen)
-    console.print(f"export (capture excluded): tflite {t_bp:.1f} s, tflite-float {t_fl:.1f} s; LCE kernel chosen at "
-                  f"export: {chosen} (metadata {rt.KERNEL_KEY}; export-time timings {meta[rt.KERNEL_MS_KEY]} ms)")
-    console.print("ops (tflite): " + ", ".join(rt.op_names(rt.read_model(bitpacked))))
+    timed = next((n for n in notes if n.startswith("LCE kernel timed")), "no LCE kernel timing in the summary")
+    console.print(f"export (capture excluded, locating steps included): tflite {t_bp:.1f} s, tflite-float {t_fl:.1f} s; "
+                  f"LCE kernel recommended in the file: {chosen} (metadata {md.TFLITE_LCE_KERNEL})")
+    console.print(f"export summary: {timed}")
+    console.print("ops (tflite): " + ", ".join(tfl.op_names(tfl.read_model(bitpacked))))
     console.print("parity, tflite: " + check_parity(model, bitpacked))
     console.print("parity, tflite-float: " + check_parity(model, floatbuild))
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
 import os
 import sys
 import tempfile
@@ -39,6 +38,8 @@ import torch  # noqa: E402
 
 import htaf_export  # noqa: E402
 from htaf_export.models import build  # noqa: E402
+from htaf_export import metadata as md  # noqa: E402
+from htaf_export import tflite_file as tfl  # noqa: E402
 from htaf_export.runtimes import tflite as rt  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -49,7 +50,8 @@ THREADS = 2
 RESNET_QUICK = {"blocks": [2, 2, 2, 2]}
 
 
-# The TFLite converter must load before larq (see keras_models.py); then the hand-built models and bare converters.
+# The TFLite converter, loaded up front so that the memory baseline (imports only) includes it; then the
+# hand-built models and bare converters.
 import htaf_export.converters.tflite  # noqa: E402,F401
 from keras_models import bare_lce, bare_tflite, keras_bnn_cnn, keras_bnn_resnet  # noqa: E402
 
@@ -75,7 +77,7 @@ def _quiet():
     """Silence the converters' and TensorFlow's console output around a timed call (it is not what we time)."""
     stack = contextlib.ExitStack()
     stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
-    stack.enter_context(rt.quiet_stderr())
+    stack.enter_context(tfl.quiet_stderr())
     return stack
 
 
@@ -118,7 +120,7 @@ def export_overhead(nets: list[dict], tmp: Path, quick: bool) -> list[dict]:
         full = run_export(net["path"], "tflite", tmp / "full.tflite", validate=True)
         full_s = time.perf_counter() - start
         report = full.report
-        net.update(tflite=result.converted.data, tflite_float=result_fl.converted.data, result=result)
+        net.update(tflite=result.conversion.data, tflite_float=result_fl.conversion.data, result=result)
         rows.append({"network": net["label"], "keras_build_s": build_s, "bare_s": bare, "ours_s": ours,
                      "overhead": ours / bare, "stages": result.seconds, "bare_float_s": bare_fl,
                      "ours_float_s": ours_fl, "float_overhead": ours_fl / bare_fl, "full_s": full_s,
@@ -153,10 +155,12 @@ def convert_breakdown(nets: list[dict], tmp: Path) -> list[dict]:
     import larq_compute_engine as lce
     from larq_compute_engine.mlir.python import converter as lce_converter
 
+    from htaf_export import pipeline
     from htaf_export.converters import keras_builder
     from htaf_export.converters import tflite as conv
+    from htaf_export.runtimes import tflite_locate as locate
 
-    tf = rt.tensorflow()
+    tf = tfl.tensorflow()
     rows = []
     for net in nets:
         timers = Timers()
@@ -164,12 +168,15 @@ def convert_breakdown(nets: list[dict], tmp: Path) -> list[dict]:
         timers.wrap(tf.saved_model, "save", "SavedModel save (weights only)")
         timers.wrap(lce, "convert_saved_model", "LCE MLIR conversion (convert_saved_model)")
         timers.wrap(conv, "_to_tflite", "_to_tflite")
-        timers.wrap(tf.keras.Model, "predict", "locate steps: Keras probe predict")
-        timers.wrap(conv, "_interpreter", "locate steps: LCE interpreter load",
+        # the runtime stage (runtimes.tflite_locate), run by pipeline.convert after the converter
+        timers.wrap(pipeline, "step_oracle", "oracle set-up",
+                    wrap_result=timers.timed_fn("locate steps: oracle (hardened PyTorch model on the probes)"))
+        timers.wrap(locate, "_runner", "locate steps: LCE interpreter load",
                     wrap_result=timers.timed_fn("locate steps: LCE interpreter runs"))
-        timers.wrap(conv, "locate_steps", "locate_steps")
-        timers.wrap(conv, "choose_kernel", "kernel choice (times both LCE kernels)")
-        timers.wrap(rt, "with_metadata", "metadata into the flatbuffer")
+        timers.wrap(locate, "locate_steps", "locate_steps")
+        # tflite_locate imported time_kernels by name: wrap the name it calls
+        timers.wrap(locate, "time_kernels", "LCE kernel timing (both kernels, for the export summary only)")
+        timers.wrap(tfl, "with_metadata", "metadata into the flatbuffer (converter + runtime stage)")
         try:
             result = run_export(net["path"], "tflite", tmp / "breakdown.tflite")
         finally:
@@ -177,13 +184,14 @@ def convert_breakdown(nets: list[dict], tmp: Path) -> list[dict]:
         s = dict(timers.seconds)
         convert_s = result.seconds["convert"]
         trace = s.pop("_to_tflite") - s["SavedModel save (weights only)"] - s["LCE MLIR conversion (convert_saved_model)"]
-        locate = s.pop("locate_steps")
-        probe_parts = (s["locate steps: Keras probe predict"] + s["locate steps: LCE interpreter load"] +
-                       s["locate steps: LCE interpreter runs"])
+        locate_s = s.pop("locate_steps")
+        s.pop("oracle set-up")
+        probe_parts = (s["locate steps: oracle (hardened PyTorch model on the probes)"] +
+                       s["locate steps: LCE interpreter load"] + s["locate steps: LCE interpreter runs"])
         parts = {"capture: torch.onnx.export (dynamo) + IR cleanup": result.seconds["capture"],
                  "load + harden": result.seconds["load"] + result.seconds["harden"],
                  "tf.function trace of the Keras model": trace, **s,
-                 "locate steps: decode + compare (numpy)": locate - probe_parts}
+                 "locate steps: candidates, decode + compare (numpy)": locate_s - probe_parts}
         parts["convert: the rest (IR copy, binary fusion, BN folding, checks, summary)"] = \
             convert_s - sum(v for k, v in parts.items() if not k.startswith(("capture", "load")))
         total = sum(result.seconds[k] for k in ("load", "harden", "capture", "convert"))
@@ -217,14 +225,14 @@ def size(nets: list[dict]) -> list[dict]:
     rows = []
     for net in nets:
         hardened = htaf_export.harden(net["module"]).model
-        binary = 8 * net["result"].converted.binary_floor_bytes  # ±1 weights of every binary layer
+        binary = 8 * net["result"].conversion.binary_floor_bytes  # ±1 weights of every binary layer
         floats = sum(t.numel() for t in hardened.state_dict().values() if torch.is_tensor(t)
                      and t.is_floating_point()) - binary
         floor = binary / 8 + 4 * floats
-        meta = rt.read_metadata(rt.read_model(net["tflite"]))
+        meta = tfl.read_metadata(tfl.read_model(net["tflite"]))
         rows.append({"network": net["label"], "tflite": len(net["tflite"]), "tflite_float": len(net["tflite_float"]),
                      "hand": len(net["hand"]), "floor": floor, "binary_floor": binary / 8,
-                     "metadata": len(json.dumps(meta, sort_keys=True, separators=(",", ":")))})
+                     "metadata": len(md.compact(meta))})
     table("TFLite size vs floor (1 bit per binary weight + 4 B per float parameter, BN statistics included)",
           ["network", "tflite (bit-packed)", "tflite / floor", "of which htaf metadata", "tflite-float",
            "float / floor", "hand-built Keras+LCE", "tflite / hand-built"],
@@ -250,8 +258,8 @@ def _lce_timer(data: bytes, kernel: str | None, batch: int, repeat: int) -> floa
 
 
 def _stock_timer(data: bytes, batch: int, repeat: int) -> float:
-    tf = rt.tensorflow()
-    with rt.quiet_stderr():
+    tf = tfl.tensorflow()
+    with tfl.quiet_stderr():
         it = tf.lite.Interpreter(model_content=data, num_threads=THREADS)
         detail = it.get_input_details()[0]
         it.resize_tensor_input(detail["index"], [batch, *detail["shape"][1:]])
@@ -273,7 +281,7 @@ def inference(nets: list[dict], quick: bool) -> list[dict]:
             row[f"lce_float_b{batch}"] = _lce_timer(net["tflite_float"], None, batch, repeat)
             row[f"stock_float_b{batch}"] = _stock_timer(net["tflite_float"], batch, repeat)
             row[f"hand_indirect_b{batch}"] = _lce_timer(net["hand"], "indirect_bgemm", batch, repeat)
-        row["chosen"] = rt.read_metadata(rt.read_model(net["tflite"])).get(rt.KERNEL_KEY, "?")
+        row["chosen"] = tfl.read_metadata(tfl.read_model(net["tflite"])).get(md.TFLITE_LCE_KERNEL, "?")
         rows.append(row)
     for batch in (1, BATCH):
         table(f"TFLite latency at batch {batch}, {THREADS} threads (best of {10 if batch == 1 else 3}); "
@@ -289,7 +297,7 @@ def inference(nets: list[dict], quick: bool) -> list[dict]:
                 f"{r[f'lce_float_b{batch}']:.2f} ms", f"{r[f'stock_float_b{batch}']:.2f} ms",
                 f"{r[f'stock_float_b{batch}'] / r[f'lce_indirect_b{batch}']:.2f}x",
                 f"{r[f'hand_indirect_b{batch}']:.2f} ms"] for r in rows])
-    console.print("LCE kernel chosen at export and recorded in the file: " +
+    console.print("LCE kernel recommended in the file (--lce-kernel auto, a fixed rule): " +
                   ", ".join(f"{r['network']} {r['chosen']}" for r in rows))
     return rows
 

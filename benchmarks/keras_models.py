@@ -3,9 +3,9 @@
 Imports TensorFlow, larq and LCE only (no torch, no htaf_export), so that a fresh process running
 ``bare_lce(keras_bnn_cnn())`` measures exactly what a larq user pays. The models match ours in layers,
 shapes and weight counts (random weights; Keras pads a stride-2 "same" conv on one side only, PyTorch on
-both: the same cost). larq is imported inside the builders: importing it renames ``tf.keras`` to
-"tensorflow.keras", which htaf-export's TFLite converter mistakes for Keras 3 if it loads afterwards
-(see benchmarks/README.md, findings), so callers that also export must load the converter first.
+both: the same cost). larq is imported inside the builders; importing it renames ``tf.keras`` to
+"tensorflow.keras", which htaf-export's TFLite converter accepts (it checks where ``tf.keras.Model`` lives),
+so larq and the converter may load in either order.
 """
 
 from __future__ import annotations

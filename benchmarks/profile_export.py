@@ -59,7 +59,32 @@ def main() -> None:
     stats = pstats.Stats(profile)
     if args.out:
         stats.dump_stats(args.out)
+    stages = stage_seconds(stats)
+    if stages:
+        print("stage functions (cumulative, under cProfile): " + ", ".join(f"{k} {v:.2f} s" for k, v in stages.items()))
     stats.sort_stats("cumulative").print_stats(args.top)
+
+
+# The functions each stage of an export runs through (file suffix, function name), as the pipeline calls them.
+STAGE_FUNCTIONS = {
+    "capture": ("htaf_export/capture.py", "capture"),
+    "onnx build": ("converters/onnx.py", "build"),
+    "tflite converter": ("converters/tflite.py", "convert"),
+    "of which Keras → .tflite (_to_tflite)": ("converters/tflite.py", "_to_tflite"),
+    "tflite runtime stage: locate_steps": ("htaf_export/runtimes/tflite_locate.py", "locate_steps"),
+    "tflite runtime stage: time_kernels": ("htaf_export/runtimes/tflite.py", "time_kernels"),
+    "validate": ("htaf_export/pipeline.py", "validate_file"),
+}
+
+
+def stage_seconds(stats: pstats.Stats) -> dict[str, float]:
+    """Cumulative seconds of each function in STAGE_FUNCTIONS that ran (recursion counted once by cProfile)."""
+    found = {}
+    for (filename, _, name), (_, _, _, cumulative, _) in stats.stats.items():  # type: ignore[attr-defined]
+        for label, (suffix, function) in STAGE_FUNCTIONS.items():
+            if name == function and filename.replace("\\", "/").endswith(suffix):
+                found[label] = found.get(label, 0.0) + cumulative
+    return {label: found[label] for label in STAGE_FUNCTIONS if label in found}
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ latest full run.
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 import time
@@ -18,13 +19,20 @@ BUDGET_S = 600
 
 
 def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true",
+                        help="smaller networks and fewer repeats in every script, for a smoke run")
+    parser.add_argument("--only", nargs="+", choices=SCRIPTS, metavar="SCRIPT",
+                        help=f"run only these scripts (of {', '.join(SCRIPTS)})")
+    args = parser.parse_args()
+    passed = ["--quick"] if args.quick else []
     failed = []
     took = {}
     suite = time.perf_counter()
-    for script in SCRIPTS:
+    for script in args.only or SCRIPTS:
         start = time.perf_counter()
         print(f"\n=== {script} ===", flush=True)
-        rc = subprocess.call([sys.executable, str(HERE / script), *sys.argv[1:]], cwd=HERE.parent)
+        rc = subprocess.call([sys.executable, str(HERE / script), *passed], cwd=HERE.parent)
         took[script] = time.perf_counter() - start
         print(f"=== {script}: exit {rc}, {took[script]:.0f} s ===", flush=True)
         if rc:

@@ -19,7 +19,6 @@ from onnx import helper
 from htaf_export import metadata as md
 from htaf_export.capture import Capture, cleanup
 from htaf_export.contracts import Conversion, LayerRow
-from htaf_export.errors import UnsupportedLayer
 from htaf_export.ops import HTAF_DOMAIN, attach_step_functions
 from htaf_export.passes import FoldBatchNormIntoSteps, PackBinaryWeights, PackedWeight
 from htaf_export.targets import ExportOptions
@@ -45,12 +44,9 @@ class OnnxBuild:
 
 
 def _tie_of(capture: Capture) -> str:
+    """The file's tie rule: the one every step declares, or "mixed" (then each step's own is in its entry)."""
     ties = sorted({s.tie for s in capture.steps})
-    if len(ties) > 1:
-        mixed = ", ".join(f"{s.site} ({s.tie})" for s in capture.steps)
-        raise UnsupportedLayer(capture.steps[0].site, f"steps use different tie rules ({mixed}); "
-                               f"declare one with --tie")
-    return ties[0] if ties else "ge"
+    return ties[0] if len(ties) == 1 else ("mixed" if ties else "ge")
 
 
 def build(capture: Capture, provenance: Mapping[str, str], *, portable: bool = False, pack_weights: bool = True,

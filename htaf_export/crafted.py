@@ -68,7 +68,7 @@ from torch import nn
 
 from .harden import set_eval
 from .nn import BinaryConv2d, BinaryLinear
-from .reference import StepInterpreter, forward_recording, traced_steps
+from .reference import StepInterpreter, forward_recording, record_steps
 
 CHUNK = 64
 SMALL_MODEL = 2_000_000  # parameters
@@ -317,9 +317,11 @@ def _certify(model: nn.Module, input_shape: Sequence[int], x: np.ndarray, points
         probes = np.repeat(row[None], 5, axis=0)
         probes[1:, k] = (value * np.array([1 - 2.0**-3, 1 + 2.0**-3, 1 - 2.0**-7, 1 + 2.0**-7])).astype(np.float32)
         xt = torch.from_numpy(probes.reshape(-1, *input_shape))
-        if traced_steps(model):
+        if isinstance(model, torch.fx.GraphModule):  # its layers are graph ops; its steps comparisons or Steps
             calls, layers = [], []
-            _LayerInterpreter(model, calls, layers).run(xt)  # type: ignore[arg-type]
+            with record_steps(model) as hooked:
+                _LayerInterpreter(model, calls, layers).run(xt)
+            calls += hooked
         else:
             with _record_layers(model) as layers:
                 _, calls = forward_recording(model, (xt,), until={(p.site, p.call)})

@@ -12,6 +12,7 @@ from torch import nn
 from . import outputs
 from .errors import BadInput
 from .nn import HTAF, Step, htaf_function
+from .harden_traced import harden_graph_module, harden_torchscript
 from .nn.binary import BinaryWeights
 
 # A pre-activation is "unsaturated" when HTAF differs from the step by more than this, on the 0..1 scale.
@@ -20,7 +21,7 @@ GAP_TOLERANCE = 0.01
 
 @dataclass
 class Site:
-    """One step site: where it is and the step it computes once hardened."""
+    """One step site: where it is, the step it computes once hardened, and how it was found."""
 
     name: str
     levels: str
@@ -30,6 +31,7 @@ class Site:
     alpha: float | None = None
     beta: float | None = None
     mode: str | None = None
+    how: str = "module"  # "HTAF module", "Step module", "HTAF composite", "exact step in a traced graph"
 
 
 @dataclass
@@ -85,26 +87,44 @@ def find_sites(model: nn.Module) -> list[Site]:
     sites = []
     for name, m in model.named_modules():
         kind = getattr(m, "original_name", type(m).__name__)
-        if isinstance(m, HTAF) or kind == "HTAF":
-            sites.append(Site(name, str(getattr(m, "levels", "?")), getattr(m, "threshold", None),
-                              str(getattr(m, "tie", "?")), "htaf", getattr(m, "alpha", None),
-                              getattr(m, "beta", None), getattr(m, "mode", None)))
-        elif isinstance(m, Step) or kind == "Step":
-            sites.append(Site(name, str(getattr(m, "levels", "?")), getattr(m, "threshold", None),
-                              str(getattr(m, "tie", "?")), "step"))
+        if isinstance(m, HTAF):
+            sites.append(Site(name, m.levels, m.threshold, m.tie or "", "htaf", m.alpha, m.beta, m.mode,
+                              "HTAF module"))
+        elif isinstance(m, Step):
+            sites.append(Site(name, m.levels, m.threshold, m.tie, "step", how="Step module"))
     return sites
 
 
-def _exported_program_sites(model: nn.Module) -> list[Site]:
-    """Sites of a graph module from torch.export, read off the module stack recorded on each node."""
-    sites: dict[str, Site] = {}
-    for node in model.graph.nodes if hasattr(model, "graph") else []:
-        stack = node.meta.get("nn_module_stack") or {}
-        for path, type_name in stack.values():
-            short = str(type_name).rsplit(".", 1)[-1]
-            if short in ("HTAF", "Step") and path not in sites:
-                sites[path] = Site(path, "?", None, "?", "htaf" if short == "HTAF" else "step")
-    return list(sites.values())
+def _traced_sites(found) -> list[Site]:
+    return [Site(t.path, t.levels, t.threshold, t.tie, "htaf" if t.alpha is not None else "step", t.alpha, t.beta,
+                 None, t.how) for t in found]
+
+
+def _check_declared(sites: list[Site], tie: str | None) -> None:
+    """``tie`` applies where the model declares no rule; a site that declares another one is an error."""
+    if tie is None:
+        return
+    clash = [s for s in sites if s.tie and s.tie != tie]
+    if clash:
+        names = ", ".join(f"{s.name} ({s.tie})" for s in clash[:4])
+        raise BadInput(f"--tie {tie} conflicts with the tie rule the model declares at {names}; drop --tie (it "
+                       f"applies only to sites that declare none) or change the model")
+
+
+def _harden_modules(model: nn.Module, tie: str | None) -> tuple[nn.Module, list[Site]]:
+    """A copy of a module tree with each HTAF swapped for its Step and binary layers frozen."""
+    hard = copy.deepcopy(model).eval()
+    sites = find_sites(hard)
+    _check_declared(sites, tie)
+    for site in sites:
+        if site.was == "htaf":
+            step = hard.get_submodule(site.name).hardened(tie)  # type: ignore[operator]
+            _set_submodule(hard, site.name, step)
+            site.tie = step.tie
+    for m in hard.modules():
+        if isinstance(m, BinaryWeights):
+            m.freeze()
+    return hard, sites
 
 
 def harden(model: nn.Module, data: torch.Tensor | None = None, labels: torch.Tensor | None = None,
@@ -112,38 +132,21 @@ def harden(model: nn.Module, data: torch.Tensor | None = None, labels: torch.Ten
     """Return a hardened copy of ``model`` (the input is not modified) and a record of its sites.
 
     Every HTAF becomes ``Step`` with the same threshold and levels; binary layers are frozen to
-    exact ±1 weights. ``tie`` overrides the tie rule of every smooth site. With ``data``, the
-    hardening gap of each site is measured, and with ``labels`` the accuracy before and after.
+    exact ±1 weights. TorchScript and torch.export programs are hardened where they compute HTAF
+    (``harden_traced``). ``tie`` applies to sites that declare no rule (an ``HTAF(tie=None)``, or any
+    smooth site of a traced program); a site that declares another rule is an error. With ``data``,
+    the hardening gap of each site is measured, and with ``labels`` the accuracy before and after.
     """
     if tie not in (None, "ge", "gt"):
         raise BadInput(f"tie must be 'ge' or 'gt', got {tie!r}")
     if isinstance(model, torch.jit.ScriptModule):
-        sites = find_sites(model)
-        smooth = [s.name for s in sites if s.was == "htaf"]
-        if smooth:
-            raise BadInput(f"TorchScript model has smooth HTAF sites ({', '.join(smooth)}) that cannot be swapped "
-                           f"inside TorchScript; harden before scripting, or save an htaf-export checkpoint")
-        return HardenResult(model=model, sites=sites, tie=tie)
-    if isinstance(model, torch.fx.GraphModule) and not find_sites(model):
-        sites = _exported_program_sites(model)
-        smooth = [s.name for s in sites if s.was == "htaf"]
-        if smooth:
-            raise BadInput(f".pt2 program has smooth HTAF sites ({', '.join(smooth)}) that are traced into its "
-                           f"graph; harden before torch.export, or save an htaf-export checkpoint")
-        return HardenResult(model=model, sites=sites, tie=tie)
-
-    hard = copy.deepcopy(model).eval()
-    sites = []
-    for site in find_sites(hard):
-        if site.was == "htaf":
-            m = hard.get_submodule(site.name)
-            step = m.hardened(tie)  # type: ignore[operator]
-            _set_submodule(hard, site.name, step)
-            site.tie = step.tie
-        sites.append(site)
-    for m in hard.modules():
-        if isinstance(m, BinaryWeights):
-            m.freeze()
+        hard, found = harden_torchscript(model, tie)
+        sites = _traced_sites(found)
+    elif isinstance(model, torch.fx.GraphModule) and not find_sites(model):
+        hard, found = harden_graph_module(model, tie)
+        sites = _traced_sites(found)
+    else:
+        hard, sites = _harden_modules(model, tie)
     result = HardenResult(model=hard, sites=sites, tie=tie)
     if data is not None:
         result.gaps = measure_gap(model, data, batch_size)
@@ -178,7 +181,7 @@ def measure_gap(model: nn.Module, data: torch.Tensor, batch_size: int = 512) -> 
         def hook(_module, inputs, _output):
             u = inputs[0] - m.threshold
             h = htaf_function(u, m.alpha, m.beta)
-            step = (u >= 0).to(h.dtype) if m.tie == "ge" else (u > 0).to(h.dtype)
+            step = (u > 0).to(h.dtype) if m.tie == "gt" else (u >= 0).to(h.dtype)
             g = gaps.setdefault(name, SiteGap(name, 0, 0))
             g.count += u.numel()
             g.unsaturated += int(((h - step).abs() > GAP_TOLERANCE).sum())

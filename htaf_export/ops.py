@@ -19,7 +19,7 @@ OPSET = 18
 __all__ = ["HTAF_DOMAIN", "HTAF_OPSET_VERSION", "OPSET", "STEP_OPS", "step_function", "attach_step_functions"]
 
 
-def step_function(op: str, tie: str) -> onnx.FunctionProto:
+def step_function(op: str, tie: str, overload: str = "") -> onnx.FunctionProto:
     """Body of htaf.Heaviside (→ {0,1}) or htaf.Sign (→ {−1,+1}) for one tie rule."""
     compare = "GreaterOrEqual" if tie == "ge" else "Greater"
     nodes = [helper.make_node(compare, ["X", "T"], ["fired"])]
@@ -36,8 +36,10 @@ def step_function(op: str, tie: str) -> onnx.FunctionProto:
         ]
     doc = (f"{op}(X, T): {'1' if op == 'Heaviside' else '+1'} where X {'>=' if tie == 'ge' else '>'} T, "
            f"else {'0' if op == 'Heaviside' else '-1'} (tie rule '{tie}').")
-    return helper.make_function(HTAF_DOMAIN, op, ["X", "T"], ["Y"], nodes,
-                                [helper.make_opsetid("", OPSET)], attributes=["tie"], doc_string=doc)
+    function = helper.make_function(HTAF_DOMAIN, op, ["X", "T"], ["Y"], nodes,
+                                    [helper.make_opsetid("", OPSET)], attributes=["tie"], doc_string=doc)
+    function.overload = overload
+    return function
 
 
 def step_ties(proto: onnx.ModelProto) -> list[str]:
@@ -47,13 +49,22 @@ def step_ties(proto: onnx.ModelProto) -> list[str]:
 
 
 def attach_step_functions(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """Give ``proto`` (in place) the function bodies of the htaf ops it uses, and the opsets they need."""
+    """Give ``proto`` (in place) the function bodies of the htaf ops it uses, and the opsets they need.
+
+    A function body cannot branch on a string attribute at this opset, so when the steps of one graph
+    declare different tie rules each node calls the overload named after its rule (ONNX function
+    overloads, IR version 10): ``htaf.Heaviside`` with overload ``gt`` compares with Greater. ONNX
+    Runtime and the onnx inliner honour overloads; ``onnx.reference`` ignores them (use ``--portable``)."""
     ops = sorted({n.op_type for n in proto.graph.node if n.domain == HTAF_DOMAIN})
     ties = step_ties(proto)
     if len(ties) > 1:
-        raise ValueError(f"steps use different tie rules {ties}: one function body per op cannot hold both")
-    tie = ties[0] if ties else "ge"
-    proto.functions.extend(step_function(op, tie) for op in ops)
+        for node in proto.graph.node:
+            if node.domain == HTAF_DOMAIN:
+                node.overload = next(a.s.decode() for a in node.attribute if a.name == "tie")
+        used = sorted({(n.op_type, n.overload) for n in proto.graph.node if n.domain == HTAF_DOMAIN})
+        proto.functions.extend(step_function(op, tie, overload=tie) for op, tie in used)
+    else:
+        proto.functions.extend(step_function(op, ties[0] if ties else "ge") for op in ops)
     if ops:
         del proto.opset_import[:]
         proto.opset_import.extend([helper.make_opsetid("", OPSET), helper.make_opsetid(HTAF_DOMAIN, HTAF_OPSET_VERSION)])

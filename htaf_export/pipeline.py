@@ -27,7 +27,6 @@ from .harden import HardenResult, harden
 from .io import LoadedModel, load, resolve
 from .reference import run_reference, step_modules
 from .runtimes import ArtifactInfo, backends_for, read_artifact
-from .runtimes.onnxruntime import ir_session
 from .targets import ExportOptions, Target, target as target_named
 from .validate import ParityReport, Tolerance, validate
 
@@ -94,6 +93,8 @@ def step_oracle(hardened: nn.Module, cap: Capture) -> Callable[[dict[str, np.nda
         found = {s.tensor: ref.steps[(s.site, s.call)] for s in cap.steps if (s.site, s.call) in ref.steps}
         missing = [s.tensor for s in cap.steps if s.tensor not in found]
         if missing:
+            from .runtimes.onnxruntime import ir_session
+
             found.update(ir_session(cap.model, missing)(inputs))
         return found
 

@@ -80,3 +80,11 @@ def outputs_equal(a, b) -> bool:
     if isinstance(a, (tuple, list)):
         return isinstance(b, (tuple, list)) and len(a) == len(b) and all(torch.equal(u, v) for u, v in zip(a, b))
     return isinstance(b, torch.Tensor) and torch.equal(a, b)
+
+
+def tie_twin(name: str, tie: str, directory: Path) -> Path:
+    """A checkpoint of sample ``name`` with the same weights whose sites declare ``tie``."""
+    loaded = htaf_export.load(SAMPLE_DIR / f"{name}.pt")
+    model = htaf_export.models.build(loaded.arch, {**loaded.config, "tie": tie})
+    model.load_state_dict(loaded.module.state_dict())
+    return htaf_export.save(model, directory / f"{name}_{tie}.pt")

@@ -100,22 +100,28 @@ def test_hardened_outputs_equal_htaf_threshold_computation(name, load_sample, di
             assert not outputs_equal(plain, reference)  # hardening changed something, so the check has teeth
 
 
-def test_tie_override(load_sample):
-    result = htaf_export.harden(load_sample("bnn_mlp").module, tie="gt")
-    assert result.tie == "gt"
-    assert all(s.tie == "gt" for s in result.sites)
-    assert all(m.tie == "gt" for m in result.model.modules() if isinstance(m, Step))
+def test_tie_applies_where_the_model_declares_none(load_sample):
     default = htaf_export.harden(load_sample("bnn_mlp").module)
-    assert all(s.tie == "ge" for s in default.sites)
+    assert all(s.tie == "ge" for s in default.sites)  # the sample declares ge at every site
+    with pytest.raises(BadInput, match="conflicts with the tie rule the model declares at layers.act1"):
+        htaf_export.harden(load_sample("bnn_mlp").module, tie="gt")
+    assert all(s.tie == "ge" for s in htaf_export.harden(load_sample("bnn_mlp").module, tie="ge").sites)
+    mixed = nn.Sequential(HTAF(threshold=0.5), HTAF(tie="gt"))  # the first site declares no rule
+    assert [s.tie for s in htaf_export.harden(mixed).sites] == ["ge", "gt"]
+    assert [s.tie for s in htaf_export.harden(mixed, tie="gt").sites] == ["gt", "gt"]
 
 
-@pytest.mark.parametrize("declared", ["ge", "gt"])
-@pytest.mark.parametrize("override,expected_zero", [(None, None), ("ge", 1.0), ("gt", 0.0)])
-def test_tie_override_changes_value_at_threshold(declared, override, expected_zero):
+@pytest.mark.parametrize("declared", [None, "ge", "gt"])
+@pytest.mark.parametrize("override", [None, "ge", "gt"])
+def test_tie_at_threshold_follows_the_declared_rule_else_the_option(declared, override):
     model = nn.Sequential(nn.Identity(), HTAF(2.0, 4.0, threshold=0.5, tie=declared))
+    if declared is not None and override is not None and declared != override:
+        with pytest.raises(BadInput, match="conflicts"):
+            htaf_export.harden(model, tie=override)
+        return
     hard = htaf_export.harden(model, tie=override).model
     x = torch.tensor([0.4, 0.5, 0.6])
-    at = expected_zero if expected_zero is not None else (1.0 if declared == "ge" else 0.0)
+    at = 0.0 if (declared or override) == "gt" else 1.0
     assert torch.equal(hard(x), torch.tensor([0.0, at, 1.0]))
 
 
@@ -182,24 +188,42 @@ def test_data_without_labels_gives_gaps_only(load_sample, digits_test):
     assert htaf_export.harden(ld.module).gaps == []
 
 
-def test_torchscript_with_smooth_sites_is_refused(tmp_path):
+@pytest.mark.parametrize("fmt", ["torchscript", "pt2"])
+@pytest.mark.parametrize("levels", ["01", "pm1"])
+def test_traced_smooth_sites_harden_exactly_as_the_module_does(fmt, levels, tmp_path, digits_test):
+    """A program saved straight after training (smooth HTAF traced into its graph) hardens to the same
+    function as the module, site for site, including inputs exactly on a threshold."""
     model = models.build("dhn_mlp", dict(hidden=[8, 4])).eval()
-    ld = htaf_export.load(htaf_export.save(model, tmp_path / "smooth.ts", format="torchscript"))
-    with pytest.raises(BadInput, match="smooth HTAF sites") as info:
-        htaf_export.harden(ld.module)
-    assert "layers.act1" in str(info.value) and "\n" not in str(info.value)
-    # Hardened before scripting, it is accepted.
-    hard = htaf_export.harden(model).model
-    ld = htaf_export.load(htaf_export.save(hard, tmp_path / "hard.ts", format="torchscript"))
+    for m in model.modules():
+        if isinstance(m, HTAF):
+            m.levels, m.threshold = levels, 0.125
+    ld = htaf_export.load(htaf_export.save(model, tmp_path / f"smooth.{fmt}", format=fmt))
     result = htaf_export.harden(ld.module)
-    assert [s.name for s in result.sites] == ["layers.act1", "layers.act2"]
+    assert [(s.name, s.levels, s.threshold, s.alpha, s.beta) for s in result.sites] == [
+        (f"layers.act{k}", levels, 0.125, 2.0, 4.0) for k in (1, 2)]
+    assert all(s.how == "HTAF composite" and s.was == "htaf" for s in result.sites)
+    module = htaf_export.harden(model).model
+    x, _ = digits_test([64], 200)
+    with torch.no_grad():
+        assert outputs_equal(result.model(x), module(x))
+        assert not outputs_equal(ld.module(x), module(x))  # the loaded program is still smooth
+    if fmt == "pt2":  # the program's sites are Step modules now, so the reference records them
+        assert sorted(n for n, m in result.model.named_modules() if isinstance(m, Step)) == ["layers.act1",
+                                                                                             "layers.act2"]
 
 
-def test_pt2_with_smooth_sites_is_refused(tmp_path):
-    model = models.build("dhn_mlp", dict(hidden=[8, 4])).eval()
-    ld = htaf_export.load(htaf_export.save(model, tmp_path / "smooth.pt2", format="pt2"))
-    with pytest.raises(BadInput, match="smooth HTAF sites"):
-        htaf_export.harden(ld.module)
+def test_traced_smooth_sites_take_the_tie_option(tmp_path):
+    """A traced graph does not record a smooth site's tie rule: --tie gives it, ge by default."""
+    model = nn.Sequential(nn.Linear(2, 2), HTAF(threshold=0.5))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.eye(2))
+        model[0].bias.zero_()
+    path = htaf_export.save(model, tmp_path / "m.pt2", format="pt2", input_shape=[2])
+    at = torch.tensor([[0.5, 0.25]])
+    for tie, expected in ((None, [1.0, 0.0]), ("ge", [1.0, 0.0]), ("gt", [0.0, 0.0])):
+        hard = htaf_export.harden(htaf_export.load(path).module, tie=tie)
+        assert hard.sites[0].tie == (tie or "ge")
+        assert torch.equal(hard.model(at), torch.tensor([expected]))
 
 
 @pytest.mark.parametrize("name", SAMPLE_NAMES)

@@ -17,6 +17,7 @@ from htaf_export import cli
 from htaf_export.capture import capture
 from htaf_export.converters.onnx import build
 from htaf_export.ops import HTAF_DOMAIN
+from conftest import tie_twin
 from htaf_export.data import digits
 from htaf_export.errors import BadInput, UnsupportedLayer
 from htaf_export.models.registry import ReferenceModel
@@ -173,12 +174,39 @@ def test_ties_follow_the_declared_rule(portable, levels, flip_bn):
         assert np.all(at_tie == (on if tie == "ge" else off))
 
 
-def test_mixed_tie_rules_are_refused():
-    model = TieModel("01", "ge", False).eval()
-    model.extra = Step(0.0, "01", "gt")
-    model.forward = lambda x: (model.head(model.extra(model.step(model.bn(model.fc(x))))), model.step(model.bn(model.fc(x))))
-    with pytest.raises(UnsupportedLayer, match="different tie rules"):
-        build(capture(model, [4], model.output_names), {})
+class TwoTies(nn.Module):
+    """The same pre-activations through a ge step and a gt step: each site keeps its own rule."""
+
+    def __init__(self, levels: str) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3, bias=False)
+        with torch.no_grad():
+            self.fc.weight.copy_(torch.tensor([[1.0, -1.0, 0.0, 0.0], [0.0, 1.0, -2.0, 1.0], [2.0, 0.0, 0.0, -1.0]]))
+        self.fires_at_tie = Step(0.0, levels, "ge")  # type: ignore[arg-type]
+        self.quiet_at_tie = Step(0.0, levels, "gt")  # type: ignore[arg-type]
+
+    def forward(self, x):
+        u = self.fc(x)
+        return self.fires_at_tie(u), self.quiet_at_tie(u)
+
+
+@pytest.mark.parametrize("portable", [False, True], ids=["htaf", "portable"])
+@pytest.mark.parametrize("levels", ["01", "pm1"])
+def test_each_site_keeps_its_own_tie_rule(portable, levels):
+    x = np.array([[1, 1, 1, 1], [2, 2, 1, 0], [1, 2, 0, 2], [3, 1, 2, 1], [0, 0, 0, 0]], dtype=np.float32)
+    model = TwoTies(levels).eval()
+    cap = capture(model, [4], ["ge_bits", "gt_bits"])
+    assert {s.site: s.tie for s in cap.steps} == {"fires_at_tie": "ge", "quiet_at_tie": "gt"}
+    art = build(cap, {}, portable=portable)
+    if not portable:
+        assert sorted((f.name, f.overload) for f in art.proto.functions) == [
+            (f"{'Heaviside' if levels == '01' else 'Sign'}", tie) for tie in ("ge", "gt")]
+    ge, gt = session(art.serialized()).run(["ge_bits", "gt_bits"], {"input": x})
+    pre = x @ model.fc.weight.detach().numpy().T
+    assert (pre == 0).sum() >= 5, "the inputs must land exactly on the threshold"
+    on, off = (1.0, 0.0) if levels == "01" else (1.0, -1.0)
+    np.testing.assert_array_equal(ge, np.where(pre >= 0, on, off))
+    np.testing.assert_array_equal(gt, np.where(pre > 0, on, off))
 
 
 class Unsupported(nn.Module):
@@ -266,6 +294,6 @@ def test_traced_programs_get_their_steps_lifted_to_htaf_ops(tmp_path, fmt):
 def test_python_validate_returns_the_report(exported, tmp_path):
     report = htaf_export.validate(SAMPLES / "dhn_mlp.pt", exported["dhn_mlp"].artifact)
     assert report.passed and report.backends[0].samples >= 1797
-    # A model that is not the one exported: the report says so instead of raising.
-    other = htaf_export.validate(SAMPLES / "dhn_mlp.pt", exported["dhn_mlp"].artifact, tie="gt")
+    # A model that is not the one exported (its sites declare the other tie rule): the report says so.
+    other = htaf_export.validate(tie_twin("dhn_mlp", "gt", tmp_path), exported["dhn_mlp"].artifact)
     assert not other.passed

@@ -325,20 +325,28 @@ def test_fuse_refuses_binary_conv_on_real_valued_input():
 # ---- lower_steps ----------------------------------------------------------------------------------
 
 
-def test_lower_steps_keeps_each_nodes_tie():
-    proto = build("""g (float[N] x) => (float[N] a, float[N] b, float[N] c, float[N] d) {
+MIXED = """g (float[N] x) => (float[N] a, float[N] b, float[N] c, float[N] d) {
         a = htaf.Heaviside<tie = "ge">(x, t)
         b = htaf.Heaviside<tie = "gt">(x, t)
         c = htaf.Sign<tie = "ge">(x, t)
         d = htaf.Sign<tie = "gt">(x, t)
-    }""", STEPS, t=0.1)
-    with pytest.raises(ValueError, match="different tie rules"):
-        attach_step_functions(onnx.ModelProto.FromString(proto.SerializeToString()))
-    x = around(0.1)  # below, at, above
-    lowered_proto = lower_steps(proto)
-    assert {o.domain for o in lowered_proto.opset_import} == {""}
-    assert {n.domain for n in lowered_proto.graph.node} == {""}
-    a, b, c, d = run(lowered_proto, x=x)
+    }"""
+
+
+@pytest.mark.parametrize("how", ["lowered", "overloads"])
+def test_mixed_ties_keep_each_nodes_rule(how):
+    proto = build(MIXED, STEPS, t=0.1)
+    if how == "lowered":
+        runnable = lower_steps(proto)
+        assert {o.domain for o in runnable.opset_import} == {""}
+        assert {n.domain for n in runnable.graph.node} == {""}
+    else:  # one function body per (op, tie), each node calling the overload named after its rule
+        proto.ir_version = 10
+        runnable = attach_step_functions(proto)
+        assert sorted((f.name, f.overload) for f in runnable.functions) == [
+            ("Heaviside", "ge"), ("Heaviside", "gt"), ("Sign", "ge"), ("Sign", "gt")]
+        onnx.checker.check_model(runnable, full_check=True)
+    a, b, c, d = run(runnable, x=around(0.1))  # below, at, above
     np.testing.assert_array_equal(a, [0.0, 1.0, 1.0])
     np.testing.assert_array_equal(b, [0.0, 0.0, 1.0])
     np.testing.assert_array_equal(c, [-1.0, 1.0, 1.0])

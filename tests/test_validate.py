@@ -24,6 +24,8 @@ from htaf_export.testing import assert_parity
 from htaf_export.data import NpzBatches
 from htaf_export.validate import MARGIN_EDGES, validate
 
+from conftest import tie_twin  # noqa: E402
+
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"
 NAMES = ["bnn_mlp", "bnn_cnn", "dhn_mlp", "snn_mlp", "icbm_cnn"]
 
@@ -209,14 +211,20 @@ def test_one_float_step_on_a_folded_threshold_is_within_rounding(exported, tmp_p
 
 
 @pytest.fixture(scope="module")
-def snn_gt(tmp_path_factory):
+def snn_gt_model(tmp_path_factory):
+    """The SNN sample with the same weights, its spikes declaring tie gt."""
+    return tie_twin("snn_mlp", "gt", tmp_path_factory.mktemp("twin"))
+
+
+@pytest.fixture(scope="module")
+def snn_gt(snn_gt_model, tmp_path_factory):
     out = tmp_path_factory.mktemp("tie") / "snn_gt.onnx"
-    export(SAMPLES / "snn_mlp.pt", "onnx", out, tie="gt", validate_artifact=False)
+    export(snn_gt_model, "onnx", out, validate_artifact=False)
     return out
 
 
 def test_tie_mismatch_is_caught_on_crafted_ties(snn_gt, tmp_path, capsys):
-    code, out, _ = run_cli(capsys, "validate", SAMPLES / "snn_mlp.pt", snn_gt, "--tie", "ge", "--device", "cpu")
+    code, out, _ = run_cli(capsys, "validate", SAMPLES / "snn_mlp.pt", snn_gt, "--device", "cpu")
     assert code == 1 and "first failing tensor lifs.0.spike@0" in out and "certified ties" in out
 
 
@@ -237,14 +245,19 @@ def test_tie_mismatch_is_caught_by_behaviour_even_when_the_file_claims_the_right
     assert data["backends"][0]["tensors"][0]["tie_violations"] > 0
 
 
-def test_matching_tie_rule_passes(snn_gt, capsys):
-    code, out, _ = run_cli(capsys, "validate", SAMPLES / "snn_mlp.pt", snn_gt, "--tie", "gt", "--device", "cpu")
+def test_matching_tie_rule_passes(snn_gt, snn_gt_model, capsys):
+    code, out, _ = run_cli(capsys, "validate", snn_gt_model, snn_gt, "--device", "cpu")
     assert code == 0, out
+
+
+def test_tie_option_conflicting_with_the_declared_rule_is_an_error(snn_gt, capsys):
+    code, _, err = run_cli(capsys, "validate", SAMPLES / "snn_mlp.pt", snn_gt, "--tie", "gt", "--device", "cpu")
+    assert code == 2 and "conflicts with the tie rule the model declares" in err
 
 
 def test_declared_tie_rule_mismatch_fails_where_no_input_reaches_a_tie(tmp_path, capsys):
     art = tmp_path / "dhn_gt.onnx"
-    export(SAMPLES / "dhn_mlp.pt", "onnx", art, tie="gt", validate_artifact=False)
+    export(tie_twin("dhn_mlp", "gt", tmp_path), "onnx", art, validate_artifact=False)
     code, out, _ = run_cli(capsys, "validate", SAMPLES / "dhn_mlp.pt", art, "--device", "cpu")
     assert code == 1 and "tie rule 'gt'" in out
 

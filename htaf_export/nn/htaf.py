@@ -77,7 +77,8 @@ class HTAF(nn.Module):
 
     Modes: ``smooth`` (forward is HTAF) and ``surrogate`` (forward is the exact step, backward
     uses HTAF's gradient). ``tie`` is the value the hardened step takes at exactly the threshold:
-    ``ge`` fires (step(0) = 1, sign(0) = +1), ``gt`` does not.
+    ``ge`` fires (step(0) = 1, sign(0) = +1), ``gt`` does not; None declares no rule, so the exporter's
+    ``--tie`` decides (``ge`` when it is not given).
     """
 
     def __init__(
@@ -87,7 +88,7 @@ class HTAF(nn.Module):
         threshold: float = 0.0,
         levels: Levels = "01",
         mode: Mode = "smooth",
-        tie: Tie = "ge",
+        tie: Tie | None = None,
     ) -> None:
         super().__init__()
         if not (alpha > 0 and math.isfinite(alpha)):
@@ -96,7 +97,8 @@ class HTAF(nn.Module):
             raise ValueError(f"beta must be a non-negative finite number, got {beta}")
         _check_choice("levels", levels, LEVELS)
         _check_choice("mode", mode, MODES)
-        _check_choice("tie", tie, TIES)
+        if tie is not None:
+            _check_choice("tie", tie, TIES)
         self.alpha = float(alpha)
         self.beta = float(beta)
         self.threshold = float(threshold)
@@ -106,7 +108,7 @@ class HTAF(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "surrogate":
-            return _SurrogateStep.apply(x, self.threshold, self.alpha, self.beta, self.levels, self.tie)
+            return _SurrogateStep.apply(x, self.threshold, self.alpha, self.beta, self.levels, self.tie or "ge")
         h = htaf_function(x - self.threshold, self.alpha, self.beta)
         return h if self.levels == "01" else 2 * h - 1
 
@@ -121,7 +123,7 @@ class HTAF(nn.Module):
 
     def hardened(self, tie: Tie | None = None) -> "Step":
         """The exact step this site approximates."""
-        return Step(threshold=self.threshold, levels=self.levels, tie=tie or self.tie)
+        return Step(threshold=self.threshold, levels=self.levels, tie=tie or self.tie or "ge")
 
     def extra_repr(self) -> str:
         return (f"alpha={self.alpha}, beta={self.beta}, threshold={self.threshold}, "

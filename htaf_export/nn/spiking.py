@@ -32,7 +32,7 @@ class LIF(nn.Module):
         alpha: float = 2.0,
         beta: float = 4.0,
         mode: str = "surrogate",
-        tie: str = "ge",
+        tie: str | None = None,
     ) -> None:
         super().__init__()
         if not 0.0 <= leak <= 1.0:

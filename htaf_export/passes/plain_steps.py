@@ -24,7 +24,7 @@ def _step_check(x: ir.Value, t: ir.Value) -> MatchResult:
     result = MatchResult()
     if t.const_value is None:
         return result.fail(f"threshold {t.name!r} is computed at run time, not a constant", t)
-    if x.dtype != ir.DataType.FLOAT:
+    if x.dtype is not None and x.dtype != ir.DataType.FLOAT:
         return result.fail(f"the step input is {x.dtype}, not float32 (a step keeps its input's type)", x)
     return result
 

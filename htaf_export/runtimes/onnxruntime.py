@@ -39,7 +39,6 @@ def _ort_errors() -> tuple[type[Exception], ...]:
             state.RuntimeException)
 
 
-ORT_LOAD_ERRORS = _ort_errors()
 WEIGHTED_OPS = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1}
 WEIGHT_SUFFIXES = (".weight.unpacked", ".weight", ".packed", ".unpacked")
 
@@ -113,7 +112,7 @@ class OnnxRuntimeRunner:
             opts.intra_op_num_threads = threads
         try:
             self.session = ort.InferenceSession(_with_step_outputs(info.path, info.steps), opts, providers=[provider])
-        except ORT_LOAD_ERRORS as e:
+        except _ort_errors() as e:
             raise BadInput(f"ONNX Runtime cannot load {info.path}: {str(e).splitlines()[0][:200]}") from None
         self.outputs = [o.name for o in self.session.get_outputs()]
 

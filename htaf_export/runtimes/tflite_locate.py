@@ -2,11 +2,11 @@
 
 Converters lay out a step (layout, shape, levels) but cannot know which tensor of the converted file
 holds it: TFLite's and LCE's converters fuse, rename and bit-pack. So the file is run on probe inputs,
-every tensor of a fitting shape exposed, and compared with the IR itself run in ONNX Runtime (an oracle
-independent of the converter); the candidate that agrees is recorded in the file's metadata, so
-validation can read the step back. A step no tensor holds is reported as not observable, not guessed.
+every tensor of a fitting shape exposed, and compared with an oracle independent of the converter; the
+candidate that agrees is recorded in the file's metadata, so validation can read the step back. A step
+no tensor holds is reported as not observable, not guessed.
 
-The oracle is the hardened PyTorch model (the integer thresholds of binary layers are derived from its very
+The oracle (given by the pipeline) is the hardened PyTorch model (the integer thresholds of binary layers are derived from its very
 float32 operations, so the two agree even on exact ties); steps it cannot record (a TorchScript source) come
 from the IR run in ONNX Runtime.
 

@@ -1,0 +1,306 @@
+"""Hardening inside traced programs: torch.export graph modules (.pt2) and TorchScript modules.
+
+A traced program no longer has HTAF modules to swap, only the operations they ran. Sites are found by
+what they compute:
+
+- the HTAF composite σ(α·u + β·tanh u), u = x − θ (or u = x), with α > 0, β ≥ 0 constants; its ±1 form
+  2σ − 1. It becomes the exact step of x at θ under the declared tie rule (``--tie``, else ``ge``: a traced
+  graph does not record the tie a smooth HTAF was given).
+- in a .pt2 program, an exact step inside an HTAF or Step module (a surrogate-mode HTAF, or a model hardened
+  before export): (x ≥ θ) or (x > θ) cast to float, optionally 2·H − 1. Its tie is the comparison's.
+
+In a graph module each site becomes a call of a ``Step`` submodule at the site's module path, so the
+reference records it like any Step and the exporter emits the ``htaf`` op. A site inside a module that is
+not an HTAF gets a child ``<path>.step`` (``step`` at the root). TorchScript modules are rewritten in
+place, on a fresh copy, with TorchScript's own subgraph rewriter; their steps become plain comparisons that
+capture lifts to ``htaf`` ops.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+
+from .errors import BadInput
+from .nn import Step
+
+aten = torch.ops.aten
+CASTS = (aten.to.dtype, aten._to_copy.default, aten.type_as.default)
+COMPARISONS = {aten.ge.Scalar: "ge", aten.gt.Scalar: "gt", aten.ge.Tensor: "ge", aten.gt.Tensor: "gt"}
+SCOPES = ("HTAF", "Step")
+
+
+@dataclass(frozen=True)
+class TracedSite:
+    """One step site found in a traced program, and how it was found."""
+
+    path: str
+    threshold: float
+    levels: str
+    tie: str
+    how: str
+    alpha: float | None = None
+    beta: float | None = None
+
+
+def _number(value) -> float | None:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return float(value.reshape(()))
+    return None
+
+
+def _scope(node: fx.Node) -> tuple[str, str]:
+    """(module path, type name) of the innermost module a node ran in; ("", "") at the root."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return "", ""
+    path, kind = list(stack.values())[-1]
+    name = kind if isinstance(kind, str) else f"{kind.__module__}.{kind.__qualname__}"
+    return str(path), str(name).rsplit(".", 1)[-1].strip("'>")
+
+
+def _only_user(node: fx.Node) -> fx.Node | None:
+    users = [u for u in node.users if u.target is not aten._assert_tensor_metadata.default]
+    return users[0] if len(users) == 1 else None
+
+
+def _scalar_arg(node: fx.Node, tensor: fx.Node) -> float | None:
+    """The constant other operand of a binary op whose tensor operand is ``tensor``."""
+    others = [a for a in node.args[:2] if a is not tensor]
+    return _number(others[0]) if len(others) == 1 else None
+
+
+def _pm1_tail(out: fx.Node) -> list[fx.Node]:
+    """[mul, sub] when ``out`` is only used as 2·out − 1, else []."""
+    mul = _only_user(out)
+    if mul is None or mul.target is not aten.mul.Tensor or _scalar_arg(mul, out) != 2.0:
+        return []
+    sub = _only_user(mul)
+    if sub is None or sub.target is not aten.sub.Tensor or sub.args[0] is not mul or _number(sub.args[1]) != 1.0:
+        return []
+    return [mul, sub]
+
+
+@dataclass
+class _Match:
+    x: fx.Node
+    nodes: list[fx.Node]
+    threshold: float
+    levels: str
+    tie: str
+    how: str
+    alpha: float | None = None
+    beta: float | None = None
+
+
+def _composite(sig: fx.Node, tie: str) -> _Match | None:
+    """σ(α·u + β·tanh u) at ``sig``, u = x − θ or x."""
+    add = sig.args[0]
+    if not isinstance(add, fx.Node) or add.target is not aten.add.Tensor or len(add.args) != 2:
+        return None
+    tanh = next((m.args[0] for m in add.args if isinstance(m, fx.Node) and m.target is aten.mul.Tensor
+                 and isinstance(m.args[0], fx.Node) and m.args[0].target is aten.tanh.default), None)
+    if tanh is None:
+        return None
+    u = tanh.args[0]
+    mul_b = next(m for m in add.args if m.args[0] is tanh)
+    mul_a = next((m for m in add.args if m is not mul_b and isinstance(m, fx.Node)
+                  and m.target is aten.mul.Tensor and u in m.args[:2]), None)
+    if mul_a is None:
+        return None
+    alpha, beta = _scalar_arg(mul_a, u), _scalar_arg(mul_b, tanh)
+    if alpha is None or beta is None or not (alpha > 0 and beta >= 0):
+        return None
+    x, theta, nodes = u, 0.0, [mul_a, tanh, mul_b, add, sig]
+    if u.target is aten.sub.Tensor and _number(u.args[1]) is not None and isinstance(u.args[0], fx.Node):
+        x, theta, nodes = u.args[0], _number(u.args[1]), [u, *nodes]
+    inside = set(nodes)
+    if any(user not in inside for n in nodes[:-1] for user in n.users):
+        return None  # an inner value is used elsewhere: not a self-contained step
+    tail = _pm1_tail(sig)
+    return _Match(x, nodes + tail, float(theta), "pm1" if tail else "01", tie, "HTAF composite", alpha, beta)
+
+
+def _comparison(cmp: fx.Node) -> _Match | None:
+    """(x ≥ θ) or (x > θ) cast to float [·2 − 1], inside an HTAF or Step module."""
+    theta = _number(cmp.args[1]) if len(cmp.args) > 1 else None
+    cast = _only_user(cmp)
+    if theta is None or cast is None or cast.target not in CASTS or not isinstance(cmp.args[0], fx.Node):
+        return None
+    if cast.target is aten.to.dtype and cast.args[1] != torch.float32:
+        return None
+    extra = [u for u in cmp.users if u.target is aten._assert_tensor_metadata.default]
+    tail = _pm1_tail(cast)
+    return _Match(cmp.args[0], [cmp, *extra, cast, *tail], theta, "pm1" if tail else "01", COMPARISONS[cmp.target],
+                  "exact step in a traced graph")
+
+
+def _site_path(gm: fx.GraphModule, node: fx.Node, match: _Match, taken: dict[str, TracedSite]) -> str:
+    path, kind = _scope(node)
+    base = path if kind in SCOPES and path else (f"{path}.step" if path else "step")
+    name, k = base, 1
+    while True:
+        existing = taken.get(name)
+        same = existing is not None and (existing.threshold, existing.levels, existing.tie) == (
+            match.threshold, match.levels, match.tie)
+        if existing is None and not _is_other_module(gm, name) or same:
+            return name
+        name, k = f"{base}{k}", k + 1
+
+
+def _is_other_module(gm: fx.GraphModule, path: str) -> bool:
+    try:
+        return not isinstance(gm.get_submodule(path), Step)
+    except AttributeError:
+        return False
+
+
+def _replace(gm: fx.GraphModule, match: _Match, path: str) -> None:
+    out = match.nodes[-1]
+    try:
+        gm.get_submodule(path)  # the Step of an earlier call of this site
+    except AttributeError:
+        gm.add_submodule(path, Step(threshold=match.threshold, levels=match.levels, tie=match.tie))
+    with gm.graph.inserting_before(out):
+        call = gm.graph.call_module(path, (match.x,))
+    call.meta["val"] = out.meta.get("val")
+    out.replace_all_uses_with(call)
+    for node in reversed(match.nodes):
+        gm.graph.erase_node(node)
+
+
+def harden_graph_module(gm: fx.GraphModule, tie: str | None) -> tuple[fx.GraphModule, list[TracedSite]]:
+    """A copy of a torch.export graph module with every site a ``Step`` call, and the sites found."""
+    hard = copy.deepcopy(gm)
+    sites: dict[str, TracedSite] = {}
+    found: list[TracedSite] = []
+    for node in list(hard.graph.nodes):
+        if node.graph is None or node.op != "call_function":
+            continue
+        match = None
+        if node.target is aten.sigmoid.default:
+            match = _composite(node, tie or "ge")
+        elif node.target in COMPARISONS and _scope(node)[1] in SCOPES:
+            match = _comparison(node)
+            if match is not None and tie is not None and match.tie != tie:
+                raise BadInput(f"site {_scope(node)[0]!r} of the program steps with tie {match.tie!r}; --tie {tie} "
+                               f"conflicts with it (drop --tie)")
+        if match is None:
+            continue
+        path = _site_path(hard, node, match, sites)
+        _replace(hard, match, path)
+        site = TracedSite(path, match.threshold, match.levels, match.tie, match.how, match.alpha, match.beta)
+        if path not in sites:
+            found.append(site)
+        sites[path] = site
+    hard.graph.eliminate_dead_code()
+    hard.graph.lint()
+    hard.recompile()
+    return hard, found
+
+
+# ---- TorchScript ---------------------------------------------------------------------------------
+
+_HTAF01 = """
+graph(%x, %t, %k1, %a, %b, %k2):
+  %u = aten::sub(%x, %t, %k1)
+  %m = aten::mul(%u, %a)
+  %th = aten::tanh(%u)
+  %m2 = aten::mul(%th, %b)
+  %z = aten::add(%m, %m2, %k2)
+  %s = aten::sigmoid(%z)
+  return (%s)"""
+_STEP01 = """
+graph(%x, %t, %k1, %a, %b, %k2):
+  %g = aten::{op}(%x, %t)
+  %f = aten::type_as(%g, %x)
+  return (%f)"""
+_TAIL = "%d = aten::mul({v}, %two)\n  %r = aten::sub(%d, %one, %k3)\n  return (%r)"
+
+
+def _pm1(pattern: str, value: str) -> str:
+    return pattern.replace("%k2):", "%k2, %two, %one, %k3):").replace(f"return ({value})", _TAIL.format(v=value))
+
+
+def _constant(value) -> float | None:
+    node = value.node()
+    return _number(node.output().toIValue()) if node.kind() == "prim::Constant" else None
+
+
+def _ts_composites(graph) -> list[tuple[float, float, float, str]]:
+    """(θ, α, β, levels) of each HTAF composite in a TorchScript graph (the ``_HTAF01`` shape)."""
+    found = []
+    for node in graph.nodes():
+        if node.kind() != "aten::sigmoid":
+            continue
+        add = node.inputsAt(0).node()
+        if add.kind() != "aten::add":
+            continue
+        muls = [add.inputsAt(i).node() for i in range(2)]
+        tanh_mul = next((m for m in muls if m.kind() == "aten::mul" and m.inputsAt(0).node().kind() == "aten::tanh"), None)
+        lin_mul = next((m for m in muls if m is not tanh_mul and m.kind() == "aten::mul"), None)
+        if tanh_mul is None or lin_mul is None or lin_mul.inputsAt(0).node().kind() != "aten::sub":
+            continue
+        sub = lin_mul.inputsAt(0).node()
+        theta, alpha, beta = _constant(sub.inputsAt(1)), _constant(lin_mul.inputsAt(1)), _constant(tanh_mul.inputsAt(1))
+        if None in (theta, alpha, beta) or not (alpha > 0 and beta >= 0):  # type: ignore[operator]
+            continue
+        uses = [u.user for u in node.output().uses()]
+        pm1 = len(uses) == 1 and uses[0].kind() == "aten::mul"
+        found.append((float(theta), float(alpha), float(beta), "pm1" if pm1 else "01"))  # type: ignore[arg-type]
+    return found
+
+
+def _ts_exact_steps(module: torch.jit.ScriptModule) -> list[TracedSite]:
+    """The Step submodules of a TorchScript module (a model hardened before tracing), read off their graphs."""
+    sites = []
+    for path, sub in module.named_modules():
+        if getattr(sub, "original_name", "") != "Step" or not hasattr(sub, "forward"):
+            continue
+        nodes = list(sub.forward.graph.nodes())
+        cmp = next((n for n in nodes if n.kind() in ("aten::ge", "aten::gt")), None)
+        theta = _constant(cmp.inputsAt(1)) if cmp is not None else None
+        if cmp is None or theta is None:
+            continue
+        levels = "pm1" if any(n.kind() == "aten::mul" for n in nodes) else "01"
+        sites.append(TracedSite(path, theta, levels, cmp.kind()[-2:], "Step module (TorchScript)"))
+    return sites
+
+
+def harden_torchscript(module: torch.jit.ScriptModule, tie: str | None) -> tuple[torch.jit.ScriptModule, list[TracedSite]]:
+    """A fresh copy of a TorchScript module whose HTAF composites compute the exact step, and the sites."""
+    buf = io.BytesIO()
+    torch.jit.save(module, buf)
+    buf.seek(0)
+    hard = torch.jit.load(buf, map_location="cpu")  # its own compilation unit: the original stays smooth
+    op = "gt" if tie == "gt" else "ge"
+    step01 = _STEP01.replace("{op}", op)
+    sites: list[TracedSite] = []
+    for path, sub in hard.named_modules():
+        if not hasattr(sub, "forward") or not hasattr(sub.forward, "graph"):
+            continue
+        graph = sub.forward.graph
+        found = _ts_composites(graph)
+        for k, (theta, alpha, beta, levels) in enumerate(found):
+            name = path if len(found) == 1 else f"{path}@{k}"
+            sites.append(TracedSite(name or "(root)", theta, levels, op, "HTAF composite", alpha, beta))
+        if found:
+            torch._C._jit_pass_custom_pattern_based_rewrite_graph(_pm1(_HTAF01, "%s"), _pm1(step01, "%f"), graph)
+            torch._C._jit_pass_custom_pattern_based_rewrite_graph(_HTAF01, step01, graph)
+            torch._C._jit_pass_dce(graph)
+    sites += _ts_exact_steps(hard)
+    leftover = [p for p, s in hard.named_modules() if hasattr(s, "forward") and hasattr(s.forward, "graph")
+                and any(n.kind() == "aten::sigmoid" for n in s.forward.graph.nodes()) and _ts_composites(s.forward.graph)]
+    if leftover:
+        raise BadInput(f"TorchScript module {leftover[0]!r} computes an HTAF whose form this tool cannot rewrite; "
+                       f"harden before tracing, or save a torch.export program (.pt2)")
+    return hard, sites
+
+
+__all__ = ["TracedSite", "harden_graph_module", "harden_torchscript"]
