@@ -399,7 +399,8 @@ def sign_gt(z):
 
 
 UNARY_OPS = {"Relu": tf.nn.relu, "Sigmoid": tf.math.sigmoid, "Tanh": tf.math.tanh, "Neg": tf.math.negative,
-             "Abs": tf.math.abs, "Exp": tf.math.exp, "Log": tf.math.log, "Sqrt": tf.math.sqrt}
+             "Abs": tf.math.abs, "Exp": tf.math.exp, "Log": tf.math.log, "Sqrt": tf.math.sqrt,
+             "Sign": tf.math.sign}
 
 
 def _unary(b: KerasBuilder, node: ir.Node) -> list[Val]:
@@ -490,6 +491,8 @@ def _reshape_target(b: KerasBuilder, node: ir.Node, x: Val) -> tuple[int, ...]:
     if shape is not None and len(shape) and all(isinstance(d, int) for d in list(shape)[1:]):
         return _static_shape(node.outputs[0])
     target = b.get(node.inputs[1]).const if node.op_type == "Reshape" and len(node.inputs) > 1 else None
+    if target is None and node.op_type == "Reshape" and len(node.inputs) > 1:
+        target = _batch_then_constants(b, node.inputs[1])
     if target is None or target.ndim != 1 or len(target) < 1:
         raise UnsupportedLayer(node.name, f"{node.op_type} to a shape the IR does not know")
     dims = [x.shape[i - 1] if d == 0 and 0 < i <= len(x.shape) else int(d) for i, d in enumerate(target)][1:]
@@ -497,6 +500,17 @@ def _reshape_target(b: KerasBuilder, node: ir.Node, x: Val) -> tuple[int, ...]:
         known = int(np.prod([d for d in dims if d != -1]))
         dims[dims.index(-1)] = size // known
     return tuple(dims)
+
+
+def _batch_then_constants(b: KerasBuilder, value: ir.Value | None) -> np.ndarray | None:
+    """A traced ``view(x.size(0), ...)``: Concat(the batch size, constants) → [batch, constants...]."""
+    producer = value.producer() if value is not None else None
+    if producer is None or producer.op_type != "Concat" or not producer.inputs:
+        return None
+    parts = [b.get(v) for v in producer.inputs]
+    if not parts[0].shape_only or any(p.const is None for p in parts[1:]):
+        return None
+    return np.concatenate([[-2]] + [np.asarray(p.const).reshape(-1) for p in parts[1:]]).astype(np.int64)
 
 
 def _concat(b: KerasBuilder, node: ir.Node) -> list[Val]:

@@ -14,7 +14,6 @@ from typing import Mapping
 import onnx
 import onnx.inliner
 import onnx_ir as ir
-from onnx import helper
 
 from htaf_export import metadata as md
 from htaf_export.capture import Capture, cleanup

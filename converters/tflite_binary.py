@@ -30,7 +30,7 @@ export summary. Whether LCE can run a layer bit-packed is decided where its inpu
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx_ir as ir
@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from htaf_export.ops import HTAF_DOMAIN
 from htaf_export.passes.base import PassReport, report
-from htaf_export.passes.util import const_array
+from htaf_export.passes.util import const_array, layer_of, sign_factor
 
 DOMAIN = "htaf.tflite"
 OP = "BinaryConv"
@@ -141,26 +141,11 @@ class Rejected:
 def layer_name(node: ir.Node) -> str:
     """The module path of a conv/dense node, read off its weight initializer (``layers.conv2.weight``)."""
     weight = node.inputs[1] if len(node.inputs) > 1 else None
-    name = weight.name if weight is not None and weight.name else node.name
-    return name.removesuffix(".weight")
+    return layer_of(weight.name) if weight is not None and weight.name else str(node.name)
 
 
 def is_binary_weight(array: np.ndarray | None) -> bool:
     return array is not None and array.dtype == np.float32 and array.size > 0 and bool(np.all(np.abs(array) == 1.0))
-
-
-def binary_factor(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray | None] | None:
-    """(±1 signs, per-output-channel scale s > 0, None when all 1) with weight = signs·s, for ``weight`` [out, …];
-    None when the weights are not of that form. (An exporter that folds a batch norm into a binary conv, as
-    TorchScript's does, leaves ±s weights.)"""
-    if weight.dtype != np.float32 or weight.size == 0:
-        return None
-    flat = np.abs(weight.reshape(weight.shape[0], -1))
-    scale = flat[:, 0]
-    if not np.all(flat == scale[:, None]) or not np.all(scale > 0):
-        return None
-    signs = np.where(weight >= 0, 1.0, -1.0).astype(np.float32)
-    return signs, (None if np.all(scale == 1.0) else scale.astype(np.float32))
 
 
 def _attr(node: ir.Node, name: str, default):
@@ -414,7 +399,7 @@ def match(node: ir.Node, bitpacked: bool) -> tuple[BinaryLayer, list[ir.Node], i
         return None
     if node.op_type == "MatMul" or node.op_type == "Gemm" and not int(_attr(node, "transB", 0)):
         weight = np.ascontiguousarray(weight.T)  # [out, in]
-    factor = binary_factor(weight)
+    factor = sign_factor(weight, 0)
     if factor is None:
         return None
     made = _conv_layer(node, weight) if node.op_type == "Conv" else _dense_layer(node, weight)

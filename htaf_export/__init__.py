@@ -9,7 +9,7 @@ from .harden import HardenResult, harden
 from .io import LoadedModel, load, save
 from . import validate as _validate_module  # noqa: F401  (imported first, so the function below keeps its name)
 
-__version__ = "0.1.0"
+from .version import __version__  # noqa: E402
 
 
 def export(*args: Any, **kwargs: Any) -> Any:

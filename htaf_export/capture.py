@@ -23,10 +23,12 @@ import onnx
 from onnxscript.optimizer import fold_constants
 from torch import nn
 
+from . import outputs
 from .contracts import StepSpec
 from .errors import BadInput, UnsupportedLayer
 from .harden import set_eval
 from .ops import HTAF_DOMAIN, OPSET, STEP_OPS
+from .passes.fold_weights import FoldWeightExpressions
 from .passes.plain_steps import RecognisePlainSteps
 
 INPUT_NAME = "input"
@@ -44,6 +46,7 @@ class Capture:
     output_names: tuple[str, ...]
     steps: tuple[StepSpec, ...] = ()
     streaming: bool = False
+    notes: tuple[str, ...] = ()  # what capture changed that a user should know (weights snapped to ±scale)
 
     @property
     def step_tensors(self) -> list[str]:
@@ -69,10 +72,31 @@ def state_names(model: nn.Module) -> list[str]:
     return [f"{name}.v" for name, m in model.named_modules() if type(m).__name__ == "LIF"]
 
 
+class _FlatOutputs(nn.Module):
+    """A TorchScript model whose outputs are dicts or nested lists, returning them as one flat tuple (the
+    TorchScript exporter knows no dicts); traced, so it is TorchScript again."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor):
+        return tuple(outputs.leaves(self.model(x)))
+
+
+def _flat_tuple(out) -> bool:
+    return isinstance(out, torch.Tensor) or (isinstance(out, tuple) and all(isinstance(o, torch.Tensor) for o in out))
+
+
 def _entry(model: nn.Module, input_shape: Sequence[int], output_names: Sequence[str], streaming: bool):
     batch = torch.export.Dim("batch", min=1)
     x = torch.zeros(2, *input_shape)
     if not streaming:
+        if isinstance(model, torch.jit.ScriptModule):
+            with torch.no_grad():
+                flat = _flat_tuple(model(x))
+            if not flat:
+                model = torch.jit.trace(_FlatOutputs(model), x, strict=False)
         return model, (x,), [INPUT_NAME], list(output_names), ({0: batch},)
     if not hasattr(model, "step") or not hasattr(model, "initial_state"):
         raise BadInput("streaming export needs a spiking model with step() and initial_state() (an SNN)")
@@ -98,7 +122,7 @@ def _legacy_export(module: nn.Module, args: tuple, input_names: list[str], outpu
 
 def _torch_export(module: nn.Module, args: tuple, input_names: list[str], output_names: list[str], dyn) -> ir.Model:
     # The exporter prints progress and warns about optional packages; neither helps our users.
-    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         previous = logging.root.manager.disable
         logging.disable(logging.WARNING)
@@ -144,14 +168,17 @@ def _explain_failure(module: nn.Module, args: tuple, dyn, error: Exception) -> B
 def _site_of(node: ir.Node) -> str:
     """The module path a node came from: the dynamo exporter's name scopes, or the legacy '/a/b/Op' name."""
     if "pkg.torch.onnx.name_scopes" not in node.metadata_props and (node.name or "").startswith("/"):
-        return ".".join(node.name.strip("/").split("/")[:-1]) or node.name
+        return ".".join(node.name.strip("/").split("/")[:-1]).removeprefix("model.") or node.name
     scopes = node.metadata_props.get("pkg.torch.onnx.name_scopes", "")
     try:
         names = [s.strip().strip("'\"") for s in scopes.strip("[]").split(",")]
     except AttributeError:
         names = []
     path = names[-2] if len(names) >= 2 else ""
-    return path.removeprefix("model.") if path else node.name
+    if path:
+        return path.removeprefix("model.")
+    # a step written in the root module's forward: the exporter's name for it ("ge", "gt_1")
+    return names[-1] if names and names[-1] else node.name
 
 
 def _name_steps(model: ir.Model) -> list[StepSpec]:
@@ -201,6 +228,7 @@ def capture(hardened: nn.Module, input_shape: Sequence[int], output_names: Seque
     module, args, in_names, out_names, dyn = _entry(hardened, input_shape, output_names, streaming)
     model = _torch_export(module, args, in_names, out_names, dyn)
     # Traced programs (TorchScript, .pt2) hold their steps as plain comparisons: lift them to htaf ops.
+    folded = FoldWeightExpressions()(model).records
     fold_constants(model)
     RecognisePlainSteps()(model)
     steps = _name_steps(model)
@@ -210,4 +238,7 @@ def capture(hardened: nn.Module, input_shape: Sequence[int], output_names: Seque
     steps = [s for s in steps if s.tensor in present]
     model.graph.name = type(hardened).__name__
     model.producer_name = "htaf-export"
-    return Capture(model, tuple(in_names), tuple(out_names), tuple(steps), streaming)
+    notes = tuple(f"weights {f.weight} snapped to exactly ±scale per channel (largest relative change "
+                  f"{f.snapped_change:.1e}: the straight-through form w + (α·sign(w) − w) rounds α by an ulp)"
+                  for f in folded if f.snapped_change)
+    return Capture(model, tuple(in_names), tuple(out_names), tuple(steps), streaming, notes)

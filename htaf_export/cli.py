@@ -96,7 +96,7 @@ def _validate_parser() -> argparse.ArgumentParser:
 
 def _tolerance(args: argparse.Namespace):
     """Defaults, overridden by --atol / --rtol / --flip-margin where the command line has them."""
-    from .validate import Tolerance
+    from .parity import Tolerance
 
     given = {}
     for name in ("atol", "rtol", "flip_margin"):

@@ -15,7 +15,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from .pipeline import ExportResult, Progress
-from .validate import ParityReport
+from .parity import ParityReport
 
 
 def print_export(result: ExportResult, console: Console) -> None:

@@ -86,7 +86,6 @@ def find_sites(model: nn.Module) -> list[Site]:
     """Step sites of a module tree, in registration order; TorchScript submodules are matched by type name."""
     sites = []
     for name, m in model.named_modules():
-        kind = getattr(m, "original_name", type(m).__name__)
         if isinstance(m, HTAF):
             sites.append(Site(name, m.levels, m.threshold, m.tie or "", "htaf", m.alpha, m.beta, m.mode,
                               "HTAF module"))

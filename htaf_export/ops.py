@@ -38,7 +38,8 @@ def step_function(op: str, tie: str, overload: str = "") -> onnx.FunctionProto:
            f"else {'0' if op == 'Heaviside' else '-1'} (tie rule '{tie}').")
     function = helper.make_function(HTAF_DOMAIN, op, ["X", "T"], ["Y"], nodes,
                                     [helper.make_opsetid("", OPSET)], attributes=["tie"], doc_string=doc)
-    function.overload = overload
+    if overload:  # proto2: an explicit "" would be written out
+        function.overload = overload
     return function
 
 

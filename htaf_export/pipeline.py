@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import __version__
+from .version import __version__
 from . import metadata as md
 from .capture import Capture, capture
 from .contracts import Conversion
@@ -28,7 +28,8 @@ from .io import LoadedModel, load, resolve
 from .reference import run_reference, step_modules
 from .runtimes import ArtifactInfo, backends_for, read_artifact
 from .targets import ExportOptions, Target, target as target_named
-from .validate import ParityReport, Tolerance, validate
+from .parity import ParityReport, Tolerance
+from .validate import validate
 
 GENERATED_SAMPLES = 512
 Progress = Callable[[int, int], None]
@@ -109,7 +110,7 @@ def convert(cap: Capture, target: Target, provenance_: Mapping[str, str], option
     conversion = target.function("converter")(cap, provenance_, options)
     if target.finish:
         conversion = target.function("finish")(conversion, cap, options, step_oracle(hardened, cap))
-    return conversion
+    return replace(conversion, notes=(*cap.notes, *conversion.notes))
 
 
 def export(model: str | Path | LoadedModel, target: str, output: str | Path | None = None, *, tie: str | None = None,

@@ -21,7 +21,7 @@ from .pipeline import ExportResult
 from .report_plots import agreement_plot, margin_plot, size_plot
 from .sizes import size_breakdown
 from .targets import REPORT_SUFFIXES
-from .validate import ParityReport
+from .parity import ParityReport
 
 
 def report_dict(report: ParityReport, export: ExportResult | None = None) -> dict[str, Any]:

@@ -10,7 +10,7 @@ import numpy as np
 
 from .sizes import (CATEGORIES, CATEGORY_BINARY, CATEGORY_FLOAT, CATEGORY_GRAPH, CATEGORY_OTHER, CATEGORY_THRESHOLD,
                     CATEGORY_UNPACK)
-from .validate import MARGIN_EDGES
+from .parity import MARGIN_EDGES
 
 
 def png(fig) -> str:

@@ -22,7 +22,7 @@ from torch import nn
 from .data import Batches, Dataset, NpzBatches
 from .harden import harden
 from .io import LoadedModel, load, resolve
-from .validate import ParityReport, Tolerance
+from .parity import ParityReport, Tolerance
 
 __all__ = ["assert_parity", "check_parity"]
 

@@ -22,7 +22,8 @@ from htaf_export.runtimes import read_artifact
 from htaf_export.runtimes.torch_cuda import TorchRunner
 from htaf_export.testing import assert_parity
 from htaf_export.data import NpzBatches
-from htaf_export.validate import MARGIN_EDGES, validate
+from htaf_export.parity import MARGIN_EDGES
+from htaf_export.validate import validate
 
 from conftest import tie_twin  # noqa: E402
 

@@ -1,10 +1,14 @@
-"""Store binary (±1) weights one bit each, unpacked inside the graph from initializers only.
+"""Store binary (±1, or ±scale per output channel) weights one bit each, unpacked inside the graph.
 
 The unpacking subgraph reads nothing but initializers, so ONNX Runtime folds it once when the
-session starts; at run time the layer sees the same float ±1 weights as before.
+session starts; at run time the layer sees the same float weights as before, bit for bit
+(scale · ±1 is exact):
 
     bits   = BitwiseAnd(BitShift(packed[n, 1], [7..0], RIGHT), 1)     n = ⌈numel / 8⌉
-    weight = Reshape(Cast(Slice(Reshape(bits, [-1]), 0, numel)) · 2 − 1, shape)
+    weight = Reshape(Cast(Slice(Reshape(bits, [-1]), 0, numel)) · 2 − 1, shape) [· scale]
+
+A weight that is ±scale except for exact zeros (an inline sign(w) with w = 0) has three values; it stays
+float and the pass says so (a refusal).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import numpy as np
 import onnx_ir as ir
 
 from .base import PassReport, report
-from .util import const_array, new_initializer
+from .util import const_array, layer_of, new_initializer, sign_factor, zeros_among_signs
 
 # (op type, index of the weight input) of the layers whose weights may be binary.
 WEIGHT_INPUTS = {"Conv": 1, "Gemm": 1, "MatMul": 1, "ConvTranspose": 1}
@@ -35,11 +39,20 @@ class PackedWeight:
         return self.numel / 8
 
 
-def is_binary(array: np.ndarray) -> bool:
-    return array.dtype == np.float32 and array.size >= MIN_PACKED and bool(np.all(np.abs(array) == 1.0))
+def channel_axis(node: ir.Node, rank: int) -> int:
+    """The output-channel axis of a layer's weight: OIHW convs 0, ConvTranspose 1, Gemm by transB, MatMul last."""
+    if node.op_type == "Conv":
+        return 0
+    if node.op_type == "ConvTranspose":
+        return 1
+    if node.op_type == "Gemm":
+        attr = node.attributes.get("transB")
+        return 0 if attr is not None and attr.as_int() else 1
+    return rank - 1
 
 
-def _unpack_nodes(graph: ir.Graph, name: str, array: np.ndarray, shared: dict[str, ir.Value]) -> tuple[list[ir.Node], ir.Value, int, int]:
+def _unpack_nodes(graph: ir.Graph, name: str, array: np.ndarray, scale: np.ndarray | None, axis: int,
+                  shared: dict[str, ir.Value]) -> tuple[list[ir.Node], ir.Value, int, int]:
     bits = (array.reshape(-1) > 0).astype(np.uint8)
     packed = np.packbits(bits, bitorder="big").reshape(-1, 1)
     packed_v = new_initializer(graph, f"{name}.packed", packed)
@@ -60,8 +73,16 @@ def _unpack_nodes(graph: ir.Graph, name: str, array: np.ndarray, shared: dict[st
     doubled = ir.node("Mul", [as_float.outputs[0], shared["two"]], name=f"{name}/double")
     signs = ir.node("Sub", [doubled.outputs[0], shared["one_f"]], name=f"{name}/signs")
     shaped = ir.node("Reshape", [signs.outputs[0], shape_v], name=f"{name}/reshape")
-    shaped.outputs[0].name = f"{name}.unpacked"
     nodes += [as_float, doubled, signs, shaped]
+    if scale is not None:
+        broadcast = [1] * array.ndim
+        broadcast[axis] = -1
+        scale_v = new_initializer(graph, f"{name}.scale", scale.reshape(broadcast))
+        overhead += scale_v.const_value.nbytes  # type: ignore[union-attr]
+        scaled = ir.node("Mul", [shaped.outputs[0], scale_v], name=f"{name}/scale")
+        nodes.append(scaled)
+        shaped = scaled
+    shaped.outputs[0].name = f"{name}.unpacked"
     return nodes, shaped.outputs[0], int(packed.size), overhead
 
 
@@ -70,7 +91,8 @@ class PackBinaryWeights(ir.passes.InPlacePass):
     records one ``PackedWeight`` per packed tensor."""
 
     def call(self, model: ir.Model) -> PassReport:
-        return report(model, _pack(model.graph))
+        packed, refusals = _pack(model.graph)
+        return report(model, packed, refusals=refusals)
 
 
 def _shared_constants(graph: ir.Graph) -> dict[str, ir.Value]:
@@ -84,25 +106,34 @@ def _shared_constants(graph: ir.Graph) -> dict[str, ir.Value]:
     }
 
 
-def _pack(graph: ir.Graph) -> list[PackedWeight]:
+def _pack(graph: ir.Graph) -> tuple[list[PackedWeight], list[tuple[str, str]]]:
     shared: dict[str, ir.Value] = {}
     packed: list[PackedWeight] = []
+    refusals: list[tuple[str, str]] = []
     for node in list(graph):
         index = WEIGHT_INPUTS.get(node.op_type) if node.domain == "" else None
         if index is None or len(node.inputs) <= index:
             continue
         weight = node.inputs[index]
         array = const_array(weight)
-        if array is None or not is_binary(array) or weight is None:
+        if array is None or weight is None or array.size < MIN_PACKED:
+            continue
+        axis = channel_axis(node, array.ndim)
+        factor = sign_factor(array, axis)
+        if factor is None:
+            zeros = zeros_among_signs(array, axis)
+            if zeros:
+                refusals.append((str(weight.name), f"{zeros:,} weights are exactly 0 (sign(0) = 0, a third value): "
+                                                   f"stored as float; binarize with where(w >= 0, 1, -1) to pack"))
             continue
         if not shared:
             shared = _shared_constants(graph)
         name = weight.name or f"{node.name}.weight"
-        nodes, unpacked, nbytes, overhead = _unpack_nodes(graph, name, array, shared)
+        nodes, unpacked, nbytes, overhead = _unpack_nodes(graph, name, factor[0], factor[1], axis, shared)
         graph.insert_before(node, nodes)
         for use in list(weight.uses()):
             use.node.replace_input_with(use.idx, unpacked)
         if not weight.uses() and weight.name in graph.initializers:
             graph.initializers.pop(weight.name)
-        packed.append(PackedWeight(name.removesuffix(".weight"), name, int(array.size), nbytes, overhead))
-    return packed
+        packed.append(PackedWeight(layer_of(name), name, int(array.size), nbytes, overhead))
+    return packed, refusals

@@ -2,6 +2,7 @@
 
     Cast(X ≥ T) · 2 − 1    →  htaf.Sign(X, T)                    (rule PlainSign)
     Cast(X ≥ T)            →  htaf.Heaviside(X, T), tie "ge"     (rule PlainHeaviside; Greater: tie "gt")
+    Where(X ≥ T, 1, −1)    →  htaf.Sign(X, T)                    (rule WhereStep; 1, 0: htaf.Heaviside)
 
 T must be a constant. The step keeps the comparison node's name and metadata, so the site it came
 from can still be read off it. Sign rules run first, so a ±1 step is one node, not a Heaviside and
@@ -78,7 +79,26 @@ class PlainSign(PlainHeaviside):
         return _step(op, "Sign", x, t, self.tie, cmp)
 
 
-SIGN_RULES = [PlainSign.rule(tie) for tie in COMPARISONS]
+class WhereStep(PlainHeaviside):
+    """Where(Compare(X, T), 1, −1) → htaf.Sign(X, T, tie); Where(Compare(X, T), 1, 0) → htaf.Heaviside."""
+
+    def __init__(self, tie: str) -> None:
+        super().__init__(tie)
+        self.name = f"WhereStep[{tie}]"
+
+    def pattern(self, op, x, t, on, off):
+        return op.Where(getattr(op, COMPARISONS[self.tie])(x, t, _outputs=["cmp"]), on, off)
+
+    def check(self, context, x, t, on, off, **_) -> MatchResult:
+        if not (_exactly(on, 1.0) and (_exactly(off, -1.0) or _exactly(off, 0.0))):
+            return MatchResult().fail("not a choice between 1 and −1 (or 0)", on)
+        return _step_check(x, t)
+
+    def rewrite(self, op, x, t, cmp, off, **_):
+        return _step(op, "Sign" if _exactly(off, -1.0) else "Heaviside", x, t, self.tie, cmp)
+
+
+SIGN_RULES = [PlainSign.rule(tie) for tie in COMPARISONS] + [WhereStep.rule(tie) for tie in COMPARISONS]
 HEAVISIDE_RULES = [PlainHeaviside.rule(tie) for tie in COMPARISONS]
 
 

@@ -29,3 +29,41 @@ def new_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
                      type=ir.TensorType(ir.DataType.from_numpy(array.dtype)), shape=ir.Shape(array.shape))
     graph.register_initializer(value)
     return value
+
+
+def sign_factor(array: np.ndarray, axis: int = 0) -> tuple[np.ndarray, np.ndarray | None] | None:
+    """(±1 signs, positive scale per index of ``axis`` or None when it is 1 everywhere) with array = signs·scale;
+    None when ``array`` is not of that form (float32, every magnitude equal within a channel, none 0)."""
+    if array.dtype != np.float32 or array.size == 0 or array.ndim == 0:
+        return None
+    flat = np.abs(np.moveaxis(array, axis, 0).reshape(array.shape[axis], -1))
+    scale = flat[:, 0]
+    if not np.all(flat == scale[:, None]) or not np.all(scale > 0):
+        return None
+    signs = np.where(array >= 0, 1.0, -1.0).astype(np.float32)
+    return signs, (None if np.all(scale == 1.0) else scale.astype(np.float32))
+
+
+def zeros_among_signs(array: np.ndarray, axis: int = 0) -> int:
+    """How many elements are exactly 0 in an array that is otherwise ±scale per channel (sign(0) = 0 of an
+    inline sign(w)); 0 when the array is binary or not of that form at all."""
+    if array.dtype != np.float32 or array.ndim == 0 or not np.any(array == 0):
+        return 0
+    flat = np.abs(np.moveaxis(array, axis, 0).reshape(array.shape[axis], -1))
+    for row in flat:
+        nonzero = row[row != 0]
+        if nonzero.size and not np.all(nonzero == nonzero[0]):
+            return 0
+    return int(np.sum(array == 0))
+
+
+DERIVED_SUFFIXES = (".packed", ".unpacked", ".shape", ".numel", ".scale")
+
+
+def layer_of(weight_name: str) -> str:
+    """The layer a weight tensor belongs to: its parameter name without the parameter itself
+    (``layers.conv2.weight`` → ``layers.conv2``, ``bconv.latent.packed`` → ``bconv``)."""
+    name = weight_name
+    for suffix in DERIVED_SUFFIXES:
+        name = name.removesuffix(suffix)
+    return name.rsplit(".", 1)[0] if "." in name else name

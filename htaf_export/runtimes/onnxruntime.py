@@ -14,6 +14,7 @@ from .. import metadata as md
 from ..contracts import StepSpec
 from ..errors import BadInput
 from ..ops import lower_steps
+from ..passes.util import layer_of
 from . import ArtifactInfo, read_steps
 
 
@@ -40,16 +41,6 @@ def _ort_errors() -> tuple[type[Exception], ...]:
 
 
 WEIGHTED_OPS = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1}
-WEIGHT_SUFFIXES = (".weight.unpacked", ".weight", ".packed", ".unpacked")
-
-
-def _layer_of_weight(name: str) -> str | None:
-    for suffix in WEIGHT_SUFFIXES:
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return None
-
-
 def feeding_layers(graph: onnx.GraphProto, tensors: list[str], depth: int = 8) -> dict[str, str]:
     """For each step tensor, the weighted layer nearest upstream (breadth first), named after its weight."""
     producer = {o: n for n in graph.node for o in n.output}
@@ -68,7 +59,7 @@ def feeding_layers(graph: onnx.GraphProto, tensors: list[str], depth: int = 8) -
                 n = producer[value]
                 index = WEIGHTED_OPS.get(n.op_type) if n.domain == "" else None
                 if index is not None and len(n.input) > index:
-                    layer = _layer_of_weight(n.input[index])
+                    layer = layer_of(n.input[index])
                     if layer:
                         found[tensor] = layer
                         break
