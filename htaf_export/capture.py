@@ -80,24 +80,28 @@ class _FlatOutputs(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, x: torch.Tensor):
-        return tuple(outputs.leaves(self.model(x)))
+    def forward(self, *xs: torch.Tensor):
+        return tuple(outputs.leaves(self.model(*xs)))
 
 
 def _flat_tuple(out) -> bool:
     return isinstance(out, torch.Tensor) or (isinstance(out, tuple) and all(isinstance(o, torch.Tensor) for o in out))
 
 
-def _entry(model: nn.Module, input_shape: Sequence[int], output_names: Sequence[str], streaming: bool):
+def _entry(model: nn.Module, input_shapes: Sequence[Sequence[int]], output_names: Sequence[str], streaming: bool,
+           input_names: Sequence[str] | None):
     batch = torch.export.Dim("batch", min=1)
-    x = torch.zeros(2, *input_shape)
+    xs = tuple(torch.zeros(2, *shape) for shape in input_shapes)
+    x = xs[0]
     if not streaming:
         if isinstance(model, torch.jit.ScriptModule):
             with torch.no_grad():
-                flat = _flat_tuple(model(x))
+                flat = _flat_tuple(model(*xs))
             if not flat:
-                model = torch.jit.trace(_FlatOutputs(model), x, strict=False)
-        return model, (x,), [INPUT_NAME], list(output_names), ({0: batch},)
+                model = torch.jit.trace(_FlatOutputs(model), xs, strict=False)
+        names = list(input_names) if input_names and len(input_names) == len(xs) else (
+            [INPUT_NAME] if len(xs) == 1 else [f"{INPUT_NAME}_{k}" for k in range(len(xs))])
+        return model, xs, names, list(output_names), tuple({0: batch} for _ in xs)
     if not hasattr(model, "step") or not hasattr(model, "initial_state"):
         raise BadInput("streaming export needs a spiking model with step() and initial_state() (an SNN)")
     states = state_names(model)
@@ -221,11 +225,15 @@ def cleanup(model: ir.Model, fold: bool = True) -> ir.Model:
     return model
 
 
-def capture(hardened: nn.Module, input_shape: Sequence[int], output_names: Sequence[str] = ("logits",),
-            streaming: bool = False) -> Capture:
-    """Export a hardened module to the IR. ``streaming`` exports one SNN time step with explicit state."""
+def capture(hardened: nn.Module, input_shape: Sequence[int] | Sequence[Sequence[int]],
+            output_names: Sequence[str] = ("logits",), streaming: bool = False,
+            input_names: Sequence[str] | None = None) -> Capture:
+    """Export a hardened module to the IR: ``input_shape`` is one per-sample shape, or one per input (named
+    ``input_names``). ``streaming`` exports one SNN time step with explicit state."""
     set_eval(hardened)
-    module, args, in_names, out_names, dyn = _entry(hardened, input_shape, output_names, streaming)
+    first = list(input_shape)
+    shapes = [list(s) for s in first] if first and isinstance(first[0], (list, tuple)) else [first]
+    module, args, in_names, out_names, dyn = _entry(hardened, shapes, output_names, streaming, input_names)
     model = _torch_export(module, args, in_names, out_names, dyn)
     # Traced programs (TorchScript, .pt2) hold their steps as plain comparisons: lift them to htaf ops.
     folded = FoldWeightExpressions()(model).records

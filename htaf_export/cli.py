@@ -29,8 +29,9 @@ def _shape(text: str) -> list[int]:
 
 
 def _input_shape_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--input-shape", type=_shape, metavar="C,H,W",
-                   help="per-sample input shape, no batch (needed only when neither --data nor the file says it)")
+    p.add_argument("--input-shape", type=_shape, metavar="C,H,W", action="append",
+                   help="per-sample input shape, no batch, once per input (needed only when neither --data nor "
+                        "the file says it)")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -126,7 +127,7 @@ def run_inspect(argv: Sequence[str]) -> int:
     from .inspect import render, summarize
 
     loaded = io.resolve(io.load(args.model, trust_pickle=args.trust_pickle), args.input_shape, args.data)
-    data = load_npz(args.data, loaded.input_shape) if args.data is not None else None
+    data = load_npz(args.data, loaded.input_shapes, loaded.input_names or ("input",)) if args.data is not None else None
     render(summarize(loaded, data, tie=args.tie), Console())
     return 0
 
@@ -174,13 +175,14 @@ def run_validate(argv: Sequence[str]) -> int:
     console = Console()
     loaded = resolve(load(args.model, trust_pickle=args.trust_pickle), args.input_shape, args.data)
     info = read_artifact(args.artifact)
-    dataset = default_data(loaded.input_shape, args.data)
+    dataset = default_data(loaded.input_shapes, args.data, loaded.input_names or ("input",))
     # The reference follows the declared rule (--tie, else the model's own), never the artifact's:
     # an artifact built with another rule must fail on inputs that land on a threshold.
     hardening = harden(loaded.module, tie=args.tie)
     with out.progress_bar() as progress:
         report = validate_file(hardening, info, dataset, str(loaded.path), args.device, tolerance, progress=progress,
-                               input_shape=loaded.input_shape)
+                               input_shape=loaded.input_shape if not loaded.extra_input_shapes
+                               else loaded.input_shapes)
     out.print_report(report, console)
     if args.report is not None:
         write_report(report, args.report)

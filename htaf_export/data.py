@@ -19,7 +19,7 @@ DIGITS_TEST_FRACTION = 0.25
 class Dataset:
     """Inputs shaped as the model expects (batch first, float32), with labels when known."""
 
-    x: np.ndarray
+    x: np.ndarray | tuple[np.ndarray, ...]  # one array per model input when there are several
     y: np.ndarray | None
     source: str
 
@@ -41,6 +41,17 @@ def digits(split: str = "test", input_shape: list[int] | None = None) -> Dataset
     return Dataset(x, y, f"digits:{split}")
 
 
+Inputs = np.ndarray | tuple[np.ndarray, ...]  # one array, or one per model input (batch first)
+
+
+def count(x: Inputs) -> int:
+    return len(x[0]) if isinstance(x, tuple) else len(x)
+
+
+def sliced(x: Inputs, start: int, stop: int) -> Inputs:
+    return tuple(a[start:stop] for a in x) if isinstance(x, tuple) else x[start:stop]
+
+
 class Batches(Protocol):
     """Samples read in batches: ``len``, a description, the first few inputs, and ``batches(size)``."""
 
@@ -48,9 +59,9 @@ class Batches(Protocol):
 
     def __len__(self) -> int: ...
 
-    def head(self, n: int) -> np.ndarray: ...
+    def head(self, n: int) -> Inputs: ...
 
-    def batches(self, size: int) -> Iterator[tuple[np.ndarray, np.ndarray | None]]: ...
+    def batches(self, size: int) -> Iterator[tuple[Inputs, np.ndarray | None]]: ...
 
 
 class ArrayBatches:
@@ -61,133 +72,175 @@ class ArrayBatches:
         self.source = data.source
 
     def __len__(self) -> int:
-        return len(self.data.x)
+        return count(self.data.x)
 
-    def head(self, n: int) -> np.ndarray:
-        return self.data.x[:n]
+    def head(self, n: int) -> Inputs:
+        return sliced(self.data.x, 0, n)
 
-    def batches(self, size: int) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
-        for i in range(0, len(self.data.x), size):
+    def batches(self, size: int) -> Iterator[tuple[Inputs, np.ndarray | None]]:
+        for i in range(0, len(self), size):
             y = self.data.y[i:i + size] if self.data.y is not None else None
-            yield self.data.x[i:i + size], y
+            yield sliced(self.data.x, i, i + size), y
+
+
+def _members(path: Path, names: Sequence[str]) -> list[str]:
+    """The archive member holding each input: ``x`` for a single input (or the only array); for several,
+    each input's own name, else ``x0``, ``x1``, …"""
+    with zipfile.ZipFile(path) as z:
+        found = [n[:-4] for n in z.namelist() if n.endswith(".npy")]
+    if len(names) == 1:
+        if "x" in found:
+            return ["x.npy"]
+        if len(found) == 1:
+            return [found[0] + ".npy"]
+        raise BadInput(f"data file {path} must hold the inputs under key 'x' (found {', '.join(found) or 'nothing'})")
+    members = []
+    for k, name in enumerate(names):
+        key = name if name in found else f"x{k}" if f"x{k}" in found else None
+        if key is None:
+            raise BadInput(f"data file {path} must hold input {k} under key {name!r} or 'x{k}' "
+                           f"(found {', '.join(found) or 'nothing'})")
+        members.append(key + ".npy")
+    return members
+
+
+def _read_header(f, path: Path) -> tuple[tuple[int, ...], np.dtype, bool]:
+    version = np.lib.format.read_magic(f)
+    reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran, dtype = reader(f)
+    if not np.issubdtype(dtype, np.number) or dtype.hasobject:
+        raise BadInput(f"data file {path}: inputs have dtype {dtype}, expected numbers")
+    return tuple(int(d) for d in shape), dtype, bool(fortran)
+
+
+def _readable(path: Path):
+    """One clear error for archives that are not .npz files."""
+    if not path.is_file():
+        raise BadInput(f"data file {path} does not exist")
+    return (ValueError, OSError, zipfile.BadZipFile, EOFError, KeyError)
+
+
+def _unreadable(path: Path, e: Exception) -> BadInput:
+    what = "it is not a zip archive (.npz)" if isinstance(e, zipfile.BadZipFile) else str(e).splitlines()[0][:120]
+    return BadInput(f"data file {path} is not a readable .npz archive: {what}")
 
 
 class NpzBatches:
-    """Inputs ``x`` (and labels ``y``) of an .npz archive, read batch by batch from the archive.
+    """Inputs (and labels ``y``) of an .npz archive, read batch by batch from the archive.
 
-    Only the labels (one integer per sample) are held in memory; the inputs are decoded from the
-    archive member one batch at a time, whether the archive is stored or compressed.
+    One member per model input (see ``_members``). Only the labels (one integer per sample) are held in
+    memory; the inputs are decoded from their members one batch at a time, whether the archive is
+    stored or compressed.
     """
 
-    def __init__(self, path: str | Path, input_shape: Sequence[int]) -> None:
+    def __init__(self, path: str | Path, input_shape: Sequence[int] | Sequence[Sequence[int]],
+                 names: Sequence[str] = ("input",)) -> None:
         self.path = Path(path)
-        self.shape = [int(d) for d in input_shape]
+        first = list(input_shape)
+        self.shapes = [[int(d) for d in shape] for shape in (first if first and isinstance(first[0], (list, tuple))
+                                                             else [first])]
         self.source = str(self.path)
-        path = self.path
-        if not path.is_file():
-            raise BadInput(f"data file {path} does not exist")
+        errors = _readable(self.path)
         try:
-            with zipfile.ZipFile(path) as z:
-                members = [n for n in z.namelist() if n.endswith(".npy")]
-                names = [n[:-4] for n in members]
-                if "x" in names:
-                    self.member = "x.npy"
-                elif len(names) == 1:
-                    self.member = members[0]
-                else:
-                    raise BadInput(f"data file {path} must hold the inputs under key 'x' "
-                                   f"(found {', '.join(names) or 'nothing'})")
-                with z.open(self.member) as f:
-                    count, dtype, fortran = self._header(f)
+            self.members = _members(self.path, list(names)[:len(self.shapes)] if len(self.shapes) > 1 else ["input"])
+            with zipfile.ZipFile(self.path) as z:
+                headers = []
+                for member, shape in zip(self.members, self.shapes):
+                    with z.open(member) as f:
+                        headers.append(self._check(_read_header(f, self.path), shape))
                 y = None
-                if "y" in names and self.member != "y.npy":
+                if "y.npy" in z.namelist() and "y.npy" not in self.members:
                     with z.open("y.npy") as f:
                         y = np.lib.format.read_array(f, allow_pickle=False)
         except BadInput:
             raise
-        except (ValueError, OSError, zipfile.BadZipFile, EOFError, KeyError) as e:
-            what = "it is not a zip archive (.npz)" if isinstance(e, zipfile.BadZipFile) else str(e).splitlines()[0][:120]
-            raise BadInput(f"data file {path} is not a readable .npz archive: {what}") from None
-        self.count, self.dtype, self.fortran = count, dtype, fortran
+        except errors as e:
+            raise _unreadable(self.path, e) from None
+        counts = {h[0] for h in headers}
+        if len(counts) != 1:
+            raise BadInput(f"data file {self.path}: the inputs hold different numbers of samples ({sorted(counts)})")
+        self.count = headers[0][0]
+        self.dtypes = [h[1] for h in headers]
+        self.fortran = [h[2] for h in headers]
         if y is not None:
             y = np.asarray(y).reshape(-1)
-            if len(y) != count or not np.issubdtype(y.dtype, np.integer):
-                raise BadInput(f"data file {path}: labels 'y' must be {count} integers, got {list(y.shape)} of {y.dtype}")
+            if len(y) != self.count or not np.issubdtype(y.dtype, np.integer):
+                raise BadInput(f"data file {self.path}: labels 'y' must be {self.count} integers, got "
+                               f"{list(y.shape)} of {y.dtype}")
             y = y.astype(np.int64)
         self.y = y
 
-    def _header(self, f) -> tuple[int, np.dtype, bool]:
-        version = np.lib.format.read_magic(f)
-        reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, fortran, dtype = reader(f)
-        if not np.issubdtype(dtype, np.number) or dtype.hasobject:
-            raise BadInput(f"data file {self.path}: inputs have dtype {dtype}, expected numbers")
-        expected = int(np.prod(self.shape))
-        if len(shape) < 1 or (shape[0] and int(np.prod(shape[1:])) != expected):
-            raise BadInput(f"data file {self.path}: inputs of shape {list(shape)} do not fit the model input "
-                           f"[batch, {', '.join(map(str, self.shape))}]")
-        if shape[0] == 0:
+    def _check(self, header: tuple[tuple[int, ...], np.dtype, bool], shape: list[int]) -> tuple[int, np.dtype, bool]:
+        found, dtype, fortran = header
+        if len(found) < 1 or (found[0] and int(np.prod(found[1:])) != int(np.prod(shape))):
+            raise BadInput(f"data file {self.path}: inputs of shape {list(found)} do not fit the model input "
+                           f"[batch, {', '.join(map(str, shape))}]")
+        if found[0] == 0:
             raise BadInput(f"data file {self.path} holds no samples")
-        return int(shape[0]), dtype, bool(fortran)
+        return found[0], dtype, fortran
 
     def __len__(self) -> int:
         return self.count
 
-    def head(self, n: int) -> np.ndarray:
+    def head(self, n: int) -> Inputs:
         return next(self.batches(n))[0]
 
-    def batches(self, size: int) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
-        with zipfile.ZipFile(self.path) as z, z.open(self.member) as f:
-            self._header(f)
-            if self.fortran:  # column-major data cannot be cut into rows from the stream
-                full = np.lib.format.read_array(z.open(self.member), allow_pickle=False)
-            row = int(np.prod(self.shape)) * self.dtype.itemsize
+    def _rows(self, z: zipfile.ZipFile, k: int, size: int) -> Iterator[np.ndarray]:
+        member, shape, dtype = self.members[k], self.shapes[k], self.dtypes[k]
+        with z.open(member) as f:
+            _read_header(f, self.path)
+            full = np.lib.format.read_array(z.open(member), allow_pickle=False) if self.fortran[k] else None
+            row = int(np.prod(shape)) * dtype.itemsize
             for i in range(0, self.count, size):
                 m = min(size, self.count - i)
-                if self.fortran:
+                if full is not None:  # column-major data cannot be cut into rows from the stream
                     raw = np.ascontiguousarray(full[i:i + m])
                 else:
                     buf = f.read(row * m)
                     if len(buf) != row * m:
                         raise BadInput(f"data file {self.path} is truncated")
-                    raw = np.frombuffer(buf, dtype=self.dtype)
-                x = raw.astype(np.float32).reshape(m, *self.shape)
+                    raw = np.frombuffer(buf, dtype=dtype)
+                x = raw.astype(np.float32).reshape(m, *shape)
                 if not np.isfinite(x).all():
                     raise BadInput(f"data file {self.path}: inputs contain NaN or infinity")
-                yield x, (self.y[i:i + m] if self.y is not None else None)
+                yield x
+
+    def batches(self, size: int) -> Iterator[tuple[Inputs, np.ndarray | None]]:
+        with zipfile.ZipFile(self.path) as z:
+            streams = [self._rows(z, k, size) for k in range(len(self.members))]
+            for i, xs in zip(range(0, self.count, size), zip(*streams)):
+                yield (xs[0] if len(xs) == 1 else tuple(xs)), (self.y[i:i + size] if self.y is not None else None)
 
 
-def npz_sample_shape(path: str | Path) -> list[int]:
-    """The per-sample shape of the inputs ``x`` (or the only array) of an .npz, read from its header."""
+def npz_sample_shapes(path: str | Path, names: Sequence[str] = ("input",)) -> list[list[int]]:
+    """The per-sample shape of each input of an .npz (see ``_members``), read from the headers."""
     path = Path(path)
-    if not path.is_file():
-        raise BadInput(f"data file {path} does not exist")
+    errors = _readable(path)
     try:
+        members = _members(path, names)
+        shapes = []
         with zipfile.ZipFile(path) as z:
-            members = [n for n in z.namelist() if n.endswith(".npy")]
-            member = "x.npy" if "x.npy" in members else (members[0] if len(members) == 1 else None)
-            if member is None:
-                raise BadInput(f"data file {path} must hold the inputs under key 'x' "
-                               f"(found {', '.join(n[:-4] for n in members) or 'nothing'})")
-            with z.open(member) as f:
-                version = np.lib.format.read_magic(f)
-                reader = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                          else np.lib.format.read_array_header_2_0)
-                shape, _, _ = reader(f)
-    except (ValueError, OSError, zipfile.BadZipFile, EOFError, KeyError) as e:
-        what = "it is not a zip archive (.npz)" if isinstance(e, zipfile.BadZipFile) else str(e).splitlines()[0][:120]
-        raise BadInput(f"data file {path} is not a readable .npz archive: {what}") from None
-    if len(shape) < 2:
-        raise BadInput(f"data file {path}: inputs of shape {list(shape)} have no per-sample dimensions")
-    return [int(d) for d in shape[1:]]
+            for member in members:
+                with z.open(member) as f:
+                    shapes.append(_read_header(f, path)[0])
+    except BadInput:
+        raise
+    except errors as e:
+        raise _unreadable(path, e) from None
+    if any(len(shape) < 2 for shape in shapes):
+        raise BadInput(f"data file {path}: inputs of shape {[list(s) for s in shapes]} have no per-sample dimensions")
+    return [list(shape[1:]) for shape in shapes]
 
 
 def as_batches(data: Dataset | Batches) -> Batches:
     return ArrayBatches(data) if isinstance(data, Dataset) else data
 
 
-def load_npz(path: str | Path, input_shape: list[int]) -> Dataset:
-    """Read all inputs (key ``x``, or the only array) and optional labels (``y``) of an .npz file."""
-    source = NpzBatches(path, input_shape)
-    xs = [x for x, _ in source.batches(65536)]
-    return Dataset(np.concatenate(xs), source.y, source.source)
+def load_npz(path: str | Path, input_shape: Sequence[int] | Sequence[Sequence[int]],
+             names: Sequence[str] = ("input",)) -> Dataset:
+    """Read all inputs (see ``NpzBatches``) and optional labels (``y``) of an .npz file."""
+    source = NpzBatches(path, input_shape, names)
+    parts = [x for x, _ in source.batches(65536)]
+    if isinstance(parts[0], tuple):
+        return Dataset(tuple(np.concatenate(a) for a in zip(*parts)), source.y, source.source)
+    return Dataset(np.concatenate(parts), source.y, source.source)

@@ -72,6 +72,9 @@ def summarize(loaded: LoadedModel, data: Dataset | None = None, tie: str | None 
     summary = ModelSummary(loaded, result.sites, layer_table(loaded.module), result if data is not None else None)
     if loaded.source_format in ("torchscript", "exported_program"):
         summary.notes.append("binary layers are not recognisable inside a traced graph; bits assume float weights")
+    if tie is None and any(s.how == "HTAF composite" for s in result.sites):
+        summary.notes.append("a traced graph does not record the tie rule of a smooth HTAF: its sites step with ge "
+                             "at the threshold; pass --tie gt if the model was trained to")
     return summary
 
 
@@ -85,14 +88,16 @@ def render(summary: ModelSummary, console: Console) -> None:
                            + f"  outputs={', '.join(ld.output_names)}"))
 
     sites = Table(title="Step sites", title_justify="left")
-    for col in ("site", "levels", "threshold", "tie", "trained as"):
+    for col in ("site", "levels", "threshold", "tie", "trained as", "found as"):
         sites.add_column(col, no_wrap=col == "site")  # names are never cut, narrow terminals wrap the rest
     gap_by_name = {g.name: g for g in (summary.hardening.gaps if summary.hardening else [])}
     if gap_by_name:
         sites.add_column("unsaturated (|HTAF−step|>0.01)", justify="right")
     for s in summary.sites:
-        trained = f"HTAF α={s.alpha:g} β={s.beta:g} {s.mode}" if s.was == "htaf" and s.alpha is not None else s.was
-        row = [s.name, s.levels, "?" if s.threshold is None else f"{s.threshold:g}", s.tie, trained]
+        trained = (f"HTAF α={s.alpha:g} β={s.beta:g}" + (f" {s.mode}" if s.mode else "")
+                   if s.was == "htaf" and s.alpha is not None else s.was)
+        row = [escape(s.name), s.levels, "?" if s.threshold is None else f"{s.threshold:g}", s.tie or "undeclared", trained,
+               s.how]
         if gap_by_name:
             g = gap_by_name.get(s.name)
             row.append(f"{g.fraction:.2%} of {g.count:,}" if g else "-")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import io
 import json
 import os
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator, Literal, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -54,31 +56,74 @@ class LoadedModel:
     output_names: list[str] | None = None
     meta: dict[str, Any] = field(default_factory=dict)
     exported_program: Any = None
+    extra_input_shapes: list[list[int]] = field(default_factory=list)  # inputs after the first, if any
+    input_names: list[str] | None = None
+
+    @property
+    def input_shapes(self) -> list[list[int]]:
+        return [self.input_shape, *self.extra_input_shapes] if self.input_shape is not None else []
 
 
-def resolve(loaded: LoadedModel, input_shape: Sequence[int] | None = None, data: Path | None = None) -> LoadedModel:
-    """``loaded`` with its input shape (``input_shape``, else what the file records, else the shape of ``data``'s
-    samples) and its output names (what the model declares, else named after its output structure)."""
+def forward_arguments(module: nn.Module) -> list[str]:
+    """Names of the tensors ``module.forward`` takes (its positional parameters without defaults)."""
+    if isinstance(module, torch.jit.ScriptModule):
+        try:
+            return [a.name for a in module.forward.schema.arguments[1:] if not a.has_default_value()]
+        except (AttributeError, RuntimeError):
+            return ["input"]
+    try:
+        params = inspect.signature(module.forward).parameters.values()
+    except (TypeError, ValueError):
+        return ["input"]
+    names = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+             and p.default is p.empty]
+    return names or ["input"]
+
+
+def _shapes(value: Sequence[int] | Sequence[Sequence[int]] | None) -> list[list[int]] | None:
+    """One shape ([1, 8, 8]) or one per input ([[1, 8, 8], [4]]) as a list of shapes."""
+    if value is None:
+        return None
+    items = list(value)
+    if items and all(isinstance(d, (int, np.integer)) for d in items):
+        return [[int(d) for d in items]]
+    return [[int(d) for d in shape] for shape in items]
+
+
+def resolve(loaded: LoadedModel, input_shape: Sequence[int] | Sequence[Sequence[int]] | None = None,
+            data: Path | None = None) -> LoadedModel:
+    """``loaded`` with its input shapes (``input_shape``, one shape or one per input; else what the file
+    records; else the shapes of ``data``'s samples) and its output names (what the model declares, else
+    named after its output structure). A model with one input calls it ``input``; with more, each is
+    named after its argument of ``forward``."""
     from . import outputs
-    from .data import npz_sample_shape
+    from .data import npz_sample_shapes
 
-    shape = [int(d) for d in input_shape] if input_shape is not None else loaded.input_shape
-    if shape is None and data is not None:
-        shape = npz_sample_shape(data)
-    if shape is None:
+    arguments = loaded.input_names or forward_arguments(loaded.module)
+    names = ["input"] if len(arguments) == 1 else arguments
+    shapes = _shapes(input_shape) or (loaded.input_shapes or None)
+    if shapes is None and data is not None:
+        shapes = npz_sample_shapes(data, names)
+    if shapes is None:
         raise BadInput(f"{loaded.path}: the model does not say its input shape; {SHAPE_HELP}")
-    if any(d <= 0 for d in shape):
-        raise BadInput(f"input shape {shape} must be positive numbers")
-    if loaded.source_format == "exported_program" and loaded.input_shape and shape != loaded.input_shape:
-        raise BadInput(f"input shape {shape} differs from the {loaded.input_shape} the .pt2 program was exported for")
+    if len(shapes) != len(names):
+        raise BadInput(f"{loaded.path}: the model takes {len(names)} input{'s' if len(names) != 1 else ''} "
+                       f"({', '.join(arguments)}); give one shape per input (--input-shape once for each)")
+    if any(d <= 0 for shape in shapes for d in shape):
+        raise BadInput(f"input shape {shapes} must be positive numbers")
+    if loaded.source_format == "exported_program" and loaded.input_shapes and shapes != loaded.input_shapes:
+        raise BadInput(f"input shape {shapes} differs from the {loaded.input_shapes} the .pt2 program was "
+                       f"exported for")
     try:
         with torch.no_grad():
-            out = loaded.module(torch.zeros(2, *shape))
+            out = loaded.module(*(torch.zeros(2, *shape) for shape in shapes))
     except (RuntimeError, ValueError, TypeError, IndexError, AssertionError) as e:
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise BadInput(f"{loaded.path}: the model does not run on inputs of shape [batch, "
-                       f"{', '.join(map(str, shape))}] ({first}); {SHAPE_HELP}") from None
-    return replace(loaded, input_shape=shape, output_names=outputs.names(out, loaded.output_names))
+        given = "; ".join(f"[batch, {', '.join(map(str, shape))}]" for shape in shapes)
+        raise BadInput(f"{loaded.path}: the model does not run on inputs of shape {given} ({first}); "
+                       f"{SHAPE_HELP}") from None
+    return replace(loaded, input_shape=shapes[0], extra_input_shapes=shapes[1:], input_names=names,
+                   output_names=outputs.names(out, loaded.output_names))
 
 
 def file_sha256(path: Path) -> str:
@@ -89,8 +134,8 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-SHAPE_HELP = ("pass --input-shape (per sample, no batch, e.g. 1,8,8), or --data FILE.npz with inputs 'x', "
-              "or save the model with htaf_export.save or torch.export, which record it")
+SHAPE_HELP = ("pass --input-shape (per sample, no batch, e.g. 1,8,8; once per input), or --data FILE.npz with "
+              "inputs 'x', or save the model with htaf_export.save or torch.export, which record it")
 
 
 def _declared_outputs(module: nn.Module) -> list[str] | None:
@@ -247,17 +292,19 @@ def _load_exported_program(path: Path, digest: str) -> LoadedModel:
     else:
         placeholders = [n for n in program.graph.nodes if n.op == "placeholder"
                         and n.name in program.graph_signature.user_inputs]
-        if len(placeholders) != 1:
-            raise BadInput(f".pt2 file {path} has {len(placeholders)} inputs; htaf-export handles one input tensor")
-        spec = {"input_shape": [int(d) for d in placeholders[0].meta["val"].shape[1:]]}
+        shapes = [[int(d) for d in n.meta["val"].shape[1:]] for n in placeholders if "val" in n.meta]
+        if not shapes or len(shapes) != len(placeholders):
+            raise BadInput(f".pt2 file {path}: its inputs are not tensors with known shapes")
+        spec = {"input_shape": shapes[0], "extra": shapes[1:], "names": [n.name for n in placeholders]}
     module = program.module()
     batch = _static_batch(program)
     if batch is not None:
-        _free_batch(module, path, batch, spec["input_shape"])
+        _free_batch(module, path, batch, [spec["input_shape"], *spec.get("extra", [])])
     return LoadedModel(module=module, input_shape=spec["input_shape"], source_format="exported_program",
                        path=path, sha256=digest, family=spec.get("family", "unknown"),
                        output_names=spec.get("output_names"), meta=spec.get("meta", {}),
-                       exported_program=program)
+                       exported_program=program, extra_input_shapes=spec.get("extra", []),
+                       input_names=spec.get("names"))
 
 
 def _static_batch(program: Any) -> int | None:
@@ -267,7 +314,7 @@ def _static_batch(program: Any) -> int | None:
     return int(dims[0]) if dims and all(isinstance(d, int) for d in dims) else None
 
 
-def _free_batch(module: nn.Module, path: Path, batch: int, shape: list[int]) -> None:
+def _free_batch(module: nn.Module, path: Path, batch: int, shapes: list[list[int]]) -> None:
     """Let a program exported for one batch size run on any: drop its batch guard, then check that each
     sample's result is what it is alone (a program that folded the batch into a reshape mixes samples)."""
     graph = module.graph  # type: ignore[attr-defined]
@@ -277,11 +324,12 @@ def _free_batch(module: nn.Module, path: Path, batch: int, shape: list[int]) -> 
     module.recompile()  # type: ignore[operator]
     from . import outputs
 
-    x = torch.randn(3, *shape, generator=torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(0)
+    xs = [torch.randn(3, *shape, generator=gen) for shape in shapes]
     try:
         with torch.no_grad():
-            together = outputs.leaves(module(x))
-            alone = [outputs.leaves(module(x[i:i + 1])) for i in range(3)]
+            together = outputs.leaves(module(*xs))
+            alone = [outputs.leaves(module(*(x[i:i + 1] for x in xs))) for i in range(3)]
         ok = all(t.shape[:1] == (3,) and all(torch.allclose(t[i:i + 1], a[k], rtol=1e-4, atol=1e-5)
                                              for i, a in enumerate(alone))
                  for k, t in enumerate(together))

@@ -51,16 +51,19 @@ class ExportResult:
                 "seconds": {k: round(v, 3) for k, v in self.seconds.items()}}
 
 
-def default_data(input_shape: Sequence[int], data_path: Path | None) -> Dataset | Batches:
-    """The user's .npz (streamed batch by batch); else the bundled digits for models with digits-shaped
-    input; else seeded noise of the input shape."""
-    shape = [int(d) for d in input_shape]
+def default_data(input_shape: Sequence[int] | Sequence[Sequence[int]], data_path: Path | None,
+                 names: Sequence[str] = ("input",)) -> Dataset | Batches:
+    """The user's .npz (streamed batch by batch); else the bundled digits for models with one digits-shaped
+    input; else seeded noise of the input shape (one array per input)."""
+    first = list(input_shape)
+    shapes = [[int(d) for d in s] for s in first] if first and isinstance(first[0], (list, tuple)) else [first]
     if data_path is not None:
-        return NpzBatches(data_path, shape)
-    if int(np.prod(shape)) == 64:
-        return digits("all", shape)
+        return NpzBatches(data_path, shapes, names)
+    if len(shapes) == 1 and int(np.prod(shapes[0])) == 64:
+        return digits("all", shapes[0])
     rng = np.random.default_rng(0)
-    return Dataset(rng.standard_normal((GENERATED_SAMPLES, *shape)).astype(np.float32), None,
+    arrays = tuple(rng.standard_normal((GENERATED_SAMPLES, *shape)).astype(np.float32) for shape in shapes)
+    return Dataset(arrays[0] if len(arrays) == 1 else arrays, None,
                    f"generated: {GENERATED_SAMPLES} standard normal samples (seed 0)")
 
 
@@ -73,7 +76,7 @@ def provenance(loaded: LoadedModel, target: Target, options: ExportOptions) -> d
         md.SOURCE_FORMAT: loaded.source_format,
         md.FAMILY: loaded.family,
         md.ARCH: loaded.arch or "",
-        md.INPUT_SHAPE: loaded.input_shape,
+        md.INPUT_SHAPE: loaded.input_shape if not loaded.extra_input_shapes else loaded.input_shapes,
         md.SNN_MODE: options.snn_mode,
     })
 
@@ -129,7 +132,7 @@ def export(model: str | Path | LoadedModel, target: str, output: str | Path | No
                      input_shape, data)
     out = output_path(loaded, chosen, output)
     check_writable(out)
-    dataset = default_data(loaded.input_shape, data) if validate_artifact else None
+    dataset = default_data(loaded.input_shapes, data, loaded.input_names or ("input",)) if validate_artifact else None
     seconds["load"] = time.perf_counter() - start
 
     t = time.perf_counter()
@@ -137,7 +140,8 @@ def export(model: str | Path | LoadedModel, target: str, output: str | Path | No
     seconds["harden"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    cap = capture(hardening.model, loaded.input_shape, loaded.output_names, streaming=options.streaming)
+    cap = capture(hardening.model, loaded.input_shapes, loaded.output_names, streaming=options.streaming,
+                  input_names=loaded.input_names)
     seconds["capture"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -149,7 +153,8 @@ def export(model: str | Path | LoadedModel, target: str, output: str | Path | No
     if dataset is not None:
         t = time.perf_counter()
         report = validate_file(hardening, read_artifact(out), dataset, str(loaded.path), device, tolerance,
-                               progress=progress, input_shape=loaded.input_shape)
+                               progress=progress, input_shape=loaded.input_shape if not loaded.extra_input_shapes
+                               else loaded.input_shapes)
         seconds["validate"] = time.perf_counter() - t
     return ExportResult(out, chosen.name, hardening, conversion, report, seconds)
 
@@ -172,10 +177,10 @@ def check_artifact_fits(hardening: HardenResult, info: ArtifactInfo, model_shape
     shape = info.metadata.get(md.INPUT_SHAPE)
     if shape and model_shape is not None:
         try:
-            artifact_shape = [int(d) for d in json.loads(shape)]
-        except (ValueError, TypeError):
+            artifact_shape = json.loads(shape)
+        except ValueError:
             artifact_shape = None
-        if artifact_shape is not None and artifact_shape != [int(d) for d in model_shape]:
+        if artifact_shape is not None and artifact_shape != json.loads(json.dumps(list(model_shape))):
             raise BadInput(f"artifact {info.path} takes input {artifact_shape}, the model takes {list(model_shape)}: "
                            f"it was not exported from this model")
     sites = set(step_modules(hardening.model))

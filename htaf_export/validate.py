@@ -54,7 +54,7 @@ import torch
 from torch import nn
 
 from .crafted import CraftedSet, craft
-from .data import Batches, Dataset, as_batches
+from .data import Batches, Dataset, Inputs, as_batches, count
 from .errors import BadInput
 from .reference import run_reference, step_modules
 from .parity import (EXAMPLES, BackendResult, Example, MarginHistogram, ParityReport, TensorResult,
@@ -200,15 +200,16 @@ class _Validation:
                 mask[row - offset, unit] = True
         return mask
 
-    def batch(self, x: np.ndarray, y: np.ndarray | None, part: str, offset: int) -> None:
-        n = len(x)
+    def batch(self, x: Inputs, y: np.ndarray | None, part: str, offset: int) -> None:
+        xs = list(x) if isinstance(x, tuple) else [x]
+        n = len(xs[0])
         info = self.info
         excused = [np.zeros(n, dtype=bool) for _ in self.runners]
         state = [v.numpy() for v in self.model.initial_state(n)] if info.streaming else []
         ref_out = None
         arts: list[dict[str, np.ndarray]] = [{} for _ in self.runners]
         for t in range(self.steps_per_run):
-            inputs = (torch.from_numpy(np.ascontiguousarray(x)), *(torch.from_numpy(v) for v in state))
+            inputs = (*(torch.from_numpy(np.ascontiguousarray(a)) for a in xs), *(torch.from_numpy(v) for v in state))
             ref = run_reference(self.model, inputs, info.output_names, self.reference_device,
                                 streaming=info.streaming)
             self.ties |= ref.ties
@@ -216,7 +217,7 @@ class _Validation:
                 pre = ref.preactivations.get((s.site, s.call))
                 if pre is not None:
                     self.margins[s.tensor].add(pre)
-            feed = dict(zip(info.input_names, [x, *state]))
+            feed = dict(zip(info.input_names, [*xs, *state]))
             for i, (runner, result) in enumerate(zip(self.runners, self.results)):
                 started = time.perf_counter()
                 art = runner.run(feed)
@@ -284,7 +285,10 @@ def validate(model: nn.Module, info: ArtifactInfo, runners: list[Runner], data: 
     artifact_tie = info.tie if isinstance(getattr(info, "tie", None), str) else None
     report.tie_rule = {"reference": _declared_tie(model), "artifact": artifact_tie}
     crafted_set: CraftedSet | None = None
-    if crafted is True:
+    if crafted is True and isinstance(batches.head(1), tuple):
+        report.notes.append("crafted threshold inputs are built for single-input models; this model takes several "
+                            "inputs, so it was validated on the data only")
+    elif crafted is True:
         head = batches.head(8)
         try:
             crafted_set = craft(model, list(head.shape[1:]), head)
@@ -306,8 +310,8 @@ def validate(model: nn.Module, info: ArtifactInfo, runners: list[Runner], data: 
     offset = 0
     for x, y in batches.batches(batch_size):
         run.batch(x, y, "data", offset)
-        offset += len(x)
-        done += len(x)
+        offset += count(x)
+        done += count(x)
         if progress:
             progress(done, total)
     if crafted_set is not None and len(crafted_set):

@@ -85,16 +85,17 @@ def _encodings(tensor, stored: tuple[int, ...]) -> list[str]:
 
 
 def _runner(data: bytes, lce: bool):
-    """``run(sample inputs) -> {tensor index: array}`` over the file's outputs, on the interpreter that runs it."""
-    outputs = [int(i) for i in tfl.read_model(data).subgraphs[0].outputs]
+    """``run({input tensor index: sample}) -> {tensor index: array}`` over the file's outputs, on the
+    interpreter that runs it."""
+    graph = tfl.read_model(data).subgraphs[0]
+    outputs, order = [int(i) for i in graph.outputs], [int(i) for i in graph.inputs]
     if lce:
         interpreter = lce_interpreter(data, "indirect_bgemm")
-        return lambda xs: dict(zip(outputs, interpreter.interpreter.predict(xs)))
+        return lambda xs: dict(zip(outputs, interpreter.interpreter.predict([xs[i] for i in order])))
     it = stock_interpreter(data)
-    indices = [d["index"] for d in it.get_input_details()]
 
     def run(xs):
-        for index, x in zip(indices, xs):
+        for index, x in xs.items():
             it.set_tensor(index, x)
         it.invoke()
         return {i: it.get_tensor(i) for i in outputs}
@@ -110,15 +111,15 @@ def _candidates(flat, forms: list[tfl.StepForm]) -> list[tfl.StepSlot]:
             for e in _encodings(t, f.stored)]
 
 
-def _agreement(data: bytes, slots: list[tfl.StepSlot], inputs: list[np.ndarray], wanted: dict[str, np.ndarray],
-               lce: bool) -> np.ndarray:
+def _agreement(data: bytes, slots: list[tfl.StepSlot], inputs: dict[int, np.ndarray],
+               wanted: dict[str, np.ndarray], lce: bool) -> np.ndarray:
     """Mean agreement of each candidate with the oracle over the probes; hopeless candidates stop early."""
     run = _runner(tfl.with_outputs(data, sorted({s.index for s in slots})), lce)
-    n = len(inputs[0])
+    n = len(next(iter(inputs.values())))
     agree = np.zeros(len(slots))
     alive = list(range(len(slots)))
     for k in range(n):  # one sample at a time: memory stays one sample of every tensor
-        values = run([x[k:k + 1] for x in inputs])
+        values = run({index: x[k:k + 1] for index, x in inputs.items()})
         decoded: dict[tfl.StepSlot, np.ndarray] = {}
         for j in alive:
             key = replace(slots[j], tensor="")
@@ -145,7 +146,7 @@ def locate_steps(data: bytes, capture: Capture, oracle: Oracle, lce: bool
     probes = probe_inputs(layout.inputs)
     wanted = oracle({slot.name: x for slot, x in zip(layout.inputs, probes)})
     slots = _candidates(flat, forms)
-    agree = _agreement(data, slots, [tfl.encode_input(x, s.layout) for x, s in zip(probes, layout.inputs)],
+    agree = _agreement(data, slots, {s.index: tfl.encode_input(x, s.layout) for x, s in zip(probes, layout.inputs)},
                        wanted, lce)
     graph = flat.subgraphs[0]
     used: set[int] = set()
