@@ -166,7 +166,7 @@ def run_validate(argv: Sequence[str]) -> int:
     from rich.console import Console
 
     from . import console as out
-    from .harden import harden
+    from .harden import harden, record_every_step
     from .io import load, resolve
     from .pipeline import default_data, validate_file
     from .report import write_report
@@ -178,7 +178,8 @@ def run_validate(argv: Sequence[str]) -> int:
     dataset = default_data(loaded.input_shapes, args.data, loaded.input_names or ("input",))
     # The reference follows the declared rule (--tie, else the model's own), never the artifact's:
     # an artifact built with another rule must fail on inputs that land on a threshold.
-    hardening = harden(loaded.module, tie=args.tie)
+    hardening = record_every_step(harden(loaded.module, tie=args.tie), loaded.input_shapes,
+                                  [s.site for s in info.steps])
     with out.progress_bar() as progress:
         report = validate_file(hardening, info, dataset, str(loaded.path), args.device, tolerance, progress=progress,
                                input_shape=loaded.input_shape if not loaded.extra_input_shapes

@@ -197,3 +197,31 @@ def measure_gap(model: nn.Module, data: torch.Tensor, batch_size: int = 512) -> 
         for h in hooks:
             h.remove()
     return list(gaps.values())
+
+
+def record_every_step(result: HardenResult, input_shapes: list[list[int]], sites: list[str]) -> HardenResult:
+    """``result`` with a model whose every step in ``sites`` is a Step call, so the reference records it.
+
+    A module model may compute steps by hand in ``forward`` ((x > t).float(), where(x >= 0, 1, -1), an
+    autograd.Function): the capture lifts them to ``htaf`` ops, but no Step module computes them. Such a
+    model is traced with torch.export and its steps made Step calls (``harden_graph_module``); the program
+    computes the same function, and every step can be checked bit for bit. TorchScript and graph modules
+    are returned as they are (they have no module tree to extend)."""
+    model = result.model
+    if isinstance(model, (torch.jit.ScriptModule, torch.fx.GraphModule)):
+        return result
+    from .reference import step_modules
+
+    recorded = set(step_modules(model))
+    if all(site in recorded for site in sites):
+        return result
+    examples = tuple(torch.zeros(2, *shape) for shape in input_shapes)
+    batch = torch.export.Dim("batch", min=1)
+    try:
+        program = torch.export.export(model, examples, dynamic_shapes=tuple({0: batch} for _ in examples))
+    except RuntimeError:  # the capture succeeded through another route: validate through the outputs then
+        return result
+    traced, found = harden_graph_module(program.module(), result.tie)
+    more = [s for s in _traced_sites(found) if s.name not in recorded]
+    return HardenResult(traced, result.sites + more, result.tie, result.gaps, result.smooth_accuracy,
+                        result.hardened_accuracy)

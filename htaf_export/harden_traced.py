@@ -6,8 +6,9 @@ what they compute:
 - the HTAF composite σ(α·u + β·tanh u), u = x − θ (or u = x), with α > 0, β ≥ 0 constants; its ±1 form
   2σ − 1. It becomes the exact step of x at θ under the declared tie rule (``--tie``, else ``ge``: a traced
   graph does not record the tie a smooth HTAF was given).
-- in a .pt2 program, an exact step inside an HTAF or Step module (a surrogate-mode HTAF, or a model hardened
-  before export): (x ≥ θ) or (x > θ) cast to float, optionally 2·H − 1. Its tie is the comparison's.
+- in a .pt2 program, an exact step: (x ≥ θ) or (x > θ) cast to float, optionally 2·H − 1, or where(x ≥ θ,
+  1, −1 or 0), written by hand or left by a surrogate-mode HTAF or a model hardened before export. Its tie
+  is the comparison's.
 
 In a graph module each site becomes a call of a ``Step`` submodule at the site's module path, so the
 reference records it like any Step and the exporter emits the ``htaf`` op. A site inside a module that is
@@ -127,11 +128,29 @@ def _composite(sig: fx.Node, tie: str) -> _Match | None:
     return _Match(x, nodes + tail, float(theta), "pm1" if tail else "01", tie, "HTAF composite", alpha, beta)
 
 
+def _where_step(cmp: fx.Node, theta: float) -> _Match | None:
+    """where(x ≥ θ, 1, −1) or where(x ≥ θ, 1, 0)."""
+    where = _only_user(cmp)
+    if where is None or where.target not in (aten.where.Scalar, aten.where.ScalarSelf, aten.where.ScalarOther,
+                                             aten.where.self) or where.args[0] is not cmp:
+        return None
+    on, off = (_number(a) for a in where.args[1:3])
+    if on != 1.0 or off not in (0.0, -1.0) or "val" not in where.meta or where.meta["val"].dtype != torch.float32:
+        return None
+    extra = [u for u in cmp.users if u.target is aten._assert_tensor_metadata.default]
+    return _Match(cmp.args[0], [cmp, *extra, where], theta, "pm1" if off == -1.0 else "01", COMPARISONS[cmp.target],
+                  "exact step in a traced graph")
+
+
 def _comparison(cmp: fx.Node) -> _Match | None:
-    """(x ≥ θ) or (x > θ) cast to float [·2 − 1], inside an HTAF or Step module."""
+    """(x ≥ θ) or (x > θ) cast to float [·2 − 1], or chosen between 1 and −1 (or 0) by where."""
     theta = _number(cmp.args[1]) if len(cmp.args) > 1 else None
+    if theta is None or not isinstance(cmp.args[0], fx.Node):
+        return None
     cast = _only_user(cmp)
-    if theta is None or cast is None or cast.target not in CASTS or not isinstance(cmp.args[0], fx.Node):
+    if cast is not None and cast.target not in CASTS:
+        return _where_step(cmp, theta)
+    if cast is None:
         return None
     if cast.target is aten.to.dtype and cast.args[1] != torch.float32:
         return None
@@ -175,18 +194,29 @@ def _replace(gm: fx.GraphModule, match: _Match, path: str) -> None:
         gm.graph.erase_node(node)
 
 
+def _constants(graph: fx.Graph) -> set[fx.Node]:
+    """Nodes computed from parameters and constants only (a weight binarized in forward is not a step)."""
+    const: set[fx.Node] = set()
+    for node in graph.nodes:
+        if node.op == "get_attr" or (node.op == "call_function" and all(
+                a in const for a in node.all_input_nodes)):
+            const.add(node)
+    return const
+
+
 def harden_graph_module(gm: fx.GraphModule, tie: str | None) -> tuple[fx.GraphModule, list[TracedSite]]:
     """A copy of a torch.export graph module with every site a ``Step`` call, and the sites found."""
     hard = copy.deepcopy(gm)
     sites: dict[str, TracedSite] = {}
     found: list[TracedSite] = []
+    constant = _constants(hard.graph)
     for node in list(hard.graph.nodes):
-        if node.graph is None or node.op != "call_function":
+        if node.graph is None or node.op != "call_function" or node in constant:
             continue
         match = None
         if node.target is aten.sigmoid.default:
             match = _composite(node, tie or "ge")
-        elif node.target in COMPARISONS and _scope(node)[1] in SCOPES:
+        elif node.target in COMPARISONS:
             match = _comparison(node)
             if match is not None and tie is not None and match.tie != tie:
                 raise BadInput(f"site {_scope(node)[0]!r} of the program steps with tie {match.tie!r}; --tie {tie} "

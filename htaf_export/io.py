@@ -143,37 +143,45 @@ def _declared_outputs(module: nn.Module) -> list[str] | None:
     return [str(n) for n in names] if isinstance(names, (list, tuple)) and names else None
 
 
-def _spec_of(module: nn.Module, input_shape: Sequence[int] | None = None) -> dict[str, Any]:
-    shape = input_shape if input_shape is not None else getattr(module, "input_shape", None)
-    if shape is None:
+def _spec_of(module: nn.Module, input_shape: Sequence[int] | Sequence[Sequence[int]] | None = None) -> dict[str, Any]:
+    shapes = _shapes(input_shape if input_shape is not None else getattr(module, "input_shape", None))
+    if shapes is None:
         raise BadInput(f"{type(module).__name__} does not say its input shape: pass input_shape=(...) "
-                       f"(per sample, no batch) or set model.input_shape before saving")
-    return {"input_shape": [int(d) for d in shape], "family": getattr(module, "family", "unknown"),
-            "output_names": _declared_outputs(module) or ["logits"]}
+                       f"(per sample, no batch; one per input) or set model.input_shape before saving")
+    return {"input_shape": shapes[0] if len(shapes) == 1 else shapes, "shapes": shapes,
+            "family": getattr(module, "family", "unknown"), "output_names": _declared_outputs(module)}
+
+
+def _recorded_shapes(value: Any) -> tuple[list[int] | None, list[list[int]]]:
+    """(first input's shape, the others') from a recorded input_shape: one shape, or one per input."""
+    shapes = _shapes(value)
+    return (shapes[0], shapes[1:]) if shapes else (None, [])
 
 
 def save(model: nn.Module, path: str | Path, meta: dict[str, Any] | None = None,
          format: Literal["checkpoint", "torchscript", "pt2"] = "checkpoint",
-         input_shape: Sequence[int] | None = None) -> Path:
+         input_shape: Sequence[int] | Sequence[Sequence[int]] | None = None) -> Path:
     """Write ``model`` atomically.
 
     ``checkpoint`` (default) is the project format, readable with ``torch.load(path, weights_only=True)``:
-    ``{"format", "version", "arch", "config", "state_dict", "input_shape", "meta"}``; the model must be
-    a registered architecture. ``torchscript`` and ``pt2`` embed the input spec as an extra file.
-    ``input_shape`` (per sample) is needed when the model has no ``input_shape`` attribute.
+    ``{"format", "version", "arch", "config", "state_dict", "input_shape", "meta"}``; the model's class must
+    be a registered architecture (``htaf_export.models.register``; its ``config`` attribute, if any, holds
+    the constructor's arguments). ``torchscript`` and ``pt2`` embed the input spec as an extra file.
+    ``input_shape`` (per sample; one per input) is needed when the model has no ``input_shape`` attribute.
     """
     path = Path(path)
     spec = _spec_of(model, input_shape)
+    examples = tuple(torch.zeros(2, *shape) for shape in spec.pop("shapes"))
     if format == "checkpoint":
         arch = getattr(model, "arch", None)
         if arch is None or arch not in models.architectures():
-            raise BadInput(f"{type(model).__name__} is not a registered architecture; "
+            raise BadInput(f"{type(model).__name__} is not a registered architecture (htaf_export.models.register); "
                            f"save it as format='torchscript' or 'pt2' instead")
         payload = {
             "format": CHECKPOINT_FORMAT,
             "version": CHECKPOINT_VERSION,
             "arch": arch,
-            "config": dict(model.config),  # type: ignore[attr-defined]
+            "config": dict(getattr(model, "config", {}) or {}),
             "state_dict": {k: v.detach().cpu().clone() if isinstance(v, torch.Tensor) else v
                            for k, v in model.state_dict().items()},
             "input_shape": spec["input_shape"],
@@ -181,14 +189,14 @@ def save(model: nn.Module, path: str | Path, meta: dict[str, Any] | None = None,
         }
         _check_weights_only({k: v for k, v in payload.items() if k != "state_dict"})
         return atomic_write(path, lambda tmp: torch.save(payload, tmp))
+    spec = {k: v for k, v in spec.items() if v is not None}
     extra = {SPEC_FILE: json.dumps({**spec, "meta": dict(meta or {})}, sort_keys=True)}
     if format == "torchscript":
-        scripted = torch.jit.trace(model.eval(), torch.zeros(2, *spec["input_shape"]))
+        scripted = torch.jit.trace(model.eval(), examples if len(examples) > 1 else examples[0], strict=False)
         return atomic_write(path, lambda tmp: torch.jit.save(scripted, str(tmp), _extra_files=extra))
     if format == "pt2":
         batch = torch.export.Dim("batch", min=1)
-        program = torch.export.export(model.eval(), (torch.zeros(2, *spec["input_shape"]),),
-                                      dynamic_shapes=({0: batch},))
+        program = torch.export.export(model.eval(), examples, dynamic_shapes=tuple({0: batch} for _ in examples))
         return atomic_write(path, lambda tmp: torch.export.save(program, tmp, extra_files=extra))
     raise BadInput(f"unknown save format {format!r}; use checkpoint, torchscript or pt2")
 
@@ -269,7 +277,7 @@ def _read_spec(extra: str, path: Path, kind: str) -> dict[str, Any]:
         return {"input_shape": None}
     try:
         spec = json.loads(extra)
-        spec["input_shape"] = [int(d) for d in spec["input_shape"]]
+        spec["input_shape"], spec["extra"] = _recorded_shapes(spec["input_shape"])
     except (ValueError, KeyError, TypeError):
         raise BadInput(f"{kind} file {path} has an unreadable input spec ({SPEC_FILE})") from None
     return spec
@@ -281,7 +289,8 @@ def _load_torchscript(path: Path, digest: str) -> LoadedModel:
     spec = _read_spec(extra[SPEC_FILE], path, "TorchScript")
     return LoadedModel(module=module.eval(), input_shape=spec["input_shape"], source_format="torchscript",
                        path=path, sha256=digest, family=spec.get("family", "unknown"),
-                       output_names=spec.get("output_names"), meta=spec.get("meta", {}))
+                       output_names=spec.get("output_names"), meta=spec.get("meta", {}),
+                       extra_input_shapes=spec.get("extra", []))
 
 
 def _load_exported_program(path: Path, digest: str) -> LoadedModel:
@@ -351,8 +360,8 @@ def _load_pickled(path: Path, digest: str, trust_pickle: bool) -> LoadedModel:
         obj = _unpickle(path)
         if not isinstance(obj, nn.Module):
             raise BadInput(f"{path} holds a pickled {type(obj).__name__}, not an nn.Module") from None
-        shape = getattr(obj, "input_shape", None)
-        return LoadedModel(module=obj.eval(), input_shape=[int(d) for d in shape] if shape is not None else None,
+        first, more = _recorded_shapes(getattr(obj, "input_shape", None))
+        return LoadedModel(module=obj.eval(), input_shape=first, extra_input_shapes=more,
                            source_format="pickle", path=path, sha256=digest,
                            family=str(getattr(obj, "family", "unknown")), arch=getattr(obj, "arch", None),
                            config=dict(getattr(obj, "config", {}) or {}), output_names=_declared_outputs(obj))
@@ -389,7 +398,11 @@ def _unpickle(path: Path) -> Any:
         found = _MISSING_CLASS.search(str(e))
         if found is None:
             raise
-        raise BadInput(_missing_class_message(path, f"class {found.group(1)!r} of module {found.group(2)!r}")) from None
+        module = found.group(2)
+        main = getattr(sys.modules.get("__main__"), "__spec__", None)
+        if main is not None and main.name == module:  # run as ``python -m``: the pickle's __main__ is this one
+            module = "__main__"
+        raise BadInput(_missing_class_message(path, f"class {found.group(1)!r} of module {module!r}")) from None
 
 
 def _missing_class_message(path: Path, what: str) -> str:
@@ -428,7 +441,8 @@ def _from_checkpoint(obj: Any, path: Path, digest: str) -> LoadedModel:
         detail = " ".join(lines[:2])[:300] if lines else type(e).__name__
         raise BadInput(f"checkpoint {path}: weights do not fit architecture {obj['arch']}: {detail}") from None
     meta = dict(obj.get("meta", {}))
-    return LoadedModel(module=module.eval(), input_shape=[int(d) for d in obj["input_shape"]],
-                       source_format="checkpoint", path=path, sha256=digest, family=module.family,
+    first, more = _recorded_shapes(obj["input_shape"])
+    return LoadedModel(module=module.eval(), input_shape=first, extra_input_shapes=more,
+                       source_format="checkpoint", path=path, sha256=digest, family=str(getattr(module, "family", "unknown")),
                        arch=obj["arch"], config=dict(obj["config"]), output_names=_declared_outputs(module),
                        meta=meta)

@@ -23,7 +23,7 @@ from .contracts import Conversion
 from .data import Batches, Dataset, NpzBatches, digits
 from .errors import BadInput
 from .files import atomic_write_bytes, check_writable
-from .harden import HardenResult, harden
+from .harden import HardenResult, harden, record_every_step
 from .io import LoadedModel, load, resolve
 from .reference import run_reference, step_modules
 from .runtimes import ArtifactInfo, backends_for, read_artifact
@@ -142,6 +142,11 @@ def export(model: str | Path | LoadedModel, target: str, output: str | Path | No
     t = time.perf_counter()
     cap = capture(hardening.model, loaded.input_shapes, loaded.output_names, streaming=options.streaming,
                   input_names=loaded.input_names)
+    if not options.streaming:
+        traced = record_every_step(hardening, loaded.input_shapes, [s.site for s in cap.steps])
+        if traced is not hardening:  # hand-written steps: capture the program whose steps are all Step calls
+            hardening = traced
+            cap = capture(hardening.model, loaded.input_shapes, loaded.output_names, input_names=loaded.input_names)
     seconds["capture"] = time.perf_counter() - t
 
     t = time.perf_counter()

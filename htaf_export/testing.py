@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .data import Batches, Dataset, NpzBatches
-from .harden import harden
+from .harden import harden, record_every_step
 from .io import LoadedModel, load, resolve
 from .parity import ParityReport, Tolerance
 
@@ -89,11 +89,11 @@ def check_parity(model: str | Path | nn.Module | LoadedModel, artifact: str | Pa
     if unknown:
         raise TypeError(f"unknown tolerance {', '.join(sorted(unknown))}; use atol, rtol or flip_margin")
     module, shape, name = _loaded(model, trust_pickle, data, input_shape)
-    hardening = harden(module, tie=tie)
+    info = read_artifact(Path(artifact))
+    hardening = record_every_step(harden(module, tie=tie), [shape], [s.site for s in info.steps])
     batches = _data(data, shape)
     if batches is None:
         batches = default_data(shape, None)
-    info = read_artifact(Path(artifact))
     return validate_file(hardening, info, batches, name, device, Tolerance(**tolerances), crafted=crafted,
                          input_shape=shape)
 
