@@ -410,11 +410,14 @@ def _unary(b: KerasBuilder, node: ir.Node) -> list[Val]:
 
 # Python operators work on numpy constants and on TF tensors alike (true division for floats).
 BINARY_OPS: dict[str, Callable[[Any, Any], Any]] = {
-    "Add": lambda a, c: a + c, "Sub": lambda a, c: a - c, "Mul": lambda a, c: a * c, "Div": lambda a, c: a / c}
+    "Add": lambda a, c: a + c, "Sub": lambda a, c: a - c, "Mul": lambda a, c: a * c, "Div": lambda a, c: a / c,
+    "Max": lambda a, c: tf.maximum(a, c), "Min": lambda a, c: tf.minimum(a, c)}
 
 
 def _elementwise(b: KerasBuilder, node: ir.Node) -> list[Val]:
     op = BINARY_OPS[node.op_type]
+    if len(node.inputs) != 2:
+        raise UnsupportedLayer(node.name, f"{node.op_type} of {len(node.inputs)} inputs")
     a, c = b.get(node.inputs[0]), b.get(node.inputs[1])
     if a.tensor is None and c.tensor is None:
         if a.const is None or c.const is None:
@@ -435,6 +438,48 @@ def _elementwise(b: KerasBuilder, node: ir.Node) -> list[Val]:
     kc = b.const_like(k, x)  # type: ignore[arg-type]
     fn = (lambda z: op(z, kc)) if tensor_first else (lambda z: op(kc, z))
     return [replace(x, tensor=b.lam(fn, x.tensor, node.name or node.op_type))]
+
+
+def _clip(b: KerasBuilder, node: ir.Node) -> list[Val]:
+    """clamp / hardtanh / relu6: Clip with constant bounds (absent bounds are ±infinity)."""
+    x = b.real(node.inputs[0])
+    bounds = []
+    for k, default in ((1, -np.inf), (2, np.inf)):
+        value = node.inputs[k] if len(node.inputs) > k else None
+        array = const_array(value) if value is not None else np.array(default)
+        if array is None or array.size != 1:
+            raise UnsupportedLayer(node.name, "Clip with bounds computed at run time")
+        bounds.append(float(array.reshape(())))
+    lo, hi = bounds
+    return [replace(x, tensor=b.lam(lambda z: tf.clip_by_value(z, lo, hi), x.tensor, node.name or "clip"))]
+
+
+def _leaky_relu(b: KerasBuilder, node: ir.Node) -> list[Val]:
+    x = b.real(node.inputs[0])
+    alpha = float(_attr(node, "alpha", 0.01))
+    return [replace(x, tensor=b.lam(lambda z: tf.nn.leaky_relu(z, alpha), x.tensor, node.name or "leaky_relu"))]
+
+
+def _softmax(b: KerasBuilder, node: ir.Node) -> list[Val]:
+    """Softmax / LogSoftmax over one axis of the PyTorch tensor, applied where that axis is stored."""
+    x = b.to_canonical(b.real(node.inputs[0]))
+    rank = len(x.shape) + 1
+    axis = int(_attr(node, "axis", -1)) % rank
+    if axis == 0:
+        raise UnsupportedLayer(node.name, f"{node.op_type} over the batch")
+    stored = {1: 3, 2: 1, 3: 2}[axis] if x.layout == "nhwc" else axis
+    fn = tf.nn.softmax if node.op_type == "Softmax" else tf.nn.log_softmax
+    return [replace(x, tensor=b.lam(lambda z: fn(z, axis=stored), x.tensor, node.name or node.op_type))]
+
+
+def _transpose(b: KerasBuilder, node: ir.Node) -> list[Val]:
+    """A permutation of the per-sample axes (the batch stays first), on the PyTorch tensor."""
+    x = b.to_plain(b.real(node.inputs[0]))
+    perm = [int(p) for p in _attr(node, "perm", list(range(len(x.shape), -1, -1)))]
+    if not perm or perm[0] != 0:
+        raise UnsupportedLayer(node.name, f"Transpose {perm} moves the batch axis")
+    t = b.lam(lambda z: tf.transpose(z, perm), x.tensor, node.name or "transpose")
+    return [b.to_canonical(Val(t, tuple(x.shape[p - 1] for p in perm[1:]), "plain", presign=x.presign))]
 
 
 def _identity(b: KerasBuilder, node: ir.Node) -> list[Val]:
@@ -795,6 +840,11 @@ EMITTERS: dict[tuple[str, str], Callable[[KerasBuilder, ir.Node], list[Val]]] = 
     ("", "Flatten"): _reshape,
     ("", "Identity"): _identity,
     ("", "Expand"): _expand,
+    ("", "Clip"): _clip,
+    ("", "LeakyRelu"): _leaky_relu,
+    ("", "Softmax"): _softmax,
+    ("", "LogSoftmax"): _softmax,
+    ("", "Transpose"): _transpose,
     **{("", op): _elementwise for op in BINARY_OPS},
     **{("", op): _unary for op in UNARY_OPS},
     **{("", op): _shape_only for op in SHAPE_OPS},
