@@ -54,7 +54,7 @@ def _backend_table(report: ParityReport) -> Table:
         acc = (f"{100 * b.reference_correct / b.labelled:.1f}→{100 * b.artifact_correct / b.labelled:.1f}%"
                if b.labelled else "-")
         table.add_row(b.backend, f"{_count(flips)}/{_count(explained)}", f"{err:.0e}",
-                      f"{b.argmax_agree + b.argmax_explained}/{b.samples}", acc,
+                      f"{b.data.agree + b.data.explained}/{b.data.samples}", acc,
                       "[green]pass[/green]" if b.passed else "[red]FAIL[/red]")
     return table
 

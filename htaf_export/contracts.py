@@ -17,6 +17,12 @@ STEP_OPS = ("Heaviside", "Sign")
 TIES = ("ge", "gt")
 
 
+def check_one_of(what: str, value: object, allowed: tuple[str, ...], error: type[Exception] = ValueError) -> None:
+    """Raise ``error`` naming ``what`` and the allowed values when ``value`` is not one of them."""
+    if value not in allowed:
+        raise error(f"{what} must be one of {', '.join(allowed)}, got {value!r}")
+
+
 @dataclass(frozen=True)
 class StepSpec:
     """One step of the IR: the tensor it writes, its site (module path), op, tie rule, and which call of the
@@ -29,10 +35,8 @@ class StepSpec:
     call: int = 0
 
     def __post_init__(self) -> None:
-        if self.op not in STEP_OPS:
-            raise ValueError(f"step {self.tensor!r}: op must be one of {STEP_OPS}, got {self.op!r}")
-        if self.tie not in TIES:
-            raise ValueError(f"step {self.tensor!r}: tie must be one of {TIES}, got {self.tie!r}")
+        check_one_of(f"step {self.tensor!r}: op", self.op, STEP_OPS)
+        check_one_of(f"step {self.tensor!r}: tie", self.tie, TIES)
 
     @property
     def levels(self) -> str:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import copy
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import fx
@@ -90,14 +90,11 @@ def _pm1_tail(out: fx.Node) -> list[fx.Node]:
 
 @dataclass
 class _Match:
+    """The nodes of one step in the graph, the value it steps, and the site it is (its path set later)."""
+
     x: fx.Node
     nodes: list[fx.Node]
-    threshold: float
-    levels: str
-    tie: str
-    how: str
-    alpha: float | None = None
-    beta: float | None = None
+    site: TracedSite
 
 
 def _composite(sig: fx.Node, tie: str) -> _Match | None:
@@ -125,7 +122,8 @@ def _composite(sig: fx.Node, tie: str) -> _Match | None:
     if any(user not in inside for n in nodes[:-1] for user in n.users):
         return None  # an inner value is used elsewhere: not a self-contained step
     tail = _pm1_tail(sig)
-    return _Match(x, nodes + tail, float(theta), "pm1" if tail else "01", tie, "HTAF composite", alpha, beta)
+    return _Match(x, nodes + tail, TracedSite("", float(theta), "pm1" if tail else "01", tie, "HTAF composite", alpha,
+                                              beta))
 
 
 def _where_step(cmp: fx.Node, theta: float) -> _Match | None:
@@ -138,8 +136,8 @@ def _where_step(cmp: fx.Node, theta: float) -> _Match | None:
     if on != 1.0 or off not in (0.0, -1.0) or "val" not in where.meta or where.meta["val"].dtype != torch.float32:
         return None
     extra = [u for u in cmp.users if u.target is aten._assert_tensor_metadata.default]
-    return _Match(cmp.args[0], [cmp, *extra, where], theta, "pm1" if off == -1.0 else "01", COMPARISONS[cmp.target],
-                  "exact step in a traced graph")
+    return _Match(cmp.args[0], [cmp, *extra, where], TracedSite("", theta, "pm1" if off == -1.0 else "01",
+                                                                 COMPARISONS[cmp.target], "exact step in a traced graph"))
 
 
 def _comparison(cmp: fx.Node) -> _Match | None:
@@ -156,8 +154,9 @@ def _comparison(cmp: fx.Node) -> _Match | None:
         return None
     extra = [u for u in cmp.users if u.target is aten._assert_tensor_metadata.default]
     tail = _pm1_tail(cast)
-    return _Match(cmp.args[0], [cmp, *extra, cast, *tail], theta, "pm1" if tail else "01", COMPARISONS[cmp.target],
-                  "exact step in a traced graph")
+    return _Match(cmp.args[0], [cmp, *extra, cast, *tail], TracedSite("", theta, "pm1" if tail else "01",
+                                                                      COMPARISONS[cmp.target],
+                                                                      "exact step in a traced graph"))
 
 
 def _site_path(gm: fx.GraphModule, node: fx.Node, match: _Match, taken: dict[str, TracedSite]) -> str:
@@ -167,7 +166,7 @@ def _site_path(gm: fx.GraphModule, node: fx.Node, match: _Match, taken: dict[str
     while True:
         existing = taken.get(name)
         same = existing is not None and (existing.threshold, existing.levels, existing.tie) == (
-            match.threshold, match.levels, match.tie)
+            match.site.threshold, match.site.levels, match.site.tie)
         if existing is None and not _is_other_module(gm, name) or same:
             return name
         name, k = f"{base}{k}", k + 1
@@ -185,7 +184,7 @@ def _replace(gm: fx.GraphModule, match: _Match, path: str) -> None:
     try:
         gm.get_submodule(path)  # the Step of an earlier call of this site
     except AttributeError:
-        gm.add_submodule(path, Step(threshold=match.threshold, levels=match.levels, tie=match.tie))
+        gm.add_submodule(path, Step(threshold=match.site.threshold, levels=match.site.levels, tie=match.site.tie))
     with gm.graph.inserting_before(out):
         call = gm.graph.call_module(path, (match.x,))
     call.meta["val"] = out.meta.get("val")
@@ -218,14 +217,14 @@ def harden_graph_module(gm: fx.GraphModule, tie: str | None) -> tuple[fx.GraphMo
             match = _composite(node, tie or "ge")
         elif node.target in COMPARISONS:
             match = _comparison(node)
-            if match is not None and tie is not None and match.tie != tie:
-                raise BadInput(f"site {_scope(node)[0]!r} of the program steps with tie {match.tie!r}; --tie {tie} "
+            if match is not None and tie is not None and match.site.tie != tie:
+                raise BadInput(f"site {_scope(node)[0]!r} of the program steps with tie {match.site.tie!r}; --tie {tie} "
                                f"conflicts with it (drop --tie)")
         if match is None:
             continue
         path = _site_path(hard, node, match, sites)
         _replace(hard, match, path)
-        site = TracedSite(path, match.threshold, match.levels, match.tie, match.how, match.alpha, match.beta)
+        site = replace(match.site, path=path)
         if path not in sites:
             found.append(site)
         sites[path] = site

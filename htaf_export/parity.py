@@ -75,25 +75,41 @@ class TensorResult:
 
 
 @dataclass
+class Argmax:
+    """Argmax agreement of the first output over one kind of input (the data, or the crafted inputs)."""
+
+    samples: int = 0
+    agree: int = 0
+    explained: int = 0  # disagreements on excused samples or reference ties between classes
+
+    @property
+    def passed(self) -> bool:
+        return self.agree + self.explained >= self.samples
+
+    def add(self, n: int, agree: int, explained: int) -> None:
+        self.samples, self.agree, self.explained = self.samples + n, self.agree + agree, self.explained + explained
+
+
+@dataclass
 class BackendResult:
     backend: str
     device: str
     tensors: list[TensorResult] = field(default_factory=list)
-    samples: int = 0  # data samples
-    argmax_agree: int = 0
-    argmax_explained: int = 0  # disagreements on excused samples or reference ties between classes
-    crafted_samples: int = 0
-    crafted_argmax_agree: int = 0
-    crafted_argmax_explained: int = 0
+    data: Argmax = field(default_factory=Argmax)
+    crafted: Argmax = field(default_factory=Argmax)
     reference_correct: int = 0
     artifact_correct: int = 0
     labelled: int = 0
     seconds: float = 0.0
 
     @property
+    def samples(self) -> int:
+        """Data samples compared (crafted inputs not counted)."""
+        return self.data.samples
+
+    @property
     def argmax_passed(self) -> bool:
-        return (self.argmax_agree + self.argmax_explained >= self.samples
-                and self.crafted_argmax_agree + self.crafted_argmax_explained >= self.crafted_samples)
+        return self.data.passed and self.crafted.passed
 
     @property
     def passed(self) -> bool:
@@ -113,11 +129,11 @@ class BackendResult:
     def to_dict(self) -> dict[str, Any]:
         return {
             "backend": self.backend, "device": self.device, "passed": self.passed,
-            "first_failure": self.first_failure, "samples": self.samples, "crafted_samples": self.crafted_samples,
-            "argmax_agreement": self.argmax_agree / self.samples if self.samples else None,
-            "argmax_explained": self.argmax_explained,
-            "crafted_argmax_agreement": (self.crafted_argmax_agree / self.crafted_samples
-                                         if self.crafted_samples else None),
+            "first_failure": self.first_failure, "samples": self.data.samples,
+            "crafted_samples": self.crafted.samples,
+            "argmax_agreement": self.data.agree / self.data.samples if self.data.samples else None,
+            "argmax_explained": self.data.explained,
+            "crafted_argmax_agreement": self.crafted.agree / self.crafted.samples if self.crafted.samples else None,
             "reference_accuracy": self.reference_correct / self.labelled if self.labelled else None,
             "artifact_accuracy": self.artifact_correct / self.labelled if self.labelled else None,
             "labelled": self.labelled, "seconds": round(self.seconds, 3),
@@ -194,8 +210,8 @@ class ParityReport:
         b = next(x for x in self.backends if x.backend == backend)
         t = b.tensor(name)
         if t is None:
-            reason = (f"argmax disagrees on {b.samples - b.argmax_agree - b.argmax_explained} data and "
-                      f"{b.crafted_samples - b.crafted_argmax_agree - b.crafted_argmax_explained} crafted samples")
+            reason = (f"argmax disagrees on {b.data.samples - b.data.agree - b.data.explained} data and "
+                      f"{b.crafted.samples - b.crafted.agree - b.crafted.explained} crafted samples")
             return {"backend": backend, "tensor": name, "layer": None, "reason": reason}
         if t.kind == "binary":
             reason = f"{t.unexplained} unexplained flip{'s' if t.unexplained != 1 else ''} of {t.elements:,} bits"

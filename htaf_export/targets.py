@@ -13,6 +13,7 @@ import importlib
 from dataclasses import dataclass
 from typing import Callable
 
+from .contracts import check_one_of
 from .errors import BadInput
 
 LCE_KERNEL_CHOICES = ("auto", "default", "indirect-bgemm")
@@ -29,10 +30,8 @@ class ExportOptions:
     lce_kernel: str = "auto"
 
     def __post_init__(self) -> None:
-        if self.snn_mode not in SNN_MODES:
-            raise BadInput(f"--snn-mode must be one of {', '.join(SNN_MODES)}, got {self.snn_mode!r}")
-        if self.lce_kernel not in LCE_KERNEL_CHOICES:
-            raise BadInput(f"--lce-kernel must be one of {', '.join(LCE_KERNEL_CHOICES)}, got {self.lce_kernel!r}")
+        check_one_of("--snn-mode", self.snn_mode, SNN_MODES, BadInput)
+        check_one_of("--lce-kernel", self.lce_kernel, LCE_KERNEL_CHOICES, BadInput)
 
     @property
     def streaming(self) -> bool:

@@ -253,17 +253,13 @@ class _Validation:
             agree = ref_logits.argmax(1) == got.argmax(1)
             explained = int((~agree & (excused[i] | tie_between_classes)).sum())
             if part == "data":
-                result.samples += n
-                result.argmax_agree += int(agree.sum())
-                result.argmax_explained += explained
+                result.data.add(n, int(agree.sum()), explained)
                 if y is not None:
                     result.labelled += n
                     result.reference_correct += int((ref_logits.argmax(1) == y).sum())
                     result.artifact_correct += int((got.argmax(1) == y).sum())
             else:
-                result.crafted_samples += n
-                result.crafted_argmax_agree += int(agree.sum())
-                result.crafted_argmax_explained += explained
+                result.crafted.add(n, int(agree.sum()), explained)
 
 
 def validate(model: nn.Module, info: ArtifactInfo, runners: list[Runner], data: Dataset | Batches,

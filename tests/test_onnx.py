@@ -52,7 +52,7 @@ def test_every_sample_model_passes_parity(exported, name):
     assert binary, "every family has step tensors to compare"
     assert sum(t.unexplained for t in binary) == 0
     assert all(t.max_abs_error <= 1e-5 for t in backend.tensors if t.kind == "float")
-    assert backend.argmax_agree == backend.samples
+    assert backend.data.agree == backend.data.samples
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -297,3 +297,17 @@ def test_python_validate_returns_the_report(exported, tmp_path):
     # A model that is not the one exported (its sites declare the other tie rule): the report says so.
     other = htaf_export.validate(tie_twin("dhn_mlp", "gt", tmp_path), exported["dhn_mlp"].artifact)
     assert not other.passed
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", ["onnx", "tflite", "tflite-float"])
+def test_same_model_and_flags_give_the_same_bytes(target, tmp_path):
+    """Three exports, one hash: nothing measured at export time (such as LCE kernel timings) is in the file."""
+    import hashlib
+
+    hashes = set()
+    for k in range(3):
+        out = tmp_path / f"m{k}.{'onnx' if target == 'onnx' else 'tflite'}"
+        export(SAMPLES / "bnn_mlp.pt", target, out, validate_artifact=False)
+        hashes.add(hashlib.sha256(out.read_bytes()).hexdigest())
+    assert len(hashes) == 1

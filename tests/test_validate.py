@@ -82,7 +82,7 @@ def test_clean_artifact_passes_with_zero_unexplained_flips(exported, name):
         assert binary and all(t.observed for t in binary)
         assert sum(t.unexplained for t in b.tensors) == 0
         assert sum(t.tie_violations for t in b.tensors) == 0
-        assert b.crafted_samples == report.crafted["samples"] > 0
+        assert b.crafted.samples == report.crafted["samples"] > 0
         assert b.samples == 1797 and b.labelled == 1797
     # Crafted inputs put pre-activations on or within float rounding of every first-layer threshold.
     first = report.backends[0].tensors[0]
@@ -138,7 +138,7 @@ def test_margin_histograms_are_bounded_and_complete(exported):
         hist = report.margins[t.name]
         assert len(hist.counts) == len(MARGIN_EDGES) - 1
         # Every unit of every sample (data and crafted) is counted; nothing is kept per sample.
-        total, samples = sum(hist.counts), backend.samples + backend.crafted_samples
+        total, samples = sum(hist.counts), backend.data.samples + backend.crafted.samples
         units = total // samples
         assert units * samples == total and t.elements == total - t.excused_samples * units
 

@@ -8,18 +8,14 @@ from typing import Literal
 import torch
 from torch import nn
 
+from ..contracts import TIES, check_one_of
+
 Levels = Literal["01", "pm1"]
 Mode = Literal["smooth", "surrogate"]
 Tie = Literal["ge", "gt"]
 
 LEVELS: tuple[str, ...] = ("01", "pm1")
 MODES: tuple[str, ...] = ("smooth", "surrogate")
-TIES: tuple[str, ...] = ("ge", "gt")
-
-
-def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
 
 
 def htaf_function(x: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
@@ -95,10 +91,10 @@ class HTAF(nn.Module):
             raise ValueError(f"alpha must be a positive finite number, got {alpha}")
         if not (beta >= 0 and math.isfinite(beta)):
             raise ValueError(f"beta must be a non-negative finite number, got {beta}")
-        _check_choice("levels", levels, LEVELS)
-        _check_choice("mode", mode, MODES)
+        check_one_of("levels", levels, LEVELS)
+        check_one_of("mode", mode, MODES)
         if tie is not None:
-            _check_choice("tie", tie, TIES)
+            check_one_of("tie", tie, TIES)
         self.alpha = float(alpha)
         self.beta = float(beta)
         self.threshold = float(threshold)
@@ -138,8 +134,8 @@ class Step(nn.Module):
 
     def __init__(self, threshold: float = 0.0, levels: Levels = "01", tie: Tie = "ge") -> None:
         super().__init__()
-        _check_choice("levels", levels, LEVELS)
-        _check_choice("tie", tie, TIES)
+        check_one_of("levels", levels, LEVELS)
+        check_one_of("tie", tie, TIES)
         self.threshold = float(threshold)
         self.levels = levels
         self.tie = tie

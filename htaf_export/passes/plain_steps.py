@@ -43,15 +43,22 @@ def _step(op, kind: str, x: ir.Value, t: ir.Value, tie: str, cmp: ir.Value) -> i
     return out
 
 
-class PlainHeaviside(RewriteRuleClassBase):
-    """Cast(Compare(X, T), to=FLOAT) → htaf.Heaviside(X, T, tie)."""
+class _StepRule(RewriteRuleClassBase):
+    """A rule for one tie rule: its comparison is GreaterOrEqual (ge) or Greater (gt)."""
 
     def __init__(self, tie: str) -> None:
-        super().__init__(name=f"PlainHeaviside[{tie}]")
+        super().__init__(name=f"{type(self).__name__}[{tie}]")
         self.tie = tie
 
+    def compare(self, op, x, t):
+        return getattr(op, COMPARISONS[self.tie])(x, t, _outputs=["cmp"])
+
+
+class PlainHeaviside(_StepRule):
+    """Cast(Compare(X, T), to=FLOAT) → htaf.Heaviside(X, T, tie)."""
+
     def pattern(self, op, x, t):
-        return op.Cast(getattr(op, COMPARISONS[self.tie])(x, t, _outputs=["cmp"]), to=ir.DataType.FLOAT)
+        return op.Cast(self.compare(op, x, t), to=ir.DataType.FLOAT)
 
     def check(self, context, x, t, **_) -> MatchResult:
         return _step_check(x, t)
@@ -60,15 +67,11 @@ class PlainHeaviside(RewriteRuleClassBase):
         return _step(op, "Heaviside", x, t, self.tie, cmp)
 
 
-class PlainSign(PlainHeaviside):
+class PlainSign(_StepRule):
     """Sub(Mul(Cast(Compare(X, T), to=FLOAT), 2), 1) → htaf.Sign(X, T, tie)."""
 
-    def __init__(self, tie: str) -> None:
-        super().__init__(tie)
-        self.name = f"PlainSign[{tie}]"
-
     def pattern(self, op, x, t, two, one):
-        return op.Sub(op.Mul(super().pattern(op, x, t), two), one)
+        return op.Sub(op.Mul(op.Cast(self.compare(op, x, t), to=ir.DataType.FLOAT), two), one)
 
     def check(self, context, x, t, two, one, **_) -> MatchResult:
         if not (_exactly(two, 2.0) and _exactly(one, 1.0)):
@@ -79,15 +82,11 @@ class PlainSign(PlainHeaviside):
         return _step(op, "Sign", x, t, self.tie, cmp)
 
 
-class WhereStep(PlainHeaviside):
+class WhereStep(_StepRule):
     """Where(Compare(X, T), 1, −1) → htaf.Sign(X, T, tie); Where(Compare(X, T), 1, 0) → htaf.Heaviside."""
 
-    def __init__(self, tie: str) -> None:
-        super().__init__(tie)
-        self.name = f"WhereStep[{tie}]"
-
     def pattern(self, op, x, t, on, off):
-        return op.Where(getattr(op, COMPARISONS[self.tie])(x, t, _outputs=["cmp"]), on, off)
+        return op.Where(self.compare(op, x, t), on, off)
 
     def check(self, context, x, t, on, off, **_) -> MatchResult:
         if not (_exactly(on, 1.0) and (_exactly(off, -1.0) or _exactly(off, 0.0))):
