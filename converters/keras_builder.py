@@ -147,6 +147,9 @@ class KerasBuilder:
     """Walks the IR in graph order, emitting Keras layers; ``bitpacked`` selects larq layers for binary ones."""
 
     def __init__(self, bitpacked: bool) -> None:
+        # Keras builds functional models in one global graph whose name scopes (larq's ste_sign, ste_sign_1, ...)
+        # count up across builds; a fresh graph makes the same model give the same tensor names, so the same file.
+        keras.backend.clear_session()
         self.bitpacked = bitpacked
         self.values: dict[int, Val] = {}
         self.step_vals: dict[str, Val] = {}
