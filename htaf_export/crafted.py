@@ -33,20 +33,7 @@ For a chosen unit j of such a site call:
 3. *Verification*. The whole crafted set is run through the reference once more; every role
    (tie / below / above / near) is read from the measured pre-activation, never assumed.
 
-Certified ties
---------------
-An exact tie in the reference's arithmetic is a tie in the artifact's arithmetic only when both
-compute the pre-activation identically. A ``single-term`` exact tie is *certified* when, in addition:
-
-- the step's input equals, bit for bit, the output of a dense or zero-padded convolution layer that
-  reads the model input directly (checked at the tie and at four other values along the same
-  coordinate, so a batch norm or any other rounding operation in between rules it out), and
-- one product plus the bias rounds to exactly θ both ways an implementation may evaluate it:
-  fl(fl(w·x) + b) and, fused, fl(w·x + b) (emulated in float64).
-
-On a certified tie every correct float32 implementation computes u = 0 exactly, so the declared tie
-rule alone decides the output bit: validation allows no flip there (see ``validate``). Other exact
-ties are reported and counted but follow the ordinary rounding-margin rule.
+Certified ties are explained in ``htaf_export.certify``.
 
 Memory and time are bounded: at most ``max_keys`` site calls, ``2·units`` single-term and
 ``units/2`` per data seed searches each, three inputs per search, evaluated in chunks of ``CHUNK``
@@ -57,7 +44,6 @@ would not fit ``BUDGET_S`` seconds in all, only the first site call is searched,
 from __future__ import annotations
 
 import contextlib
-import copy
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
@@ -67,8 +53,8 @@ import torch
 from torch import nn
 
 from .harden import set_eval
-from .nn import BinaryConv2d, BinaryLinear
-from .reference import StepInterpreter, forward_recording, record_steps
+from .certify import certify
+from .reference import forward_recording
 
 CHUNK = 64
 SMALL_MODEL = 2_000_000  # parameters
@@ -135,9 +121,6 @@ class CraftedSet:
         return {**self.summary(), "points": [asdict(p) for p in self.points]}
 
 
-# ---- float32 as ordered integers --------------------------------------------------------------------
-
-
 def _ordered(f: np.ndarray) -> np.ndarray:
     """float32 → int64 that orders like the floats (−0 and +0 both map to 0)."""
     b = np.asarray(f, dtype=np.float32).view(np.int32).astype(np.int64)
@@ -147,9 +130,6 @@ def _ordered(f: np.ndarray) -> np.ndarray:
 def _unordered(k: np.ndarray) -> np.ndarray:
     b = np.where(k >= 0, k, (-k) | 0x80000000).astype(np.int64)
     return b.astype(np.uint32).view(np.float32)
-
-
-# ---- probing the model ------------------------------------------------------------------------------
 
 
 class _Probe:
@@ -247,109 +227,6 @@ def _bisect(probe: _Probe, base: np.ndarray, key: np.ndarray, unit: np.ndarray, 
     return valid, klo, khi
 
 
-# ---- certification ----------------------------------------------------------------------------------
-
-
-def _single_term_layer(m: nn.Module) -> bool:
-    """Layers that compute each output from one product per non-zero input element, plus a bias."""
-    if isinstance(m, (nn.Linear, BinaryLinear)):
-        return True
-    if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-        return m.padding_mode == "zeros"
-    if isinstance(m, BinaryConv2d):
-        return m.padding == 0 or m.pad_value == 0.0
-    return False
-
-
-_FX_LAYERS = ("aten.linear.default", "aten.conv1d.default", "aten.conv2d.default", "aten.conv3d.default")
-Layer = tuple  # (float64 version of the layer: x64 -> y64, the input it saw, the output it gave)
-
-
-def _as_float64(module: nn.Module):
-    m64 = copy.deepcopy(module).double()
-    return lambda x: m64(x)
-
-
-@contextlib.contextmanager
-def _record_layers(model: nn.Module):
-    """Each single-term layer call inside the block, as (float64 layer, input, output)."""
-    seen: list[Layer] = []
-    hooks = [m.register_forward_hook(lambda mod, args, out: seen.append((_as_float64(mod), args[0], out)))
-             for m in model.modules() if _single_term_layer(m)]
-    try:
-        yield seen
-    finally:
-        for h in hooks:
-            h.remove()
-
-
-class _LayerInterpreter(StepInterpreter):
-    """A torch.export graph: its steps, and its dense / convolution calls (zero padding is built into them)."""
-
-    def __init__(self, module: torch.fx.GraphModule, calls: list, layers: list[Layer]) -> None:
-        super().__init__(module, calls, keep_graph=False)
-        self.layers = layers
-
-    def run_node(self, n: torch.fx.Node):
-        value = super().run_node(n)
-        if n.op == "call_function" and str(n.target) in _FX_LAYERS:
-            args, kwargs = self.fetch_args_kwargs_from_env(n)
-            rest = [a.double() if isinstance(a, torch.Tensor) else a for a in args[1:]]
-            self.layers.append((lambda x, f=n.target, rest=rest, kw=kwargs: f(x, *rest, **kw), args[0], value))
-        return value
-
-
-@torch.no_grad()
-def _certify(model: nn.Module, input_shape: Sequence[int], x: np.ndarray, points: list[CraftedPoint],
-             coords: dict[int, int]) -> None:
-    """Mark the single-term exact ties that every evaluation order reproduces (see the module docstring)."""
-    for p in points:
-        if p.role != "tie" or p.family != "single-term" or p.sample not in coords:
-            continue
-        row = x[p.sample].reshape(-1)
-        if np.count_nonzero(row) != 1:
-            continue
-        k = coords[p.sample]
-        value = row[k]
-        if not abs(value) >= np.finfo(np.float32).tiny:  # a subnormal input multiplies to 0: no evidence
-            continue
-        # The tie itself and four other values along the coordinate, in one batch.
-        probes = np.repeat(row[None], 5, axis=0)
-        probes[1:, k] = (value * np.array([1 - 2.0**-3, 1 + 2.0**-3, 1 - 2.0**-7, 1 + 2.0**-7])).astype(np.float32)
-        xt = torch.from_numpy(probes.reshape(-1, *input_shape))
-        if isinstance(model, torch.fx.GraphModule):  # its layers are graph ops; its steps comparisons or Steps
-            calls, layers = [], []
-            with record_steps(model) as hooked:
-                _LayerInterpreter(model, calls, layers).run(xt)
-            calls += hooked
-        else:
-            with _record_layers(model) as layers:
-                _, calls = forward_recording(model, (xt,), until={(p.site, p.call)})
-        call = next((c for c in calls if (c.site, c.call) == (p.site, p.call)), None)
-        if call is None:
-            continue
-        theta = np.float32(call.threshold)
-        step_in = call.input.reshape(5, -1)[:, p.unit].numpy()
-        if step_in[0] != theta or len(np.unique(step_in)) < 5:  # the unit must follow the coordinate
-            continue
-        for layer64, inp, out in layers:
-            if inp is not xt or tuple(out.shape) != tuple(call.input.shape):
-                continue
-            if not np.array_equal(out.reshape(5, -1)[:, p.unit].numpy(), step_in):
-                continue
-            both = torch.from_numpy(np.stack([row, np.zeros_like(row)]).astype(np.float64).reshape(-1, *input_shape))
-            o64, b64 = layer64(both).reshape(2, -1)[:, p.unit].tolist()
-            product = o64 - b64  # exact: one product in float64
-            unfused = np.float32(np.float32(product) + np.float32(b64))
-            fused = np.float32(o64)
-            if unfused == theta and fused == theta:
-                p.certified = True
-                break
-
-
-# ---- the crafted set --------------------------------------------------------------------------------
-
-
 @contextlib.contextmanager
 def _threads_for(model: nn.Module):
     """Small models: one thread (many tiny forward passes, where thread hand-offs cost more than the
@@ -373,6 +250,111 @@ def craft(model: nn.Module, input_shape: Sequence[int], seeds: np.ndarray | None
         return _craft(model, input_shape, seeds, units=units, data_seeds=data_seeds, max_keys=max_keys, seed=seed)
 
 
+def _candidates(keys: list, zero: np.ndarray, data: np.ndarray, units: int, rng) -> tuple[np.ndarray, ...]:
+    """Searches to run: (seed row, key index, unit, family), from zero (single-term) and from data seeds."""
+    bases, key_of, unit_of, family = [], [], [], []
+    for ki, (_, count) in enumerate(keys):
+        chosen = rng.choice(count, size=min(2 * units, count), replace=False)
+        for j in chosen:
+            bases.append(zero[0]); key_of.append(ki); unit_of.append(int(j)); family.append("single-term")
+        per_seed = max(1, units // 2)
+        for s in data:
+            for j in rng.choice(count, size=min(per_seed, count), replace=False):
+                bases.append(s); key_of.append(ki); unit_of.append(int(j)); family.append("data")
+    return np.stack(bases).astype(np.float32), np.array(key_of), np.array(unit_of), np.array(family)
+
+
+def _within_budget(probe: _Probe, key_list: list, base, key_a, unit_a, fam, notes: list[str]) -> tuple:
+    """Time budget: measure one chunk; on a slow model keep the first site call only (the forward pass then
+    stops right after it) and as many searches as fit, single-term ones first."""
+    sample = slice(0, min(CHUNK, len(base)))
+    probe(base[sample], key_a[sample], unit_a[sample])  # warm-up
+    started = time.perf_counter()
+    probe(base[sample], key_a[sample], unit_a[sample])
+    per_row = (time.perf_counter() - started) / (sample.stop - sample.start)
+    fit = int(BUDGET_S / max(per_row * PASSES, 1e-9))
+    if fit >= len(base):
+        return base, key_a, unit_a, fam
+    first = key_a == 0
+    base, key_a, unit_a, fam = base[first], key_a[first], unit_a[first], fam[first]
+    probe.keys = key_list[:1]
+    started = time.perf_counter()
+    probe(base[sample], key_a[sample], unit_a[sample])
+    per_row = (time.perf_counter() - started) / len(base[sample])
+    fit = int(BUDGET_S / max(per_row * PASSES, 1e-9))
+    total = len(base)
+    order = np.concatenate([np.where(fam == "single-term")[0], np.where(fam == "data")[0]])
+    keep = np.sort(order[:max(fit, 4)])
+    notes.append(f"the model is slow to reach its later step sites: only the first ({key_list[0][0]}) was "
+                 f"searched, {len(keep)} of {total} searches ({per_row * 1e3:.1f} ms per input)")
+    return base[keep], key_a[keep], unit_a[keep], fam[keep]
+
+
+def _newton(probe: _Probe, base: np.ndarray, key_a, unit_a, is_data: np.ndarray) -> None:
+    """Newton along the full gradient for the data family (crosses ReLU kinks in a few steps), in place."""
+    for _ in range(NEWTON_STEPS):
+        rows = np.where(is_data)[0]
+        if not len(rows):
+            break
+        u, g = probe(base[rows], key_a[rows], unit_a[rows], grad=True)
+        norm2 = (g.astype(np.float64) ** 2).sum(axis=1)
+        ok = np.isfinite(u) & (norm2 > 0)
+        step = np.where(ok, u / np.where(ok, norm2, 1.0), 0.0)[:, None] * g
+        scale = np.abs(base[rows]).max(axis=1) + 1.0
+        sane = np.abs(step).max(axis=1) <= 100 * scale
+        base[rows[ok & sane]] = (base[rows[ok & sane]] - step[ok & sane]).astype(np.float32)
+
+
+def _crossing_rows(probe: _Probe, base, key_a, unit_a, fam) -> list[tuple]:
+    """Bisect one coordinate per search to the threshold; three inputs per crossing: t⁻, t⁺ and the float
+    after t⁺ (in the direction u grows), as (input, key, unit, family, search, coordinate)."""
+    u, g = probe(base, key_a, unit_a, grad=True)
+    coord = np.abs(g).argmax(axis=1)
+    gk = g[np.arange(len(base)), coord]
+    usable = np.isfinite(u) & (gk != 0)
+    base, key_a, unit_a, fam, coord, gk, u = (a[usable] for a in (base, key_a, unit_a, fam, coord, gk, u))
+    guess = (base[np.arange(len(base)), coord].astype(np.float64) - u / gk).astype(np.float32)
+    direction = np.sign(gk).astype(np.float32)
+    valid, klo, khi = _bisect(probe, base, key_a, unit_a, coord, direction, guess)
+    rows = []
+    for c in np.where(valid)[0]:
+        for k in (klo[c], khi[c], khi[c] + 1):
+            x = base[c].copy()
+            x[coord[c]] = _unordered(np.array([k]))[0]
+            if np.isfinite(x).all():
+                rows.append((x, key_a[c], unit_a[c], fam[c], c, coord[c]))
+    return rows
+
+
+def _record(probe: _Probe, key_list: list, rows: list[tuple], result: CraftedSet) -> dict[int, int]:
+    """Unique crafted inputs into ``result.x``; each (input, site call, unit) a point whose role comes from the
+    pre-activation the reference computes now. Returns the coordinate each input was crafted along."""
+    x_all = np.stack([r[0] for r in rows])
+    x_unique, first, inverse = np.unique(x_all, axis=0, return_index=True, return_inverse=True)
+    order = np.argsort(first)  # keep rows in the order they were made
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order))
+    result.x = x_unique[order]
+    sample_of = rank[inverse.reshape(-1)]
+    measured = probe(x_all, np.array([r[1] for r in rows]), np.array([r[2] for r in rows]))
+    has_tie = {r[4] for r, v in zip(rows, measured) if v == 0}
+    seen: set[tuple[int, str, int, int]] = set()
+    coords: dict[int, int] = {}
+    for i, v in enumerate(measured):
+        if not np.isfinite(v):
+            continue
+        _, key, unit, family, search, coordinate = rows[i]
+        site, call = key_list[key]
+        point_key = (int(sample_of[i]), site, call, int(unit))
+        if point_key in seen:
+            continue
+        seen.add(point_key)
+        role = "tie" if v == 0 else ("near" if search not in has_tie else ("below" if v < 0 else "above"))
+        result.points.append(CraftedPoint(int(sample_of[i]), site, call, int(unit), role, float(v), str(family)))
+        coords[int(sample_of[i])] = int(coordinate)
+    return coords
+
+
 def _craft(model: nn.Module, input_shape: Sequence[int], seeds: np.ndarray | None, *, units: int,
            data_seeds: int, max_keys: int, seed: int) -> CraftedSet:
     start = time.perf_counter()
@@ -393,107 +375,18 @@ def _craft(model: nn.Module, input_shape: Sequence[int], seeds: np.ndarray | Non
         return result
     key_list = [k for k, _ in keys]
     probe = _Probe(model, shape, key_list)
-
-    # Candidates: (seed row, key index, unit, family).
-    bases, key_of, unit_of, family = [], [], [], []
-    for ki, (_, count) in enumerate(keys):
-        chosen = rng.choice(count, size=min(2 * units, count), replace=False)
-        for j in chosen:
-            bases.append(zero[0]); key_of.append(ki); unit_of.append(int(j)); family.append("single-term")
-        per_seed = max(1, units // 2)
-        for s in data:
-            for j in rng.choice(count, size=min(per_seed, count), replace=False):
-                bases.append(s); key_of.append(ki); unit_of.append(int(j)); family.append("data")
-    base = np.stack(bases).astype(np.float32)
-    key_a, unit_a, fam = np.array(key_of), np.array(unit_of), np.array(family)
-    # Time budget: measure one chunk; on a slow model keep the first site call only (the forward pass
-    # then stops right after it) and as many searches as fit, single-term ones first.
-    sample = slice(0, min(CHUNK, len(base)))
-    probe(base[sample], key_a[sample], unit_a[sample])  # warm-up
-    started = time.perf_counter()
-    probe(base[sample], key_a[sample], unit_a[sample])
-    per_row = (time.perf_counter() - started) / (sample.stop - sample.start)
-    fit = int(BUDGET_S / max(per_row * PASSES, 1e-9))
-    if fit < len(base):
-        first = key_a == 0
-        base, key_a, unit_a, fam = base[first], key_a[first], unit_a[first], fam[first]
-        probe.keys = key_list = key_list[:1]
-        started = time.perf_counter()
-        probe(base[sample], key_a[sample], unit_a[sample])
-        per_row = (time.perf_counter() - started) / len(base[sample])
-        fit = int(BUDGET_S / max(per_row * PASSES, 1e-9))
-        total = len(base)
-        order = np.concatenate([np.where(fam == "single-term")[0], np.where(fam == "data")[0]])
-        keep = np.sort(order[:max(fit, 4)])
-        base, key_a, unit_a, fam = base[keep], key_a[keep], unit_a[keep], fam[keep]
-        result.notes.append(f"the model is slow to reach its later step sites: only the first "
-                            f"({key_list[0][0]}) was searched, {len(keep)} of {total} searches "
-                            f"({per_row * 1e3:.1f} ms per input)")
-    is_data = fam == "data"
-
-    # Newton along the full gradient for the data family (crosses ReLU kinks in a few steps).
-    for _ in range(NEWTON_STEPS):
-        rows = np.where(is_data)[0]
-        if not len(rows):
-            break
-        u, g = probe(base[rows], key_a[rows], unit_a[rows], grad=True)
-        norm2 = (g.astype(np.float64) ** 2).sum(axis=1)
-        ok = np.isfinite(u) & (norm2 > 0)
-        step = np.where(ok, u / np.where(ok, norm2, 1.0), 0.0)[:, None] * g
-        scale = np.abs(base[rows]).max(axis=1) + 1.0
-        sane = np.abs(step).max(axis=1) <= 100 * scale
-        base[rows[ok & sane]] = (base[rows[ok & sane]] - step[ok & sane]).astype(np.float32)
-
-    u, g = probe(base, key_a, unit_a, grad=True)
-    coord = np.abs(g).argmax(axis=1)
-    gk = g[np.arange(len(base)), coord]
-    usable = np.isfinite(u) & (gk != 0)
-    base, key_a, unit_a, fam, coord, gk, u = (a[usable] for a in (base, key_a, unit_a, fam, coord, gk, u))
-    guess = (base[np.arange(len(base)), coord].astype(np.float64) - u / gk).astype(np.float32)
-    direction = np.sign(gk).astype(np.float32)
-    valid, klo, khi = _bisect(probe, base, key_a, unit_a, coord, direction, guess)
-
-    # Three inputs per search: t⁻, t⁺ and the float after t⁺ (in the direction u grows).
-    rows, row_key, row_unit, row_fam, row_cand, row_coord = [], [], [], [], [], []
-    for c in np.where(valid)[0]:
-        for k in (klo[c], khi[c], khi[c] + 1):
-            x = base[c].copy()
-            x[coord[c]] = _unordered(np.array([k]))[0]
-            if not np.isfinite(x).all():
-                continue
-            rows.append(x); row_key.append(key_a[c]); row_unit.append(unit_a[c]); row_fam.append(fam[c])
-            row_cand.append(c); row_coord.append(coord[c])
+    base, key_a, unit_a, fam = _within_budget(probe, key_list, *_candidates(keys, zero, data, units, rng),
+                                              result.notes)
+    _newton(probe, base, key_a, unit_a, fam == "data")
+    rows = _crossing_rows(probe, base, key_a, unit_a, fam)
     if not rows:
         result.notes.append("no threshold crossing was found along any input coordinate")
         result.seconds = time.perf_counter() - start
         return result
-    x_all = np.stack(rows)
-    x_unique, first, inverse = np.unique(x_all, axis=0, return_index=True, return_inverse=True)
-    order = np.argsort(first)  # keep rows in the order they were made
-    rank = np.empty_like(order)
-    rank[order] = np.arange(len(order))
-    x_unique = x_unique[order]
-    sample_of = rank[inverse.reshape(-1)]
-
-    # Verification: every role comes from the pre-activation the reference computes now.
-    measured = probe(x_all, np.array(row_key), np.array(row_unit))
-    has_tie = {c for c, v in zip(row_cand, measured) if v == 0}
-    seen: set[tuple[int, str, int, int]] = set()
-    coords: dict[int, int] = {}
-    for i, v in enumerate(measured):
-        if not np.isfinite(v):
-            continue
-        site, call = key_list[row_key[i]]
-        point_key = (int(sample_of[i]), site, call, int(row_unit[i]))
-        if point_key in seen:
-            continue
-        seen.add(point_key)
-        role = "tie" if v == 0 else ("near" if row_cand[i] not in has_tie else ("below" if v < 0 else "above"))
-        result.points.append(CraftedPoint(int(sample_of[i]), site, call, int(row_unit[i]), role, float(v),
-                                          str(row_fam[i])))
-        coords[int(sample_of[i])] = int(row_coord[i])
-    result.x = x_unique.reshape(-1, *shape)
-    _certify(model, shape, x_unique, result.points, coords)
+    coords = _record(probe, key_list, rows, result)
+    x_flat = result.x
+    result.x = x_flat.reshape(-1, *shape)
+    certify(model, shape, x_flat, result.points, coords)
     if not result.exact_ties:
         result.notes.append("no float32 input puts a pre-activation exactly on a threshold in the reference's "
                             "arithmetic (e.g. a batch norm evaluated with a fused multiply-add); the nearest "

@@ -2,27 +2,24 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import inspect
 import io
 import json
-import os
 import pickle
 import re
-import sys
 import zipfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterator, Literal, Sequence
+from typing import Any, Literal, Sequence
 
-import numpy as np
 import torch
 from torch import nn
 
 from . import models
 from .errors import BadInput
 from .files import atomic_write
+from .pickles import unpickle
+from .signature import as_shapes, forward_arguments
 
 CHECKPOINT_FORMAT = "htaf-export/checkpoint"
 CHECKPOINT_VERSION = 1
@@ -64,32 +61,6 @@ class LoadedModel:
         return [self.input_shape, *self.extra_input_shapes] if self.input_shape is not None else []
 
 
-def forward_arguments(module: nn.Module) -> list[str]:
-    """Names of the tensors ``module.forward`` takes (its positional parameters without defaults)."""
-    if isinstance(module, torch.jit.ScriptModule):
-        try:
-            return [a.name for a in module.forward.schema.arguments[1:] if not a.has_default_value()]
-        except (AttributeError, RuntimeError):
-            return ["input"]
-    try:
-        params = inspect.signature(module.forward).parameters.values()
-    except (TypeError, ValueError):
-        return ["input"]
-    names = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
-             and p.default is p.empty]
-    return names or ["input"]
-
-
-def _shapes(value: Sequence[int] | Sequence[Sequence[int]] | None) -> list[list[int]] | None:
-    """One shape ([1, 8, 8]) or one per input ([[1, 8, 8], [4]]) as a list of shapes."""
-    if value is None:
-        return None
-    items = list(value)
-    if items and all(isinstance(d, (int, np.integer)) for d in items):
-        return [[int(d) for d in items]]
-    return [[int(d) for d in shape] for shape in items]
-
-
 def resolve(loaded: LoadedModel, input_shape: Sequence[int] | Sequence[Sequence[int]] | None = None,
             data: Path | None = None) -> LoadedModel:
     """``loaded`` with its input shapes (``input_shape``, one shape or one per input; else what the file
@@ -101,7 +72,7 @@ def resolve(loaded: LoadedModel, input_shape: Sequence[int] | Sequence[Sequence[
 
     arguments = loaded.input_names or forward_arguments(loaded.module)
     names = ["input"] if len(arguments) == 1 else arguments
-    shapes = _shapes(input_shape) or (loaded.input_shapes or None)
+    shapes = as_shapes(input_shape) or (loaded.input_shapes or None)
     if shapes is None and data is not None:
         shapes = npz_sample_shapes(data, names)
     if shapes is None:
@@ -144,7 +115,7 @@ def _declared_outputs(module: nn.Module) -> list[str] | None:
 
 
 def _spec_of(module: nn.Module, input_shape: Sequence[int] | Sequence[Sequence[int]] | None = None) -> dict[str, Any]:
-    shapes = _shapes(input_shape if input_shape is not None else getattr(module, "input_shape", None))
+    shapes = as_shapes(input_shape if input_shape is not None else getattr(module, "input_shape", None))
     if shapes is None:
         raise BadInput(f"{type(module).__name__} does not say its input shape: pass input_shape=(...) "
                        f"(per sample, no batch; one per input) or set model.input_shape before saving")
@@ -152,9 +123,9 @@ def _spec_of(module: nn.Module, input_shape: Sequence[int] | Sequence[Sequence[i
             "family": getattr(module, "family", "unknown"), "output_names": _declared_outputs(module)}
 
 
-def _recorded_shapes(value: Any) -> tuple[list[int] | None, list[list[int]]]:
+def _recordedas_shapes(value: Any) -> tuple[list[int] | None, list[list[int]]]:
     """(first input's shape, the others') from a recorded input_shape: one shape, or one per input."""
-    shapes = _shapes(value)
+    shapes = as_shapes(value)
     return (shapes[0], shapes[1:]) if shapes else (None, [])
 
 
@@ -277,7 +248,7 @@ def _read_spec(extra: str, path: Path, kind: str) -> dict[str, Any]:
         return {"input_shape": None}
     try:
         spec = json.loads(extra)
-        spec["input_shape"], spec["extra"] = _recorded_shapes(spec["input_shape"])
+        spec["input_shape"], spec["extra"] = _recordedas_shapes(spec["input_shape"])
     except (ValueError, KeyError, TypeError):
         raise BadInput(f"{kind} file {path} has an unreadable input spec ({SPEC_FILE})") from None
     return spec
@@ -357,60 +328,15 @@ def _load_pickled(path: Path, digest: str, trust_pickle: bool) -> LoadedModel:
         if not trust_pickle:
             raise BadInput(f"{path} is a pickled Python object, and unpickling runs code from the file; "
                            f"pass --trust-pickle only if you trust its source") from None
-        obj = _unpickle(path)
+        obj = unpickle(path)
         if not isinstance(obj, nn.Module):
             raise BadInput(f"{path} holds a pickled {type(obj).__name__}, not an nn.Module") from None
-        first, more = _recorded_shapes(getattr(obj, "input_shape", None))
+        first, more = _recordedas_shapes(getattr(obj, "input_shape", None))
         return LoadedModel(module=obj.eval(), input_shape=first, extra_input_shapes=more,
                            source_format="pickle", path=path, sha256=digest,
                            family=str(getattr(obj, "family", "unknown")), arch=getattr(obj, "arch", None),
                            config=dict(getattr(obj, "config", {}) or {}), output_names=_declared_outputs(obj))
     return _from_checkpoint(obj, path, digest)
-
-
-@contextlib.contextmanager
-def _current_directory_importable() -> Iterator[None]:
-    """Class lookup as in ``python`` run from here: the current directory is importable (a console script
-    puts its own bin directory first instead). Appended, so local files never shadow installed packages."""
-    cwd = os.getcwd()
-    added = cwd not in sys.path and "" not in sys.path
-    if added:
-        sys.path.append(cwd)
-    try:
-        yield
-    finally:
-        if added and cwd in sys.path:
-            sys.path.remove(cwd)
-
-
-_MISSING_CLASS = re.compile(r"Can't get attribute '([\w.]+)' on <module '([\w.]+)'")
-
-
-def _unpickle(path: Path) -> Any:
-    """``torch.load`` of a trusted pickle; a class that cannot be imported is one clear line, not "corrupt"."""
-    try:
-        with _current_directory_importable():
-            return torch.load(path, map_location="cpu", weights_only=False)
-    except ModuleNotFoundError as e:
-        where = f"module {e.name!r}"
-        raise BadInput(_missing_class_message(path, where)) from None
-    except AttributeError as e:
-        found = _MISSING_CLASS.search(str(e))
-        if found is None:
-            raise
-        module = found.group(2)
-        main = getattr(sys.modules.get("__main__"), "__spec__", None)
-        if main is not None and main.name == module:  # run as ``python -m``: the pickle's __main__ is this one
-            module = "__main__"
-        raise BadInput(_missing_class_message(path, f"class {found.group(1)!r} of module {module!r}")) from None
-
-
-def _missing_class_message(path: Path, what: str) -> str:
-    main = "'__main__'" in what
-    fix = ("it was defined in the training script itself (__main__): move the class to a module of its own"
-           if main else "make that module importable (run from its directory, or add it to PYTHONPATH)")
-    return (f"{path} is a pickled model whose {what} cannot be imported; {fix}, or save a checkpoint "
-            f"(htaf_export.save) or a torch.export program (.pt2), which need no Python class")
 
 
 def _from_checkpoint(obj: Any, path: Path, digest: str) -> LoadedModel:
@@ -441,7 +367,7 @@ def _from_checkpoint(obj: Any, path: Path, digest: str) -> LoadedModel:
         detail = " ".join(lines[:2])[:300] if lines else type(e).__name__
         raise BadInput(f"checkpoint {path}: weights do not fit architecture {obj['arch']}: {detail}") from None
     meta = dict(obj.get("meta", {}))
-    first, more = _recorded_shapes(obj["input_shape"])
+    first, more = _recordedas_shapes(obj["input_shape"])
     return LoadedModel(module=module.eval(), input_shape=first, extra_input_shapes=more,
                        source_format="checkpoint", path=path, sha256=digest, family=str(getattr(module, "family", "unknown")),
                        arch=obj["arch"], config=dict(obj["config"]), output_names=_declared_outputs(module),

@@ -201,12 +201,13 @@ class _Validation:
         return mask
 
     def batch(self, x: Inputs, y: np.ndarray | None, part: str, offset: int) -> None:
+        """Compare every backend with the reference on one batch (every time step, for a streaming SNN)."""
         xs = list(x) if isinstance(x, tuple) else [x]
         n = len(xs[0])
         info = self.info
         excused = [np.zeros(n, dtype=bool) for _ in self.runners]
         state = [v.numpy() for v in self.model.initial_state(n)] if info.streaming else []
-        ref_out = None
+        ref = None
         arts: list[dict[str, np.ndarray]] = [{} for _ in self.runners]
         for t in range(self.steps_per_run):
             inputs = (*(torch.from_numpy(np.ascontiguousarray(a)) for a in xs), *(torch.from_numpy(v) for v in state))
@@ -220,46 +221,74 @@ class _Validation:
             feed = dict(zip(info.input_names, [*xs, *state]))
             for i, (runner, result) in enumerate(zip(self.runners, self.results)):
                 started = time.perf_counter()
-                art = runner.run(feed)
+                arts[i] = runner.run(feed)
                 result.seconds += time.perf_counter() - started
-                arts[i] = art
-                for tr in result.tensors:
-                    if tr.kind == "binary":
-                        s = self.step_of[tr.name]
-                        key = (s.site, s.call)
-                        if key not in ref.steps:
-                            tr.observed = False
-                            self.unobserved.add(tr.name)
-                            continue
-                    if tr.name not in art:
-                        raise BadInput(f"backend {runner.name} gives no tensor {tr.name!r}")
-                    if tr.kind == "binary":
-                        pre = ref.preactivations[key]
-                        cert = (self._certified_mask(tr.name, t, offset, n, int(pre[0].size))
-                                if part == "crafted" else None)
-                        _compare_binary(tr, ref.steps[key], art[tr.name], pre, cert, excused[i], self.tol,
-                                        part, offset)
-                    else:
-                        _compare_float(tr, ref.outputs[tr.name], art[tr.name], excused[i], self.tol, part, offset)
-            ref_out = ref
+                self._tensors(runner.name, result, ref, arts[i], excused[i], part, offset, t, n)
             # Streaming is checked one step at a time from the reference state, so errors do not compound.
             state = [ref.outputs[name] for name in info.output_names[1:]] if info.streaming else []
-        assert ref_out is not None
-        first = info.output_names[0]
-        ref_logits = ref_out.outputs[first].reshape(n, -1)
+        assert ref is not None
+        self._argmax(ref, arts, excused, y, part, n)
+
+    def _tensors(self, backend: str, result: BackendResult, ref, art: dict[str, np.ndarray], excused: np.ndarray,
+                 part: str, offset: int, t: int, n: int) -> None:
+        """Each step tensor (bit for bit) and each float output of one backend, against the reference."""
+        for tr in result.tensors:
+            key = None
+            if tr.kind == "binary":
+                s = self.step_of[tr.name]
+                key = (s.site, s.call)
+                if key not in ref.steps:
+                    tr.observed = False
+                    self.unobserved.add(tr.name)
+                    continue
+            if tr.name not in art:
+                raise BadInput(f"backend {backend} gives no tensor {tr.name!r}")
+            if key is not None:
+                pre = ref.preactivations[key]
+                cert = self._certified_mask(tr.name, t, offset, n, int(pre[0].size)) if part == "crafted" else None
+                _compare_binary(tr, ref.steps[key], art[tr.name], pre, cert, excused, self.tol, part, offset)
+            else:
+                _compare_float(tr, ref.outputs[tr.name], art[tr.name], excused, self.tol, part, offset)
+
+    def _argmax(self, ref, arts: list[dict[str, np.ndarray]], excused: list[np.ndarray], y: np.ndarray | None,
+                part: str, n: int) -> None:
+        """Argmax agreement of the first output on every backend, and accuracy where there are labels."""
+        first = self.info.output_names[0]
+        ref_logits = ref.outputs[first].reshape(n, -1)
         tie_between_classes = _argmax_explained(ref_logits, self.tol)
         for i, result in enumerate(self.results):
             got = np.asarray(arts[i][first]).reshape(n, -1)
             agree = ref_logits.argmax(1) == got.argmax(1)
             explained = int((~agree & (excused[i] | tie_between_classes)).sum())
-            if part == "data":
-                result.data.add(n, int(agree.sum()), explained)
-                if y is not None:
-                    result.labelled += n
-                    result.reference_correct += int((ref_logits.argmax(1) == y).sum())
-                    result.artifact_correct += int((got.argmax(1) == y).sum())
-            else:
+            if part == "crafted":
                 result.crafted.add(n, int(agree.sum()), explained)
+                continue
+            result.data.add(n, int(agree.sum()), explained)
+            if y is not None:
+                result.labelled += n
+                result.reference_correct += int((ref_logits.argmax(1) == y).sum())
+                result.artifact_correct += int((got.argmax(1) == y).sum())
+
+
+def _crafted_inputs(model: nn.Module, batches: Batches, crafted: CraftedSet | bool,
+                    notes: list[str]) -> CraftedSet | None:
+    """The crafted threshold inputs to add to the data: built from the model, given, or none (and why)."""
+    if isinstance(crafted, CraftedSet):
+        return crafted
+    if crafted is not True:
+        return None
+    head = batches.head(8)
+    if isinstance(head, tuple):
+        notes.append("crafted threshold inputs are built for single-input models; this model takes several "
+                     "inputs, so it was validated on the data only")
+        return None
+    try:
+        return craft(model, list(head.shape[1:]), head)
+    except (RuntimeError, ValueError, TypeError, IndexError, NotImplementedError) as e:
+        # an exotic model must not stop the ordinary comparison
+        notes.append(f"crafted threshold inputs could not be built ({type(e).__name__}: "
+                     f"{str(e).splitlines()[0][:160] if str(e) else ''}); validated on the data only")
+        return None
 
 
 def validate(model: nn.Module, info: ArtifactInfo, runners: list[Runner], data: Dataset | Batches,
@@ -280,43 +309,20 @@ def validate(model: nn.Module, info: ArtifactInfo, runners: list[Runner], data: 
                           skipped=[{"backend": b, "reason": r} for b, r in skipped])
     artifact_tie = info.tie if isinstance(getattr(info, "tie", None), str) else None
     report.tie_rule = {"reference": _declared_tie(model), "artifact": artifact_tie}
-    crafted_set: CraftedSet | None = None
-    if crafted is True and isinstance(batches.head(1), tuple):
-        report.notes.append("crafted threshold inputs are built for single-input models; this model takes several "
-                            "inputs, so it was validated on the data only")
-    elif crafted is True:
-        head = batches.head(8)
-        try:
-            crafted_set = craft(model, list(head.shape[1:]), head)
-        except BadInput:
-            raise
-        except (RuntimeError, ValueError, TypeError, IndexError, NotImplementedError) as e:
-            # an exotic model must not stop the ordinary comparison
-            report.notes.append(f"crafted threshold inputs could not be built ({type(e).__name__}: "
-                                f"{str(e).splitlines()[0][:160] if str(e) else ''}); validated on the data only")
-    elif isinstance(crafted, CraftedSet):
-        crafted_set = crafted
+    crafted_set = _crafted_inputs(model, batches, crafted, report.notes)
     if crafted_set is not None:
         report.crafted = crafted_set.to_dict()
     run = _Validation(model, info, runners, tol, reference_device, crafted_set)
+    parts = (("data", x, y, offset) for x, y, offset in _offsets(batches.batches(batch_size)))  # streamed
     total = len(batches) + (len(crafted_set) if crafted_set is not None else 0)
     done = 0
     if progress:
         progress(0, total)
-    offset = 0
-    for x, y in batches.batches(batch_size):
-        run.batch(x, y, "data", offset)
-        offset += count(x)
+    for part, x, y, offset in _with_crafted(parts, crafted_set, batch_size):
+        run.batch(x, y, part, offset)
         done += count(x)
         if progress:
             progress(done, total)
-    if crafted_set is not None and len(crafted_set):
-        for i in range(0, len(crafted_set), batch_size):
-            xc = crafted_set.x[i:i + batch_size]
-            run.batch(xc, None, "crafted", i)
-            done += len(xc)
-            if progress:
-                progress(done, total)
     report.backends = run.results
     if report.tie_rule["reference"] is None and len(run.ties) == 1:
         report.tie_rule["reference"] = next(iter(run.ties))  # a traced model: the comparisons it applied
@@ -326,3 +332,19 @@ def validate(model: nn.Module, info: ArtifactInfo, runners: list[Runner], data: 
                             f"(a traced model has no Step modules to hook); they are checked through the outputs only")
     report.seconds = time.perf_counter() - started
     return report
+
+
+def _offsets(batches):
+    """(inputs, labels, offset of the batch's first sample), lazily, so data is read one batch at a time."""
+    offset = 0
+    for x, y in batches:
+        yield x, y, offset
+        offset += count(x)
+
+
+def _with_crafted(parts, crafted_set: CraftedSet | None, batch_size: int):
+    """The data batches, then the crafted inputs in batches."""
+    yield from parts
+    if crafted_set is not None:
+        for i in range(0, len(crafted_set), batch_size):
+            yield "crafted", crafted_set.x[i:i + batch_size], None, i

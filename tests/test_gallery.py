@@ -34,7 +34,7 @@ TRAIN_STEPS = 40
 # and zero padding at stride 2, stay float, as the summary says)
 BINARY = {"binary_cnn_handwritten": (2, 2), "binary_where_weights": (2, 1), "bireal_style": (2, 1)}
 # an autograd.Function in forward cannot be traced by TorchScript (a user cannot write that file)
-NO_TORCHSCRIPT = {"snn_plain_loop", "custom_step_fn"}
+NO_TORCHSCRIPT = {"custom_step_fn"}
 
 for _name, (_cls, _) in G.REGISTRY.items():
     if f"gallery.{_name}" not in registry.architectures():

@@ -344,7 +344,7 @@ def test_integer_thresholds_match_brute_force():
     """The per-channel rule found for a BN → step chain agrees with evaluating the chain on every integer."""
     import onnx_ir as ir
 
-    from htaf_export.converters.tflite_binary import integer_thresholds
+    from htaf_export.converters.integer_thresholds import integer_thresholds
 
     rng = np.random.default_rng(0)
     c, k = 6, 18

@@ -1,0 +1,416 @@
+"""One small function per IR op, each emitting the Keras layers for it on a :class:`KerasBuilder`.
+
+``EMITTERS`` maps (domain, op type) to its function; a node with no entry is refused, naming the op.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any, Callable
+
+import numpy as np
+import onnx_ir as ir
+
+from htaf_export.errors import UnsupportedLayer
+from htaf_export.ops import HTAF_DOMAIN
+from htaf_export.passes.util import const_array
+
+from .keras_binary import binary, step
+from .keras_builder import (SHAPE_OPS, EmittedLayer, KerasBuilder, Val, attr, keras, static_shape, tf,
+                            torch_shape)
+from .tflite_binary import DOMAIN as BINARY_DOMAIN
+from .tflite_binary import OP as BINARY_OP
+from .tflite_binary import is_binary_weight, layer_name, trim_padding
+
+
+# ---- one function per IR op ----------------------------------------------------------------------
+
+
+UNARY_OPS = {"Relu": tf.nn.relu, "Sigmoid": tf.math.sigmoid, "Tanh": tf.math.tanh, "Neg": tf.math.negative,
+             "Abs": tf.math.abs, "Exp": tf.math.exp, "Log": tf.math.log, "Sqrt": tf.math.sqrt,
+             "Sign": tf.math.sign}
+
+
+def _unary(b: KerasBuilder, node: ir.Node) -> list[Val]:
+    x = b.real(node.inputs[0])
+    return [replace(x, tensor=b.lam(UNARY_OPS[node.op_type], x.tensor, node.name or node.op_type))]
+
+
+# Python operators work on numpy constants and on TF tensors alike (true division for floats).
+BINARY_OPS: dict[str, Callable[[Any, Any], Any]] = {
+    "Add": lambda a, c: a + c, "Sub": lambda a, c: a - c, "Mul": lambda a, c: a * c, "Div": lambda a, c: a / c,
+    "Max": lambda a, c: tf.maximum(a, c), "Min": lambda a, c: tf.minimum(a, c)}
+
+
+def _elementwise(b: KerasBuilder, node: ir.Node) -> list[Val]:
+    op = BINARY_OPS[node.op_type]
+    if len(node.inputs) != 2:
+        raise UnsupportedLayer(node.name, f"{node.op_type} of {len(node.inputs)} inputs")
+    a, c = b.get(node.inputs[0]), b.get(node.inputs[1])
+    if a.tensor is None and c.tensor is None:
+        if a.const is None or c.const is None:
+            raise UnsupportedLayer(node.name, "shape arithmetic in an elementwise op")
+        result = np.asarray(op(a.const.astype(np.float32), c.const.astype(np.float32)), dtype=np.float32)
+        return [Val(const=result, shape=result.shape)]
+    if a.tensor is not None and c.tensor is not None:
+        a, c = b.to_canonical(b.materialize(a)), b.to_canonical(b.materialize(c))
+        if a.layout != c.layout or a.shape != c.shape:
+            raise UnsupportedLayer(node.name, f"{node.op_type} of tensors shaped {a.shape} and {c.shape}")
+        t = b.lam(lambda zs: op(zs[0], zs[1]), [a.tensor, c.tensor], node.name or node.op_type)
+        return [Val(t, a.shape, a.layout, source=a.source)]
+    tensor_first = a.tensor is not None
+    x = b.materialize(a if tensor_first else c)
+    k = (c if tensor_first else a).const
+    if tuple(np.broadcast_shapes((1,) + x.shape, k.shape)[1:]) != x.shape:  # type: ignore[union-attr]
+        raise UnsupportedLayer(node.name, f"{node.op_type} broadcasts {x.shape} with a constant of {k.shape}")  # type: ignore[union-attr]
+    kc = b.const_like(k, x)  # type: ignore[arg-type]
+    fn = (lambda z: op(z, kc)) if tensor_first else (lambda z: op(kc, z))
+    return [replace(x, tensor=b.lam(fn, x.tensor, node.name or node.op_type))]
+
+
+def _clip(b: KerasBuilder, node: ir.Node) -> list[Val]:
+    """clamp / hardtanh / relu6: Clip with constant bounds (absent bounds are ±infinity)."""
+    x = b.real(node.inputs[0])
+    bounds = []
+    for k, default in ((1, -np.inf), (2, np.inf)):
+        value = node.inputs[k] if len(node.inputs) > k else None
+        array = const_array(value) if value is not None else np.array(default)
+        if array is None or array.size != 1:
+            raise UnsupportedLayer(node.name, "Clip with bounds computed at run time")
+        bounds.append(float(array.reshape(())))
+    lo, hi = bounds
+    return [replace(x, tensor=b.lam(lambda z: tf.clip_by_value(z, lo, hi), x.tensor, node.name or "clip"))]
+
+
+def _leaky_relu(b: KerasBuilder, node: ir.Node) -> list[Val]:
+    x = b.real(node.inputs[0])
+    alpha = float(attr(node, "alpha", 0.01))
+    return [replace(x, tensor=b.lam(lambda z: tf.nn.leaky_relu(z, alpha), x.tensor, node.name or "leaky_relu"))]
+
+
+def _softmax(b: KerasBuilder, node: ir.Node) -> list[Val]:
+    """Softmax / LogSoftmax over one axis of the PyTorch tensor, applied where that axis is stored."""
+    x = b.to_canonical(b.real(node.inputs[0]))
+    rank = len(x.shape) + 1
+    axis = int(attr(node, "axis", -1)) % rank
+    if axis == 0:
+        raise UnsupportedLayer(node.name, f"{node.op_type} over the batch")
+    stored = {1: 3, 2: 1, 3: 2}[axis] if x.layout == "nhwc" else axis
+    fn = tf.nn.softmax if node.op_type == "Softmax" else tf.nn.log_softmax
+    return [replace(x, tensor=b.lam(lambda z: fn(z, axis=stored), x.tensor, node.name or node.op_type))]
+
+
+def _transpose(b: KerasBuilder, node: ir.Node) -> list[Val]:
+    """A permutation of the per-sample axes (the batch stays first), on the PyTorch tensor."""
+    x = b.to_plain(b.real(node.inputs[0]))
+    perm = [int(p) for p in attr(node, "perm", list(range(len(x.shape), -1, -1)))]
+    if not perm or perm[0] != 0:
+        raise UnsupportedLayer(node.name, f"Transpose {perm} moves the batch axis")
+    t = b.lam(lambda z: tf.transpose(z, perm), x.tensor, node.name or "transpose")
+    return [b.to_canonical(Val(t, tuple(x.shape[p - 1] for p in perm[1:]), "plain", presign=x.presign))]
+
+
+def _identity(b: KerasBuilder, node: ir.Node) -> list[Val]:
+    return [b.get(node.inputs[0])]
+
+
+def _shape_only(b: KerasBuilder, node: ir.Node) -> list[Val]:
+    """Shape arithmetic on the batch size (the exporter's dynamic-batch flatten and zeros): not needed in Keras."""
+    data = [b.get(v) for v in node.inputs if v is not None]
+    if node.op_type == "ConstantOfShape":  # zeros shaped [batch, …]: a batch-broadcast constant
+        fill = node.attributes.get("value")
+        value = fill.value.numpy().reshape(()) if fill is not None else np.zeros((), np.float32)
+        shape = node.outputs[0].shape
+        if shape is None or not all(isinstance(d, int) for d in list(shape)[1:]):
+            target = _batch_shape(b, node.inputs[0])  # a TorchScript trace leaves the output unshaped
+            if target is None:
+                raise UnsupportedLayer(node.name, "constant of a shape computed at run time")
+            return [Val(const=np.full((1, *target), value, dtype=np.float32))]
+        return [Val(const=np.full((1,) + static_shape(node.outputs[0]), value, dtype=np.float32))]
+    if node.op_type == "Shape" or any(v.shape_only for v in data) and all(v.tensor is None for v in data):
+        return [Val(shape_only=True) for _ in node.outputs]
+    if node.op_type in ("Reshape", "Squeeze", "Unsqueeze"):
+        return _reshape(b, node)
+    if node.op_type == "Concat":
+        return _concat(b, node)
+    raise UnsupportedLayer(node.name, f"{node.op_type} on tensors is not supported")
+
+
+def _reshape(b: KerasBuilder, node: ir.Node) -> list[Val]:
+    """Reshape, Flatten, Squeeze, Unsqueeze: the output's static shape says what to do."""
+    x = b.get(node.inputs[0])
+    if x.tensor is None:
+        if x.const is not None:
+            raise UnsupportedLayer(node.name, "reshape of a constant that capture did not fold")
+        return [Val(shape_only=True)]
+    out_shape = _reshape_target(b, node, x)
+    if out_shape == x.shape:
+        return [x]
+    if len(out_shape) == 1 and int(np.prod(x.shape)) == out_shape[0]:
+        if x.layout == "nhwc":  # flatten: keep NHWC storage; consumers permute their weights
+            return [Val(x.tensor, out_shape, "nhwc_flat", presign=x.presign, source=x.shape)]
+        if x.layout == "nhwc_flat":
+            return [replace(x, shape=out_shape)]
+    if len(out_shape) == 3 and x.layout == "nhwc_flat" and tuple(out_shape) == x.source:
+        return [Val(x.tensor, out_shape, "nhwc", presign=x.presign)]
+    p = b.to_plain(x)
+    t = b.reshape(p.tensor, out_shape, node.name or "reshape")
+    return [b.to_canonical(Val(t, out_shape, "plain", presign=x.presign))]
+
+
+def _reshape_target(b: KerasBuilder, node: ir.Node, x: Val) -> tuple[int, ...]:
+    """The PyTorch shape (without the batch) a Reshape/Flatten/Squeeze/Unsqueeze produces."""
+    size = int(np.prod(x.shape))
+    if node.op_type == "Flatten":
+        axis = int(attr(node, "axis", 1))
+        if axis != 1:
+            raise UnsupportedLayer(node.name, f"Flatten with axis {axis}")
+        return (size,)
+    shape = node.outputs[0].shape
+    if shape is not None and len(shape) and all(isinstance(d, int) for d in list(shape)[1:]):
+        return static_shape(node.outputs[0])
+    target = b.get(node.inputs[1]).const if node.op_type == "Reshape" and len(node.inputs) > 1 else None
+    if target is None and node.op_type == "Reshape" and len(node.inputs) > 1:
+        target = _batch_then_constants(b, node.inputs[1])
+    if target is None or target.ndim != 1 or len(target) < 1:
+        raise UnsupportedLayer(node.name, f"{node.op_type} to a shape the IR does not know")
+    dims = [x.shape[i - 1] if d == 0 and 0 < i <= len(x.shape) else int(d) for i, d in enumerate(target)][1:]
+    if dims.count(-1) == 1:
+        known = int(np.prod([d for d in dims if d != -1]))
+        dims[dims.index(-1)] = size // known
+    return tuple(dims)
+
+
+def _batch_then_constants(b: KerasBuilder, value: ir.Value | None) -> np.ndarray | None:
+    """A traced ``view(x.size(0), ...)``: Concat(the batch size, constants) → [batch, constants...]."""
+    producer = value.producer() if value is not None else None
+    if producer is None or producer.op_type != "Concat" or not producer.inputs:
+        return None
+    parts = [b.get(v) for v in producer.inputs]
+    if not parts[0].shape_only or any(p.const is None for p in parts[1:]):
+        return None
+    return np.concatenate([[-2]] + [np.asarray(p.const).reshape(-1) for p in parts[1:]]).astype(np.int64)
+
+
+def _batch_shape(b: KerasBuilder, value: ir.Value | None) -> tuple[int, ...] | None:
+    """The per-sample part of a shape tensor [batch, ...]: Shape(a computed tensor) (zeros_like), or the batch
+    size concatenated with constants (zeros(x.shape[0], ...))."""
+    producer = value.producer() if value is not None else None
+    if producer is not None and producer.op_type == "Shape" and len(producer.inputs) == 1 and \
+            not producer.attributes.get("start") and not producer.attributes.get("end"):
+        source = b.get(producer.inputs[0])
+        return tuple(source.shape) if source.tensor is not None else None
+    target = _batch_then_constants(b, value)
+    return tuple(int(d) for d in target[1:]) if target is not None else None
+
+
+def _concat(b: KerasBuilder, node: ir.Node) -> list[Val]:
+    vals = [b.to_canonical(b.real(v)) for v in node.inputs]
+    axis = int(attr(node, "axis", 1))
+    rank = len(vals[0].shape) + 1
+    axis = axis % rank
+    layouts = {v.layout for v in vals}
+    if len(layouts) != 1:
+        raise UnsupportedLayer(node.name, "Concat of tensors in different layouts")
+    keras_axis = {1: 3, 2: 1, 3: 2}[axis] if "nhwc" in layouts else axis
+    t = keras.layers.Concatenate(axis=keras_axis, name=b.name(node.name or "concat"))([v.tensor for v in vals])
+    return [Val(t, torch_shape(t, vals[0].layout), vals[0].layout)]
+
+
+def _expand(b: KerasBuilder, node: ir.Node) -> list[Val]:
+    x = b.get(node.inputs[0])
+    out_shape = static_shape(node.outputs[0])
+    if x.tensor is None and x.const is not None:  # zeros for the initial state: a batch-broadcast constant
+        out = np.broadcast_to(x.const, (1,) + out_shape).astype(np.float32)
+        return [Val(const=out, shape=out.shape)]
+    if x.shape == out_shape:
+        return [x]
+    raise UnsupportedLayer(node.name, f"Expand of a computed tensor to {out_shape}")
+
+
+def _conv(b: KerasBuilder, node: ir.Node) -> list[Val]:
+    name = layer_name(node)
+    weight = const_array(node.inputs[1])
+    if weight is None or weight.ndim != 4:
+        raise UnsupportedLayer(name, "only 2-D convolutions with constant weights are supported")
+    if attr(node, "auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
+        raise UnsupportedLayer(name, "auto_pad is not supported")
+    bias = const_array(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
+    x = b.to_canonical(b.real(node.inputs[0]))
+    top, left, bottom, right = (int(p) for p in attr(node, "pads", [0, 0, 0, 0]))
+    stride, dilation = tuple(attr(node, "strides", [1, 1])), tuple(attr(node, "dilations", [1, 1]))
+    _, h, w = x.shape
+    bottom = trim_padding(h, weight.shape[2], stride[0], top, bottom, dilation[0])
+    right = trim_padding(w, weight.shape[3], stride[1], left, right, dilation[1])
+    t = x.tensor
+    if top or left or bottom or right:
+        t = keras.layers.ZeroPadding2D(((top, bottom), (left, right)), name=b.name(f"{name}_pad"))(t)
+    y, kind = b.conv2d(t, weight, bias, stride, int(attr(node, "group", 1)), name, dilation)
+    binary = is_binary_weight(weight)
+    b.layers.append(EmittedLayer(name, kind, binary, int(weight.size),
+                                 "input is real-valued; LCE packs ±1 inputs only" if binary and b.bitpacked else ""))
+    return [Val(y, torch_shape(y, "nhwc"), "nhwc")]
+
+
+def _gemm(b: KerasBuilder, node: ir.Node) -> list[Val]:
+    name = layer_name(node)
+    weight = const_array(node.inputs[1])
+    if weight is None or weight.ndim != 2:
+        raise UnsupportedLayer(name, "only dense layers with constant 2-D weights are supported")
+    if node.op_type == "Gemm":
+        if int(attr(node, "transA", 0)):
+            raise UnsupportedLayer(name, "Gemm with transA")
+        weight = weight if int(attr(node, "transB", 0)) else weight.T
+        weight = weight * np.float32(attr(node, "alpha", 1.0)) if float(attr(node, "alpha", 1.0)) != 1.0 else weight
+    else:
+        weight = weight.T
+    bias = const_array(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
+    if bias is not None and float(attr(node, "beta", 1.0)) != 1.0:
+        bias = bias * np.float32(attr(node, "beta", 1.0))
+    if bias is not None and bias.size != weight.shape[0]:
+        raise UnsupportedLayer(name, f"bias of shape {bias.shape} for {weight.shape[0]} outputs")
+    x = b.real(node.inputs[0])
+    if len(x.shape) != 1:
+        raise UnsupportedLayer(name, f"dense layer over a {len(x.shape) + 1}-D input")
+    binary = is_binary_weight(weight)
+    if b.bitpacked and binary:  # keep BNN graphs free of FULLY_CONNECTED; a float 1×1 conv holds the same weights
+        y, kind = b.dense_as_conv(x, weight, bias, name)
+        note = "input is real-valued; LCE packs ±1 inputs only (a float conv, no FULLY_CONNECTED)"
+    else:
+        y, kind = b.dense(x, weight, bias, name)
+        note = ""
+    b.layers.append(EmittedLayer(name, kind, binary, int(weight.size), note))
+    return [y]
+
+
+def _batchnorm(b: KerasBuilder, node: ir.Node) -> list[Val]:
+    x = b.real(node.inputs[0])
+    if x.layout == "nhwc_flat":
+        x = b.to_plain(x)
+    x = b.to_canonical(x) if x.layout == "plain" else x
+    if x.layout == "plain" and len(x.shape) != 1:  # channels (axis 1) must be the last stored axis
+        raise UnsupportedLayer(node.name, f"batch norm over a {len(x.shape) + 1}-D tensor")
+    params = [const_array(v) for v in node.inputs[1:5]]
+    if any(p is None for p in params):
+        raise UnsupportedLayer(node.name, "batch norm with computed parameters")
+    layer = keras.layers.BatchNormalization(axis=-1, epsilon=float(attr(node, "epsilon", 1e-5)),
+                                              name=b.name(node.name or "batchnorm"))
+    y = layer(x.tensor)
+    layer.set_weights([p.astype(np.float32) for p in params])  # type: ignore[union-attr]
+    return [replace(x, tensor=y)]
+
+
+def _maxpool(b: KerasBuilder, node: ir.Node) -> list[Val]:
+    x = b.to_canonical(b.get(node.inputs[0]))  # pre-sign values pass: max commutes with sign
+    if len(x.shape) != 3 or int(attr(node, "ceil_mode", 0)) or any(d != 1 for d in attr(node, "dilations", [1, 1])):
+        raise UnsupportedLayer(node.name, "only 2-D max pooling without ceil_mode or dilation is supported")
+    top, left, bottom, right = (int(p) for p in attr(node, "pads", [0, 0, 0, 0]))
+    t = x.tensor
+    if top or left or bottom or right:
+        t = b.pad_nhwc(t, top, bottom, left, right, float("-inf"), f"{node.name}_pad")
+    kernel = tuple(attr(node, "kernel_shape", [1, 1]))
+    y = keras.layers.MaxPool2D(kernel, strides=tuple(attr(node, "strides", kernel)), padding="valid",
+                               name=b.name(node.name or "maxpool"))(t)
+    return [replace(x, tensor=y, shape=torch_shape(y, "nhwc"))]
+
+
+def _averagepool(b: KerasBuilder, node: ir.Node) -> list[Val]:
+    x = b.to_canonical(b.real(node.inputs[0]))
+    if any(attr(node, "pads", [0, 0, 0, 0])) or int(attr(node, "ceil_mode", 0)):
+        raise UnsupportedLayer(node.name, "average pooling with padding or ceil_mode is not supported")
+    kernel = tuple(attr(node, "kernel_shape", [1, 1]))
+    y = keras.layers.AveragePooling2D(kernel, strides=tuple(attr(node, "strides", kernel)), padding="valid",
+                                      name=b.name(node.name or "avgpool"))(x.tensor)
+    return [replace(x, tensor=y, shape=torch_shape(y, "nhwc"))]
+
+
+def _global_pool(b: KerasBuilder, node: ir.Node) -> list[Val]:
+    x = b.to_canonical(b.real(node.inputs[0]))
+    reduce = tf.reduce_mean if node.op_type == "GlobalAveragePool" else tf.reduce_max
+    y = b.lam(lambda z: reduce(z, axis=[1, 2], keepdims=True), x.tensor, node.name or node.op_type)
+    return [Val(y, torch_shape(y, "nhwc"), "nhwc")]
+
+
+def _reduce(b: KerasBuilder, node: ir.Node) -> list[Val]:
+    """ReduceMean / ReduceMax over constant axes (opset 18: axes as an input)."""
+    x = b.real(node.inputs[0])
+    axes_arr = const_array(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1] is not None else None
+    rank = len(x.shape) + 1
+    axes = sorted(int(a) % rank for a in (axes_arr if axes_arr is not None else range(rank)))
+    keep = bool(attr(node, "keepdims", 1))
+    if 0 in axes:
+        raise UnsupportedLayer(node.name, "reduction over the batch dimension")
+    x = b.to_canonical(x)
+    if x.layout == "nhwc":  # PyTorch axis → NHWC axis
+        axes = sorted({1: 3, 2: 1, 3: 2}[a] for a in axes)
+        if not keep and axes != [1, 2]:
+            x, axes = b.to_plain(x), sorted(int(a) % rank for a in axes_arr)  # type: ignore[union-attr]
+    reduce = tf.reduce_mean if node.op_type == "ReduceMean" else tf.reduce_max
+    y = b.lam(lambda z: reduce(z, axis=axes, keepdims=keep), x.tensor, node.name or node.op_type)
+    layout = x.layout if keep else "plain"
+    return [Val(y, torch_shape(y, layout), layout)]
+
+
+def _pad(b: KerasBuilder, node: ir.Node) -> list[Val]:
+    x = b.to_canonical(b.get(node.inputs[0]))
+    pads = const_array(node.inputs[1])
+    value_arr = const_array(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else np.zeros(())
+    if attr(node, "mode", "constant") != "constant" or pads is None or value_arr is None or len(x.shape) != 3 \
+            or len(pads) != 8 or pads[0] or pads[1] or pads[4] or pads[5]:
+        raise UnsupportedLayer(node.name, "only constant spatial padding of 4-D tensors is supported")
+    value = float(value_arr.reshape(()))
+    if x.presign is not None and abs(value) != 1.0:
+        x = b.materialize(x)  # only ±1 padding commutes with sign
+    top, left, bottom, right = int(pads[2]), int(pads[3]), int(pads[6]), int(pads[7])
+    conv = _only_conv_consumer(node)
+    if conv is not None:  # see trim_padding: LCE would otherwise fuse PyTorch's (1, 1) at stride 2 wrongly
+        kernel = attr(conv, "kernel_shape", None) or const_array(conv.inputs[1]).shape[2:]  # type: ignore[union-attr]
+        (kh, kw), (sh, sw) = tuple(kernel), tuple(attr(conv, "strides", [1, 1]))
+        (dh, dw), (_, h, w) = tuple(attr(conv, "dilations", [1, 1])), x.shape
+        bottom, right = trim_padding(h, kh, sh, top, bottom, dh), trim_padding(w, kw, sw, left, right, dw)
+    t = b.pad_nhwc(x.tensor, top, bottom, left, right, value, node.name or "pad")
+    return [replace(x, tensor=t, shape=torch_shape(t, "nhwc"))]
+
+
+def _only_conv_consumer(node: ir.Node) -> ir.Node | None:
+    """The Conv (without padding of its own) that alone reads ``node``'s output, if that is the case."""
+    out = node.outputs[0]
+    uses = list(out.uses())
+    if out.is_graph_output() or len(uses) != 1 or uses[0].idx != 0:
+        return None
+    conv = uses[0].node
+    if conv.domain != "" or conv.op_type != "Conv" or any(attr(conv, "pads", [0, 0, 0, 0])):
+        return None
+    weight = const_array(conv.inputs[1])
+    if "kernel_shape" not in conv.attributes and (weight is None or weight.ndim != 4):
+        return None
+    return conv
+
+
+EMITTERS: dict[tuple[str, str], Callable[[KerasBuilder, ir.Node], list[Val]]] = {
+    ("", "Conv"): _conv,
+    ("", "Gemm"): _gemm,
+    ("", "MatMul"): _gemm,
+    ("", "BatchNormalization"): _batchnorm,
+    ("", "MaxPool"): _maxpool,
+    ("", "AveragePool"): _averagepool,
+    ("", "GlobalAveragePool"): _global_pool,
+    ("", "GlobalMaxPool"): _global_pool,
+    ("", "Pad"): _pad,
+    ("", "ReduceMean"): _reduce,
+    ("", "ReduceMax"): _reduce,
+    ("", "Flatten"): _reshape,
+    ("", "Identity"): _identity,
+    ("", "Expand"): _expand,
+    ("", "Clip"): _clip,
+    ("", "LeakyRelu"): _leaky_relu,
+    ("", "Softmax"): _softmax,
+    ("", "LogSoftmax"): _softmax,
+    ("", "Transpose"): _transpose,
+    **{("", op): _elementwise for op in BINARY_OPS},
+    **{("", op): _unary for op in UNARY_OPS},
+    **{("", op): _shape_only for op in SHAPE_OPS},
+    (HTAF_DOMAIN, "Heaviside"): step,
+    (HTAF_DOMAIN, "Sign"): step,
+    (BINARY_DOMAIN, BINARY_OP): binary,
+}

@@ -1,0 +1,36 @@
+"""What a model's ``forward`` takes: the names of its tensor arguments, and their per-sample shapes."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+
+def forward_arguments(module: nn.Module) -> list[str]:
+    """Names of the tensors ``module.forward`` takes (its positional parameters without defaults)."""
+    if isinstance(module, torch.jit.ScriptModule):
+        try:
+            return [a.name for a in module.forward.schema.arguments[1:] if not a.has_default_value()]
+        except (AttributeError, RuntimeError):
+            return ["input"]
+    try:
+        params = inspect.signature(module.forward).parameters.values()
+    except (TypeError, ValueError):
+        return ["input"]
+    names = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+             and p.default is p.empty]
+    return names or ["input"]
+
+
+def as_shapes(value: Sequence[int] | Sequence[Sequence[int]] | None) -> list[list[int]] | None:
+    """One shape ([1, 8, 8]) or one per input ([[1, 8, 8], [4]]) as a list of shapes."""
+    if value is None:
+        return None
+    items = list(value)
+    if items and all(isinstance(d, (int, np.integer)) for d in items):
+        return [[int(d) for d in items]]
+    return [[int(d) for d in shape] for shape in items]
