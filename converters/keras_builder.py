@@ -280,7 +280,9 @@ class KerasBuilder:
 
     # ---- the walk ----------------------------------------------------------------------------
 
-    def build(self, cap: Capture, graph: ir.Graph) -> Built:
+    def build(self, cap: Capture, graph: ir.Graph,
+              emitters: dict[tuple[str, str], Callable[["KerasBuilder", ir.Node], list[Val]]]) -> Built:
+        """Walk ``graph`` in order, emitting each node with its function in ``emitters`` (``keras_ops.EMITTERS``)."""
         inputs, in_specs = [], []
         for value in graph.inputs:
             shape = static_shape(value)
@@ -290,10 +292,8 @@ class KerasBuilder:
             inputs.append(tensor)
             self.set(value, Val(tensor, shape, layout))
             in_specs.append(IoSlot(value.name, -1, layout, shape))
-        from .keras_ops import EMITTERS  # the op functions are written against this builder
-
         for node in graph:
-            emit = EMITTERS.get((node.domain, node.op_type))
+            emit = emitters.get((node.domain, node.op_type))
             if emit is None:
                 raise UnsupportedLayer(node.name or node.op_type, f"no TFLite translation for op {node.op_type!r}")
             results = emit(self, node)

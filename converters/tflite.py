@@ -30,6 +30,7 @@ from htaf_export.passes import FoldBatchNormIntoSteps
 from htaf_export.targets import ExportOptions
 
 from .keras_builder import Built, EmittedLayer, KerasBuilder
+from .keras_ops import EMITTERS
 from .tflite_binary import DOMAIN as BINARY_DOMAIN
 from .tflite_binary import FuseBinaryLayers, layer_name
 
@@ -59,7 +60,7 @@ def convert(cap: Capture, provenance: Mapping[str, str], bitpacked: bool) -> Con
     fold_constants(model, should_fold=lambda n: True if n.domain == "" and n.op_type in SHAPE_ARITHMETIC else None)
     rejected = FuseBinaryLayers(bitpacked)(model).refusals
     FoldBatchNormIntoSteps()(model)
-    built = KerasBuilder(bitpacked).build(cap, model.graph)
+    built = KerasBuilder(bitpacked).build(cap, model.graph, EMITTERS)
     data = _to_tflite(built.model, bitpacked)
     flat = tfl.read_model(data)
     ops = tfl.op_names(flat)

@@ -26,7 +26,7 @@ from torch import nn
 from . import outputs
 from .contracts import StepSpec
 from .errors import BadInput, UnsupportedLayer
-from .harden import set_eval
+from .nn.modules import set_eval
 from .ops import HTAF_DOMAIN, OPSET, STEP_OPS
 from .passes.fold_weights import FoldWeightExpressions
 from .passes.plain_steps import RecognisePlainSteps

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from typing import TYPE_CHECKING, Sequence
+from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -28,8 +29,19 @@ from torch import nn
 from .nn import BinaryConv2d, BinaryLinear
 from .reference import StepInterpreter, forward_recording, record_steps
 
-if TYPE_CHECKING:
-    from .crafted import CraftedPoint
+@dataclass
+class CraftedPoint:
+    """One crafted input and the unit it was built for."""
+
+    sample: int  # row of CraftedSet.x
+    site: str
+    call: int
+    unit: int  # flat index within one sample's tensor
+    role: str  # tie (u == 0 exactly), below (u < 0), above (u > 0), near (no exact tie was found)
+    pre: float  # the reference pre-activation u at that unit
+    family: str  # single-term or data
+    certified: bool = False
+
 
 
 def _single_term_layer(m: nn.Module) -> bool:

@@ -52,8 +52,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .harden import set_eval
-from .certify import certify
+from .nn.modules import set_eval
+from .certify import CraftedPoint, certify
 from .reference import forward_recording
 
 CHUNK = 64
@@ -64,20 +64,6 @@ NEWTON_STEPS = 4
 EXPAND_STEPS = 12
 MAX_BISECT = 80
 ROLES = ("tie", "below", "above", "near")
-
-
-@dataclass
-class CraftedPoint:
-    """One crafted input and the unit it was built for."""
-
-    sample: int  # row of CraftedSet.x
-    site: str
-    call: int
-    unit: int  # flat index within one sample's tensor
-    role: str  # tie (u == 0 exactly), below (u < 0), above (u > 0), near (no exact tie was found)
-    pre: float  # the reference pre-activation u at that unit
-    family: str  # single-term or data
-    certified: bool = False
 
 
 @dataclass

@@ -14,6 +14,7 @@ from .errors import BadInput
 from .nn import HTAF, Step, htaf_function
 from .harden_traced import harden_graph_module, harden_torchscript
 from .nn.binary import BinaryWeights
+from .nn.modules import step_modules
 
 # A pre-activation is "unsaturated" when HTAF differs from the step by more than this, on the 0..1 scale.
 GAP_TOLERANCE = 0.01
@@ -64,16 +65,6 @@ class HardenResult:
             "smooth_accuracy": self.smooth_accuracy,
             "hardened_accuracy": self.hardened_accuracy,
         }
-
-
-def set_eval(module: nn.Module) -> nn.Module:
-    """Put ``module`` in inference mode. Graph modules from torch.export refuse ``eval()``; they are
-    already traced in inference mode, so they are returned as they are."""
-    try:
-        module.eval()
-    except NotImplementedError:
-        pass
-    return module
 
 
 def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
@@ -210,8 +201,6 @@ def record_every_step(result: HardenResult, input_shapes: list[list[int]], sites
     model = result.model
     if isinstance(model, (torch.jit.ScriptModule, torch.fx.GraphModule)):
         return result
-    from .reference import step_modules
-
     recorded = set(step_modules(model))
     if all(site in recorded for site in sites):
         return result

@@ -25,7 +25,8 @@ from .errors import BadInput
 from .files import atomic_write_bytes, check_writable
 from .harden import HardenResult, harden, record_every_step
 from .io import LoadedModel, load, resolve
-from .reference import run_reference, step_modules
+from .nn.modules import step_modules
+from .reference import run_reference
 from .runtimes import ArtifactInfo, backends_for, read_artifact
 from .targets import ExportOptions, Target, target as target_named
 from .parity import ParityReport, Tolerance

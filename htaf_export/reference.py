@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from . import outputs
-from .harden import set_eval
+from .nn.modules import set_eval, step_modules
 from .nn import Step
 
 
@@ -41,11 +41,6 @@ class StepCall:
     output: torch.Tensor
     pre: torch.Tensor
     tie: str | None = None
-
-
-def step_modules(model: nn.Module) -> dict[str, Step]:
-    """The exact steps of a (hardened) module tree by module path."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, Step)}
 
 
 _COMPARISONS = ("ge.Scalar", "gt.Scalar", "ge.Tensor", "gt.Tensor")

@@ -56,7 +56,8 @@ from torch import nn
 from .crafted import CraftedSet, craft
 from .data import Batches, Dataset, Inputs, as_batches, count
 from .errors import BadInput
-from .reference import run_reference, step_modules
+from .nn.modules import step_modules
+from .reference import run_reference
 from .parity import (EXAMPLES, BackendResult, Example, MarginHistogram, ParityReport, TensorResult,
                      Tolerance)
 from .runtimes import ArtifactInfo, Runner

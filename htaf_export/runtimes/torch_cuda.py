@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..harden import set_eval
+from ..nn.modules import set_eval
 from ..reference import run_reference
 from . import ArtifactInfo
 
