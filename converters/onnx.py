@@ -22,6 +22,8 @@ from htaf_export.ops import HTAF_DOMAIN, attach_step_functions
 from htaf_export.passes import FoldBatchNormIntoSteps, PackBinaryWeights, PackedWeight
 from htaf_export.targets import ExportOptions
 
+from .integer_steps import IntegerThresholdSteps
+
 
 @dataclass(frozen=True)
 class OnnxBuild:
@@ -54,6 +56,7 @@ def build(capture: Capture, provenance: Mapping[str, str], *, portable: bool = F
     give the plain float file (benchmarks compare against it)."""
     model = capture.ir_copy()  # converters never modify the shared IR
     if fold_batchnorm:
+        IntegerThresholdSteps()(model)
         FoldBatchNormIntoSteps()(model)
     packed: tuple[PackedWeight, ...] = PackBinaryWeights()(model).records if pack_weights else ()
     cleanup(model, fold=False)

@@ -64,10 +64,12 @@ def _export_parser() -> argparse.ArgumentParser:
 
 
 def _tolerance_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--atol", type=float, help="absolute tolerance for float tensors (default 1e-5)")
-    p.add_argument("--rtol", type=float, help="relative tolerance for float tensors (default 1e-5)")
+    p.add_argument("--atol", type=float, help="fixed absolute tolerance for float tensors (default: derived from "
+                   "float32 rounding bounds, see docs/tolerances.md; else 1e-5)")
+    p.add_argument("--rtol", type=float, help="fixed relative tolerance for float tensors (else 1e-5)")
     p.add_argument("--flip-margin", type=float,
-                   help="a flipped bit is explained when |pre-activation − threshold| is within this (default 1e-4)")
+                   help="fixed margin: a flipped bit is explained when |pre-activation − threshold| is within it "
+                        "(default: twice its rounding bound; else 1e-4)")
 
 
 def _inspect_parser() -> argparse.ArgumentParser:
@@ -106,7 +108,7 @@ def _tolerance(args: argparse.Namespace):
             if not (value >= 0 and value != float("inf")):
                 raise BadInput(f"--{name.replace('_', '-')} must be a non-negative number, got {value}")
             given[name] = float(value)
-    return Tolerance(**given)
+    return Tolerance(**given, derived=not given)  # a fixed tolerance given overrides the derived ones
 
 
 def _check_report_arg(path: Path | None) -> None:

@@ -17,9 +17,13 @@ MARGIN_EDGES: list[float] = [0.0] + [10.0**e for e in range(-9, 4)] + [float("in
 
 @dataclass
 class Tolerance:
+    """``derived`` (the default): each element's tolerance is twice its rounding bound (``bounds``); the fixed
+    ``atol`` / ``rtol`` / ``flip_margin`` apply when the user sets one of them, or when no bound exists."""
+
     atol: float = 1e-5
     rtol: float = 1e-5
     flip_margin: float = 1e-4
+    derived: bool = True
 
 
 @dataclass

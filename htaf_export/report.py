@@ -127,6 +127,14 @@ def _banner(data: dict[str, Any]) -> str:
     return f"<div class='banner fail'>FAIL.{where} {_e(failure.get('reason') if failure else '')}</div>"
 
 
+def _tolerance_text(tol: dict[str, Any]) -> str:
+    fixed = (f"atol {_fmt(tol.get('atol'))}, rtol {_fmt(tol.get('rtol'))}, "
+             f"flip margin |u| ≤ {_fmt(tol.get('flip_margin'))}")
+    if tol.get("derived"):
+        return f"derived: twice each element's float32 rounding bound (where no bound exists: {fixed})"
+    return f"fixed: {fixed}"
+
+
 def _overview(data: dict[str, Any]) -> str:
     crafted = data.get("crafted") or {}
     tol = data.get("tolerance") or {}
@@ -139,8 +147,7 @@ def _overview(data: dict[str, Any]) -> str:
                            f"{_fmt(crafted.get('exact_ties', 0))} exact ties "
                            f"({_fmt(crafted.get('certified_ties', 0))} certified), "
                            f"{_fmt(crafted.get('near_ties', 0))} nearest-float near ties"],
-        ["tolerance", f"atol {_fmt(tol.get('atol'))}, rtol {_fmt(tol.get('rtol'))}, "
-                      f"flip margin |u| ≤ {_fmt(tol.get('flip_margin'))}"],
+        ["tolerance", _tolerance_text(tol)],
         ["tie rule", f"model {_e(tie.get('reference'))}, artifact {_e(tie.get('artifact'))}"],
         ["time", f"{_fmt(data.get('seconds'))} s"],
     ])

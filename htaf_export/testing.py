@@ -94,7 +94,8 @@ def check_parity(model: str | Path | nn.Module | LoadedModel, artifact: str | Pa
     batches = _data(data, shape)
     if batches is None:
         batches = default_data(shape, None)
-    return validate_file(hardening, info, batches, name, device, Tolerance(**tolerances), crafted=crafted,
+    return validate_file(hardening, info, batches, name, device, Tolerance(**tolerances, derived=not tolerances),
+                         crafted=crafted,
                          input_shape=shape)
 
 

@@ -53,6 +53,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import bounds
 from .crafted import CraftedSet, craft
 from .data import Batches, Dataset, Inputs, as_batches, count
 from .errors import BadInput
@@ -78,7 +79,7 @@ def _example(t: TensorResult, part: str, offset: int, mask: np.ndarray, ref: np.
 
 
 def _compare_binary(t: TensorResult, ref: np.ndarray, got: np.ndarray, pre: np.ndarray | None,
-                    certified: np.ndarray | None, excused: np.ndarray, tol: Tolerance, part: str,
+                    certified: np.ndarray | None, excused: np.ndarray, margin: float | np.ndarray, part: str,
                     offset: int) -> None:
     n = len(ref)
     ref2, got2 = ref.reshape(n, -1), np.asarray(got).reshape(n, -1)
@@ -100,14 +101,14 @@ def _compare_binary(t: TensorResult, ref: np.ndarray, got: np.ndarray, pre: np.n
     pre2 = pre.reshape(n, -1)
     apre = np.abs(pre2)
     if active.any():
-        margin = float(apre[active].min())
-        t.min_margin = margin if t.min_margin is None else min(t.min_margin, margin)
+        least = float(apre[active].min())
+        t.min_margin = least if t.min_margin is None else min(t.min_margin, least)
     at_tie = (pre2 == 0) & active[:, None]
     t.exact_ties += int(at_tie.sum())
     if not flips.any():
         return
     t.tie_flips += int((flips & at_tie).sum())
-    close = flips & (apre <= tol.flip_margin)
+    close = flips & (apre <= (margin.reshape(n, -1) if isinstance(margin, np.ndarray) else margin))
     if cert is not None:
         violations = flips & cert
         t.tie_violations += int(violations.sum())
@@ -121,7 +122,7 @@ def _compare_binary(t: TensorResult, ref: np.ndarray, got: np.ndarray, pre: np.n
 
 
 def _compare_float(t: TensorResult, ref: np.ndarray, got: np.ndarray, excused: np.ndarray, tol: Tolerance,
-                   part: str, offset: int) -> None:
+                   part: str, offset: int, bound: np.ndarray | None = None) -> None:
     n = len(ref)
     active = ~excused
     t.excused_samples += int(excused.sum())
@@ -134,7 +135,8 @@ def _compare_float(t: TensorResult, ref: np.ndarray, got: np.ndarray, excused: n
         err = np.abs(ref2.astype(np.float64) - got2.astype(np.float64))
         err = np.where(np.isnan(err), np.inf, err)
         t.max_abs_error = max(t.max_abs_error, float(err.max()))
-        bad = err > tol.atol + tol.rtol * np.abs(ref2)
+        allowed = 2 * bound.reshape(n, -1)[active] if bound is not None else tol.atol + tol.rtol * np.abs(ref2)
+        bad = err > allowed
         t.mismatched += int(bad.sum())
         if bad.any():
             rows = np.nonzero(active)[0]
@@ -171,6 +173,11 @@ class _Validation:
     def __init__(self, model: nn.Module, info: ArtifactInfo, runners: Sequence[Runner], tol: Tolerance,
                  reference_device: str, crafted: CraftedSet | None) -> None:
         self.model, self.info, self.runners, self.tol = model, info, list(runners), tol
+        self.bounds_program: torch.fx.GraphModule | None = None
+        self.no_bound = "a streaming SNN is checked one step at a time" if info.streaming else ""
+        self.inputs: tuple[torch.Tensor, ...] | None = None
+        self.needed_bounds = False
+        self.cached: tuple | None = None
         self.reference_device = reference_device
         self.results = [BackendResult(r.name, r.device, _ordered_tensors(info)) for r in self.runners]
         self.step_of = {s.tensor: s for s in info.steps}
@@ -212,6 +219,7 @@ class _Validation:
         arts: list[dict[str, np.ndarray]] = [{} for _ in self.runners]
         for t in range(self.steps_per_run):
             inputs = (*(torch.from_numpy(np.ascontiguousarray(a)) for a in xs), *(torch.from_numpy(v) for v in state))
+            self.inputs, self.cached = (None if info.streaming else inputs), None
             ref = run_reference(self.model, inputs, info.output_names, self.reference_device,
                                 streaming=info.streaming)
             self.ties |= ref.ties
@@ -247,9 +255,45 @@ class _Validation:
             if key is not None:
                 pre = ref.preactivations[key]
                 cert = self._certified_mask(tr.name, t, offset, n, int(pre[0].size)) if part == "crafted" else None
-                _compare_binary(tr, ref.steps[key], art[tr.name], pre, cert, excused, self.tol, part, offset)
+                flipped = bool(np.any(ref.steps[key] != np.asarray(art[tr.name]).reshape(ref.steps[key].shape)))
+                margin = self._margin(key) if flipped else self.tol.flip_margin
+                _compare_binary(tr, ref.steps[key], art[tr.name], pre, cert, excused, margin, part, offset)
             else:
-                _compare_float(tr, ref.outputs[tr.name], art[tr.name], excused, self.tol, part, offset)
+                reference = ref.outputs[tr.name]
+                exact = bool(np.all(np.abs(reference - np.asarray(art[tr.name]).reshape(reference.shape))
+                                    <= 4 * bounds.U * np.abs(reference)))
+                bound = None if exact else self._output_bound(tr.name)
+                _compare_float(tr, reference, art[tr.name], excused, self.tol, part, offset, bound)
+
+    def _margin(self, key: tuple[str, int]) -> float | np.ndarray:
+        """How far from its threshold a flipped bit may be and still be rounding: twice the step input's
+        bound (derived tolerances), else the fixed flip margin."""
+        found = self._batch_bounds()
+        if found is None or key not in found[1]:
+            return self.tol.flip_margin
+        return 2 * found[1][key]
+
+    def _output_bound(self, name: str) -> np.ndarray | None:
+        found = self._batch_bounds()
+        return found[0].get(name) if found is not None else None
+
+    def _batch_bounds(self) -> tuple[dict[str, np.ndarray], dict[tuple[str, int], np.ndarray]] | None:
+        """The rounding bounds of this batch (computed once, and only when a comparison needs them)."""
+        self.needed_bounds = True
+        if not self.tol.derived or self.no_bound or self.inputs is None:
+            return None
+        if self.bounds_program is None:
+            self.bounds_program = bounds.traced_program(self.model, [list(x.shape[1:]) for x in self.inputs])
+            if self.bounds_program is None:
+                self.no_bound = "a TorchScript model, or one torch.export cannot trace"
+                return None
+        if self.cached is None:
+            try:
+                self.cached = bounds.batch_bounds(self.bounds_program, self.inputs, self.info.output_names)
+            except bounds.NoBound as e:
+                self.no_bound = str(e)
+                return None
+        return self.cached
 
     def _argmax(self, ref, arts: list[dict[str, np.ndarray]], excused: list[np.ndarray], y: np.ndarray | None,
                 part: str, n: int) -> None:
@@ -331,6 +375,9 @@ def validate(model: nn.Module, info: ArtifactInfo, runners: list[Runner], data: 
     if run.unobserved:
         report.notes.append(f"the reference cannot record step tensors {', '.join(sorted(run.unobserved))} "
                             f"(a traced model has no Step modules to hook); they are checked through the outputs only")
+    if tol.derived and run.no_bound and run.needed_bounds:
+        report.notes.append(f"rounding bounds are not available for this model ({run.no_bound}); "
+                            f"the fixed tolerances were used")
     report.seconds = time.perf_counter() - started
     return report
 

@@ -163,11 +163,12 @@ def test_one_flipped_weight_bit_fails_and_names_the_layer(exported, tmp_path, ca
 
 
 def test_threshold_moved_one_integer_step_fails_and_names_the_step(exported, tmp_path, capsys):
-    """conv2 sums 288 products of ±1, so its pre-activations are even integers: one lattice step is 2."""
+    """conv2 sums 288 products of ±1, so its pre-activations are even integers: one lattice step is 2. Its
+    batch norm and sign are an integer threshold T, carried by the conv's bias ½ − T."""
     def move(proto):
-        init, t = initializer(proto, "layers.act2.threshold")
-        t.reshape(-1)[5] += 2.0
-        replace(init, t)
+        init, bias = initializer(proto, "layers.conv2.bias")
+        bias.reshape(-1)[5] -= 2.0
+        replace(init, bias)
 
     bad = rewrite(exported["bnn_cnn"].artifact, tmp_path / "moved.onnx", move)
     code, out, _ = run_cli(capsys, "validate", SAMPLES / "bnn_cnn.pt", bad, "--device", "cpu")

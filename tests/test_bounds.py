@@ -1,0 +1,110 @@
+"""Derived tolerances: the rounding bounds hold against a float64 evaluation, are tight enough to catch a
+batch-norm statistic nudged by 1e-3, and the fixed tolerances still override them."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import htaf_export
+from htaf_export import bounds, cli
+from htaf_export.harden import harden
+from htaf_export.nn import HTAF, BinaryLinear
+from htaf_export.pipeline import export
+from htaf_export.reference import run_reference
+
+from gallery.models import REGISTRY, build
+
+SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"
+
+
+def evaluations(model: torch.nn.Module, x: torch.Tensor, names: list[str]):
+    """The reference in float32 and the same model in float64 (as good as exact, next to float32)."""
+    ref32 = run_reference(model, (x,), names)
+    ref64 = run_reference(copy.deepcopy(model).double(), (x.double(),), names)
+    return ref32, ref64
+
+
+def agreeing_rows(ref32, ref64) -> np.ndarray:
+    """Samples whose every step decision is the same in both precisions (elsewhere the paths part)."""
+    rows = np.ones(len(next(iter(ref32.outputs.values()))), bool)
+    for key, bits in ref32.steps.items():
+        rows &= (bits.reshape(len(rows), -1) == ref64.steps[key].reshape(len(rows), -1)).all(axis=1)
+    return rows
+
+
+@pytest.mark.parametrize("name", ["bnn_mlp", "bnn_cnn", "dhn_mlp", "icbm_cnn", "bireal_style", "icbm_dict"])
+def test_bounds_cover_the_float64_evaluation(name):
+    if name in REGISTRY:  # user-style models: plain torch layers, float residual paths, dict outputs
+        model, shape = harden(build(name, trained=False)).model, list(REGISTRY[name][1][0])
+    else:
+        loaded = htaf_export.load(SAMPLES / f"{name}.pt")
+        model, shape = harden(loaded.module).model, list(loaded.input_shape)
+    torch.manual_seed(0)
+    x = torch.randn(48, *shape)
+    program = bounds.traced_program(model, [shape])
+    assert program is not None
+    names = ["logits", "concepts"] if name == "icbm_dict" else ["out"]
+    out_bounds, step_bounds = bounds.batch_bounds(program, (x,), names)
+    ref32, ref64 = evaluations(model, x, names)
+    rows = agreeing_rows(ref32, ref64)
+    assert rows.sum() >= 40
+    for key, e in step_bounds.items():
+        gap = np.abs(ref32.preactivations[key].astype(np.float64) - ref64.preactivations[key])
+        assert (gap[rows] <= e[rows]).all(), key
+    for out in names:
+        gap = np.abs(ref32.outputs[out].astype(np.float64) - ref64.outputs[out])
+        e = out_bounds[out]
+        assert (gap[rows] <= e[rows]).all(), out
+        # and not vacuous: far below the values themselves (a computed scaled-sign weight, as in
+        # bireal_style, carries its rounding into every product: ~2e-4 there, worst case)
+        assert e.max() <= 1e-3 * max(1.0, float(np.abs(ref64.outputs[out]).max())), out
+
+
+def test_binary_layer_sums_are_exact():
+    """±1 inputs times ±1 weights sum to integers, in any order: no rounding allowance at all there, so a
+    threshold or weight moved by one integer step cannot hide in it."""
+    model = harden(torch.nn.Sequential(HTAF(levels="pm1"), BinaryLinear(24, 8), HTAF(levels="pm1"),
+                                       torch.nn.Linear(8, 3))).model.eval()
+    program = bounds.traced_program(model, [[24]])
+    outs, steps = bounds.batch_bounds(program, (torch.randn(16, 24),), ["out"])
+    first, second = sorted(steps)
+    assert (steps[first] == 0).all()  # the raw input is exact
+    assert (steps[second] == 0).all()  # the binary layer's integer sum
+    assert (outs["out"] > 0).all()  # the float head rounds
+
+
+@pytest.fixture(scope="module")
+def nudged(tmp_path_factory):
+    """bnn_cnn exported, and a copy of the model whose output batch norm has one running mean nudged by
+    1e-3: the artifact no longer matches it. (Before a step, on digits, the same nudge changes nothing:
+    the sums there are multiples of 1/16 and no integer lattice point lies in the 1e-3 it moves.)"""
+    out = tmp_path_factory.mktemp("nudged")
+    artifact = export(SAMPLES / "bnn_cnn.pt", "onnx", out / "bnn_cnn.onnx", device="cpu").artifact
+    loaded = htaf_export.load(SAMPLES / "bnn_cnn.pt")
+    loaded.module.layers.bn_out.running_mean[7] += 1e-3
+    model = htaf_export.save(loaded.module, out / "nudged.pt")
+    return model, artifact
+
+
+def run_cli(capsys, *argv) -> tuple[int, str]:
+    code = cli.main([str(a) for a in argv])
+    return code, " ".join(capsys.readouterr().out.split())
+
+
+def test_batch_norm_statistic_nudged_by_1e3_fails_and_names_the_layer(nudged, capsys):
+    model, artifact = nudged
+    code, out = run_cli(capsys, "validate", model, artifact, "--device", "cpu")
+    assert code == 1 and "first failing tensor logits:" in out and "values beyond tolerance" in out, out
+
+
+def test_fixed_tolerances_override_the_derived_ones(nudged, capsys):
+    """--flip-margin wide enough to explain the nudge: the user's override is what decides."""
+    model, artifact = nudged
+    code, out = run_cli(capsys, "validate", model, artifact, "--device", "cpu", "--flip-margin", "0.01",
+                        "--atol", "1")
+    assert code == 0, out
