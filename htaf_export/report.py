@@ -206,10 +206,12 @@ def _backend_tensors(b: dict[str, Any]) -> list[str]:
 def _layers(data: dict[str, Any]) -> list[str]:
     parts = ["<h2>Per-layer agreement</h2>",
              "<p class='muted'>Binary tensors are compared bit for bit. A flip is <em>explained</em> when the "
-             "reference pre-activation u lies within the flip margin of its threshold (float rounding may put "
-             "another implementation on the other side); a flip on a <em>certified tie</em> (a crafted input "
+             "reference pre-activation u lies within its tolerance of the threshold (float rounding may put "
+             "another implementation on the other side): twice u's float32 rounding bound when tolerances are "
+             "derived, else the fixed flip margin. A flip on a <em>certified tie</em> (a crafted input "
              "where every float32 evaluation order gives u = 0 exactly) is never explained; any other flip "
-             "fails. Float tensors must agree within atol + rtol·|reference|.</p>",
+             "fails. Float tensors must agree within twice their rounding bound (derived) or "
+             "atol + rtol·|reference| (fixed).</p>",
              agreement_plot(data)]
     for b in data["backends"]:
         parts += _backend_tensors(b)
@@ -219,7 +221,7 @@ def _layers(data: dict[str, Any]) -> list[str]:
 def _margins_and_crafted(data: dict[str, Any]) -> list[str]:
     parts = ["<h2>Distribution of pre-activation margins</h2>",
              "<p class='muted'>How close the reference's pre-activations u come to their thresholds. Flips "
-             "are explained only inside the flip margin, and never on certified ties.</p>",
+             "are explained only inside their tolerance, and never on certified ties.</p>",
              margin_plot(data), "<h2>Crafted threshold inputs</h2>"]
     crafted = data.get("crafted") or {}
     by_site = crafted.get("by_site") or {}

@@ -75,7 +75,7 @@ def agreement_plot(data: dict[str, Any]) -> str:
             tick.set_fontweight("bold")
     from matplotlib.patches import Patch
 
-    ax.legend(handles=[Patch(color="#f9a825", label="explained flips (|u| within the flip margin)"),
+    ax.legend(handles=[Patch(color="#f9a825", label="explained flips (|u| within rounding)"),
                        Patch(color="#b3261e", label="unexplained flips / float mismatches")],
               fontsize=7, loc="upper right")
     ax.set_title("Per-layer agreement with the reference, in graph order"
@@ -99,9 +99,11 @@ def margin_plot(data: dict[str, Any]) -> str:
     rows = (len(sites) + cols - 1) // cols
     fig = Figure(figsize=(4.2 * cols, 2.8 * rows))
     labels = ["0"] + [f"≤1e{e}" for e in range(-9, 4)] + [">1e3"]
-    flip_margin = (data.get("tolerance") or {}).get("flip_margin", 1e-4)
+    tol = data.get("tolerance") or {}
     edges = [e for e in MARGIN_EDGES[1:-1]]
-    margin_bin = int(np.searchsorted(np.asarray(edges), flip_margin, side="left")) + 1
+    # derived tolerances differ per element: no single margin to draw
+    margin_bin = 0 if tol.get("derived") else \
+        int(np.searchsorted(np.asarray(edges), tol.get("flip_margin", 1e-4), side="left")) + 1
     for i, site in enumerate(sites):
         ax = fig.add_subplot(rows, cols, i + 1)
         counts = by_site[site]
@@ -110,11 +112,14 @@ def margin_plot(data: dict[str, Any]) -> str:
         ax.set_yscale("symlog", linthresh=1)
         ax.set_xticks(np.arange(len(counts)))
         ax.set_xticklabels(labels[: len(counts)], rotation=90, fontsize=6)
-        ax.axvline(margin_bin + 0.5, color="black", linestyle="--", linewidth=0.8)
+        if margin_bin:
+            ax.axvline(margin_bin + 0.5, color="black", linestyle="--", linewidth=0.8)
         ax.set_title(f"{site}  (exact ties: {int(counts[0])})", fontsize=8)
         ax.tick_params(axis="y", labelsize=6)
     fig.suptitle("Distribution of |pre-activation| at each step site (reference; data + crafted inputs)\n"
-                 "red: exactly on the threshold; amber: within the flip margin (dashed line); blue: beyond",
+                 + ("red: exactly on the threshold; blue: elsewhere (each unit's allowance: twice its rounding bound)"
+                  if not margin_bin else
+                  "red: exactly on the threshold; amber: within the flip margin (dashed line); blue: beyond"),
                  fontsize=9)
     fig.tight_layout()
     return png(fig)
