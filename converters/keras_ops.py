@@ -16,8 +16,8 @@ from htaf_export.ops import HTAF_DOMAIN
 from htaf_export.passes.util import const_array
 
 from .keras_binary import binary, step
-from .keras_builder import (SHAPE_OPS, EmittedLayer, KerasBuilder, Val, attr, keras, static_shape, tf,
-                            torch_shape)
+from .keras_builder import SHAPE_OPS, EmittedLayer, KerasBuilder, Val, attr, keras, tf, torch_shape
+from .keras_shapes import expand, identity, reshape, shape_only, transpose
 from .tflite_binary import DOMAIN as BINARY_DOMAIN
 from .tflite_binary import OP as BINARY_OP
 from .tflite_binary import is_binary_weight, layer_name, trim_padding
@@ -98,134 +98,6 @@ def _softmax(b: KerasBuilder, node: ir.Node) -> list[Val]:
     stored = {1: 3, 2: 1, 3: 2}[axis] if x.layout == "nhwc" else axis
     fn = tf.nn.softmax if node.op_type == "Softmax" else tf.nn.log_softmax
     return [replace(x, tensor=b.lam(lambda z: fn(z, axis=stored), x.tensor, node.name or node.op_type))]
-
-
-def _transpose(b: KerasBuilder, node: ir.Node) -> list[Val]:
-    """A permutation of the per-sample axes (the batch stays first), on the PyTorch tensor."""
-    x = b.to_plain(b.real(node.inputs[0]))
-    perm = [int(p) for p in attr(node, "perm", list(range(len(x.shape), -1, -1)))]
-    if not perm or perm[0] != 0:
-        raise UnsupportedLayer(node.name, f"Transpose {perm} moves the batch axis")
-    t = b.lam(lambda z: tf.transpose(z, perm), x.tensor, node.name or "transpose")
-    return [b.to_canonical(Val(t, tuple(x.shape[p - 1] for p in perm[1:]), "plain", presign=x.presign))]
-
-
-def _identity(b: KerasBuilder, node: ir.Node) -> list[Val]:
-    return [b.get(node.inputs[0])]
-
-
-def _shape_only(b: KerasBuilder, node: ir.Node) -> list[Val]:
-    """Shape arithmetic on the batch size (the exporter's dynamic-batch flatten and zeros): not needed in Keras."""
-    data = [b.get(v) for v in node.inputs if v is not None]
-    if node.op_type == "ConstantOfShape":  # zeros shaped [batch, …]: a batch-broadcast constant
-        fill = node.attributes.get("value")
-        value = fill.value.numpy().reshape(()) if fill is not None else np.zeros((), np.float32)
-        shape = node.outputs[0].shape
-        if shape is None or not all(isinstance(d, int) for d in list(shape)[1:]):
-            target = _batch_shape(b, node.inputs[0])  # a TorchScript trace leaves the output unshaped
-            if target is None:
-                raise UnsupportedLayer(node.name, "constant of a shape computed at run time")
-            return [Val(const=np.full((1, *target), value, dtype=np.float32))]
-        return [Val(const=np.full((1,) + static_shape(node.outputs[0]), value, dtype=np.float32))]
-    if node.op_type == "Shape" or any(v.shape_only for v in data) and all(v.tensor is None for v in data):
-        return [Val(shape_only=True) for _ in node.outputs]
-    if node.op_type in ("Reshape", "Squeeze", "Unsqueeze"):
-        return _reshape(b, node)
-    if node.op_type == "Concat":
-        return _concat(b, node)
-    raise UnsupportedLayer(node.name, f"{node.op_type} on tensors is not supported")
-
-
-def _reshape(b: KerasBuilder, node: ir.Node) -> list[Val]:
-    """Reshape, Flatten, Squeeze, Unsqueeze: the output's static shape says what to do."""
-    x = b.get(node.inputs[0])
-    if x.tensor is None:
-        if x.const is not None:
-            raise UnsupportedLayer(node.name, "reshape of a constant that capture did not fold")
-        return [Val(shape_only=True)]
-    out_shape = _reshape_target(b, node, x)
-    if out_shape == x.shape:
-        return [x]
-    if len(out_shape) == 1 and int(np.prod(x.shape)) == out_shape[0]:
-        if x.layout == "nhwc":  # flatten: keep NHWC storage; consumers permute their weights
-            return [Val(x.tensor, out_shape, "nhwc_flat", presign=x.presign, source=x.shape)]
-        if x.layout == "nhwc_flat":
-            return [replace(x, shape=out_shape)]
-    if len(out_shape) == 3 and x.layout == "nhwc_flat" and tuple(out_shape) == x.source:
-        return [Val(x.tensor, out_shape, "nhwc", presign=x.presign)]
-    p = b.to_plain(x)
-    t = b.reshape(p.tensor, out_shape, node.name or "reshape")
-    return [b.to_canonical(Val(t, out_shape, "plain", presign=x.presign))]
-
-
-def _reshape_target(b: KerasBuilder, node: ir.Node, x: Val) -> tuple[int, ...]:
-    """The PyTorch shape (without the batch) a Reshape/Flatten/Squeeze/Unsqueeze produces."""
-    size = int(np.prod(x.shape))
-    if node.op_type == "Flatten":
-        axis = int(attr(node, "axis", 1))
-        if axis != 1:
-            raise UnsupportedLayer(node.name, f"Flatten with axis {axis}")
-        return (size,)
-    shape = node.outputs[0].shape
-    if shape is not None and len(shape) and all(isinstance(d, int) for d in list(shape)[1:]):
-        return static_shape(node.outputs[0])
-    target = b.get(node.inputs[1]).const if node.op_type == "Reshape" and len(node.inputs) > 1 else None
-    if target is None and node.op_type == "Reshape" and len(node.inputs) > 1:
-        target = _batch_then_constants(b, node.inputs[1])
-    if target is None or target.ndim != 1 or len(target) < 1:
-        raise UnsupportedLayer(node.name, f"{node.op_type} to a shape the IR does not know")
-    dims = [x.shape[i - 1] if d == 0 and 0 < i <= len(x.shape) else int(d) for i, d in enumerate(target)][1:]
-    if dims.count(-1) == 1:
-        known = int(np.prod([d for d in dims if d != -1]))
-        dims[dims.index(-1)] = size // known
-    return tuple(dims)
-
-
-def _batch_then_constants(b: KerasBuilder, value: ir.Value | None) -> np.ndarray | None:
-    """A traced ``view(x.size(0), ...)``: Concat(the batch size, constants) → [batch, constants...]."""
-    producer = value.producer() if value is not None else None
-    if producer is None or producer.op_type != "Concat" or not producer.inputs:
-        return None
-    parts = [b.get(v) for v in producer.inputs]
-    if not parts[0].shape_only or any(p.const is None for p in parts[1:]):
-        return None
-    return np.concatenate([[-2]] + [np.asarray(p.const).reshape(-1) for p in parts[1:]]).astype(np.int64)
-
-
-def _batch_shape(b: KerasBuilder, value: ir.Value | None) -> tuple[int, ...] | None:
-    """The per-sample part of a shape tensor [batch, ...]: Shape(a computed tensor) (zeros_like), or the batch
-    size concatenated with constants (zeros(x.shape[0], ...))."""
-    producer = value.producer() if value is not None else None
-    if producer is not None and producer.op_type == "Shape" and len(producer.inputs) == 1 and \
-            not producer.attributes.get("start") and not producer.attributes.get("end"):
-        source = b.get(producer.inputs[0])
-        return tuple(source.shape) if source.tensor is not None else None
-    target = _batch_then_constants(b, value)
-    return tuple(int(d) for d in target[1:]) if target is not None else None
-
-
-def _concat(b: KerasBuilder, node: ir.Node) -> list[Val]:
-    vals = [b.to_canonical(b.real(v)) for v in node.inputs]
-    axis = int(attr(node, "axis", 1))
-    rank = len(vals[0].shape) + 1
-    axis = axis % rank
-    layouts = {v.layout for v in vals}
-    if len(layouts) != 1:
-        raise UnsupportedLayer(node.name, "Concat of tensors in different layouts")
-    keras_axis = {1: 3, 2: 1, 3: 2}[axis] if "nhwc" in layouts else axis
-    t = keras.layers.Concatenate(axis=keras_axis, name=b.name(node.name or "concat"))([v.tensor for v in vals])
-    return [Val(t, torch_shape(t, vals[0].layout), vals[0].layout)]
-
-
-def _expand(b: KerasBuilder, node: ir.Node) -> list[Val]:
-    x = b.get(node.inputs[0])
-    out_shape = static_shape(node.outputs[0])
-    if x.tensor is None and x.const is not None:  # zeros for the initial state: a batch-broadcast constant
-        out = np.broadcast_to(x.const, (1,) + out_shape).astype(np.float32)
-        return [Val(const=out, shape=out.shape)]
-    if x.shape == out_shape:
-        return [x]
-    raise UnsupportedLayer(node.name, f"Expand of a computed tensor to {out_shape}")
 
 
 def _conv(b: KerasBuilder, node: ir.Node) -> list[Val]:
@@ -399,17 +271,17 @@ EMITTERS: dict[tuple[str, str], Callable[[KerasBuilder, ir.Node], list[Val]]] = 
     ("", "Pad"): _pad,
     ("", "ReduceMean"): _reduce,
     ("", "ReduceMax"): _reduce,
-    ("", "Flatten"): _reshape,
-    ("", "Identity"): _identity,
-    ("", "Expand"): _expand,
+    ("", "Flatten"): reshape,
+    ("", "Identity"): identity,
+    ("", "Expand"): expand,
     ("", "Clip"): _clip,
     ("", "LeakyRelu"): _leaky_relu,
     ("", "Softmax"): _softmax,
     ("", "LogSoftmax"): _softmax,
-    ("", "Transpose"): _transpose,
+    ("", "Transpose"): transpose,
     **{("", op): _elementwise for op in BINARY_OPS},
     **{("", op): _unary for op in UNARY_OPS},
-    **{("", op): _shape_only for op in SHAPE_OPS},
+    **{("", op): shape_only for op in SHAPE_OPS},
     (HTAF_DOMAIN, "Heaviside"): step,
     (HTAF_DOMAIN, "Sign"): step,
     (BINARY_DOMAIN, BINARY_OP): binary,
