@@ -20,8 +20,6 @@ Baselines:
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import os
 import sys
 import tempfile
@@ -53,7 +51,7 @@ RESNET_QUICK = {"blocks": [2, 2, 2, 2]}
 # The TFLite converter, loaded up front so that the memory baseline (imports only) includes it; then the
 # hand-built models and bare converters.
 import htaf_export.converters.tflite  # noqa: E402,F401
-from keras_models import bare_lce, bare_tflite, keras_bnn_cnn, keras_bnn_resnet  # noqa: E402
+from keras_models import bare_lce, bare_tflite, keras_bnn_cnn, keras_bnn_resnet, quiet  # noqa: E402
 
 
 # ---- networks ----------------------------------------------------------------------------------
@@ -73,16 +71,8 @@ def networks(tmp: Path, quick: bool) -> list[dict]:
     return nets
 
 
-def _quiet():
-    """Silence the converters' and TensorFlow's console output around a timed call (it is not what we time)."""
-    stack = contextlib.ExitStack()
-    stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
-    stack.enter_context(tfl.quiet_stderr())
-    return stack
-
-
 def run_export(path: Path, target: str, out: Path, validate: bool = False):
-    with _quiet():
+    with quiet():
         return htaf_export.export(path, target, out, validate_artifact=validate)
 
 
@@ -105,7 +95,7 @@ def export_overhead(nets: list[dict], tmp: Path, quick: bool) -> list[dict]:
     rows = []
     for net in nets:
         start = time.perf_counter()
-        with _quiet():
+        with quiet():
             model = net["keras"]()
         build_s = time.perf_counter() - start
         net["keras_model"] = model

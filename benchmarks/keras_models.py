@@ -20,7 +20,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 @contextlib.contextmanager
 def quiet():
-    """Silence stdout and file descriptor 2 (TensorFlow's C++ logging bypasses Python's sys.stderr)."""
+    """Silence stdout and file descriptor 2 (TensorFlow's C++ logging bypasses Python's sys.stderr).
+
+    Not ``htaf_export.tflite_file.quiet_stderr``: importing htaf_export loads torch, and this module must
+    not, so that a baseline process pays only what a larq user pays."""
     saved = os.dup(2)
     try:
         with open(os.devnull, "w") as null, contextlib.redirect_stdout(io.StringIO()):

@@ -168,13 +168,18 @@ def _averaged(op: Callable, x: Bounded, k: int, *args) -> Bounded:
     return Bounded(value, op(x.error, *args) + gamma(k + 1) * op(x.value.abs() + x.error, *args) + (k + 1) * ETA)
 
 
-def _avg_pool(x: Bounded, kernel, *args) -> Bounded:
-    k = math.prod(kernel) if isinstance(kernel, (list, tuple)) else int(kernel) ** 2
-    return _averaged(lambda t, *a: aten.avg_pool2d.default(t, kernel, *a), x, int(k), *args)
+def _avg_pool(op) -> Callable:
+    def rule(x: Bounded, kernel, *args) -> Bounded:
+        k = math.prod(kernel) if isinstance(kernel, (list, tuple)) else int(kernel) ** (x.value.dim() - 2)
+        return _averaged(lambda t, *a: op(t, kernel, *a), x, int(k), *args)
+    return rule
 
 
-def _adaptive_avg_pool(x: Bounded, size) -> Bounded:
-    return _averaged(lambda t, s: aten.adaptive_avg_pool2d.default(t, s), x, int(math.prod(x.value.shape[2:])), size)
+def _adaptive_avg_pool(op) -> Callable:
+    # Each window holds at most the whole input plane: the largest sum, the largest γ.
+    def rule(x: Bounded, size) -> Bounded:
+        return _averaged(op, x, int(math.prod(x.value.shape[2:])), size)
+    return rule
 
 
 def _mean(x: Bounded, dims, keepdim=False, dtype=None) -> Bounded:
@@ -258,14 +263,16 @@ RULES: dict[Any, Callable] = {
     aten._native_batch_norm_legit_no_training.default: lambda x, w, b, m, v, mom, eps: (
         _batch_norm(x, w, b, m, v, False, mom, eps), None, None),
     aten.add.Tensor: _add, aten.sub.Tensor: _sub, aten.mul.Tensor: _mul, aten.div.Tensor: _div,
-    aten.avg_pool2d.default: _avg_pool, aten.adaptive_avg_pool2d.default: _adaptive_avg_pool, aten.mean.dim: _mean,
+    aten.avg_pool2d.default: _avg_pool(aten.avg_pool2d.default), aten.avg_pool1d.default: _avg_pool(aten.avg_pool1d.default),
+    aten.adaptive_avg_pool2d.default: _adaptive_avg_pool(aten.adaptive_avg_pool2d.default),
+    aten.adaptive_avg_pool1d.default: _adaptive_avg_pool(aten.adaptive_avg_pool1d.default), aten.mean.dim: _mean,
     aten.pad.default: _pad, aten.constant_pad_nd.default: _constant_pad,
     aten.sigmoid.default: _smooth(torch.sigmoid, 0.25), aten.tanh.default: _smooth(torch.tanh, 1.0),
     aten.where.self: _where, aten.sign.default: _sign, aten.to.dtype: _to, aten._to_copy.default: _to,
     aten.ge.Scalar: _compare(torch.ge), aten.gt.Scalar: _compare(torch.gt),
     aten.ge.Tensor: _compare(torch.ge), aten.gt.Tensor: _compare(torch.gt),
     **{op: _same(op) for op in (
-        aten.relu.default, aten.max_pool2d.default, aten.flatten.using_ints, aten.view.default, aten.reshape.default, aten.permute.default,
+        aten.relu.default, aten.max_pool2d.default, aten.max_pool1d.default, aten.flatten.using_ints, aten.view.default, aten.reshape.default, aten.permute.default,
         aten.transpose.int, aten.unsqueeze.default, aten.squeeze.dim, aten.cat.default, aten.clone.default,
         aten.contiguous.default, aten.detach.default, aten.expand.default, aten.select.int, aten.slice.Tensor,
         aten.hardtanh.default, aten.clamp.default, aten.neg.default, aten.alias.default, aten.abs.default)},

@@ -65,6 +65,24 @@ def test_bounds_cover_the_float64_evaluation(name):
         assert e.max() <= 1e-3 * max(1.0, float(np.abs(ref64.outputs[out]).max())), out
 
 
+def test_one_dimensional_pools_have_rules():
+    """A keyword-spotting shape (Conv1d, AvgPool1d, AdaptiveAvgPool1d, MaxPool1d): bounded, and the bounds hold."""
+    nn = torch.nn
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Conv1d(13, 24, 3), nn.BatchNorm1d(24), HTAF(levels="pm1"), nn.AvgPool1d(2),
+                          nn.Conv1d(24, 20, 3), nn.MaxPool1d(2), HTAF(levels="01"), nn.AdaptiveAvgPool1d(1),
+                          nn.Flatten(), nn.Linear(20, 7))
+    model = harden(model).model.eval()
+    program = bounds.traced_program(model, [[13, 37]])
+    x = torch.randn(32, 13, 37)
+    outs, steps = bounds.batch_bounds(program, (x,), ["out"])
+    ref32, ref64 = evaluations(model, x, ["out"])
+    rows = agreeing_rows(ref32, ref64)
+    gap = np.abs(ref32.outputs["out"].astype(np.float64) - ref64.outputs["out"])
+    assert (gap[rows] <= outs["out"][rows]).all()
+    assert 0 < outs["out"].max() <= 1e-4
+
+
 def test_binary_layer_sums_are_exact():
     """±1 inputs times ±1 weights sum to integers, in any order: no rounding allowance at all there, so a
     threshold or weight moved by one integer step cannot hide in it."""
