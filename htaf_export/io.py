@@ -29,6 +29,7 @@ SPEC_FILE = "htaf_export.json"
 # What torch's readers raise on damaged or foreign archives (they raise many kinds; users need one line).
 TORCH_READ_ERRORS = (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, TypeError, AttributeError,
                      ImportError, UnicodeDecodeError, pickle.UnpicklingError, zipfile.BadZipFile)
+# zipfile raises NotImplementedError for a compression method it lacks, RuntimeError for an encrypted member.
 ZIP_ERRORS = (zipfile.BadZipFile, OSError, EOFError, UnicodeDecodeError, NotImplementedError, RuntimeError, ValueError)
 
 SourceFormat = Literal["checkpoint", "torchscript", "exported_program", "pickle"]
