@@ -30,6 +30,7 @@ here ends the analysis (``NoBound``), and validation falls back to the fixed tol
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -73,6 +74,9 @@ class Bounded:
 
     value: torch.Tensor
     error: torch.Tensor
+    # True when the value is known to hold exact integers (below 2²⁴) with no error: step outputs, ±1 weights,
+    # binary layers' sums. Lets a binary layer skip its magnitude convolution and integrality checks.
+    integer: bool = False
 
 
 def _largest(t: torch.Tensor) -> float:
@@ -91,11 +95,25 @@ def _integral(t: torch.Tensor) -> bool:
     return bool(torch.all(t == torch.round(t))) and _largest(t) < 2.0 ** 24
 
 
+def _exact_sum(x: Bounded, weight: Any, b: torch.Tensor | None, value: torch.Tensor) -> Bounded | None:
+    """An integer layer on integer inputs (a binary layer): every partial sum is an integer below 2²⁴,
+    so every summation order gives the same float32 value. Bounded without a second convolution:
+    |partial sum| ≤ max|x| · max over outputs of Σ|w| + max|b|."""
+    if not (x.integer and isinstance(weight, Bounded) and weight.integer and (b is None or _integral(b))):
+        return None
+    w = weight.value
+    largest = _largest(x.value) * float(w.abs().reshape(len(w), -1).sum(1).max()) + (_largest(b) if b is not None else 0.0)
+    return Bounded(value, torch.zeros_like(value), integer=True) if largest < 2.0 ** 24 else None
+
+
 def _dot(x: Bounded, weight: Any, b: torch.Tensor | None, op: Callable, n: int) -> Bounded:
     """A linear layer (``op`` = linear or conv with its geometry): value, propagated and rounding error.
     A computed weight (a scaled sign written as a straight-through expression) brings its own error."""
     w, w_error = _ve(weight)
     value = op(x.value, w, b)
+    exact = _exact_sum(x, weight, b, value)
+    if exact is not None:
+        return exact
     aw = w.abs()
     # errors coming in: worst case Σ|w|·e, and (independent roundings, as in γ) λ·√(Σ w²·e²)
     top = _largest(x.error)  # scaled, so that squares of small errors do not underflow
@@ -187,14 +205,20 @@ def _mean(x: Bounded, dims, keepdim=False, dtype=None) -> Bounded:
     return _averaged(lambda t, d, kd: aten.mean.dim(t, d, kd), x, int(k), dims, keepdim)
 
 
+def _padded_integer(x: Bounded, value) -> bool:
+    return x.integer and float(value or 0.0).is_integer() and abs(float(value or 0.0)) < 2.0 ** 24
+
+
 def _pad(x: Bounded, pad, mode="constant", value=None) -> Bounded:
     if mode != "constant":
         raise NoBound(f"{mode} padding")
-    return Bounded(aten.pad.default(x.value, pad, mode, value), aten.pad.default(x.error, pad, mode, 0.0))
+    return Bounded(aten.pad.default(x.value, pad, mode, value), aten.pad.default(x.error, pad, mode, 0.0),
+                   _padded_integer(x, value))
 
 
 def _constant_pad(x: Bounded, pad, value=0.0) -> Bounded:
-    return Bounded(aten.constant_pad_nd.default(x.value, pad, value), aten.constant_pad_nd.default(x.error, pad, 0.0))
+    return Bounded(aten.constant_pad_nd.default(x.value, pad, value), aten.constant_pad_nd.default(x.error, pad, 0.0),
+                   _padded_integer(x, value))
 
 
 def _smooth(fn: Callable, lipschitz: float) -> Callable:
@@ -212,7 +236,11 @@ def _same(fn: Callable) -> Callable:
                                  is_leaf=lambda a: isinstance(a, Bounded))
         errors = pytree.tree_map(lambda a: a.error if isinstance(a, Bounded) else a, (args, kwargs),
                                  is_leaf=lambda a: isinstance(a, Bounded))
-        return Bounded(fn(*values[0], **values[1]), fn(*errors[0], **errors[1]))
+        bounded = [a for a in pytree.tree_leaves((args, kwargs), is_leaf=lambda a: isinstance(a, Bounded))
+                   if isinstance(a, Bounded)]
+        # clamping to a fractional limit leaves integers: the only ops here that may not keep them
+        integer = fn not in (aten.hardtanh.default, aten.clamp.default) and all(a.integer for a in bounded)
+        return Bounded(fn(*values[0], **values[1]), fn(*errors[0], **errors[1]), integer)
     return rule
 
 
@@ -284,6 +312,23 @@ def _lift(value: Any) -> Any:
         if isinstance(value, torch.Tensor) and value.is_floating_point() else value
 
 
+# A program's weights and constants, lifted once (their integrality checked once), not once per chunk.
+_CONSTANTS: "weakref.WeakKeyDictionary[fx.GraphModule, dict[str, Any]]" = weakref.WeakKeyDictionary()
+
+
+def _constant(program: fx.GraphModule, target: str) -> Any:
+    cache = _CONSTANTS.setdefault(program, {})
+    raw = getattr_path(program, target)
+    # a weight edited in place (a user's own experiment) bumps its version: lift it again
+    key = (target, id(raw), getattr(raw, "_version", 0))
+    if key not in cache:
+        lifted = _lift(raw)
+        if isinstance(lifted, Bounded):
+            lifted.integer = _integral(lifted.value)
+        cache[key] = lifted
+    return cache[key]
+
+
 @torch.no_grad()
 def rounding_bounds(program: fx.GraphModule, inputs: tuple[torch.Tensor, ...]
                     ) -> tuple[list[torch.Tensor], dict[tuple[str, int], torch.Tensor]]:
@@ -298,7 +343,7 @@ def rounding_bounds(program: fx.GraphModule, inputs: tuple[torch.Tensor, ...]
         if node.op == "placeholder":
             env[node] = _lift(next(placeholders))
         elif node.op == "get_attr":
-            env[node] = _lift(getattr_path(program, str(node.target)))
+            env[node] = _constant(program, str(node.target))
         elif node.op == "call_module":
             module = program.get_submodule(str(node.target))
             x = env[node.args[0]] if node.args else None
@@ -310,7 +355,7 @@ def rounding_bounds(program: fx.GraphModule, inputs: tuple[torch.Tensor, ...]
                 subnormal = (x.value != 0) & (x.value.abs() < 2.0 ** -126)
                 steps[(str(node.target), k)] = SLACK * (x.error + ETA * subnormal)
                 y = module(x.value)
-                env[node] = Bounded(y, torch.zeros_like(y))
+                env[node] = Bounded(y, torch.zeros_like(y), integer=True)
             else:
                 env[node] = None  # the guards of an exported program
         elif node.op == "call_function":

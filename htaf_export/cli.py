@@ -60,7 +60,25 @@ def _export_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-pickle", action="store_true", help="allow a pickled nn.Module (unpickling runs code)")
     _input_shape_option(p)
     _tolerance_options(p)
+    _workers_option(p)
     return p
+
+
+def _workers(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of processes, at least 1 (not {text!r})")
+    return n
+
+
+def _workers_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workers", type=_workers, metavar="N",
+                   help="validate in N processes (each loads the model and the runtimes; pays on long validations, "
+                        "e.g. the LCE interpreter, which runs one sample at a time); with --ray, N Ray actors "
+                        "(default: one per CPU of the cluster)")
 
 
 def _tolerance_options(p: argparse.ArgumentParser) -> None:
@@ -94,6 +112,9 @@ def _validate_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-pickle", action="store_true")
     _input_shape_option(p)
     _tolerance_options(p)
+    _workers_option(p)
+    p.add_argument("--ray", metavar="ADDRESS", help="validate on a Ray cluster (host:port of its head); "
+                   "needs pip install 'htaf-export[distributed]'")
     return p
 
 
@@ -150,7 +171,7 @@ def run_export(argv: Sequence[str]) -> int:
                         input_shape=args.input_shape,
                         validate_artifact=not args.no_validate, portable=args.portable, snn_mode=args.snn_mode,
                         lce_kernel=args.lce_kernel, trust_pickle=args.trust_pickle, device=args.device,
-                        tolerance=tolerance, progress=progress)
+                        tolerance=tolerance, progress=progress, workers=args.workers)
     out.print_export(result, console)
     if result.report is None:
         return 0
@@ -170,7 +191,7 @@ def run_validate(argv: Sequence[str]) -> int:
     from . import console as out
     from .harden import harden, record_every_step
     from .io import load, resolve
-    from .pipeline import default_data, validate_file
+    from .pipeline import default_data, recipe_of, validate_file
     from .report import write_report
     from .runtimes import read_artifact
 
@@ -185,7 +206,8 @@ def run_validate(argv: Sequence[str]) -> int:
     with out.progress_bar() as progress:
         report = validate_file(hardening, info, dataset, str(loaded.path), args.device, tolerance, progress=progress,
                                input_shape=loaded.input_shape if not loaded.extra_input_shapes
-                               else loaded.input_shapes)
+                               else loaded.input_shapes, workers=args.workers, ray=args.ray,
+                               recipe=recipe_of(loaded, args.tie, [s.site for s in info.steps]))
     out.print_report(report, console)
     if args.report is not None:
         write_report(report, args.report)

@@ -86,6 +86,10 @@ def print_report(report: ParityReport, console: Console) -> None:
     console.print(f"crafted inputs: {crafted.get('samples', 0)} on and beside thresholds, {ties} exact "
                   f"tie{'s' if ties != 1 else ''} in the reference ({crafted.get('certified_ties', 0)} certified, "
                   f"checked with no rounding allowance), {crafted.get('near_ties', 0)} nearest-float near ties")
+    inside = sum(b.inference_seconds for b in report.backends)
+    if inside > 0:
+        console.print(f"validation: {report.seconds:.1f}s, {report.seconds / inside:.2f}x the runtimes' own "
+                      f"inference ({inside:.1f}s)")
     for s in report.skipped:
         console.print(f"[dim]not run: {escape(s['backend'])} ({escape(s['reason'])})[/dim]")
     for note in report.notes:

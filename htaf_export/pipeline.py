@@ -10,7 +10,7 @@ import json
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -31,6 +31,9 @@ from .runtimes import ArtifactInfo, backends_for, read_artifact
 from .targets import ExportOptions, Target, target as target_named
 from .parity import ParityReport, Tolerance
 from .validate import validate
+
+if TYPE_CHECKING:
+    from .workers import ModelRecipe
 
 GENERATED_SAMPLES = 512
 Progress = Callable[[int, int], None]
@@ -121,8 +124,10 @@ def export(model: str | Path | LoadedModel, target: str, output: str | Path | No
            data: Path | None = None, input_shape: Sequence[int] | None = None, validate_artifact: bool = True,
            portable: bool = False,
            snn_mode: str = "unrolled", lce_kernel: str = "auto", trust_pickle: bool = False, device: str = "all",
-           tolerance: Tolerance | None = None, progress: Progress | None = None) -> ExportResult:
-    """Export ``model`` to ``target`` (see ``htaf_export.targets.TARGETS``) and, unless told not to, validate it.
+           tolerance: Tolerance | None = None, progress: Progress | None = None, workers: int | None = None
+           ) -> ExportResult:
+    """Export ``model`` to ``target`` (see ``htaf_export.targets.TARGETS``) and, unless told not to, validate it
+    (in ``workers`` processes when more than one).
 
     ``input_shape`` (per sample, no batch) is needed only when neither ``data`` nor the model file says it."""
     chosen = target_named(target)
@@ -143,8 +148,9 @@ def export(model: str | Path | LoadedModel, target: str, output: str | Path | No
     t = time.perf_counter()
     cap = capture(hardening.model, loaded.input_shapes, loaded.output_names, streaming=options.streaming,
                   input_names=loaded.input_names)
-    if not options.streaming:
-        traced = record_every_step(hardening, loaded.input_shapes, [s.site for s in cap.steps])
+    sites = None if options.streaming else [s.site for s in cap.steps]
+    if sites is not None:
+        traced = record_every_step(hardening, loaded.input_shapes, sites)
         if traced is not hardening:  # hand-written steps: capture the program whose steps are all Step calls
             hardening = traced
             cap = capture(hardening.model, loaded.input_shapes, loaded.output_names, input_names=loaded.input_names)
@@ -160,22 +166,49 @@ def export(model: str | Path | LoadedModel, target: str, output: str | Path | No
         t = time.perf_counter()
         report = validate_file(hardening, read_artifact(out), dataset, str(loaded.path), device, tolerance,
                                progress=progress, input_shape=loaded.input_shape if not loaded.extra_input_shapes
-                               else loaded.input_shapes)
+                               else loaded.input_shapes, workers=workers,
+                               recipe=recipe_of(loaded, tie, sites) if (workers or 1) != 1 else None)
         seconds["validate"] = time.perf_counter() - t
     return ExportResult(out, chosen.name, hardening, conversion, report, seconds)
 
 
 def validate_file(hardening: HardenResult, info: ArtifactInfo, data: Dataset | Batches, model_name: str,
                   device: str = "all", tolerance: Tolerance | None = None, *, progress: Progress | None = None,
-                  crafted: bool = True, input_shape: Sequence[int] | None = None) -> ParityReport:
-    """Validate an artifact against a hardened model on every backend this machine has for ``device``."""
+                  crafted: bool = True, input_shape: Sequence[int] | None = None, workers: int | None = None,
+                  recipe: "ModelRecipe | None" = None, ray: str | None = None) -> ParityReport:
+    """Validate an artifact against a hardened model on every backend this machine has for ``device``;
+    with ``workers`` > 1, in that many processes, each rebuilding the model (pickled, else from ``recipe``);
+    with ``ray`` (a cluster address), on ``workers`` Ray actors (default: one per CPU of the cluster)."""
     check_artifact_fits(hardening, info, input_shape)
     runners, skipped = backends_for(info, device, model=hardening.model)
     if not runners:
         why = "; ".join(f"{b}: {r}" for b, r in skipped)
         raise BadInput(f"no runtime on this machine can run {info.path} on device {device!r}" + (f" ({why})" if why else ""))
-    return validate(hardening.model, info, runners, data, model_name, tolerance, crafted=crafted,
-                    progress=progress, skipped=skipped)
+    if ray is None and (workers or 1) == 1:
+        return validate(hardening.model, info, runners, data, model_name, tolerance, crafted=crafted,
+                        progress=progress, skipped=skipped)
+    from .workers import ModelRecipe, ProcessPool
+
+    recipe = ModelRecipe.of_module(hardening.model, recipe)
+    if ray is not None:
+        from .distributed import RayPool
+
+        pool: ProcessPool | RayPool = RayPool(recipe, info.path, device, ray, workers)
+    else:
+        pool = ProcessPool(recipe, info.path, device, workers or 1)
+    with pool:
+        return validate(hardening.model, info, runners, data, model_name, tolerance, crafted=crafted,
+                        progress=progress, skipped=skipped, pool=pool)
+
+
+def recipe_of(loaded: LoadedModel, tie: str | None, sites: Sequence[str] | None) -> "ModelRecipe":
+    """How a worker process rebuilds this hardened model from its file: load, harden with ``tie``, then
+    record every step of ``sites`` (None: not traced, as for a streaming SNN), the same steps as here."""
+    from .workers import ModelRecipe
+
+    return ModelRecipe(str(loaded.path), loaded.source_format == "pickle", tie,
+                       tuple(tuple(int(d) for d in s) for s in loaded.input_shapes),
+                       None if sites is None else tuple(sites))
 
 
 def check_artifact_fits(hardening: HardenResult, info: ArtifactInfo, model_shape: Sequence[int] | None) -> None:

@@ -149,8 +149,16 @@ def _overview(data: dict[str, Any]) -> str:
                            f"{_fmt(crafted.get('near_ties', 0))} nearest-float near ties"],
         ["tolerance", _tolerance_text(tol)],
         ["tie rule", f"model {_e(tie.get('reference'))}, artifact {_e(tie.get('artifact'))}"],
-        ["time", f"{_fmt(data.get('seconds'))} s"],
+        ["time", _time_text(data)],
     ])
+
+
+def _time_text(data: dict[str, Any]) -> str:
+    inside = sum(b.get("inference_seconds") or 0.0 for b in data.get("backends", []))
+    text = f"{_fmt(data.get('seconds'))} s"
+    if inside > 0 and data.get("seconds"):
+        text += f": {data['seconds'] / inside:.2f}× the runtimes' own inference ({_fmt(inside)} s)"
+    return text
 
 
 def _backends(data: dict[str, Any]) -> list[str]:

@@ -243,11 +243,16 @@ def with_outputs(data: bytes, extra: list[int]) -> bytes:
 # ---- decoding tensors into PyTorch layout ------------------------------------------------------
 
 
+# Each byte value → its 8 channels as ±1 (bit set = −1), low bit first: one gather unpacks a tensor.
+_SIGNS_OF_BYTE = np.where(np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1, bitorder="little") == 1,
+                          np.float32(-1.0), np.float32(1.0))
+
+
 def unpack_bits(words: np.ndarray, channels: int) -> np.ndarray:
     """LCE's bit-packed int32 activations (…, ⌈C/32⌉) → ±1 float32 (…, C); bit i of word w is channel 32w+i."""
-    as_bytes = np.ascontiguousarray(words.astype("<i4")).view(np.uint8).reshape(*words.shape, 4)
-    bits = np.unpackbits(as_bytes, axis=-1, bitorder="little").reshape(*words.shape[:-1], -1)[..., :channels]
-    return np.where(bits == 1, np.float32(-1.0), np.float32(1.0))
+    as_bytes = np.ascontiguousarray(words.astype("<i4", copy=False)).view(np.uint8)
+    signs = _SIGNS_OF_BYTE[as_bytes].reshape(*words.shape[:-1], -1)
+    return signs if signs.shape[-1] == channels else signs[..., :channels]
 
 
 def to_torch_layout(array: np.ndarray, layout: str, shape: tuple[int, ...] | list[int]) -> np.ndarray:

@@ -47,119 +47,23 @@ does not grow with the number of samples.
 from __future__ import annotations
 
 import time
-from typing import Callable, Sequence
+from dataclasses import dataclass
+from typing import Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
 from . import bounds
+from .compare import (BatchBounds, argmax_explained, compare_binary, compare_float, ordered_tensors,
+                      rows_needing_bounds)
 from .crafted import CraftedSet, craft
 from .data import Batches, Dataset, Inputs, as_batches, count
 from .errors import BadInput
 from .nn.modules import step_modules
 from .reference import run_reference
-from .parity import (EXAMPLES, BackendResult, Example, MarginHistogram, ParityReport, TensorResult,
-                     Tolerance)
+from .parity import BackendResult, MarginHistogram, ParityReport, Tolerance
 from .runtimes import ArtifactInfo, Runner
-
-# ---- comparison -------------------------------------------------------------------------------------
-
-
-def _example(t: TensorResult, part: str, offset: int, mask: np.ndarray, ref: np.ndarray, got: np.ndarray,
-             pre: np.ndarray | None, cert: np.ndarray | None) -> None:
-    if len(t.examples) >= EXAMPLES:
-        return
-    for s, j in zip(*np.nonzero(mask)):
-        if len(t.examples) >= EXAMPLES:
-            return
-        t.examples.append(Example(part, offset + int(s), int(j), float(ref[s, j]), float(got[s, j]),
-                                  float(pre[s, j]) if pre is not None else None,
-                                  bool(cert[s, j]) if cert is not None else False))
-
-
-def _compare_binary(t: TensorResult, ref: np.ndarray, got: np.ndarray, pre: np.ndarray | None,
-                    certified: np.ndarray | None, excused: np.ndarray, margin: float | np.ndarray, part: str,
-                    offset: int) -> None:
-    n = len(ref)
-    ref2, got2 = ref.reshape(n, -1), np.asarray(got).reshape(n, -1)
-    if ref2.shape != got2.shape:
-        raise BadInput(f"tensor {t.name}: the artifact gives shape {list(np.shape(got))}, "
-                       f"the reference {list(ref.shape)}")
-    active = ~excused
-    t.excused_samples += int(excused.sum())
-    t.elements += int(active.sum()) * ref2.shape[1]
-    flips = (ref2 != got2) & active[:, None]
-    t.mismatched += int(flips.sum())
-    cert = certified & active[:, None] if certified is not None else None
-    if cert is not None:
-        t.certified_ties += int(cert.sum())
-    if pre is None:
-        if flips.any():
-            _example(t, part, offset, flips, ref2, got2, None, None)
-        return
-    pre2 = pre.reshape(n, -1)
-    apre = np.abs(pre2)
-    if active.any():
-        least = float(apre[active].min())
-        t.min_margin = least if t.min_margin is None else min(t.min_margin, least)
-    at_tie = (pre2 == 0) & active[:, None]
-    t.exact_ties += int(at_tie.sum())
-    if not flips.any():
-        return
-    t.tie_flips += int((flips & at_tie).sum())
-    close = flips & (apre <= (margin.reshape(n, -1) if isinstance(margin, np.ndarray) else margin))
-    if cert is not None:
-        violations = flips & cert
-        t.tie_violations += int(violations.sum())
-        close &= ~cert
-    t.explained += int(close.sum())
-    bad = flips & ~close
-    if bad.any():
-        _example(t, part, offset, bad, ref2, got2, pre2, cert)
-    # A sample whose every flip is explained carries on excused: what follows depends on the flip.
-    excused |= close.any(axis=1) & ~bad.any(axis=1)
-
-
-def _compare_float(t: TensorResult, ref: np.ndarray, got: np.ndarray, excused: np.ndarray, tol: Tolerance,
-                   part: str, offset: int, bound: np.ndarray | None = None) -> None:
-    n = len(ref)
-    active = ~excused
-    t.excused_samples += int(excused.sum())
-    got = np.asarray(got)
-    if ref.reshape(n, -1).shape != got.reshape(n, -1).shape:
-        raise BadInput(f"tensor {t.name}: the artifact gives shape {list(got.shape)}, the reference {list(ref.shape)}")
-    ref2, got2 = ref.reshape(n, -1)[active], got.reshape(n, -1)[active]
-    t.elements += int(ref2.size)
-    if ref2.size:
-        err = np.abs(ref2.astype(np.float64) - got2.astype(np.float64))
-        err = np.where(np.isnan(err), np.inf, err)
-        t.max_abs_error = max(t.max_abs_error, float(err.max()))
-        allowed = 2 * bound.reshape(n, -1)[active] if bound is not None else tol.atol + tol.rtol * np.abs(ref2)
-        bad = err > allowed
-        t.mismatched += int(bad.sum())
-        if bad.any():
-            rows = np.nonzero(active)[0]
-            full = np.zeros((n, ref.reshape(n, -1).shape[1]), bool)
-            full[rows] = bad
-            _example(t, part, offset, full, ref.reshape(n, -1), got.reshape(n, -1), None, None)
-
-
-def _ordered_tensors(info: ArtifactInfo) -> list[TensorResult]:
-    layers = getattr(info, "layers", {}) or {}
-    steps = [TensorResult(s.tensor, "binary", s.site, layers.get(s.tensor)) for s in info.steps]
-    step_names = {s.tensor for s in info.steps}
-    outputs = [TensorResult(o, "float") for o in info.output_names if o not in step_names]
-    return steps + outputs
-
-
-def _argmax_explained(ref: np.ndarray, tol: Tolerance) -> np.ndarray:
-    """Samples whose reference top two values are within tolerance of each other (a tie between classes)."""
-    r = ref.reshape(len(ref), -1).astype(np.float64)
-    if r.shape[1] < 2:
-        return np.zeros(len(r), bool)
-    top2 = np.sort(r, axis=1)[:, -2:]
-    return (top2[:, 1] - top2[:, 0]) <= tol.atol + tol.rtol * np.abs(top2[:, 1])
 
 
 def _declared_tie(model: nn.Module) -> str | None:
@@ -167,7 +71,40 @@ def _declared_tie(model: nn.Module) -> str | None:
     return ties.pop() if len(ties) == 1 else None
 
 
-class _Validation:
+Part = tuple[str, Inputs, "np.ndarray | None", int]  # ("data" or "crafted", inputs, labels, offset of the first)
+
+
+@dataclass
+class Shard:
+    """What one worker's share of the inputs adds to the report (``Validation.absorb`` merges it)."""
+
+    backends: list[BackendResult]
+    margins: dict[str, MarginHistogram]
+    unobserved: set[str]
+    ties: set[str]
+    no_bound: str
+    needed_bounds: bool
+
+
+@dataclass(frozen=True)
+class ShardSetup:
+    """What every worker needs besides the model and the artifact, which it rebuilds itself."""
+
+    tolerance: Tolerance
+    reference_device: str
+    crafted: CraftedSet | None
+
+
+class ShardPool(Protocol):
+    """Runs ``Validation.batch`` on the parts in worker processes (or machines); one Shard per worker.
+    ``advance(samples)`` is called as batches finish."""
+
+    workers: int
+
+    def run(self, setup: ShardSetup, parts: Iterator[Part], advance: Callable[[int], None]) -> list[Shard]: ...
+
+
+class Validation:
     """One pass over the inputs: the reference runs once per batch, then every backend on the same batch."""
 
     def __init__(self, model: nn.Module, info: ArtifactInfo, runners: Sequence[Runner], tol: Tolerance,
@@ -175,11 +112,9 @@ class _Validation:
         self.model, self.info, self.runners, self.tol = model, info, list(runners), tol
         self.bounds_program: torch.fx.GraphModule | None = None
         self.no_bound = "a streaming SNN is checked one step at a time" if info.streaming else ""
-        self.inputs: tuple[torch.Tensor, ...] | None = None
         self.needed_bounds = False
-        self.cached: tuple | None = None
         self.reference_device = reference_device
-        self.results = [BackendResult(r.name, r.device, _ordered_tensors(info)) for r in self.runners]
+        self.results = [BackendResult(r.name, r.device, ordered_tensors(info)) for r in self.runners]
         self.step_of = {s.tensor: s for s in info.steps}
         self.margins = {s.tensor: MarginHistogram(s.tensor) for s in info.steps}
         self.unobserved: set[str] = set()
@@ -197,6 +132,19 @@ class _Validation:
                         self.certified.setdefault((s.tensor, p.call), []).append((p.sample, p.unit))
                     elif s.call == p.call:
                         self.certified.setdefault((s.tensor, 0), []).append((p.sample, p.unit))
+
+    def shard(self) -> Shard:
+        return Shard(self.results, self.margins, self.unobserved, self.ties, self.no_bound, self.needed_bounds)
+
+    def absorb(self, shard: Shard) -> None:
+        for mine, theirs in zip(self.results, shard.backends, strict=True):
+            mine.absorb(theirs)
+        for name, histogram in shard.margins.items():
+            self.margins[name].absorb(histogram)
+        self.unobserved |= shard.unobserved
+        self.ties |= shard.ties
+        self.no_bound = self.no_bound or shard.no_bound
+        self.needed_bounds = self.needed_bounds or shard.needed_bounds
 
     def _certified_mask(self, tensor: str, t: int, offset: int, n: int, units: int) -> np.ndarray | None:
         marks = self.certified.get((tensor, t))
@@ -219,7 +167,6 @@ class _Validation:
         arts: list[dict[str, np.ndarray]] = [{} for _ in self.runners]
         for t in range(self.steps_per_run):
             inputs = (*(torch.from_numpy(np.ascontiguousarray(a)) for a in xs), *(torch.from_numpy(v) for v in state))
-            self.inputs, self.cached = (None if info.streaming else inputs), None
             ref = run_reference(self.model, inputs, info.output_names, self.reference_device,
                                 streaming=info.streaming)
             self.ties |= ref.ties
@@ -229,17 +176,21 @@ class _Validation:
                     self.margins[s.tensor].add(pre)
             feed = dict(zip(info.input_names, [*xs, *state]))
             for i, (runner, result) in enumerate(zip(self.runners, self.results)):
-                started = time.perf_counter()
+                started, inside = time.perf_counter(), getattr(runner, "inference_seconds", None)
                 arts[i] = runner.run(feed)
                 result.seconds += time.perf_counter() - started
-                self._tensors(runner.name, result, ref, arts[i], excused[i], part, offset, t, n)
+                result.inference_seconds += (runner.inference_seconds - inside) if inside is not None else \
+                    time.perf_counter() - started
+            found = self._bounds(inputs, ref, arts, n)
+            for i, (runner, result) in enumerate(zip(self.runners, self.results)):
+                self._tensors(runner.name, result, ref, arts[i], excused[i], part, offset, t, n, found)
             # Streaming is checked one step at a time from the reference state, so errors do not compound.
             state = [ref.outputs[name] for name in info.output_names[1:]] if info.streaming else []
         assert ref is not None
         self._argmax(ref, arts, excused, y, part, n)
 
     def _tensors(self, backend: str, result: BackendResult, ref, art: dict[str, np.ndarray], excused: np.ndarray,
-                 part: str, offset: int, t: int, n: int) -> None:
+                 part: str, offset: int, t: int, n: int, found: BatchBounds | None) -> None:
         """Each step tensor (bit for bit) and each float output of one backend, against the reference."""
         for tr in result.tensors:
             key = None
@@ -255,52 +206,46 @@ class _Validation:
             if key is not None:
                 pre = ref.preactivations[key]
                 cert = self._certified_mask(tr.name, t, offset, n, int(pre[0].size)) if part == "crafted" else None
-                flipped = bool(np.any(ref.steps[key] != np.asarray(art[tr.name]).reshape(ref.steps[key].shape)))
-                margin = self._margin(key) if flipped else self.tol.flip_margin
-                _compare_binary(tr, ref.steps[key], art[tr.name], pre, cert, excused, margin, part, offset)
+                # a flipped bit may be this far from its threshold and still be rounding: twice the step
+                # input's bound (derived tolerances), else the fixed flip margin
+                margin = 2 * found.steps[key] if found is not None and key in found.steps else self.tol.flip_margin
+                compare_binary(tr, ref.steps[key], art[tr.name], pre, cert, excused, margin, part, offset)
             else:
-                reference = ref.outputs[tr.name]
-                exact = bool(np.all(np.abs(reference - np.asarray(art[tr.name]).reshape(reference.shape))
-                                    <= 4 * bounds.U * np.abs(reference)))
-                bound = None if exact else self._output_bound(tr.name)
-                _compare_float(tr, reference, art[tr.name], excused, self.tol, part, offset, bound)
+                bound = found.outputs.get(tr.name) if found is not None else None
+                compare_float(tr, ref.outputs[tr.name], art[tr.name], excused, self.tol, part, offset, bound)
 
-    def _margin(self, key: tuple[str, int]) -> float | np.ndarray:
-        """How far from its threshold a flipped bit may be and still be rounding: twice the step input's
-        bound (derived tolerances), else the fixed flip margin."""
-        found = self._batch_bounds()
-        if found is None or key not in found[1]:
-            return self.tol.flip_margin
-        return 2 * found[1][key]
-
-    def _output_bound(self, name: str) -> np.ndarray | None:
-        found = self._batch_bounds()
-        return found[0].get(name) if found is not None else None
-
-    def _batch_bounds(self) -> tuple[dict[str, np.ndarray], dict[tuple[str, int], np.ndarray]] | None:
-        """The rounding bounds of this batch (computed once, and only when a comparison needs them)."""
+    def _bounds(self, inputs: tuple[torch.Tensor, ...], ref, arts: list[dict[str, np.ndarray]], n: int
+                ) -> BatchBounds | None:
+        """The rounding bounds of the samples that need them: those with a flipped bit or a float output
+        beyond its last bits, on any backend. Computed once per batch, for those rows only."""
+        if not self.tol.derived:
+            return None
+        rows = rows_needing_bounds(self.info, ref, arts, n)
+        if not rows.any():
+            return None
         self.needed_bounds = True
-        if not self.tol.derived or self.no_bound or self.inputs is None:
+        if self.no_bound:
             return None
         if self.bounds_program is None:
-            self.bounds_program = bounds.traced_program(self.model, [list(x.shape[1:]) for x in self.inputs])
+            self.bounds_program = bounds.traced_program(self.model, [list(x.shape[1:]) for x in inputs])
             if self.bounds_program is None:
                 self.no_bound = "a TorchScript model, or one torch.export cannot trace"
                 return None
-        if self.cached is None:
-            try:
-                self.cached = bounds.batch_bounds(self.bounds_program, self.inputs, self.info.output_names)
-            except bounds.NoBound as e:
-                self.no_bound = str(e)
-                return None
-        return self.cached
+        index = torch.from_numpy(np.nonzero(rows)[0])
+        try:
+            outs, steps = bounds.batch_bounds(self.bounds_program, tuple(x[index] for x in inputs),
+                                              self.info.output_names)
+        except bounds.NoBound as e:
+            self.no_bound = str(e)
+            return None
+        return BatchBounds.scatter(rows, outs, steps, ref)
 
     def _argmax(self, ref, arts: list[dict[str, np.ndarray]], excused: list[np.ndarray], y: np.ndarray | None,
                 part: str, n: int) -> None:
         """Argmax agreement of the first output on every backend, and accuracy where there are labels."""
         first = self.info.output_names[0]
         ref_logits = ref.outputs[first].reshape(n, -1)
-        tie_between_classes = _argmax_explained(ref_logits, self.tol)
+        tie_between_classes = argmax_explained(ref_logits, self.tol)
         for i, result in enumerate(self.results):
             got = np.asarray(arts[i][first]).reshape(n, -1)
             agree = ref_logits.argmax(1) == got.argmax(1)
@@ -340,12 +285,13 @@ def validate(model: nn.Module, info: ArtifactInfo, runners: list[Runner], data: 
              model_name: str = "", tolerance: Tolerance | None = None, batch_size: int = 256,
              reference_device: str = "cpu", *, crafted: CraftedSet | bool = True,
              progress: Callable[[int, int], None] | None = None,
-             skipped: Sequence[tuple[str, str]] = ()) -> ParityReport:
+             skipped: Sequence[tuple[str, str]] = (), pool: ShardPool | None = None) -> ParityReport:
     """Compare ``model`` (hardened) with the artifact on every runner; inputs in batches of ``batch_size``.
 
     ``crafted``: True builds the crafted threshold inputs from the model (see ``htaf_export.crafted``),
     a ``CraftedSet`` uses that one, False leaves them out. ``progress(done, total)`` is called after
-    each batch with sample counts. ``skipped`` lists (backend, reason) for backends not run.
+    each batch with sample counts. ``skipped`` lists (backend, reason) for backends not run. ``pool``
+    (``htaf_export.workers``) spreads the batches over worker processes; the report is the same.
     """
     started = time.perf_counter()
     tol = tolerance or Tolerance()
@@ -357,17 +303,29 @@ def validate(model: nn.Module, info: ArtifactInfo, runners: list[Runner], data: 
     crafted_set = _crafted_inputs(model, batches, crafted, report.notes)
     if crafted_set is not None:
         report.crafted = crafted_set.to_dict()
-    run = _Validation(model, info, runners, tol, reference_device, crafted_set)
-    parts = (("data", x, y, offset) for x, y, offset in _offsets(batches.batches(batch_size)))  # streamed
+    run = Validation(model, info, runners, tol, reference_device, crafted_set)
     total = len(batches) + (len(crafted_set) if crafted_set is not None else 0)
+    if pool is not None and pool.workers > 1:
+        # several batches per worker, so that the last one to finish does not wait alone
+        batch_size = max(32, min(batch_size, -(-total // (4 * pool.workers))))
+    parts = (("data", x, y, offset) for x, y, offset in _offsets(batches.batches(batch_size)))  # streamed
+    parts = _with_crafted(parts, crafted_set, batch_size)
     done = 0
-    if progress:
-        progress(0, total)
-    for part, x, y, offset in _with_crafted(parts, crafted_set, batch_size):
-        run.batch(x, y, part, offset)
-        done += count(x)
+
+    def advance(samples: int) -> None:
+        nonlocal done
+        done += samples
         if progress:
             progress(done, total)
+
+    advance(0)
+    if pool is not None:
+        for shard in pool.run(ShardSetup(tol, reference_device, crafted_set), parts, advance):
+            run.absorb(shard)
+    else:
+        for part, x, y, offset in parts:
+            run.batch(x, y, part, offset)
+            advance(count(x))
     report.backends = run.results
     if report.tie_rule["reference"] is None and len(run.ties) == 1:
         report.tie_rule["reference"] = next(iter(run.ties))  # a traced model: the comparisons it applied

@@ -136,7 +136,7 @@ def test_margin_histograms_are_bounded_and_complete(exported):
         if t.kind != "binary":
             continue
         hist = report.margins[t.name]
-        assert len(hist.counts) == len(MARGIN_EDGES) - 1
+        assert len(hist.counts) == len(MARGIN_EDGES)  # exactly 0, then one bin above each edge
         # Every unit of every sample (data and crafted) is counted; nothing is kept per sample.
         total, samples = sum(hist.counts), backend.data.samples + backend.crafted.samples
         units = total // samples
@@ -381,3 +381,18 @@ def test_torch_export_program_is_a_full_reference(exported, load_sample, tmp_pat
     tensors = report.backends[0].tensors
     assert all(t.observed for t in tensors) and not report.notes
     assert report.crafted["certified_ties"] > 0 and report.tie_rule["reference"] == "ge"
+
+
+def test_margin_histogram_bins_every_value_once():
+    """Zero alone, each decade by its upper edge (inclusive, in float32 as in float64), and above 1e3."""
+    from htaf_export.parity import MarginHistogram
+
+    values = np.array([0.0, -0.0, 1e-12, 1e-3, -1e-3 * 1.0001, 0.5, 1.0, -1000.0, 1000.5, 1e9], np.float32)
+    for dtype in (np.float32, np.float64):
+        h = MarginHistogram("t")
+        h.add(values.astype(dtype))
+        assert sum(h.counts) == len(values)
+        assert h.counts[0] == 2 and h.counts[1] == 1 and h.counts[-1] == 2
+        # float32(1e-3) lies just above 1e-3: it shares the next bin with −1.0001e-3
+        assert h.counts[MARGIN_EDGES.index(1e-3)] == 0 and h.counts[MARGIN_EDGES.index(1e-2)] == 2
+        assert h.counts[MARGIN_EDGES.index(1.0)] == 2 and h.counts[MARGIN_EDGES.index(1000.0)] == 1

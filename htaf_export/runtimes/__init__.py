@@ -52,22 +52,27 @@ def read_steps(path: Path, metadata: Mapping[str, str]) -> list[StepSpec]:
 class Runner(Protocol):
     name: str
     device: str
+    # seconds spent inside the runtime's own inference calls (not decoding, not layout changes): the
+    # baseline that validation's cost is measured against
+    inference_seconds: float
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
 
 
-def runners_for(info: ArtifactInfo, device: str = "all") -> list[Runner]:
-    """Every runtime on this machine that can execute the artifact on the requested device."""
+def runners_for(info: ArtifactInfo, device: str = "all", threads: int = 0) -> list[Runner]:
+    """Every runtime on this machine that can execute the artifact on the requested device (``threads``:
+    ONNX Runtime's intra-op threads, 0 for its default; the TFLite interpreters run one thread)."""
     if info.kind == "onnx":
         from .onnxruntime import onnx_runners
 
-        return onnx_runners(info, device)
+        return onnx_runners(info, device, threads)
     from .tflite import tflite_runners  # imports TensorFlow: only for .tflite artifacts
 
     return tflite_runners(info, device)
 
 
-def backends_for(info: ArtifactInfo, device: str = "all", model=None) -> tuple[list[Runner], list[tuple[str, str]]]:
+def backends_for(info: ArtifactInfo, device: str = "all", model=None, threads: int = 0
+                 ) -> tuple[list[Runner], list[tuple[str, str]]]:
     """The runners to validate with, and (backend, reason) for each known backend that cannot run here.
 
     Artifact runners come first (ONNX Runtime CPU, then CUDA; or the TFLite interpreters), then, when a
@@ -75,7 +80,7 @@ def backends_for(info: ArtifactInfo, device: str = "all", model=None) -> tuple[l
     """
     if device not in ("cpu", "cuda", "all"):
         raise BadInput(f"unknown device {device!r}; choose cpu, cuda or all")
-    runners = list(runners_for(info, device))
+    runners = list(runners_for(info, device, threads))
     skipped: list[tuple[str, str]] = []
     if info.kind == "onnx" and device in ("cuda", "all"):
         from .onnxruntime import cuda_unavailable

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from pathlib import Path
 from typing import Sequence
 
@@ -106,13 +108,17 @@ class OnnxRuntimeRunner:
         except _ort_errors() as e:
             raise BadInput(f"ONNX Runtime cannot load {info.path}: {str(e).splitlines()[0][:200]}") from None
         self.outputs = [o.name for o in self.session.get_outputs()]
+        self.inference_seconds = 0.0
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        values = self.session.run(self.outputs, {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in inputs.items()})
+        feed = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in inputs.items()}
+        started = time.perf_counter()
+        values = self.session.run(self.outputs, feed)
+        self.inference_seconds += time.perf_counter() - started
         return dict(zip(self.outputs, values))
 
 
-def onnx_runners(info: ArtifactInfo, device: str = "all") -> list[OnnxRuntimeRunner]:
+def onnx_runners(info: ArtifactInfo, device: str = "all", threads: int = 0) -> list[OnnxRuntimeRunner]:
     import onnxruntime as ort
 
     available = ort.get_available_providers()
@@ -121,7 +127,7 @@ def onnx_runners(info: ArtifactInfo, device: str = "all") -> list[OnnxRuntimeRun
         wanted.append("CPUExecutionProvider")
     if device in ("cuda", "all") and "CUDAExecutionProvider" in available:
         wanted.append("CUDAExecutionProvider")
-    return [OnnxRuntimeRunner(info, p) for p in wanted]
+    return [OnnxRuntimeRunner(info, p, threads) for p in wanted]
 
 
 def ir_session(model: ir.Model, tensors: Sequence[str]):

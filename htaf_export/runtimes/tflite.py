@@ -60,6 +60,7 @@ class _TfliteRunner(abc.ABC):
         # inputs in the subgraph's order, which is how the interpreters take them
         order = [int(i) for i in read_model(self.data).subgraphs[0].inputs]
         self.inputs = sorted(self.layout.inputs, key=lambda slot: order.index(slot.index))
+        self.inference_seconds = 0.0
 
     @abc.abstractmethod
     def _invoke(self, sample: list[np.ndarray]) -> dict[int, np.ndarray]:
@@ -68,7 +69,9 @@ class _TfliteRunner(abc.ABC):
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         arrays = [encode_input(inputs[slot.name], slot.layout) for slot in self.inputs]
         n = len(arrays[0])
+        started = time.perf_counter()
         per_sample = [self._invoke([a[k:k + 1] for a in arrays]) for k in range(n)]
+        self.inference_seconds += time.perf_counter() - started
         result = {}
         for slot in self.slots:
             stacked = np.concatenate([s[slot.index] for s in per_sample])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import time
 from typing import Iterator
 
 import numpy as np
@@ -45,12 +46,15 @@ class TorchRunner:
         self.name = f"torch-{device}"
         self.model = copy.deepcopy(model).to(device)
         set_eval(self.model)
+        self.inference_seconds = 0.0
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         tensors = tuple(torch.from_numpy(np.ascontiguousarray(inputs[name], dtype=np.float32))
                         for name in self.info.input_names)
+        started = time.perf_counter()
         with strict_float32():
             ref = run_reference(self.model, tensors, self.info.output_names, self.device, streaming=self.info.streaming)
+        self.inference_seconds += time.perf_counter() - started
         out = dict(ref.outputs)
         for s in self.info.steps:
             value = ref.steps.get((s.site, s.call))
