@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ["bench_imports.py", "bench_onnx.py", "bench_tflite_export.py", "bench_tflite.py"]
+SCRIPTS = ["bench_imports.py", "bench_onnx.py", "bench_tflite_export.py", "bench_tflite.py", "bench_validate.py"]
 BUDGET_S = 600
 
 

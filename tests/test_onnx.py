@@ -141,12 +141,13 @@ class TieModel(ReferenceModel):
         self.fc = nn.Linear(4, 3, bias=False)
         with torch.no_grad():
             self.fc.weight.copy_(torch.tensor([[1.0, -1.0, 0.0, 0.0], [0.0, 1.0, -2.0, 1.0], [2.0, 0.0, 0.0, -1.0]]))
-        # eps=0 and var=1 make σ exactly 1; γ=−1 makes the folded comparison flip direction.
-        self.bn = nn.BatchNorm1d(3, eps=0.0)
+        # var + eps = (1 − 2⁻²⁰) + 2⁻²⁰ = 1 exactly makes σ exactly 1 (torch before 2.13 refuses eps = 0);
+        # γ=−1 makes the folded comparison flip direction.
+        self.bn = nn.BatchNorm1d(3, eps=2.0 ** -20)
         with torch.no_grad():
             self.bn.weight.copy_(torch.tensor([-1.0 if flip_bn else 1.0, 1.0, 2.0]))
             self.bn.running_mean.zero_()
-            self.bn.running_var.fill_(1.0)
+            self.bn.running_var.fill_(1.0 - 2.0 ** -20)
         self.bn.eval()
         self.step = Step(0.0, levels, tie)  # type: ignore[arg-type]
         self.head = nn.Linear(3, 2)

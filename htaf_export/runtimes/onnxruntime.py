@@ -35,6 +35,16 @@ def read_onnx_artifact(path: Path) -> ArtifactInfo:
                         feeding_layers(proto.graph, [s.tensor for s in steps]))
 
 
+def onnxruntime_module():
+    """The onnxruntime module (from the `cpu` or the `gpu` extra; they are alternatives)."""
+    try:
+        import onnxruntime
+    except ImportError:
+        raise BadInput("ONNX Runtime is not installed: pip install 'htaf-export[cpu]' "
+                       "(or 'htaf-export[gpu]' on a CUDA machine)") from None
+    return onnxruntime
+
+
 def _ort_errors() -> tuple[type[Exception], ...]:
     from onnxruntime.capi import onnxruntime_pybind11_state as state
 
@@ -74,7 +84,7 @@ def feeding_layers(graph: onnx.GraphProto, tensors: list[str], depth: int = 8) -
 
 def cuda_unavailable() -> str | None:
     """Why ONNX Runtime cannot run on CUDA here, or None when it can."""
-    import onnxruntime as ort
+    ort = onnxruntime_module()
 
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         return "this onnxruntime build has no CUDAExecutionProvider (install onnxruntime-gpu)"
@@ -93,7 +103,7 @@ def _with_step_outputs(path: Path, steps: Sequence[StepSpec]) -> bytes:
 
 class OnnxRuntimeRunner:
     def __init__(self, info: ArtifactInfo, provider: str, threads: int = 0) -> None:
-        import onnxruntime as ort
+        ort = onnxruntime_module()
 
         self.info = info
         self.provider = provider
@@ -119,7 +129,7 @@ class OnnxRuntimeRunner:
 
 
 def onnx_runners(info: ArtifactInfo, device: str = "all", threads: int = 0) -> list[OnnxRuntimeRunner]:
-    import onnxruntime as ort
+    ort = onnxruntime_module()
 
     available = ort.get_available_providers()
     wanted = []
@@ -133,7 +143,7 @@ def onnx_runners(info: ArtifactInfo, device: str = "all", threads: int = 0) -> l
 def ir_session(model: ir.Model, tensors: Sequence[str]):
     """``run({input: array}) -> {tensor: array}``: ONNX Runtime on an IR model itself (steps lowered to standard
     ops, each with its own tie rule), returning ``tensors``. An oracle independent of any converter."""
-    import onnxruntime as ort
+    ort = onnxruntime_module()
 
     proto = lower_steps(ir.to_proto(model))
     present = {o.name for o in proto.graph.output}

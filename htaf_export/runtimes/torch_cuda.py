@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
 import time
 from typing import Iterator
 
@@ -24,14 +25,21 @@ from . import ArtifactInfo
 
 @contextlib.contextmanager
 def strict_float32() -> Iterator[None]:
-    """No TF32 in matmuls or cuDNN convolutions inside the block; previous settings restored after."""
-    previous = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    """No TF32 in matmuls or cuDNN convolutions inside the block, and deterministic kernels where torch has
+    them (cuDNN's autotuner off), so that two runs give the same bits; previous settings restored after."""
+    previous = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+                torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark,
+                torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    torch.use_deterministic_algorithms(True, warn_only=True)  # ops without a deterministic kernel still run
     try:
         yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = previous
+        (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.deterministic,
+         torch.backends.cudnn.benchmark) = previous[:4]
+        torch.use_deterministic_algorithms(previous[4], warn_only=previous[5])
 
 
 class TorchRunner:
@@ -65,6 +73,8 @@ class TorchRunner:
 
 def torch_cuda_runners(model: nn.Module, info: ArtifactInfo) -> tuple[list[TorchRunner], list[tuple[str, str]]]:
     """A ``torch-cuda`` runner when PyTorch sees a GPU; otherwise none, and the reason."""
+    # cuBLAS is deterministic only with a fixed workspace; read when its first handle is made
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     if not torch.cuda.is_available():
         return [], [("torch-cuda", "torch.cuda.is_available() is False")]
     return [TorchRunner(model, info, "cuda")], []
