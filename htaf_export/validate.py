@@ -326,6 +326,13 @@ def validate(model: nn.Module, info: ArtifactInfo, runners: list[Runner], data: 
         for part, x, y, offset in parts:
             run.batch(x, y, part, offset)
             advance(count(x))
+    _finish(report, run)
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _finish(report: ParityReport, run: Validation) -> None:
+    """What the pass found, into the report: results, margins, the tie rule applied, notes."""
     report.backends = run.results
     if report.tie_rule["reference"] is None and len(run.ties) == 1:
         report.tie_rule["reference"] = next(iter(run.ties))  # a traced model: the comparisons it applied
@@ -333,11 +340,9 @@ def validate(model: nn.Module, info: ArtifactInfo, runners: list[Runner], data: 
     if run.unobserved:
         report.notes.append(f"the reference cannot record step tensors {', '.join(sorted(run.unobserved))} "
                             f"(a traced model has no Step modules to hook); they are checked through the outputs only")
-    if tol.derived and run.no_bound and run.needed_bounds:
+    if report.tolerance.derived and run.no_bound and run.needed_bounds:
         report.notes.append(f"rounding bounds are not available for this model ({run.no_bound}); "
                             f"the fixed tolerances were used")
-    report.seconds = time.perf_counter() - started
-    return report
 
 
 def _offsets(batches):

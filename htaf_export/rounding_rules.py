@@ -1,0 +1,277 @@
+"""The rounding rule of each operation, for ``htaf_export.bounds`` (whose docstring states them and why):
+a ``Bounded`` value in, a ``Bounded`` value out."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch.utils import _pytree as pytree
+
+aten = torch.ops.aten
+
+U = 2.0 ** -24
+# Below 2⁻¹²⁶ a float32 result is subnormal, or zero where a runtime flushes subnormals (FTZ/DAZ):
+# each rounded operation may then lose this much absolutely, whatever its relative bound says.
+ETA = 2.0 ** -126
+# The bounds are computed in float32 (float64 convolutions are 7x slower on CPUs): sums of non-negative
+# terms, each off by at most γₙ relative, through a few dozen layers; 5 % covers that with room.
+SLACK = 1.05
+
+
+LAMBDA = 7.0  # Higham–Mary: the probabilistic bound fails with probability below 2n·exp(−λ²/2) ≈ n·5e-11
+
+
+def gamma(n: int) -> float:
+    """Relative rounding bound of a sum of n terms: worst case n·u for a few terms, Higham and Mary's
+    probabilistic λ·√n·u for long sums (rounding errors that all add up in the worst direction never
+    happen on real data; the worst case would explain away real defects in deep float paths)."""
+    worst = n * U / (1 - n * U)
+    return worst if n <= 16 else min(worst, math.expm1(LAMBDA * math.sqrt(n) * U + n * U * U / (1 - U)))
+
+
+class NoBound(Exception):
+    """The model uses an operation this analysis has no rule for."""
+
+
+@dataclass
+class Bounded:
+    """A tensor's float32 value and the bound on any float32 evaluation's distance from the exact value
+    (|value| + error bounds the exact value's magnitude, which is what the rules use)."""
+
+    value: torch.Tensor
+    error: torch.Tensor
+    # True when the value is known to hold exact integers (below 2²⁴) with no error: step outputs, ±1 weights,
+    # binary layers' sums. Lets a binary layer skip its magnitude convolution and integrality checks.
+    integer: bool = False
+
+
+def _largest(t: torch.Tensor) -> float:
+    return float(t.abs().max()) if t.numel() else 0.0
+
+
+def _underflow(value: torch.Tensor, *errors: torch.Tensor) -> torch.Tensor:
+    """ETA where a result may have underflowed: exact integers never do."""
+    inexact = value != torch.round(value)
+    for e in errors:
+        inexact = inexact | (e != 0)
+    return ETA * inexact
+
+
+def is_integral(t: torch.Tensor) -> bool:
+    return bool(torch.all(t == torch.round(t))) and _largest(t) < 2.0 ** 24
+
+
+def _exact_sum(x: Bounded, weight: Any, b: torch.Tensor | None, value: torch.Tensor) -> Bounded | None:
+    """An integer layer on integer inputs (a binary layer): every partial sum is an integer below 2²⁴,
+    so every summation order gives the same float32 value. Bounded without a second convolution:
+    |partial sum| ≤ max|x| · max over outputs of Σ|w| + max|b|."""
+    if not (x.integer and isinstance(weight, Bounded) and weight.integer and (b is None or is_integral(b))):
+        return None
+    w = weight.value
+    largest = _largest(x.value) * float(w.abs().reshape(len(w), -1).sum(1).max()) + (_largest(b) if b is not None else 0.0)
+    return Bounded(value, torch.zeros_like(value), integer=True) if largest < 2.0 ** 24 else None
+
+
+def _dot(x: Bounded, weight: Any, b: torch.Tensor | None, op: Callable, n: int) -> Bounded:
+    """A linear layer (``op`` = linear or conv with its geometry): value, propagated and rounding error.
+    A computed weight (a scaled sign written as a straight-through expression) brings its own error."""
+    w, w_error = _ve(weight)
+    value = op(x.value, w, b)
+    exact = _exact_sum(x, weight, b, value)
+    if exact is not None:
+        return exact
+    aw = w.abs()
+    # errors coming in: worst case Σ|w|·e, and (independent roundings, as in γ) λ·√(Σ w²·e²)
+    top = _largest(x.error)  # scaled, so that squares of small errors do not underflow
+    carried = torch.minimum(op(x.error, aw, None), LAMBDA * top * torch.sqrt(op((x.error / top) ** 2, w * w, None))) \
+        if top > 0 else torch.zeros_like(value)
+    magnitude = op(x.value.abs() + x.error, aw, None)
+    if b is not None:
+        magnitude = magnitude + _broadcast_bias(b.abs(), value)
+    if bool(torch.any(w_error != 0)):
+        carried = carried + op(x.value.abs() + x.error, w_error, None)
+    exact = bool(torch.all(x.error == 0)) and bool(torch.all(w_error == 0)) and is_integral(x.value) and is_integral(w) and \
+        (b is None or is_integral(b)) and _largest(magnitude) < 2.0 ** 24
+    rounding = torch.zeros_like(value) if exact else gamma(n + 1) * magnitude + (n + 1) * (1 + _largest(w)) * ETA
+    return Bounded(value, carried + rounding)
+
+
+def _broadcast_bias(b: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return b.reshape(1, -1, *([1] * (like.dim() - 2))) if like.dim() > 2 else b
+
+
+def _linear(x: Bounded, w, b=None) -> Bounded:
+    return _dot(x, w, value_of(b), F.linear, int(value_of(w).shape[-1]))
+
+
+def _conv(x: Bounded, w, b=None, stride=1, padding=0, dilation=1, groups=1) -> Bounded:
+    weight = value_of(w)
+    op = (lambda a, k, c: F.conv2d(a, k, c, stride, padding, dilation, groups)) if weight.dim() == 4 else \
+        (lambda a, k, c: F.conv1d(a, k, c, stride, padding, dilation, groups))
+    return _dot(x, w, value_of(b), op, int(weight[0].numel()))
+
+
+def _batch_norm(x: Bounded, weight, bias, mean, var, training, momentum, eps, *_) -> Bounded:
+    w, b, m, v = (value_of(t) for t in (weight, bias, mean, var))
+    s = (w if w is not None else torch.ones_like(m)) / torch.sqrt(v + eps)
+    shift = b if b is not None else torch.zeros_like(m)
+    s_, m_, t_ = (_broadcast_bias(t, x.value) for t in (s, m, shift))
+    value = (x.value - m_) * s_ + t_
+    error = s_.abs() * x.error + gamma(6) * (s_.abs() * (x.value.abs() + x.error + m_.abs()) + t_.abs()) + \
+        4 * (1 + s_.abs()) * ETA
+    return Bounded(value, error)
+
+
+def _add(a, b, alpha=1) -> Bounded:
+    av, ae, bv, be = _ve(a) + _ve(b)
+    value = av + alpha * bv
+    return Bounded(value, ae + abs(alpha) * be + U * value.abs() + _underflow(value, ae, be))
+
+
+def _sub(a, b, alpha=1) -> Bounded:
+    return _add(a, b, -alpha)
+
+
+def _mul(a, b) -> Bounded:
+    av, ae, bv, be = _ve(a) + _ve(b)
+    value = av * bv
+    return Bounded(value, av.abs() * be + bv.abs() * ae + ae * be + U * value.abs() + _underflow(value, ae, be))
+
+
+def _div(a, b) -> Bounded:
+    av, ae, bv, be = _ve(a) + _ve(b)
+    if bool(torch.any(be != 0)):
+        raise NoBound("division by a computed tensor")
+    value = av / bv
+    return Bounded(value, ae / bv.abs() + U * value.abs() + ETA)
+
+
+def _averaged(op: Callable, x: Bounded, k: int, *args) -> Bounded:
+    """A mean over ``k`` elements (pooling, mean): linear in x, one rounded sum of k terms and a division."""
+    value = op(x.value, *args)
+    return Bounded(value, op(x.error, *args) + gamma(k + 1) * op(x.value.abs() + x.error, *args) + (k + 1) * ETA)
+
+
+def _avg_pool(op) -> Callable:
+    def rule(x: Bounded, kernel, *args) -> Bounded:
+        k = math.prod(kernel) if isinstance(kernel, (list, tuple)) else int(kernel) ** (x.value.dim() - 2)
+        return _averaged(lambda t, *a: op(t, kernel, *a), x, int(k), *args)
+    return rule
+
+
+def _adaptive_avg_pool(op) -> Callable:
+    # Each window holds at most the whole input plane: the largest sum, the largest γ.
+    def rule(x: Bounded, size) -> Bounded:
+        return _averaged(op, x, int(math.prod(x.value.shape[2:])), size)
+    return rule
+
+
+def _mean(x: Bounded, dims, keepdim=False, dtype=None) -> Bounded:
+    k = math.prod(x.value.shape[d] for d in (dims if isinstance(dims, (list, tuple)) else [dims]))
+    return _averaged(lambda t, d, kd: aten.mean.dim(t, d, kd), x, int(k), dims, keepdim)
+
+
+def _padded_integer(x: Bounded, value) -> bool:
+    return x.integer and float(value or 0.0).is_integer() and abs(float(value or 0.0)) < 2.0 ** 24
+
+
+def _pad(x: Bounded, pad, mode="constant", value=None) -> Bounded:
+    if mode != "constant":
+        raise NoBound(f"{mode} padding")
+    return Bounded(aten.pad.default(x.value, pad, mode, value), aten.pad.default(x.error, pad, mode, 0.0),
+                   _padded_integer(x, value))
+
+
+def _constant_pad(x: Bounded, pad, value=0.0) -> Bounded:
+    return Bounded(aten.constant_pad_nd.default(x.value, pad, value), aten.constant_pad_nd.default(x.error, pad, 0.0),
+                   _padded_integer(x, value))
+
+
+def _smooth(fn: Callable, lipschitz: float) -> Callable:
+    def rule(x: Bounded) -> Bounded:
+        value = fn(x.value)
+        return Bounded(value, lipschitz * x.error + gamma(4) * value.abs() + ETA)
+    return rule
+
+
+def _same(fn: Callable) -> Callable:
+    """An op that moves or picks elements (views, concatenation, max, ReLU): the same op on the error
+    (for max and ReLU, |max(a) − max(b)| ≤ max|a − b|)."""
+    def rule(*args, **kwargs):
+        values = pytree.tree_map(lambda a: a.value if isinstance(a, Bounded) else a, (args, kwargs),
+                                 is_leaf=lambda a: isinstance(a, Bounded))
+        errors = pytree.tree_map(lambda a: a.error if isinstance(a, Bounded) else a, (args, kwargs),
+                                 is_leaf=lambda a: isinstance(a, Bounded))
+        bounded = [a for a in pytree.tree_leaves((args, kwargs), is_leaf=lambda a: isinstance(a, Bounded))
+                   if isinstance(a, Bounded)]
+        # clamping to a fractional limit leaves integers: the only ops here that may not keep them
+        integer = fn not in (aten.hardtanh.default, aten.clamp.default) and all(a.integer for a in bounded)
+        return Bounded(fn(*values[0], **values[1]), fn(*errors[0], **errors[1]), integer)
+    return rule
+
+
+def value_of(t: Any) -> Any:
+    if isinstance(t, Bounded):
+        return t.value
+    return t.float() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+
+
+def _ve(t: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    if isinstance(t, Bounded):
+        return t.value, t.error
+    value = torch.as_tensor(t, dtype=torch.float32)
+    return value, torch.zeros_like(value)
+
+
+def _where(cond, a, b) -> Bounded:
+    c = value_of(cond)
+    av, ae, bv, be = _ve(a) + _ve(b)
+    return Bounded(torch.where(c, av, bv), torch.where(c, ae, be))
+
+
+def _to(x, *args, **kwargs):
+    value = x.value if isinstance(x, Bounded) else x
+    if isinstance(value, torch.Tensor) and value.dtype == torch.bool:
+        value = value.float()
+    return Bounded(value.float(), x.error if isinstance(x, Bounded) else torch.zeros_like(value, dtype=torch.float32))
+
+
+def _sign(x: Bounded) -> Bounded:
+    """The sign of an exact tensor (binarized weights) is exact; of a rounded one it is a step outside
+    any Step module, which this analysis cannot bound."""
+    if bool(torch.any(x.error != 0)):
+        raise NoBound("sign of a computed tensor outside a step")
+    value = torch.sign(x.value)
+    return Bounded(value, torch.zeros_like(value))
+
+
+def _compare(fn: Callable) -> Callable:
+    def rule(a, b) -> torch.Tensor:  # a comparison outside a Step: the reference's decision, as it is
+        return fn(value_of(a), value_of(b))
+    return rule
+
+
+RULES: dict[Any, Callable] = {
+    aten.linear.default: _linear, aten.conv2d.default: _conv, aten.conv1d.default: _conv,
+    aten.batch_norm.default: _batch_norm,
+    aten._native_batch_norm_legit_no_training.default: lambda x, w, b, m, v, mom, eps: (
+        _batch_norm(x, w, b, m, v, False, mom, eps), None, None),
+    aten.add.Tensor: _add, aten.sub.Tensor: _sub, aten.mul.Tensor: _mul, aten.div.Tensor: _div,
+    aten.avg_pool2d.default: _avg_pool(aten.avg_pool2d.default), aten.avg_pool1d.default: _avg_pool(aten.avg_pool1d.default),
+    aten.adaptive_avg_pool2d.default: _adaptive_avg_pool(aten.adaptive_avg_pool2d.default),
+    aten.adaptive_avg_pool1d.default: _adaptive_avg_pool(aten.adaptive_avg_pool1d.default), aten.mean.dim: _mean,
+    aten.pad.default: _pad, aten.constant_pad_nd.default: _constant_pad,
+    aten.sigmoid.default: _smooth(torch.sigmoid, 0.25), aten.tanh.default: _smooth(torch.tanh, 1.0),
+    aten.where.self: _where, aten.sign.default: _sign, aten.to.dtype: _to, aten._to_copy.default: _to,
+    aten.ge.Scalar: _compare(torch.ge), aten.gt.Scalar: _compare(torch.gt),
+    aten.ge.Tensor: _compare(torch.ge), aten.gt.Tensor: _compare(torch.gt),
+    **{op: _same(op) for op in (
+        aten.relu.default, aten.max_pool2d.default, aten.max_pool1d.default, aten.flatten.using_ints, aten.view.default, aten.reshape.default, aten.permute.default,
+        aten.transpose.int, aten.unsqueeze.default, aten.squeeze.dim, aten.cat.default, aten.clone.default,
+        aten.contiguous.default, aten.detach.default, aten.expand.default, aten.select.int, aten.slice.Tensor,
+        aten.hardtanh.default, aten.clamp.default, aten.neg.default, aten.alias.default, aten.abs.default)},
+}
