@@ -120,7 +120,6 @@ class Validation:
         self.unobserved: set[str] = set()
         self.ties: set[str] = set()
         self.steps_per_run = int(getattr(model, "steps", 1)) if info.streaming else 1
-        self.crafted = crafted
         # Certified ties by (tensor, time step) → list of (crafted row, unit).
         self.certified: dict[tuple[str, int], list[tuple[int, int]]] = {}
         if crafted is not None:
@@ -176,11 +175,10 @@ class Validation:
                     self.margins[s.tensor].add(pre)
             feed = dict(zip(info.input_names, [*xs, *state]))
             for i, (runner, result) in enumerate(zip(self.runners, self.results)):
-                started, inside = time.perf_counter(), getattr(runner, "inference_seconds", None)
+                started, inside = time.perf_counter(), runner.inference_seconds
                 arts[i] = runner.run(feed)
                 result.seconds += time.perf_counter() - started
-                result.inference_seconds += (runner.inference_seconds - inside) if inside is not None else \
-                    time.perf_counter() - started
+                result.inference_seconds += runner.inference_seconds - inside
             found = self._bounds(inputs, ref, arts, n)
             for i, (runner, result) in enumerate(zip(self.runners, self.results)):
                 self._tensors(runner.name, result, ref, arts[i], excused[i], part, offset, t, n, found)

@@ -3,7 +3,6 @@ as one process, and still fails a wrong artifact; an unreachable address is one 
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import socket
@@ -14,6 +13,8 @@ from pathlib import Path
 import pytest
 
 from htaf_export import cli
+
+from shard_reports import counts, validate_cli
 
 ray = pytest.importorskip("ray", reason="the distributed extra is not installed")
 
@@ -49,22 +50,6 @@ def cluster(tmp_path_factory):
         shutil.rmtree(temp, ignore_errors=True)
 
 
-def _counts(report: dict) -> dict:
-    def strip(d):
-        if isinstance(d, dict):
-            return {k: strip(v) for k, v in d.items() if k not in ("seconds", "inference_seconds")}
-        if isinstance(d, list):
-            return [strip(v) for v in d]
-        return d
-    return strip(report)
-
-
-def _validate(capsys, model: Path, artifact: Path, out: Path, *extra: str) -> tuple[int, dict]:
-    rc = cli.main(["validate", str(model), str(artifact), "--device", "cpu", "--report", str(out), *extra])
-    capsys.readouterr()
-    return rc, json.loads(out.read_text())
-
-
 @pytest.mark.slow
 def test_ray_shards_give_the_same_report_and_catch_a_wrong_model(cluster, tmp_path, capsys):
     import htaf_export
@@ -72,16 +57,16 @@ def test_ray_shards_give_the_same_report_and_catch_a_wrong_model(cluster, tmp_pa
     model = SAMPLES / "bnn_cnn.pt"
     artifact = tmp_path / "bnn_cnn.tflite"
     assert cli.main([str(model), "--target", "tflite", "-o", str(artifact), "--no-validate"]) == 0
-    rc1, one = _validate(capsys, model, artifact, tmp_path / "one.json")
-    rc2, sharded = _validate(capsys, model, artifact, tmp_path / "ray.json", "--ray", cluster)
-    assert rc1 == rc2 == 0 and _counts(one) == _counts(sharded)
+    rc1, one = validate_cli(capsys, model, artifact, tmp_path / "one.json")
+    rc2, sharded = validate_cli(capsys, model, artifact, tmp_path / "ray.json", "--ray", cluster)
+    assert rc1 == rc2 == 0 and counts(one) == counts(sharded)
     assert sharded["backends"][0]["samples"] > 0
     # a batch-norm statistic nudged by 1e-3: the artifact no longer matches; the cluster must say so too
     loaded = htaf_export.load(model)
     loaded.module.layers.bn_out.running_mean[7] += 1e-3
     nudged = htaf_export.save(loaded.module, tmp_path / "nudged.pt")
-    rc1, one = _validate(capsys, nudged, artifact, tmp_path / "bad1.json")
-    rc2, sharded = _validate(capsys, nudged, artifact, tmp_path / "bad2.json", "--ray", cluster, "--workers", "2")
+    rc1, one = validate_cli(capsys, nudged, artifact, tmp_path / "bad1.json")
+    rc2, sharded = validate_cli(capsys, nudged, artifact, tmp_path / "bad2.json", "--ray", cluster, "--workers", "2")
     assert rc1 == rc2 == 1
     assert one["first_failure"] == sharded["first_failure"] and one["first_failure"]["tensor"] == "logits"
 

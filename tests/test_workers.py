@@ -4,7 +4,6 @@ one line, exit 2."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -14,24 +13,9 @@ from torch import nn
 from htaf_export import cli
 from htaf_export.nn import HTAF
 
+from shard_reports import counts, validate_cli
+
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"
-
-
-def _counts(report: dict) -> dict:
-    """The report without timings (the only part that may differ between runs)."""
-    def strip(d):
-        if isinstance(d, dict):
-            return {k: strip(v) for k, v in d.items() if k not in ("seconds", "inference_seconds")}
-        if isinstance(d, list):
-            return [strip(v) for v in d]
-        return d
-    return strip(report)
-
-
-def _validate(capsys, model: Path, artifact: Path, out: Path, *extra: str) -> tuple[int, dict]:
-    rc = cli.main(["validate", str(model), str(artifact), "--device", "cpu", "--report", str(out), *extra])
-    capsys.readouterr()
-    return rc, json.loads(out.read_text())
 
 
 class Keyword(nn.Module):
@@ -54,10 +38,10 @@ def test_two_workers_give_the_same_report_as_one(tmp_path, capsys):
     model = SAMPLES / "bnn_cnn.pt"
     artifact = tmp_path / "bnn_cnn.onnx"
     assert cli.main([str(model), "--target", "onnx", "-o", str(artifact), "--no-validate"]) == 0
-    rc1, one = _validate(capsys, model, artifact, tmp_path / "one.json")
-    rc2, two = _validate(capsys, model, artifact, tmp_path / "two.json", "--workers", "2")
+    rc1, one = validate_cli(capsys, model, artifact, tmp_path / "one.json")
+    rc2, two = validate_cli(capsys, model, artifact, tmp_path / "two.json", "--workers", "2")
     assert rc1 == rc2 == 0
-    assert _counts(one) == _counts(two)
+    assert counts(one) == counts(two)
     assert one["backends"][0]["samples"] == two["backends"][0]["samples"] > 0
 
 
@@ -69,16 +53,16 @@ def test_workers_reload_a_pt2_and_still_catch_a_wrong_artifact(tmp_path, capsys)
     torch.export.save(torch.export.export(model, (torch.randn(2, 6, 20),)), path)
     artifact = tmp_path / "kws.onnx"
     assert cli.main([str(path), "--target", "onnx", "-o", str(artifact), "--input-shape", "6,20", "--no-validate"]) == 0
-    rc1, one = _validate(capsys, path, artifact, tmp_path / "one.json", "--input-shape", "6,20")
-    rc2, two = _validate(capsys, path, artifact, tmp_path / "two.json", "--input-shape", "6,20", "--workers", "2")
-    assert rc1 == rc2 == 0 and _counts(one) == _counts(two)
+    rc1, one = validate_cli(capsys, path, artifact, tmp_path / "one.json", "--input-shape", "6,20")
+    rc2, two = validate_cli(capsys, path, artifact, tmp_path / "two.json", "--input-shape", "6,20", "--workers", "2")
+    assert rc1 == rc2 == 0 and counts(one) == counts(two)
     # the same check, against a model whose head differs: both must fail, in the same place
     with torch.no_grad():
         model.head.bias += 0.5
     other = tmp_path / "other.pt2"
     torch.export.save(torch.export.export(model, (torch.randn(2, 6, 20),)), other)
-    rc1, one = _validate(capsys, other, artifact, tmp_path / "bad1.json", "--input-shape", "6,20")
-    rc2, two = _validate(capsys, other, artifact, tmp_path / "bad2.json", "--input-shape", "6,20", "--workers", "2")
+    rc1, one = validate_cli(capsys, other, artifact, tmp_path / "bad1.json", "--input-shape", "6,20")
+    rc2, two = validate_cli(capsys, other, artifact, tmp_path / "bad2.json", "--input-shape", "6,20", "--workers", "2")
     assert rc1 == rc2 == 1
     assert one["first_failure"] == two["first_failure"] and one["first_failure"]["tensor"] is not None
 
