@@ -126,14 +126,34 @@ def _composite(sig: fx.Node, tie: str) -> _Match | None:
                                               beta))
 
 
+def _fill_value(a) -> float | None:
+    """A number, or a tensor filled with one number (ones_like, zeros_like, full_like; negated or not), as
+    users write the two branches of a hand-made sign: where(x ≥ 0, ones_like(x), −ones_like(x))."""
+    if not isinstance(a, fx.Node):
+        return _number(a)
+    if a.target is aten.neg.default:
+        inner = _fill_value(a.args[0])
+        return -inner if inner is not None else None
+    if a.target is aten.full_like.default:
+        return _number(a.args[1])
+    return {aten.ones_like.default: 1.0, aten.zeros_like.default: 0.0}.get(a.target)
+
+
+def _same_shape(a: fx.Node, b: fx.Node) -> bool:
+    va, vb = a.meta.get("val"), b.meta.get("val")
+    return va is not None and vb is not None and tuple(va.shape) == tuple(vb.shape)
+
+
 def _where_step(cmp: fx.Node, theta: float) -> _Match | None:
-    """where(x ≥ θ, 1, −1) or where(x ≥ θ, 1, 0)."""
+    """where(x ≥ θ, 1, −1) or where(x ≥ θ, 1, 0), the branches numbers or tensors filled with them."""
     where = _only_user(cmp)
     if where is None or where.target not in (aten.where.Scalar, aten.where.ScalarSelf, aten.where.ScalarOther,
                                              aten.where.self) or where.args[0] is not cmp:
         return None
-    on, off = (_number(a) for a in where.args[1:3])
+    on, off = (_fill_value(a) for a in where.args[1:3])
     if on != 1.0 or off not in (0.0, -1.0) or "val" not in where.meta or where.meta["val"].dtype != torch.float32:
+        return None
+    if not _same_shape(where, cmp.args[0]):  # filled branches of another shape would broadcast the step
         return None
     extra = [u for u in cmp.users if u.target is aten._assert_tensor_metadata.default]
     return _Match(cmp.args[0], [cmp, *extra, where], TracedSite("", theta, "pm1" if off == -1.0 else "01",

@@ -255,6 +255,14 @@ def _compare(fn: Callable) -> Callable:
     return rule
 
 
+def _filled(fn: Callable) -> Callable:
+    """ones_like, zeros_like, full_like: a constant of another tensor's shape, exact."""
+    def rule(like, *args, **kwargs) -> Bounded:
+        value = fn(value_of(like), *args, **kwargs).float()
+        return Bounded(value, torch.zeros_like(value), is_integral(value))
+    return rule
+
+
 RULES: dict[Any, Callable] = {
     aten.linear.default: _linear, aten.conv2d.default: _conv, aten.conv1d.default: _conv,
     aten.batch_norm.default: _batch_norm,
@@ -266,6 +274,8 @@ RULES: dict[Any, Callable] = {
     aten.adaptive_avg_pool1d.default: _adaptive_avg_pool(aten.adaptive_avg_pool1d.default), aten.mean.dim: _mean,
     aten.pad.default: _pad, aten.constant_pad_nd.default: _constant_pad,
     aten.sigmoid.default: _smooth(torch.sigmoid, 0.25), aten.tanh.default: _smooth(torch.tanh, 1.0),
+    aten.ones_like.default: _filled(aten.ones_like.default), aten.zeros_like.default: _filled(aten.zeros_like.default),
+    aten.full_like.default: _filled(aten.full_like.default),
     aten.where.self: _where, aten.sign.default: _sign, aten.to.dtype: _to, aten._to_copy.default: _to,
     aten.ge.Scalar: _compare(torch.ge), aten.gt.Scalar: _compare(torch.gt),
     aten.ge.Tensor: _compare(torch.ge), aten.gt.Tensor: _compare(torch.gt),

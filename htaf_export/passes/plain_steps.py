@@ -2,7 +2,8 @@
 
     Cast(X ≥ T) · 2 − 1    →  htaf.Sign(X, T)                    (rule PlainSign)
     Cast(X ≥ T)            →  htaf.Heaviside(X, T), tie "ge"     (rule PlainHeaviside; Greater: tie "gt")
-    Where(X ≥ T, 1, −1)    →  htaf.Sign(X, T)                    (rule WhereStep; 1, 0: htaf.Heaviside)
+    Where(X ≥ T, 1, −1)    →  htaf.Sign(X, T)                    (rule WhereStep; 1, 0: htaf.Heaviside;
+                                                                   the 1 and −1 may be ones_like(X) and its negation)
 
 T must be a constant. The step keeps the comparison node's name and metadata, so the site it came
 from can still be read off it. Sign rules run first, so a ±1 step is one node, not a Heaviside and
@@ -33,6 +34,32 @@ def _step_check(x: ir.Value, t: ir.Value) -> MatchResult:
 def _exactly(value: ir.Value, number: float) -> bool:
     array = const_array(value)
     return array is not None and array.size == 1 and float(array.reshape(())) == number
+
+
+def _fill(value: ir.Value, x: ir.Value) -> float | None:
+    """The number ``value`` holds everywhere: a scalar constant, or that constant expanded to X's shape
+    (what torch.ones_like(x) / zeros_like / full_like become), negated or not."""
+    array = const_array(value)
+    if array is not None:
+        return float(array.reshape(())) if array.size == 1 else None
+    node = value.producer()
+    if node is None:
+        return None
+    if node.op_type == "Neg" and node.domain == "":
+        inner = _fill(node.inputs[0], x)
+        return -inner if inner is not None else None
+    if node.op_type == "Expand" and node.domain == "" and _shape_of(node.inputs[1], x):
+        return _fill(node.inputs[0], x) if const_array(node.inputs[0]) is not None else None
+    return None
+
+
+def _shape_of(value: ir.Value | None, x: ir.Value) -> bool:
+    """``value`` is Shape(X) itself: the filled tensor has exactly X's shape, so the step keeps it."""
+    node = value.producer() if value is not None else None
+    if node is None or node.op_type != "Shape" or node.inputs[0] is not x:
+        return False
+    start, end = node.attributes.get("start"), node.attributes.get("end")  # the whole shape, not a slice of it
+    return (start is None or start.as_int() == 0) and end is None
 
 
 def _step(op, kind: str, x: ir.Value, t: ir.Value, tie: str, cmp: ir.Value) -> ir.Value:
@@ -83,18 +110,19 @@ class PlainSign(_StepRule):
 
 
 class WhereStep(_StepRule):
-    """Where(Compare(X, T), 1, −1) → htaf.Sign(X, T, tie); Where(Compare(X, T), 1, 0) → htaf.Heaviside."""
+    """Where(Compare(X, T), 1, −1) → htaf.Sign(X, T, tie); Where(Compare(X, T), 1, 0) → htaf.Heaviside.
+    The branches may be scalars or tensors of X's shape filled with them (ones_like(x), −ones_like(x))."""
 
     def pattern(self, op, x, t, on, off):
         return op.Where(self.compare(op, x, t), on, off)
 
     def check(self, context, x, t, on, off, **_) -> MatchResult:
-        if not (_exactly(on, 1.0) and (_exactly(off, -1.0) or _exactly(off, 0.0))):
+        if not (_fill(on, x) == 1.0 and _fill(off, x) in (-1.0, 0.0)):
             return MatchResult().fail("not a choice between 1 and −1 (or 0)", on)
         return _step_check(x, t)
 
     def rewrite(self, op, x, t, cmp, off, **_):
-        return _step(op, "Sign" if _exactly(off, -1.0) else "Heaviside", x, t, self.tie, cmp)
+        return _step(op, "Sign" if _fill(off, x) == -1.0 else "Heaviside", x, t, self.tie, cmp)
 
 
 SIGN_RULES = [PlainSign.rule(tie) for tie in COMPARISONS] + [WhereStep.rule(tie) for tie in COMPARISONS]

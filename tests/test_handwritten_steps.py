@@ -1,0 +1,87 @@
+"""A sign written as users write it, where(x >= 0, ones_like(x), -ones_like(x)) inside an autograd.Function,
+with weights binarized the same way in forward: found as a step site in a .pt2 and in a pickled module,
+exported to every target, its step tensors compared bit for bit, and a wrong model still caught."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from htaf_export import cli
+
+
+class OnesLikeSign(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):  # type: ignore[override]
+        return torch.where(x >= 0, torch.ones_like(x), -torch.ones_like(x))
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[override]
+        return g
+
+
+class TinyVision(nn.Module):
+    """An odd 11x13 two-channel image, plain layers, a binary conv whose weights are signed in forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(2, 16, 3, padding=1)
+        self.stem_bn = nn.BatchNorm2d(16)
+        self.mid = nn.Conv2d(16, 32, 3, padding=1, bias=False)
+        self.mid_bn = nn.BatchNorm2d(32)
+        self.head = nn.Linear(32 * 5 * 6, 5)
+
+    def forward(self, img):
+        h = OnesLikeSign.apply(self.stem_bn(self.stem(img)))
+        h = nn.functional.conv2d(h, OnesLikeSign.apply(self.mid.weight), None, padding=1)
+        h = OnesLikeSign.apply(self.mid_bn(h))
+        return self.head(nn.functional.max_pool2d(h, 2).flatten(1))
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    torch.manual_seed(5)
+    model = TinyVision()
+    for bn in (model.stem_bn, model.mid_bn):
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+    model.eval()
+    folder = tmp_path_factory.mktemp("handwritten")
+    torch.export.save(torch.export.export(model, (torch.randn(2, 2, 11, 13),)), folder / "tiny.pt2")
+    torch.save(model, folder / "tiny_pickle.pt")
+    return folder, model
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("source", ["tiny.pt2", "tiny_pickle.pt"])
+@pytest.mark.parametrize("target", ["onnx", "tflite", "tflite-float"])
+def test_ones_like_sign_is_a_step_on_every_target(saved, source, target, capsys):
+    folder, _ = saved
+    out = folder / f"{source.split('.')[0]}_{target}.{'onnx' if target == 'onnx' else 'tflite'}"
+    report = folder / f"{source}_{target}.json"
+    rc = cli.main([str(folder / source), "--target", target, "-o", str(out), "--input-shape", "2,11,13",
+                   "--trust-pickle", "--device", "cpu", "--report", str(report)])
+    capsys.readouterr()
+    assert rc == 0
+    data = json.loads(report.read_text())
+    for backend in data["backends"]:
+        steps = [t for t in backend["tensors"] if t["kind"] == "binary"]
+        assert len(steps) == 2 and all(t["elements"] > 0 for t in steps), backend["backend"]
+    assert not any("rounding bounds are not available" in n for n in data["notes"])
+
+
+@pytest.mark.slow
+def test_a_wrong_model_fails_at_its_step(saved, capsys, tmp_path):
+    folder, model = saved
+    artifact = tmp_path / "tiny.onnx"
+    assert cli.main([str(folder / "tiny.pt2"), "--target", "onnx", "-o", str(artifact), "--no-validate"]) == 0
+    with torch.no_grad():
+        model.mid_bn.running_mean += 0.75  # the second step's threshold moves
+    torch.export.save(torch.export.export(model, (torch.randn(2, 2, 11, 13),)), tmp_path / "moved.pt2")
+    capsys.readouterr()
+    rc = cli.main(["validate", str(tmp_path / "moved.pt2"), str(artifact), "--device", "cpu"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert rc == 1 and "first failing tensor step@1" in out, out
