@@ -47,6 +47,9 @@ class ShardActor:
     def shard(self) -> bytes:
         return self.worker.shard()
 
+    def close(self) -> None:
+        self.folder.cleanup()  # ray.kill skips finalisers: the artifact copy would stay on the node
+
 
 class RayPool:
     """The ``ShardPool`` of ``htaf_export.validate`` on a Ray cluster at ``address``."""
@@ -64,19 +67,26 @@ class RayPool:
                      log_to_driver=False, include_dashboard=False)
         except (ConnectionError, ValueError, RuntimeError) as e:
             raise BadInput(f"cannot reach a Ray cluster at {self.address}: {str(e).splitlines()[0][:200]}") from None
-        if not self.workers:
-            self.workers = max(1, int(ray.cluster_resources().get("CPU", 1)))
-        actor = ray.remote(num_cpus=1)(ShardActor)
-        job = ray.put((self.recipe, self.artifact.name, self.artifact.read_bytes(), self.device))
-        # one copy in the object store, whatever the number of actors (Ray resolves the reference)
-        self.actors = [actor.remote(job) for _ in range(self.workers)]
+        try:
+            if not self.workers:
+                self.workers = max(1, int(ray.cluster_resources().get("CPU", 1)))
+            actor = ray.remote(num_cpus=1)(ShardActor)
+            job = ray.put((self.recipe, self.artifact.name, self.artifact.read_bytes(), self.device))
+            # one copy in the object store, whatever the number of actors (Ray resolves the reference)
+            self.actors = [actor.remote(job) for _ in range(self.workers)]
+        except BaseException:
+            ray.shutdown()
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:
         ray = _ray()
-        for a in self.actors:
-            ray.kill(a)
-        ray.shutdown()
+        try:
+            ray.wait([a.close.remote() for a in self.actors], num_returns=len(self.actors), timeout=30)
+        finally:
+            for a in self.actors:
+                ray.kill(a)
+            ray.shutdown()
 
     def run(self, setup: ShardSetup, parts: Iterator[Part], advance: Callable[[int], None]) -> list[Shard]:
         ray = _ray()
