@@ -14,20 +14,12 @@ import onnx_ir as ir
 import torch
 import torch.nn.functional as F
 
-from htaf_export.ops import HTAF_DOMAIN
-from htaf_export.passes.util import const_array
+from htaf_export.passes.util import attr, const_array, is_step
 
 AFFINE = ("Add", "Sub", "Mul", "Div", "BatchNormalization")
 TORCH_BINARY = {"Add": torch.add, "Sub": torch.sub, "Mul": torch.mul, "Div": torch.div}
 
 
-def _attr(node: ir.Node, name: str, default):
-    attr = node.attributes.get(name)
-    return default if attr is None else attr.value
-
-
-def _is_step(node: ir.Node | None) -> bool:
-    return node is not None and node.domain == HTAF_DOMAIN and node.op_type in ("Sign", "Heaviside")
 
 
 def _per_channel(array: np.ndarray, rank: int, channels: int) -> bool:
@@ -64,7 +56,7 @@ def compose_affine(chain: list[tuple[ir.Node, int]], bias: np.ndarray | None, ch
     for node, index in chain:
         if node.op_type == "BatchNormalization":
             gamma, beta, mean, var = (const_array(v).astype(np.float64) for v in node.inputs[1:5])  # type: ignore[union-attr]
-            a = gamma / np.sqrt(var + float(np.float32(_attr(node, "epsilon", 1e-5))))
+            a = gamma / np.sqrt(var + float(np.float32(attr(node, "epsilon", 1e-5))))
             scale, shift = scale * a, (shift - mean) * a + beta
             continue
         c = _channel_vector(const_array(node.inputs[1 - index]), rank, channels)  # type: ignore[arg-type]
@@ -90,7 +82,7 @@ def follow_chain(value: ir.Value, channels: int, rank: int) -> tuple[list[tuple[
         if len(uses) != 1:
             break
         node, index = uses[0].node, uses[0].idx
-        if _is_step(node) and index == 0:
+        if is_step(node) and index == 0:
             threshold = const_array(node.inputs[1])
             if threshold is not None and _per_channel(threshold, rank, channels):
                 return chain, node
@@ -106,7 +98,7 @@ def _apply(node: ir.Node, x: torch.Tensor, index: int) -> torch.Tensor:
     """One chain node on a torch tensor, with the same float32 operation the reference module runs."""
     if node.op_type == "BatchNormalization":
         gamma, beta, mean, var = (torch.from_numpy(np.array(const_array(v), dtype=np.float32)) for v in node.inputs[1:5])
-        return F.batch_norm(x, mean, var, gamma, beta, False, 0.0, float(_attr(node, "epsilon", 1e-5)))
+        return F.batch_norm(x, mean, var, gamma, beta, False, 0.0, float(attr(node, "epsilon", 1e-5)))
     other = torch.from_numpy(np.array(const_array(node.inputs[1 - index]), dtype=np.float32))
     a, b = (x, other) if index == 0 else (other, x)
     return TORCH_BINARY[node.op_type](a, b)

@@ -135,11 +135,6 @@ def _keras_layer_name(tensor) -> str:
     return history.layer.name if history is not None else ""
 
 
-def attr(node: ir.Node, name: str, default):
-    attr = node.attributes.get(name)
-    return default if attr is None else attr.value
-
-
 class KerasBuilder:
     """Walks the IR in graph order, emitting Keras layers; ``bitpacked`` selects larq layers for binary ones."""
 

@@ -9,8 +9,9 @@ import numpy as np
 import onnx_ir as ir
 
 from htaf_export.errors import UnsupportedLayer
+from htaf_export.passes.util import attr
 
-from .keras_builder import KerasBuilder, Val, attr, keras, static_shape, tf, torch_shape
+from .keras_builder import KerasBuilder, Val, keras, static_shape, tf, torch_shape
 
 
 def transpose(b: KerasBuilder, node: ir.Node) -> list[Val]:

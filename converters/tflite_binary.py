@@ -35,9 +35,8 @@ from dataclasses import dataclass, replace
 import numpy as np
 import onnx_ir as ir
 
-from htaf_export.ops import HTAF_DOMAIN
 from htaf_export.passes.base import PassReport, report
-from htaf_export.passes.util import const_array, layer_of, sign_factor
+from htaf_export.passes.util import attr, const_array, is_step, layer_of, sign_factor
 
 from .integer_thresholds import compose_affine, follow_chain, integer_thresholds
 
@@ -146,18 +145,11 @@ def is_binary_weight(array: np.ndarray | None) -> bool:
     return array is not None and array.dtype == np.float32 and array.size > 0 and bool(np.all(np.abs(array) == 1.0))
 
 
-def _attr(node: ir.Node, name: str, default):
-    attr = node.attributes.get(name)
-    return default if attr is None else attr.value
-
-
-def _is_step(node: ir.Node | None, ops=("Sign", "Heaviside")) -> bool:
-    return node is not None and node.domain == HTAF_DOMAIN and node.op_type in ops
 
 
 def _pad_spec(node: ir.Node) -> tuple[list[int], float] | None:
     """(pads, value) of a constant-mode Pad with constant pads, else None."""
-    if node.op_type != "Pad" or node.domain != "" or _attr(node, "mode", "constant") != "constant":
+    if node.op_type != "Pad" or node.domain != "" or attr(node, "mode", "constant") != "constant":
         return None
     pads = const_array(node.inputs[1]) if len(node.inputs) > 1 else None
     value = const_array(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else np.zeros(())
@@ -172,7 +164,7 @@ def is_pm1(value: ir.Value | None) -> bool:
         node = value.producer()
         if node is None:
             return False
-        if _is_step(node, ("Sign",)):
+        if is_step(node, ("Sign",)):
             return True
         if node.domain == DOMAIN and node.op_type == OP:
             layer: BinaryLayer = node.meta["binary"]
@@ -223,11 +215,11 @@ def _lce_padding(layer: BinaryLayer, kernel: tuple[int, int]) -> tuple[str, str]
 
 def _conv_layer(node: ir.Node, weight: np.ndarray) -> tuple[BinaryLayer, list[ir.Node], ir.Value] | str:
     """The conv as a layer, with the Pad in front of it when it pads (only) the conv's input."""
-    if _attr(node, "auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
+    if attr(node, "auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
         return "auto_pad is not supported"
     x = node.inputs[0]
     absorbed = [node]
-    pads = [int(p) for p in _attr(node, "pads", [0, 0, 0, 0])]
+    pads = [int(p) for p in attr(node, "pads", [0, 0, 0, 0])]
     padding = Padding(pads[0], pads[2], pads[1], pads[3], 0.0)
     producer = x.producer()
     spec = _pad_spec(producer) if producer is not None else None
@@ -241,10 +233,10 @@ def _conv_layer(node: ir.Node, weight: np.ndarray) -> tuple[BinaryLayer, list[ir
     if hw is None and len(absorbed) == 2:  # traced programs may leave the Pad's input unshaped; its output is not
         padded = _hw(node.inputs[0])
         hw = (padded[0] - padding.top - padding.bottom, padded[1] - padding.left - padding.right) if padded else None
-    stride = tuple(int(s) for s in _attr(node, "strides", [1, 1]))
-    dilation = tuple(int(d) for d in _attr(node, "dilations", [1, 1]))
+    stride = tuple(int(s) for s in attr(node, "strides", [1, 1]))
+    dilation = tuple(int(d) for d in attr(node, "dilations", [1, 1]))
     layer = BinaryLayer(layer_name(node), "conv", weight, "affine", int(np.prod(weight.shape[1:])),
-                        stride, padding, None, int(_attr(node, "group", 1)), dilation)  # type: ignore[arg-type]
+                        stride, padding, None, int(attr(node, "group", 1)), dilation)  # type: ignore[arg-type]
     return (with_input_size(layer, hw) if hw is not None else layer), absorbed, x
 
 
@@ -266,8 +258,8 @@ def _hw(value: ir.Value) -> tuple[int, int] | None:
 
 def _dense_layer(node: ir.Node, weight: np.ndarray) -> tuple[BinaryLayer, list[ir.Node], ir.Value] | str:
     """The dense layer (``weight`` already [out, in]) as a layer."""
-    if node.op_type == "Gemm" and (int(_attr(node, "transA", 0)) or float(_attr(node, "alpha", 1.0)) != 1.0
-                                   or float(_attr(node, "beta", 1.0)) != 1.0):
+    if node.op_type == "Gemm" and (int(attr(node, "transA", 0)) or float(attr(node, "alpha", 1.0)) != 1.0
+                                   or float(attr(node, "beta", 1.0)) != 1.0):
         return "Gemm with transA, or alpha/beta other than 1, is not supported"
     return BinaryLayer(layer_name(node), "dense", weight, "affine", int(weight.shape[1])), [node], node.inputs[0]
 
@@ -283,7 +275,7 @@ def match(node: ir.Node, bitpacked: bool) -> tuple[BinaryLayer, list[ir.Node], i
     weight = const_array(node.inputs[1])
     if weight is None or weight.ndim != (4 if node.op_type == "Conv" else 2):
         return None
-    if node.op_type == "MatMul" or node.op_type == "Gemm" and not int(_attr(node, "transB", 0)):
+    if node.op_type == "MatMul" or node.op_type == "Gemm" and not int(attr(node, "transB", 0)):
         weight = np.ascontiguousarray(weight.T)  # [out, in]
     factor = sign_factor(weight, 0)
     if factor is None:

@@ -144,16 +144,12 @@ def getattr_path(module: torch.nn.Module, path: str) -> Any:
 def traced_program(model: torch.nn.Module, input_shapes: list[list[int]]) -> fx.GraphModule | None:
     """The hardened model as a graph module whose steps are ``Step`` calls (what ``rounding_bounds`` reads);
     None for a TorchScript module or a model torch.export cannot trace."""
-    from .harden_traced import harden_graph_module
+    from .harden_traced import export_batched, harden_graph_module
 
     if isinstance(model, torch.jit.ScriptModule):
         return None
     if isinstance(model, fx.GraphModule):
         return model
-    examples = tuple(torch.zeros(2, *shape) for shape in input_shapes)
-    batch = torch.export.Dim("batch", min=1)
-    try:
-        program = torch.export.export(model, examples, dynamic_shapes=tuple({0: batch} for _ in examples))
-    except RuntimeError:
-        return None
-    return harden_graph_module(program.module(), None)[0]
+    program = export_batched(model, input_shapes)
+    # the model is hardened: its steps are Step modules, or comparisons that keep their own tie
+    return harden_graph_module(program, None)[0] if program is not None else None

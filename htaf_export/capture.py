@@ -30,6 +30,7 @@ from .nn.modules import set_eval
 from .ops import HTAF_DOMAIN, OPSET, STEP_OPS
 from .passes.fold_weights import FoldWeightExpressions
 from .passes.plain_steps import RecognisePlainSteps
+from .signature import as_shapes
 
 INPUT_NAME = "input"
 
@@ -231,8 +232,7 @@ def capture(hardened: nn.Module, input_shape: Sequence[int] | Sequence[Sequence[
     """Export a hardened module to the IR: ``input_shape`` is one per-sample shape, or one per input (named
     ``input_names``). ``streaming`` exports one SNN time step with explicit state."""
     set_eval(hardened)
-    first = list(input_shape)
-    shapes = [list(s) for s in first] if first and isinstance(first[0], (list, tuple)) else [first]
+    shapes = as_shapes(input_shape)
     module, args, in_names, out_names, dyn = _entry(hardened, shapes, output_names, streaming, input_names)
     model = _torch_export(module, args, in_names, out_names, dyn)
     # Traced programs (TorchScript, .pt2) hold their steps as plain comparisons: lift them to htaf ops.

@@ -59,9 +59,8 @@ _FX_LAYERS = ("aten.linear.default", "aten.conv1d.default", "aten.conv2d.default
 Layer = tuple  # (float64 version of the layer: x64 -> y64, the input it saw, the output it gave)
 
 
-def _as_float64(module: nn.Module):
-    m64 = copy.deepcopy(module).double()
-    return lambda x: m64(x)
+def _as_float64(module: nn.Module) -> nn.Module:
+    return copy.deepcopy(module).double()
 
 
 @contextlib.contextmanager

@@ -10,6 +10,7 @@ from typing import Iterator, Protocol, Sequence
 import numpy as np
 
 from .errors import BadInput
+from .signature import as_shapes
 
 DIGITS_SEED = 0
 DIGITS_TEST_FRACTION = 0.25
@@ -136,9 +137,7 @@ class NpzBatches:
     def __init__(self, path: str | Path, input_shape: Sequence[int] | Sequence[Sequence[int]],
                  names: Sequence[str] = ("input",)) -> None:
         self.path = Path(path)
-        first = list(input_shape)
-        self.shapes = [[int(d) for d in shape] for shape in (first if first and isinstance(first[0], (list, tuple))
-                                                             else [first])]
+        self.shapes = as_shapes(input_shape)
         self.source = str(self.path)
         errors = _readable(self.path)
         try:

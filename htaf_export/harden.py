@@ -12,7 +12,7 @@ from torch import nn
 from . import outputs
 from .errors import BadInput
 from .nn import HTAF, Step, htaf_function
-from .harden_traced import harden_graph_module, harden_torchscript
+from .harden_traced import export_batched, harden_graph_module, harden_torchscript
 from .nn.binary import BinaryWeights
 from .nn.modules import step_modules
 
@@ -204,13 +204,10 @@ def record_every_step(result: HardenResult, input_shapes: list[list[int]], sites
     recorded = set(step_modules(model))
     if all(site in recorded for site in sites):
         return result
-    examples = tuple(torch.zeros(2, *shape) for shape in input_shapes)
-    batch = torch.export.Dim("batch", min=1)
-    try:
-        program = torch.export.export(model, examples, dynamic_shapes=tuple({0: batch} for _ in examples))
-    except RuntimeError:  # the capture succeeded through another route: validate through the outputs then
+    program = export_batched(model, input_shapes)
+    if program is None:  # the capture succeeded through another route: validate through the outputs then
         return result
-    traced, found = harden_graph_module(program.module(), result.tie)
+    traced, found = harden_graph_module(program, result.tie)
     more = [s for s in _traced_sites(found) if s.name not in recorded]
     return HardenResult(traced, result.sites + more, result.tie, result.gaps, result.smooth_accuracy,
                         result.hardened_accuracy)

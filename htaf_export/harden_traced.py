@@ -223,6 +223,18 @@ def _constants(graph: fx.Graph) -> set[fx.Node]:
     return const
 
 
+def export_batched(model: torch.nn.Module, input_shapes: list[list[int]]) -> fx.GraphModule | None:
+    """``model`` traced by torch.export with a free batch dimension, as a graph module; None when it
+    cannot be traced (the caller then works without the program)."""
+    examples = tuple(torch.zeros(2, *shape) for shape in input_shapes)
+    batch = torch.export.Dim("batch", min=1)
+    try:
+        program = torch.export.export(model, examples, dynamic_shapes=tuple({0: batch} for _ in examples))
+    except RuntimeError:
+        return None
+    return program.module()
+
+
 def harden_graph_module(gm: fx.GraphModule, tie: str | None) -> tuple[fx.GraphModule, list[TracedSite]]:
     """A copy of a torch.export graph module with every site a ``Step`` call, and the sites found."""
     hard = copy.deepcopy(gm)

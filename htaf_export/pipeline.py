@@ -28,6 +28,7 @@ from .io import LoadedModel, load, resolve
 from .nn.modules import step_modules
 from .reference import run_reference
 from .runtimes import ArtifactInfo, backends_for, read_artifact
+from .signature import as_shapes
 from .targets import ExportOptions, Target, target as target_named
 from .parity import ParityReport, Tolerance
 from .validate import validate
@@ -59,8 +60,7 @@ def default_data(input_shape: Sequence[int] | Sequence[Sequence[int]], data_path
                  names: Sequence[str] = ("input",)) -> Dataset | Batches:
     """The user's .npz (streamed batch by batch); else the bundled digits for models with one digits-shaped
     input; else seeded noise of the input shape (one array per input)."""
-    first = list(input_shape)
-    shapes = [[int(d) for d in s] for s in first] if first and isinstance(first[0], (list, tuple)) else [first]
+    shapes = as_shapes(input_shape)
     if data_path is not None:
         return NpzBatches(data_path, shapes, names)
     if len(shapes) == 1 and int(np.prod(shapes[0])) == 64:

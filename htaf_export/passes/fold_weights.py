@@ -24,9 +24,8 @@ from onnxscript.optimizer import fold_constants
 
 from .base import PassReport, report
 from .pack_weights import channel_axis
-from .util import const_array
+from .util import WEIGHT_INPUTS, const_array
 
-WEIGHTED = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1}
 SNAP_ULPS = 4
 
 
@@ -96,7 +95,7 @@ class FoldWeightExpressions(ir.passes.InPlacePass):
         targets: dict[int, tuple[ir.Node, str | None]] = {}
         foldable: set[int] = set()
         for node in graph:
-            index = WEIGHTED.get(node.op_type) if node.domain == "" else None
+            index = WEIGHT_INPUTS.get(node.op_type) if node.domain == "" else None
             if index is None or len(node.inputs) <= index or node.inputs[index] is None:
                 continue
             weight = node.inputs[index]
@@ -111,7 +110,7 @@ class FoldWeightExpressions(ir.passes.InPlacePass):
         fold_constants(model, should_fold=lambda n: True if id(n) in foldable else None)
         records = []
         for node, source in targets.values():
-            index = WEIGHTED[node.op_type]
+            index = WEIGHT_INPUTS[node.op_type]
             weight = node.inputs[index]
             if weight is None or const_array(weight) is None:
                 continue

@@ -19,10 +19,9 @@ import numpy as np
 import onnx_ir as ir
 
 from .base import PassReport, report
-from .util import const_array, layer_of, new_initializer, sign_factor, zeros_among_signs
+from .util import WEIGHT_INPUTS, const_array, layer_of, new_initializer, sign_factor, zeros_among_signs
 
 # (op type, index of the weight input) of the layers whose weights may be binary.
-WEIGHT_INPUTS = {"Conv": 1, "Gemm": 1, "MatMul": 1, "ConvTranspose": 1}
 MIN_PACKED = 64  # tiny tensors are not worth a subgraph
 
 

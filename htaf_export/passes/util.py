@@ -5,6 +5,22 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from ..ops import HTAF_DOMAIN
+
+
+# Which input of each ONNX op holds its weight.
+WEIGHT_INPUTS = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1}
+
+
+def attr(node: ir.Node, name: str, default):
+    """An attribute's value, or ``default`` when the node does not set it."""
+    found = node.attributes.get(name)
+    return default if found is None else found.value
+
+
+def is_step(node: ir.Node | None, ops: tuple[str, ...] = ("Sign", "Heaviside")) -> bool:
+    """A step op of the htaf domain (one of ``ops``)."""
+    return node is not None and node.domain == HTAF_DOMAIN and node.op_type in ops
 
 def const_array(value: ir.Value | None) -> np.ndarray | None:
     """The value's constant contents, or None when it is computed at run time."""

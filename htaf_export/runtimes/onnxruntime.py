@@ -16,7 +16,7 @@ from .. import metadata as md
 from ..contracts import StepSpec
 from ..errors import BadInput
 from ..ops import lower_steps
-from ..passes.util import layer_of
+from ..passes.util import WEIGHT_INPUTS, layer_of
 from . import ArtifactInfo, read_steps
 
 
@@ -52,7 +52,6 @@ def _ort_errors() -> tuple[type[Exception], ...]:
             state.RuntimeException)
 
 
-WEIGHTED_OPS = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1}
 def feeding_layers(graph: onnx.GraphProto, tensors: list[str], depth: int = 8) -> dict[str, str]:
     """For each step tensor, the weighted layer nearest upstream (breadth first), named after its weight."""
     producer = {o: n for n in graph.node for o in n.output}
@@ -69,7 +68,7 @@ def feeding_layers(graph: onnx.GraphProto, tensors: list[str], depth: int = 8) -
                     continue
                 seen.add(value)
                 n = producer[value]
-                index = WEIGHTED_OPS.get(n.op_type) if n.domain == "" else None
+                index = WEIGHT_INPUTS.get(n.op_type) if n.domain == "" else None
                 if index is not None and len(n.input) > index:
                     layer = layer_of(n.input[index])
                     if layer:
