@@ -23,7 +23,8 @@ from .tflite_binary import BinaryLayer, Rejected, match
 def _layer_nodes(graph: ir.Graph, layer: BinaryLayer, source: ir.Value, name: str) -> tuple[list[ir.Node], ir.Value]:
     """The layer as standard ops: [Pad] + Conv, or Gemm, with the folded ±1 weights and the ½ − T bias."""
     weight = new_initializer(graph, f"{layer.name}.weight", layer.folded_weight())
-    bias = new_initializer(graph, f"{layer.name}.bias", layer.folded_bias())
+    folded = layer.folded_bias()
+    bias = new_initializer(graph, f"{layer.name}.bias", folded) if folded is not None else None
     if layer.kind == "dense":
         gemm = ir.node("Gemm", [source, weight, bias], {"transB": 1}, name=f"{name}/gemm")
         return [gemm], gemm.outputs[0]

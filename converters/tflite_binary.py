@@ -158,23 +158,39 @@ def _pad_spec(node: ir.Node) -> tuple[list[int], float] | None:
     return [int(p) for p in pads], float(value.reshape(()))
 
 
-def is_pm1(value: ir.Value | None) -> bool:
-    """Whether ``value`` holds ±1 activations: a Sign step seen through ops that commute with sign."""
+LCE_LEVELS = ("pm1",)  # LCE packs ±1 activations only
+INTEGER_LEVELS = ("pm1", "01")  # integer targets take {0, 1} activations too
+
+
+def input_levels(value: ir.Value | None) -> str | None:
+    """"pm1" or "01" when ``value`` holds step activations (±1 or 0/1), seen through ops that keep them
+    (pooling, reshapes, padding with a level value); None otherwise."""
     while value is not None:
         node = value.producer()
         if node is None:
-            return False
-        if is_step(node, ("Sign",)):
-            return True
+            return None
+        if is_step(node):
+            return "pm1" if node.op_type == "Sign" else "01"
         if node.domain == DOMAIN and node.op_type == OP:
             layer: BinaryLayer = node.meta["binary"]
-            return layer.mode == "threshold" and layer.levels == "pm1"
+            return layer.levels if layer.mode == "threshold" else None
         pad = _pad_spec(node)
-        if node.domain == "" and (node.op_type in PASSTHROUGH or (pad is not None and abs(pad[1]) == 1.0)):
+        if node.domain == "" and node.op_type in PASSTHROUGH:
             value = node.inputs[0]
             continue
-        return False
-    return False
+        if pad is not None:
+            levels = input_levels(node.inputs[0])
+            return levels if levels is not None and pad[1] in LEVEL_VALUES[levels] else None
+        return None
+    return None
+
+
+LEVEL_VALUES = {"pm1": (-1.0, 1.0), "01": (0.0, 1.0)}
+
+
+def is_pm1(value: ir.Value | None) -> bool:
+    """Whether ``value`` holds ±1 activations: a Sign step seen through ops that commute with sign."""
+    return input_levels(value) == "pm1"
 
 
 def trim_padding(size: int, kernel: int, stride: int, before: int, after: int, dilation: int = 1) -> int:
@@ -264,7 +280,8 @@ def _dense_layer(node: ir.Node, weight: np.ndarray) -> tuple[BinaryLayer, list[i
     return BinaryLayer(layer_name(node), "dense", weight, "affine", int(weight.shape[1])), [node], node.inputs[0]
 
 
-def match(node: ir.Node, bitpacked: bool) -> tuple[BinaryLayer, list[ir.Node], ir.Value] | Rejected | None:
+def match(node: ir.Node, bitpacked: bool, levels: tuple[str, ...] = LCE_LEVELS
+          ) -> tuple[BinaryLayer, list[ir.Node], ir.Value] | Rejected | None:
     """The binary layer rooted at ``node``, the nodes it replaces (in order) and the value it writes; or why not.
 
     None when ``node`` is not a conv/dense layer with ±1 weights (times a positive per-channel scale), or
@@ -285,8 +302,9 @@ def match(node: ir.Node, bitpacked: bool) -> tuple[BinaryLayer, list[ir.Node], i
         return Rejected(layer_name(node), made)
     layer, absorbed, source = made
     layer = replace(layer, weight=factor[0], weight_scale=factor[1])
-    if not is_pm1(source):
-        return Rejected(layer.name, "input is real-valued; LCE packs ±1 inputs only")
+    if input_levels(source) not in levels:
+        return Rejected(layer.name, "input is real-valued; LCE packs ±1 inputs only" if levels == LCE_LEVELS
+                        else "input is real-valued, not step activations")
     bias = const_array(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
     bias = bias if bias is not None and np.any(bias) else None
     rank = 4 if layer.kind == "conv" else 2
@@ -294,11 +312,11 @@ def match(node: ir.Node, bitpacked: bool) -> tuple[BinaryLayer, list[ir.Node], i
     if step is not None:
         found = integer_thresholds(chain, step, bias, layer.fan_in, layer.out_channels, rank, layer.weight_scale)
         if not isinstance(found, str):
-            levels, tie = ("pm1" if step.op_type == "Sign" else "01"), step.attributes["tie"].as_string()
-            note = (f"batch norm + {'sign' if levels == 'pm1' else 'step'} → integer thresholds (tie {tie}, exact)")
+            written, tie = ("pm1" if step.op_type == "Sign" else "01"), step.attributes["tie"].as_string()
+            note = (f"batch norm + {'sign' if written == 'pm1' else 'step'} → integer thresholds (tie {tie}, exact)")
             layer = replace(layer, mode="threshold", flip=found[0], threshold=found[1], step=step.outputs[0].name,
-                            levels=levels, tie=tie, notes=(note,))
-            return _noted(layer, bitpacked), absorbed + [n for n, _ in chain] + [step], step.outputs[0]
+                            levels=written, tie=tie, notes=(note,))
+            return _noted(layer, bitpacked, levels), absorbed + [n for n, _ in chain] + [step], step.outputs[0]
         layer = replace(layer, notes=(found,))
     if not (bitpacked or chain or layer.weight_scale is not None):
         return None  # a float conv of ±1 values is exact already
@@ -309,12 +327,12 @@ def match(node: ir.Node, bitpacked: bool) -> tuple[BinaryLayer, list[ir.Node], i
         scale, shift = compose_affine(chain, bias, layer.out_channels, rank, layer.weight_scale)
         layer = replace(layer, scale=scale, shift=shift)
         out = chain[-1][0].outputs[0] if chain else node.outputs[0]
-        return _noted(layer, bitpacked), absorbed + [n for n, _ in chain], out
-    return _noted(replace(layer, bias=bias), bitpacked), absorbed, node.outputs[0]
+        return _noted(layer, bitpacked, levels), absorbed + [n for n, _ in chain], out
+    return _noted(replace(layer, bias=bias), bitpacked, levels), absorbed, node.outputs[0]
 
 
-def _noted(layer: BinaryLayer, bitpacked: bool) -> BinaryLayer:
-    if bitpacked and layer.kind == "dense":
+def _noted(layer: BinaryLayer, bitpacked: bool, levels: tuple[str, ...]) -> BinaryLayer:
+    if bitpacked and levels == LCE_LEVELS and layer.kind == "dense":
         return replace(layer, notes=layer.notes + ("dense as a binary conv (LCE keeps QuantDense float)",))
     return layer
 
@@ -337,9 +355,10 @@ class FuseBinaryLayers(ir.passes.InPlacePass):
     """Replace each binary layer by one ``htaf.tflite::BinaryConv`` node, in graph order (so a layer sees the
     layers before it already fused). Records the layers; refusals name the ±1 layers left as they were."""
 
-    def __init__(self, bitpacked: bool) -> None:
+    def __init__(self, bitpacked: bool, levels: tuple[str, ...] = LCE_LEVELS) -> None:
         super().__init__()
         self.bitpacked = bitpacked
+        self.levels = levels
 
     def call(self, model: ir.Model) -> PassReport:
         graph = model.graph
@@ -348,7 +367,7 @@ class FuseBinaryLayers(ir.passes.InPlacePass):
         for node in list(graph):
             if node.graph is None:  # removed by an earlier match
                 continue
-            found = match(node, self.bitpacked)
+            found = match(node, self.bitpacked, self.levels)
             if found is None:
                 continue
             if isinstance(found, Rejected):

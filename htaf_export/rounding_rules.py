@@ -108,6 +108,14 @@ def _linear(x: Bounded, w, b=None) -> Bounded:
     return _dot(x, w, value_of(b), F.linear, int(value_of(w).shape[-1]))
 
 
+def _matmul(x: Bounded, w) -> Bounded:
+    """x @ w with a 2-D right operand (a classifier written as ``h @ W.t()``): the linear layer of wᵀ."""
+    if not isinstance(x, Bounded) or value_of(w).dim() != 2:
+        raise NoBound("matrix product with a batched or constant left operand")
+    wt = Bounded(w.value.t(), w.error.t(), w.integer) if isinstance(w, Bounded) else value_of(w).t()
+    return _linear(x, wt)
+
+
 def _conv(x: Bounded, w, b=None, stride=1, padding=0, dilation=1, groups=1) -> Bounded:
     weight = value_of(w)
     op = (lambda a, k, c: F.conv2d(a, k, c, stride, padding, dilation, groups)) if weight.dim() == 4 else \
@@ -264,7 +272,7 @@ def _filled(fn: Callable) -> Callable:
 
 
 RULES: dict[Any, Callable] = {
-    aten.linear.default: _linear, aten.conv2d.default: _conv, aten.conv1d.default: _conv,
+    aten.linear.default: _linear, aten.mm.default: _matmul, aten.matmul.default: _matmul, aten.conv2d.default: _conv, aten.conv1d.default: _conv,
     aten.batch_norm.default: _batch_norm,
     aten._native_batch_norm_legit_no_training.default: lambda x, w, b, m, v, mom, eps: (
         _batch_norm(x, w, b, m, v, False, mom, eps), None, None),
@@ -281,7 +289,7 @@ RULES: dict[Any, Callable] = {
     aten.ge.Tensor: _compare(torch.ge), aten.gt.Tensor: _compare(torch.gt),
     **{op: _same(op) for op in (
         aten.relu.default, aten.max_pool2d.default, aten.max_pool1d.default, aten.flatten.using_ints, aten.view.default, aten.reshape.default, aten.permute.default,
-        aten.transpose.int, aten.unsqueeze.default, aten.squeeze.dim, aten.cat.default, aten.clone.default,
+        aten.transpose.int, aten.t.default, aten.unsqueeze.default, aten.squeeze.dim, aten.cat.default, aten.clone.default,
         aten.contiguous.default, aten.detach.default, aten.expand.default, aten.select.int, aten.slice.Tensor,
         aten.hardtanh.default, aten.clamp.default, aten.neg.default, aten.alias.default, aten.abs.default)},
 }

@@ -58,6 +58,8 @@ class Target:
 TARGETS: dict[str, Target] = {t.name: t for t in (
     Target("onnx", ".onnx", ".onnx", "converters.onnx:convert",
            "ONNX: htaf step functions, 1-bit packed weights, runs on stock ONNX Runtime"),
+    Target("onnx-int8", ".int8.onnx", ".onnx", "converters.onnx_int8:convert",
+           "ONNX with binary layers as int8 ops (QLinearConv, MatMulInteger) on stock ONNX Runtime"),
     Target("tflite", ".tflite", ".tflite", "converters.tflite:convert_bitpacked",
            "TFLite with binary layers bit-packed by Larq Compute Engine",
            finish="runtimes.tflite_locate:finish_bitpacked"),

@@ -2,8 +2,8 @@
 
 from .base import PassReport, apply_rules
 from .bn_fold import FoldBatchNormIntoSteps
-from .pack_weights import PackBinaryWeights, PackedWeight
+from .pack_weights import PackBinaryWeights, PackedWeight, PackIntegerWeights
 from .plain_steps import RecognisePlainSteps
 
-__all__ = ["PassReport", "apply_rules", "FoldBatchNormIntoSteps", "PackBinaryWeights", "PackedWeight",
+__all__ = ["PassReport", "apply_rules", "FoldBatchNormIntoSteps", "PackBinaryWeights", "PackedWeight", "PackIntegerWeights",
            "RecognisePlainSteps"]

@@ -21,7 +21,8 @@ import onnx_ir as ir
 from .base import PassReport, report
 from .util import WEIGHT_INPUTS, const_array, layer_of, new_initializer, sign_factor, zeros_among_signs
 
-# (op type, index of the weight input) of the layers whose weights may be binary.
+# The inputs of integer ops that may hold two-level weights.
+INTEGER_WEIGHT_INPUTS = {"QLinearConv": (3,), "MatMulInteger": (0, 1)}
 MIN_PACKED = 64  # tiny tensors are not worth a subgraph
 
 
@@ -51,8 +52,10 @@ def channel_axis(node: ir.Node, rank: int) -> int:
 
 
 def _unpack_nodes(graph: ir.Graph, name: str, array: np.ndarray, scale: np.ndarray | None, axis: int,
-                  shared: dict[str, ir.Value]) -> tuple[list[ir.Node], ir.Value, int, int]:
-    bits = (array.reshape(-1) > 0).astype(np.uint8)
+                  shared: dict[str, ir.Value], levels: tuple[np.ndarray, np.ndarray] | None = None
+                  ) -> tuple[list[ir.Node], ir.Value, int, int]:
+    """``levels`` (high, low) for integer weights: bit 1 is high; else float ±1 (times ``scale``)."""
+    bits = (array.reshape(-1) == levels[0] if levels is not None else array.reshape(-1) > 0).astype(np.uint8)
     packed = np.packbits(bits, bitorder="big").reshape(-1, 1)
     packed_v = new_initializer(graph, f"{name}.packed", packed)
     shape_v = new_initializer(graph, f"{name}.shape", np.array(array.shape, dtype=np.int64))
@@ -68,6 +71,14 @@ def _unpack_nodes(graph: ir.Graph, name: str, array: np.ndarray, scale: np.ndarr
         cut = ir.node("Slice", [last, shared["zero_i64"], end_v], name=f"{name}/trim")
         nodes.append(cut)
         last = cut.outputs[0]
+    if levels is not None:
+        as_bool = ir.node("Cast", [last], {"to": ir.DataType.BOOL}, name=f"{name}/cast")
+        high, low = (new_initializer(graph, f"htaf.unpack.{array.dtype}_{int(v)}", np.array(v, array.dtype)) for v in levels)
+        chosen = ir.node("Where", [as_bool.outputs[0], high, low], name=f"{name}/levels")
+        shaped = ir.node("Reshape", [chosen.outputs[0], shape_v], name=f"{name}/reshape")
+        nodes += [as_bool, chosen, shaped]
+        shaped.outputs[0].name = f"{name}.unpacked"
+        return nodes, shaped.outputs[0], int(packed.size), overhead
     as_float = ir.node("Cast", [last], {"to": ir.DataType.FLOAT}, name=f"{name}/cast")
     doubled = ir.node("Mul", [as_float.outputs[0], shared["two"]], name=f"{name}/double")
     signs = ir.node("Sub", [doubled.outputs[0], shared["one_f"]], name=f"{name}/signs")
@@ -103,6 +114,34 @@ def _shared_constants(graph: ir.Graph) -> dict[str, ir.Value]:
         "two": new_initializer(graph, "htaf.unpack.two", np.array(2.0, dtype=np.float32)),
         "one_f": new_initializer(graph, "htaf.unpack.one", np.array(1.0, dtype=np.float32)),
     }
+
+
+class PackIntegerWeights(ir.passes.InPlacePass):
+    """The same for the two-level integer weights of QLinearConv / MatMulInteger (int8 ±1, uint8 {0, 2}):
+    unpacked to the same integers at session start."""
+
+    def call(self, model: ir.Model) -> PassReport:
+        graph = model.graph
+        shared: dict[str, ir.Value] = {}
+        packed: list[PackedWeight] = []
+        for node in list(graph):
+            for index in INTEGER_WEIGHT_INPUTS.get(node.op_type, ()) if node.domain == "" else ():
+                weight = node.inputs[index] if len(node.inputs) > index else None
+                array = const_array(weight)
+                levels = np.unique(array) if array is not None and array.dtype in (np.int8, np.uint8) else ()
+                if weight is None or array is None or len(levels) != 2 or array.size < MIN_PACKED:
+                    continue
+                shared = shared or _shared_constants(graph)
+                name = str(weight.name)
+                nodes, unpacked, nbytes, overhead = _unpack_nodes(graph, name, array, None, 0, shared,
+                                                                  (levels[1], levels[0]))
+                graph.insert_before(node, nodes)
+                for use in list(weight.uses()):
+                    use.node.replace_input_with(use.idx, unpacked)
+                if not weight.uses() and weight.name in graph.initializers:
+                    graph.initializers.pop(weight.name)
+                packed.append(PackedWeight(layer_of(name), name, int(array.size), nbytes, overhead))
+        return report(model, packed)
 
 
 def _pack(graph: ir.Graph) -> tuple[list[PackedWeight], list[tuple[str, str]]]:

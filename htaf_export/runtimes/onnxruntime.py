@@ -52,6 +52,22 @@ def _ort_errors() -> tuple[type[Exception], ...]:
             state.RuntimeException)
 
 
+# The integer ops whose weight may be either input (onnx-int8: QLinearConv, MatMulInteger).
+INTEGER_WEIGHT_INPUTS = {"QLinearConv": (3,), "MatMulInteger": (0, 1)}
+
+
+def _weight_of(node: onnx.NodeProto, constants: set[str]) -> str | None:
+    """The weight input of a layer node: a float op's by position; an integer op's, the one that is a constant
+    or unpacked from packed bits."""
+    if node.domain != "":
+        return None
+    if node.op_type in WEIGHT_INPUTS:
+        index = WEIGHT_INPUTS[node.op_type]
+        return node.input[index] if len(node.input) > index else None
+    return next((node.input[i] for i in INTEGER_WEIGHT_INPUTS.get(node.op_type, ())
+                 if len(node.input) > i and (node.input[i] in constants or node.input[i].endswith(".unpacked"))), None)
+
+
 def feeding_layers(graph: onnx.GraphProto, tensors: list[str], depth: int = 8) -> dict[str, str]:
     """For each step tensor, the weighted layer nearest upstream (breadth first), named after its weight."""
     producer = {o: n for n in graph.node for o in n.output}
@@ -68,9 +84,9 @@ def feeding_layers(graph: onnx.GraphProto, tensors: list[str], depth: int = 8) -
                     continue
                 seen.add(value)
                 n = producer[value]
-                index = WEIGHT_INPUTS.get(n.op_type) if n.domain == "" else None
-                if index is not None and len(n.input) > index:
-                    layer = layer_of(n.input[index])
+                weight = _weight_of(n, constants)
+                if weight is not None:
+                    layer = layer_of(weight)
                     if layer:
                         found[tensor] = layer
                         break
@@ -124,7 +140,17 @@ class OnnxRuntimeRunner:
         started = time.perf_counter()
         values = self.session.run(self.outputs, feed)
         self.inference_seconds += time.perf_counter() - started
-        return dict(zip(self.outputs, values))
+        return decode_steps(dict(zip(self.outputs, values)), self.info.steps)
+
+
+def decode_steps(values: dict[str, np.ndarray], steps: Sequence[StepSpec]) -> dict[str, np.ndarray]:
+    """Step tensors an integer graph keeps as bools ("fired") as the step's float values."""
+    for s in steps:
+        fired = values.get(s.tensor)
+        if fired is not None and fired.dtype == np.bool_:
+            values[s.tensor] = (fired.astype(np.float32) if s.levels == "01"
+                                else np.where(fired, np.float32(1.0), np.float32(-1.0)))
+    return values
 
 
 def onnx_runners(info: ArtifactInfo, device: str = "all", threads: int = 0) -> list[OnnxRuntimeRunner]:

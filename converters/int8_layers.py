@@ -1,0 +1,194 @@
+"""One binary layer as the integer ops that stock ONNX Runtime runs on its fast u8×s8 kernels.
+
+Which ops, measured (``benchmarks/bench_int8.py``; one 3×3 conv of 256 channels on 28×28, 1 thread): float
+``Conv`` 3.6 ms; ``QLinearConv`` with a uint8 input and int8 weights 0.93 ms; ``MatMulInteger`` with a
+uint8 left and an int8 right operand (im2col) 1.0–1.3 ms; u8×u8 ``ConvInteger`` 2.6 ms; s8×u8
+``MatMulInteger`` 20 ms. Operand types decide whether the fast kernel runs, so every layer here has a uint8
+left operand and an int8 right one.
+
+- **Threshold layers** (the layer ends in a step, "fires iff flip·v ≥ T", see ``tflite_binary``): the conv is
+  ``QLinearConv`` with every scale 1, input zero point z (1 for ±1 stored as {0, 2}, 0 for {0, 1}), weights
+  flip·W in int8, bias −T in int32 and output zero point 128: the output is sat(flip·v − T + 128), and
+  saturation keeps the sign, so the step is output ≥ 128, exactly, for every tie rule (the threshold is an
+  integer). A dense layer is ``MatMulInteger`` → int32 v, compared with T.
+- **Affine layers** (a float op follows: the classifier, a residual sum): the exact integer v is
+  ``MatMulInteger`` (dense; convs through im2col: one strided ``Slice`` per kernel position, a ``Concat`` and
+  one product), then the per-channel y = scale·v + shift in float.
+- Anything else (grouped affine convs, inputs of unknown size, a pad value no level encodes) runs as the
+  float conv the ONNX target writes, on the float activations: exact, only slower.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+from htaf_export.passes.util import new_initializer
+
+from .tflite_binary import BinaryLayer, Padding
+
+OUTPUT_ZERO_POINT = 128  # the output of a threshold conv: ≥ 128 ⟺ the step fires
+
+
+@dataclass(frozen=True)
+class Encoding:
+    """How step activations of ``levels`` ("pm1" or "01") are stored in ``dtype`` ("u8" or "s8")."""
+
+    dtype: str
+    levels: str
+
+    @property
+    def zero_point(self) -> int:
+        return 1 if (self.dtype, self.levels) == ("u8", "pm1") else 0
+
+    @property
+    def numpy(self) -> type:
+        return np.uint8 if self.dtype == "u8" else np.int8
+
+    def stores(self, real: float) -> bool:
+        allowed = (-1.0, 0.0, 1.0) if self.levels == "pm1" else (0.0, 1.0)
+        return real in allowed
+
+    def of(self, real: float) -> np.ndarray:
+        return np.array(int(real) + self.zero_point, self.numpy)
+
+    def fired_values(self) -> tuple[np.ndarray, np.ndarray]:
+        """(value when fired, value when not)."""
+        return self.of(1.0), self.of(-1.0 if self.levels == "pm1" else 0.0)
+
+
+def _const(graph: ir.Graph, name: str, array) -> ir.Value:
+    return new_initializer(graph, name, np.asarray(array))
+
+
+def _explicit_pad(graph: ir.Graph, x: ir.Value, pad: Padding, enc: Encoding, name: str) -> tuple[list[ir.Node], ir.Value]:
+    spec = _const(graph, f"{name}.pads", np.array([0, 0, pad.top, pad.left, 0, 0, pad.bottom, pad.right], np.int64))
+    node = ir.node("Pad", [x, spec, _const(graph, f"{name}.pad_value", enc.of(pad.value))], {"mode": "constant"},
+                   name=f"{name}/pad")
+    return [node], node.outputs[0]
+
+
+def integer_ready(layer: BinaryLayer, enc_levels: str) -> bool:
+    """Whether the layer can run on integer ops (else it runs as a float conv on float activations)."""
+    pad = layer.padding
+    if pad is not None and pad.any and not Encoding("u8", enc_levels).stores(pad.value):
+        return False
+    if layer.kind == "dense" or layer.mode == "threshold":
+        return True
+    return layer.group == 1
+
+
+def input_dtype(layer: BinaryLayer) -> str:
+    """The encoding the layer's integer form reads: u8 on the left of every product but im2col's."""
+    return "s8" if layer.kind == "conv" and layer.mode == "affine" else "u8"
+
+
+def threshold_conv(graph: ir.Graph, layer: BinaryLayer, x: ir.Value, enc: Encoding, name: str
+                   ) -> tuple[list[ir.Node], ir.Value]:
+    """→ (nodes, bool "fired") for a conv in threshold mode (QLinearConv, module docstring)."""
+    nodes: list[ir.Node] = []
+    pads = [0, 0, 0, 0]
+    pad = layer.padding
+    if pad is not None and pad.any:
+        if pad.value == 0.0:  # QLinearConv pads with the zero point: the real value 0
+            pads = [pad.top, pad.left, pad.bottom, pad.right]
+        else:
+            nodes, x = _explicit_pad(graph, x, pad, enc, name)
+    one = _const(graph, "htaf.int8.one", np.array(1.0, np.float32))
+    inputs = [x, one, _const(graph, f"{name}.x_zero_point", enc.of(0.0)),
+              _const(graph, f"{layer.name}.weight", layer.folded_weight().astype(np.int8)), one,
+              _const(graph, "htaf.int8.zero_s8", np.array(0, np.int8)), one,
+              _const(graph, "htaf.int8.y_zero_point", np.array(OUTPUT_ZERO_POINT, np.uint8)),
+              _const(graph, f"{layer.name}.bias", (-layer.threshold).astype(np.int32))]  # type: ignore[operator]
+    conv = ir.node("QLinearConv", inputs, {"strides": list(layer.stride), "pads": pads,
+                                           "dilations": list(layer.dilation), "group": layer.group},
+                   name=f"{name}/qconv")
+    fired = ir.node("GreaterOrEqual", [conv.outputs[0], inputs[7]], name=f"{name}/fired")
+    return nodes + [conv, fired], fired.outputs[0]
+
+
+def _dense_product(graph: ir.Graph, layer: BinaryLayer, x: ir.Value, enc: Encoding, name: str) -> ir.Node:
+    weight = layer.folded_weight() if layer.mode == "threshold" else layer.weight
+    return ir.node("MatMulInteger", [x, _const(graph, f"{layer.name}.weight", np.ascontiguousarray(weight.T).astype(np.int8)),
+                                     _const(graph, f"{name}.x_zero_point", enc.of(0.0)),
+                                     _const(graph, "htaf.int8.zero_s8", np.array(0, np.int8))], name=f"{name}/matmul")
+
+
+def threshold_dense(graph: ir.Graph, layer: BinaryLayer, x: ir.Value, enc: Encoding, name: str
+                    ) -> tuple[list[ir.Node], ir.Value]:
+    """→ (nodes, bool "fired"): int32 v from MatMulInteger, compared with the integer thresholds."""
+    product = _dense_product(graph, layer, x, enc, name)
+    threshold = _const(graph, f"{layer.name}.threshold", layer.threshold.astype(np.int32))  # type: ignore[union-attr]
+    fired = ir.node("GreaterOrEqual", [product.outputs[0], threshold], name=f"{name}/fired")
+    return [product, fired], fired.outputs[0]
+
+
+def _im2col_conv(graph: ir.Graph, layer: BinaryLayer, x: ir.Value, enc: Encoding, name: str
+                 ) -> tuple[list[ir.Node], ir.Value]:
+    """int32 v of an ungrouped conv: one strided slice per kernel position, concatenated on channels, times the
+    [out, kh·kw·in] weight matrix (uint8 {0, 2} with zero point 1, so ±1) on the left. Each tap ends where the
+    last kernel row would, counted from the end, so no input size is needed."""
+    nodes: list[ir.Node] = []
+    pad = layer.padding
+    if pad is not None and pad.any:
+        nodes, x = _explicit_pad(graph, x, pad, enc, name)
+    out_c, in_c, kh, kw = layer.weight.shape
+    (sh, sw), (dh, dw) = layer.stride, layer.dilation
+    axes = _const(graph, "htaf.int8.hw_axes", np.array([2, 3], np.int64))
+    steps = _const(graph, f"{name}.steps", np.array([sh, sw], np.int64))
+    slices = []
+    for i in range(kh):
+        for j in range(kw):
+            start = _const(graph, f"{name}.start{i}_{j}", np.array([i * dh, j * dw], np.int64))
+            end = _const(graph, f"{name}.end{i}_{j}", np.array([_end(kh, i, dh), _end(kw, j, dw)], np.int64))
+            slices.append(ir.node("Slice", [x, start, end, axes, steps], name=f"{name}/tap{i}_{j}"))
+    column = ir.node("Concat", [s.outputs[0] for s in slices], {"axis": 1}, name=f"{name}/columns")
+    flat = ir.node("Reshape", [column.outputs[0], _const(graph, f"{name}.columns_shape",
+                                                         np.array([0, kh * kw * in_c, -1], np.int64))],
+                   name=f"{name}/columns_flat")
+    matrix = (layer.weight.transpose(0, 2, 3, 1).reshape(out_c, -1) + 1).astype(np.uint8)
+    product = ir.node("MatMulInteger", [_const(graph, f"{layer.name}.weight", matrix), flat.outputs[0],
+                                        _const(graph, "htaf.int8.one_u8", np.array(1, np.uint8)),
+                                        _const(graph, "htaf.int8.zero_s8", np.array(0, np.int8))], name=f"{name}/matmul")
+    size = ir.node("Shape", [slices[0].outputs[0]], {"start": 2}, name=f"{name}/out_size")
+    shape = ir.node("Concat", [_const(graph, f"{name}.out_channels", np.array([0, out_c], np.int64)), size.outputs[0]],
+                    {"axis": 0}, name=f"{name}/out_shape")
+    shaped = ir.node("Reshape", [product.outputs[0], shape.outputs[0]], name=f"{name}/unflatten")
+    return nodes + slices + [column, flat, product, size, shape, shaped], shaped.outputs[0]
+
+
+def _end(kernel: int, tap: int, dilation: int) -> int:
+    """Slice end of kernel position ``tap``: as many rows before the end as the later taps span."""
+    behind = (kernel - 1 - tap) * dilation
+    return -behind if behind else np.iinfo(np.int64).max
+
+
+def affine_integer(graph: ir.Graph, layer: BinaryLayer, x: ir.Value, enc: Encoding, name: str
+                   ) -> tuple[list[ir.Node], ir.Value]:
+    """→ (nodes, float y): the exact int32 v, then y = scale·v + shift per channel."""
+    if layer.kind == "dense":
+        product = _dense_product(graph, layer, x, enc, name)
+        nodes, acc = [product], product.outputs[0]
+    else:
+        nodes, acc = _im2col_conv(graph, layer, x, enc, name)
+    as_float = ir.node("Cast", [acc], {"to": ir.DataType.FLOAT}, name=f"{name}/to_float")
+    tail, y = affine_tail(graph, layer, as_float.outputs[0], name)
+    return nodes + [as_float] + tail, y
+
+
+def affine_tail(graph: ir.Graph, layer: BinaryLayer, v: ir.Value, name: str) -> tuple[list[ir.Node], ir.Value]:
+    """y = scale·v + shift (or v + bias) per output channel, in float."""
+    shape = (-1, 1, 1) if layer.kind == "conv" else (-1,)
+    nodes: list[ir.Node] = []
+    scale, shift = (layer.scale, layer.shift) if layer.scale is not None else (None, layer.bias)
+    if scale is not None:
+        nodes.append(ir.node("Mul", [v, _const(graph, f"{layer.name}.scale", scale.astype(np.float32).reshape(shape))],
+                             name=f"{name}/scale"))
+        v = nodes[-1].outputs[0]
+    if shift is not None:
+        nodes.append(ir.node("Add", [v, _const(graph, f"{layer.name}.shift", shift.astype(np.float32).reshape(shape))],
+                             name=f"{name}/shift"))
+        v = nodes[-1].outputs[0]
+    return nodes, v

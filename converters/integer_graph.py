@@ -1,0 +1,164 @@
+"""Rewrite a graph of fused binary layers and steps so that step activations flow between binary layers as
+integers, and float only where a float op reads them.
+
+Every step (an ``htaf`` step node, or a binary layer in threshold mode) becomes a bool tensor "fired" and,
+for float readers, its float value decoded from it (Where/Cast). A binary layer reads the integer encoding
+its ops want (``int8_layers.Encoding``), made from "fired" and replayed through the ops between them
+(pooling, reshapes, level-valued pads), so that no float op runs between two binary layers. The float
+copies nothing reads are removed by the final clean-up. Step tensors keep their names: the float value
+where one survives, else the bool, which the ONNX Runtime runner decodes by the step's op.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+
+from htaf_export.passes.util import const_array, is_step
+
+from . import int8_layers as il
+from .integer_steps import _layer_nodes as float_layer_nodes
+from .tflite_binary import DOMAIN, OP, PASSTHROUGH, BinaryLayer, _pad_spec, input_levels
+
+FIRED_SUFFIX = "/fired"
+
+
+@dataclass(frozen=True)
+class LoweredLayer:
+    """How one binary layer was written: "integer" ops or the "float" conv, and why not integer."""
+
+    layer: BinaryLayer
+    form: str
+    ops: str
+    reason: str = ""
+
+
+@dataclass
+class IntegerGraph:
+    """Rewrites ``graph`` in place (``lower``); remembers each step's fired/float pair for naming."""
+
+    graph: ir.Graph
+    fired: dict[int, tuple[ir.Value, str]] = field(default_factory=dict)  # id(float step value) → (bool, levels)
+    encoded: dict[tuple[int, str], ir.Value] = field(default_factory=dict)
+    steps: list[tuple[str, ir.Value, ir.Value]] = field(default_factory=list)  # (step name, bool, float)
+    lowered: list[LoweredLayer] = field(default_factory=list)
+
+    def lower(self) -> None:
+        levels = {id(n): input_levels(n.inputs[0]) for n in self.graph if n.domain == DOMAIN and n.op_type == OP}
+        for node in list(self.graph):
+            if is_step(node):
+                self._step(node)
+            elif node.domain == DOMAIN and node.op_type == OP:
+                self._binary(node, levels[id(node)])
+
+    # ---- steps ---------------------------------------------------------------------------------
+
+    def _step(self, node: ir.Node) -> None:
+        tie = node.attributes["tie"].as_string()
+        compare = ir.node("GreaterOrEqual" if tie == "ge" else "Greater", list(node.inputs[:2]), name=f"{node.name}/fired")
+        levels = "pm1" if node.op_type == "Sign" else "01"
+        self._replace_step(node, [compare], compare.outputs[0], levels)
+
+    def _replace_step(self, node: ir.Node, nodes: list[ir.Node], fired: ir.Value, levels: str) -> None:
+        old = node.outputs[0]
+        name = str(old.name)
+        decode = _decode(self.graph, fired, levels, name)
+        ir.convenience.replace_nodes_and_values(self.graph, node, [node], [*nodes, decode], [old], [decode.outputs[0]])
+        fired.name = name + FIRED_SUFFIX
+        self.fired[id(decode.outputs[0])] = (fired, levels)
+        self.steps.append((name, fired, decode.outputs[0]))
+
+    # ---- binary layers -------------------------------------------------------------------------
+
+    def _binary(self, node: ir.Node, levels: str | None) -> None:
+        layer: BinaryLayer = node.meta["binary"]
+        name = f"{layer.name}/int8"
+        source = node.inputs[0]
+        x = None
+        if levels is not None and il.integer_ready(layer, levels):
+            x = self._encoded(source, il.Encoding(il.input_dtype(layer), levels))
+        if x is None:
+            reason = "grouped convs with a float output run as float convs" if levels is not None else "input levels unknown"
+            nodes, y = float_layer_nodes(self.graph, layer, source, name)
+            self.lowered.append(LoweredLayer(layer, "float", "Conv" if layer.kind == "conv" else "Gemm", reason))
+            if layer.mode == "threshold":
+                zero = il._const(self.graph, "htaf.int8.zero_f", np.array(0.0, np.float32))
+                fired = ir.node("Greater", [y, zero], name=f"{name}/fired")  # y = flip·v − T + ½ is never 0
+                return self._replace_step(node, nodes + [fired], fired.outputs[0], layer.levels or "pm1")
+            tail, y = il.affine_tail(self.graph, layer, y, name)
+            return self._replace_output(node, nodes + tail, y)
+        enc = il.Encoding(il.input_dtype(layer), levels)  # type: ignore[arg-type]
+        if layer.mode == "threshold":
+            build = il.threshold_conv if layer.kind == "conv" else il.threshold_dense
+            nodes, fired = build(self.graph, layer, x, enc, name)
+            self.lowered.append(LoweredLayer(layer, "integer", _ops(nodes)))
+            return self._replace_step(node, nodes, fired, layer.levels or "pm1")
+        nodes, y = il.affine_integer(self.graph, layer, x, enc, name)
+        self.lowered.append(LoweredLayer(layer, "integer", _ops(nodes)))
+        self._replace_output(node, nodes, y)
+
+    def _replace_output(self, node: ir.Node, nodes: list[ir.Node], y: ir.Value) -> None:
+        ir.convenience.replace_nodes_and_values(self.graph, node, [node], nodes, [node.outputs[0]], [y])
+
+    def _encoded(self, value: ir.Value, enc: il.Encoding) -> ir.Value | None:
+        """``value`` (float step activations) in ``enc``, computed from the bools, or None."""
+        key = (id(value), enc.dtype)
+        if key in self.encoded:
+            return self.encoded[key]
+        made: ir.Value | None = None
+        if id(value) in self.fired:
+            fired, _ = self.fired[id(value)]
+            hi, lo = enc.fired_values()
+            node = ir.node("Where", [fired, il._const(self.graph, f"htaf.int8.{enc.dtype}_{enc.levels}_hi", hi),
+                                     il._const(self.graph, f"htaf.int8.{enc.dtype}_{enc.levels}_lo", lo)],
+                           name=f"{value.name}/{enc.dtype}")
+            self.graph.append(node)
+            made = node.outputs[0]
+        else:
+            producer = value.producer()
+            if producer is not None and producer.domain == "":
+                made = self._replayed(producer, enc)
+        if made is not None:
+            made.name = f"{value.name}.{enc.dtype}"
+            self.encoded[key] = made
+        return made
+
+    def _replayed(self, node: ir.Node, enc: il.Encoding) -> ir.Value | None:
+        """A pooling/reshape/pad node run again on the encoded input."""
+        pad = _pad_spec(node)
+        if node.op_type not in PASSTHROUGH and (pad is None or not enc.stores(pad[1])):
+            return None
+        source = self._encoded(node.inputs[0], enc)
+        if source is None:
+            return None
+        inputs = [source, *node.inputs[1:]]
+        if pad is not None:
+            value = il._const(self.graph, f"htaf.int8.pad_{enc.dtype}_{int(pad[1]) + enc.zero_point}", enc.of(pad[1]))
+            inputs = [source, node.inputs[1], value]
+        copy = ir.node(node.op_type, inputs, {k: v for k, v in node.attributes.items()}, name=f"{node.name}/{enc.dtype}")
+        self.graph.append(copy)
+        return copy.outputs[0]
+
+    def name_steps(self) -> None:
+        """After clean-up: a step's tensor is its float value where one is left, else its bool."""
+        present = {v.name for n in self.graph for v in n.outputs} | {v.name for v in self.graph.outputs}
+        for name, fired, _ in self.steps:
+            if name not in present and fired.name == name + FIRED_SUFFIX:
+                fired.name = name
+
+
+def _decode(graph: ir.Graph, fired: ir.Value, levels: str, name: str) -> ir.Node:
+    if levels == "01":
+        return ir.node("Cast", [fired], {"to": ir.DataType.FLOAT}, name=f"{name}/float")
+    return ir.node("Where", [fired, il._const(graph, "htaf.int8.plus_one", np.array(1.0, np.float32)),
+                             il._const(graph, "htaf.int8.minus_one", np.array(-1.0, np.float32))], name=f"{name}/float")
+
+
+def _ops(nodes: list[ir.Node]) -> str:
+    main = [n.op_type for n in nodes if n.op_type in ("QLinearConv", "MatMulInteger")]
+    return main[0] + (" (im2col)" if any(n.op_type == "Concat" for n in nodes) else "") if main else "?"
+
+
+__all__ = ["IntegerGraph", "LoweredLayer", "FIRED_SUFFIX", "const_array"]

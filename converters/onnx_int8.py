@@ -1,0 +1,74 @@
+"""``onnx-int8`` target: binary layers as integer ops on stock ONNX Runtime's int8 kernels, exact.
+
+    IR ─copy─▶ fuse binary layers (tflite_binary: integer thresholds, {±1, 0/1} inputs)
+       ─▶ fold the other batch norms into step thresholds ─▶ integer layers and bool steps (integer_graph)
+       ─▶ 1-bit packed weights (float ±1 and two-level integers) ─▶ .onnx bytes
+
+The first layer on real inputs, the classifier's scale and everything that is not a binary layer stay float,
+as in the ``onnx`` target. See ``int8_layers`` for the ops and why those, and docs/integer-targets.md.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from typing import Mapping
+
+import onnx
+import onnx_ir as ir
+from onnxscript.optimizer import fold_constants
+
+from htaf_export import metadata as md
+from htaf_export.capture import Capture, cleanup
+from htaf_export.contracts import Conversion, LayerRow
+from htaf_export.errors import UnsupportedLayer
+from htaf_export.ops import attach_step_functions
+from htaf_export.passes import FoldBatchNormIntoSteps, PackBinaryWeights, PackIntegerWeights
+from htaf_export.targets import ExportOptions
+
+from .integer_graph import IntegerGraph
+from .onnx import _tie_of
+from .tflite import SHAPE_ARITHMETIC
+from .tflite_binary import INTEGER_LEVELS, FuseBinaryLayers
+
+MODE = "integer"
+
+
+def convert(capture: Capture, provenance: Mapping[str, str], options: ExportOptions) -> Conversion:
+    """The target's contract: IR + provenance + options → the .onnx bytes and the export summary."""
+    if capture.streaming:
+        raise UnsupportedLayer("model", "onnx-int8 exports unrolled models only; use --target onnx for streaming")
+    if options.portable:
+        raise UnsupportedLayer("model", "--portable is for the onnx target; onnx-int8 uses standard ops only")
+    model = capture.ir_copy()  # converters never modify the shared IR
+    fold_constants(model, should_fold=lambda n: True if n.domain == "" and n.op_type in SHAPE_ARITHMETIC else None)
+    refusals = FuseBinaryLayers(True, INTEGER_LEVELS)(model).refusals
+    FoldBatchNormIntoSteps()(model)
+    lowering = IntegerGraph(model.graph)
+    lowering.lower()
+    packed = PackIntegerWeights()(model).records + PackBinaryWeights()(model).records
+    cleanup(model, fold=False)
+    lowering.name_steps()
+    proto = ir.to_proto(model)
+    attach_step_functions(proto)
+    proto.ir_version = 10
+    proto.producer_name = "htaf-export"
+    meta = {**md.encode(provenance),
+            md.TIE: _tie_of(capture),
+            md.ONNX_MODE: MODE,
+            md.STEPS: json.dumps([s.to_dict() for s in capture.steps], sort_keys=True),
+            md.BINARY_WEIGHTS: json.dumps([asdict(p) for p in packed], sort_keys=True)}
+    del proto.metadata_props[:]
+    for key in sorted(meta):
+        proto.metadata_props.add(key=key, value=meta[key])
+    onnx.checker.check_model(proto, full_check=True)
+    rows = [LayerRow(lw.layer.name, f"{lw.ops} ({lw.layer.mode})" if lw.form == "integer" else f"float {lw.ops}",
+                     lw.reason or "; ".join(lw.layer.notes) or "exact integer sums") for lw in lowering.lowered]
+    rows += [LayerRow(name, "float", reason) for name, reason in refusals]
+    rows += [LayerRow(p.layer, "packed 1-bit weights", f"{p.numel:,} weights in {p.packed_bytes:,} B") for p in packed]
+    notes = () if lowering.lowered else (
+        "no binary layer (±1 weights on step activations) in this model: nothing runs on integer kernels, "
+        "so this file is no faster than --target onnx",)
+    return Conversion(proto.SerializeToString(deterministic=True), tuple(rows), notes=notes,
+                      binary_floor_bytes=sum(p.floor_bytes for p in packed),
+                      binary_stored_bytes=sum(p.packed_bytes + p.overhead_bytes for p in packed))

@@ -1,0 +1,194 @@
+"""onnx-int8 on models written the way a user writes them: plain torch layers with weights binarized inline,
+{0, 1} and ±1 activations, stride, dilation, groups, +1 and zero padding, a float residual, a MatMul
+classifier, odd input sizes; saved as .pt2 and TorchScript. Each is exported, run on ONNX Runtime and
+validated against the PyTorch reference; sabotaged files must fail and name what is wrong."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import torch.nn.functional as F
+from onnx import numpy_helper
+from torch import nn
+
+import htaf_export
+from htaf_export import cli
+from htaf_export.nn import HTAF
+
+
+def _binary(w: torch.Tensor) -> torch.Tensor:
+    return w + (torch.where(w >= 0, 1.0, -1.0) - w).detach()
+
+
+def _randomize_norms(model: nn.Module, seed: int) -> nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            n = m.num_features
+            m.running_mean.copy_(torch.randn(n, generator=g) * 3)
+            m.running_var.copy_(torch.rand(n, generator=g) * 4 + 0.5)
+            m.weight.data.copy_(torch.randn(n, generator=g))
+            m.bias.data.copy_(torch.randn(n, generator=g))
+    return model.eval()
+
+
+class FiringNet(nn.Module):
+    """{0, 1} activations into binary convs: stride 2 with zero padding, a max pool, a dilated conv, a dense head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 10, 3, padding=1)
+        self.stem_norm = nn.BatchNorm2d(10)
+        self.fire0 = HTAF(levels="01")
+        self.k1 = nn.Parameter(torch.randn(14, 10, 3, 3))
+        self.norm1 = nn.BatchNorm2d(14)
+        self.fire1 = HTAF(levels="01", tie="gt")
+        self.pool = nn.MaxPool2d(2)
+        self.k2 = nn.Parameter(torch.randn(12, 14, 3, 3))
+        self.norm2 = nn.BatchNorm2d(12)
+        self.fire2 = HTAF(levels="pm1")
+        self.head = nn.Parameter(torch.randn(9, 12 * 3 * 3))
+        self.head_norm = nn.BatchNorm1d(9)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.fire0(self.stem_norm(self.stem(x)))
+        h = self.fire1(self.norm1(F.conv2d(a, _binary(self.k1), stride=2, padding=1)))  # 13x11 → 7x6
+        h = self.pool(h)  # → 3x3
+        h = self.fire2(self.norm2(F.conv2d(h, _binary(self.k2), padding=2, dilation=2)))
+        return self.head_norm(F.linear(h.flatten(1), _binary(self.head)))
+
+
+class GroupResidualNet(nn.Module):
+    """±1 activations: a grouped conv after a +1 pad, a binary conv added to a float shortcut, a MatMul head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(2, 6, 3, padding=1)
+        self.stem_norm = nn.BatchNorm2d(6)
+        self.sign0 = HTAF(levels="pm1")
+        self.grouped = nn.Parameter(torch.randn(8, 3, 3, 3))
+        self.grouped_norm = nn.BatchNorm2d(8)
+        self.sign1 = HTAF(levels="pm1")
+        self.mix = nn.Parameter(torch.randn(6, 8, 3, 3))
+        self.mix_norm = nn.BatchNorm2d(6)
+        self.sign2 = HTAF(levels="pm1")
+        self.classifier = nn.Parameter(torch.randn(5, 6 * 9 * 7))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skip = self.stem_norm(self.stem(x))
+        a = self.sign0(skip)
+        h = self.sign1(self.grouped_norm(F.conv2d(F.pad(a, (1, 1, 1, 1), value=1.0), _binary(self.grouped), groups=2)))
+        h = self.sign2(self.mix_norm(F.conv2d(h, _binary(self.mix), padding=1)) + skip)
+        return h.flatten(1) @ _binary(self.classifier).t()
+
+
+MODELS = {"firing": (FiringNet, (3, 13, 11)), "group_residual": (GroupResidualNet, (2, 9, 7))}
+# the integer ops each file must hold: QLinearConv (threshold convs), MatMulInteger (dense, im2col convs)
+INTEGER_OPS = {"firing": {"QLinearConv": 2, "MatMulInteger": 1},
+               "group_residual": {"QLinearConv": 1, "MatMulInteger": 2}}
+
+
+def _save(name: str, fmt: str, directory: Path) -> Path:
+    cls, shape = MODELS[name]
+    torch.manual_seed(3)
+    model = _randomize_norms(cls(), seed=4)
+    example = torch.randn(2, *shape)
+    path = directory / f"{name}.{fmt}"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if fmt == "pt2":
+            program = torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+            torch.export.save(program, path)
+        else:
+            torch.jit.save(torch.jit.trace(model, example), str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory) -> dict[tuple[str, str], Path]:
+    directory = tmp_path_factory.mktemp("int8")
+    return {(n, f): _save(n, f, directory) for n in MODELS for f in ("pt2", "torchscript")}
+
+
+def _export(path: Path, out: Path, shape) -> htaf_export.ExportResult:
+    with contextlib.redirect_stdout(io.StringIO()):
+        return htaf_export.export(path, "onnx-int8", out, input_shape=list(shape), device="cpu")
+
+
+@pytest.mark.parametrize("fmt", ["pt2", "torchscript"])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_user_models_run_on_integer_ops_with_parity(saved, name, fmt, tmp_path):
+    result = _export(saved[(name, fmt)], tmp_path / "m.int8.onnx", MODELS[name][1])
+    report = result.report
+    assert report is not None and report.passed, report.failure_line()
+    proto = onnx.load(str(result.artifact))
+    ops = [n.op_type for n in proto.graph.node]
+    assert {op: ops.count(op) for op in INTEGER_OPS[name]} == INTEGER_OPS[name], ops
+    assert "Conv" not in ops[1:] or ops.count("Conv") == 1, "only the stem on real inputs stays a float conv"
+    steps = [t for t in report.backends[0].tensors if t.kind == "binary"]
+    if fmt == "torchscript":  # no module tree to hook: checked through the outputs
+        assert steps and any("checked through the outputs only" in n for n in report.notes)
+    else:
+        assert steps and all(t.elements > 0 for t in steps)  # the steps fed by integer sums cannot flip: exact thresholds, no float in between
+        layers = {lw.layer for lw in result.conversion.rows if "(threshold)" in lw.became}
+        fed = [t for t in steps if t.layer in layers]
+        assert fed and all(t.mismatched == 0 for t in fed), [(t.name, t.mismatched) for t in fed]
+
+
+def _sabotaged(artifact: Path, out: Path, op: str, index: int, change) -> None:
+    """Copy ``artifact`` with the constant that input ``index`` of the first ``op`` reads changed by ``change``
+    (a packed weight is changed in its packed bytes)."""
+    proto = onnx.load(str(artifact))
+    node = next(n for n in proto.graph.node if n.op_type == op)
+    name = node.input[index]
+    producers = {o: n for n in proto.graph.node for o in n.output}
+    while name not in {i.name for i in proto.graph.initializer}:  # follow the unpacking back to the packed bits
+        name = next(i for i in producers[name].input if ".packed" in i or i in producers)
+    tensor = next(i for i in proto.graph.initializer if i.name == name)
+    array = numpy_helper.to_array(tensor).copy()
+    change(array.reshape(-1))
+    tensor.CopyFrom(numpy_helper.from_array(array, name))
+    onnx.save(proto, str(out))
+
+
+@pytest.mark.parametrize(("name", "what", "op", "index", "first_failing"), [
+    ("firing", "packed weight bytes", "QLinearConv", 3, "fire1"),
+    ("firing", "a threshold moved one step", "QLinearConv", 8, "fire1"),
+    ("group_residual", "packed weight bytes", "MatMulInteger", 0, "sign2"),
+])
+def test_sabotaged_integer_files_fail(saved, tmp_path, capsys, name, what, op, index, first_failing):
+    path = saved[(name, "pt2")]
+    good = _export(path, tmp_path / "good.int8.onnx", MODELS[name][1]).artifact
+    bad = tmp_path / "bad.int8.onnx"
+
+    def change(flat: np.ndarray) -> None:
+        if what == "packed weight bytes":
+            flat[:8] ^= 0xFF  # 64 weights change sign
+        else:  # the bias is −T: move the threshold nearest 0, which the data reaches, by one
+            flat[np.argmin(np.abs(flat))] += 1
+
+    _sabotaged(good, bad, op, index, change)
+    capsys.readouterr()
+    shape = ",".join(str(d) for d in MODELS[name][1])
+    code = cli.main(["validate", str(path), str(bad), "--input-shape", shape, "--device", "cpu"])
+    out = capsys.readouterr().out.replace("\n", " ")
+    assert code == 1, out
+    assert f"first failing tensor {first_failing}" in out, out
+
+
+def test_streaming_and_portable_are_refused_in_one_line(tmp_path, capsys):
+    sample = Path(__file__).resolve().parent.parent / "sample_models"
+    assert cli.main([str(sample / "snn_mlp.pt"), "--target", "onnx-int8", "--snn-mode", "streaming",
+                     "-o", str(tmp_path / "s.int8.onnx")]) == 2
+    assert cli.main([str(sample / "bnn_mlp.pt"), "--target", "onnx-int8", "--portable",
+                     "-o", str(tmp_path / "p.int8.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 2 and "Traceback" not in err
+    assert not list(tmp_path.iterdir()), "no half-written file"
