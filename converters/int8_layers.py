@@ -1,10 +1,10 @@
 """One binary layer as the integer ops that stock ONNX Runtime runs on its fast u8×s8 kernels.
 
 Which ops, measured (``benchmarks/bench_int8.py``; one 3×3 conv of 256 channels on 28×28, 1 thread): float
-``Conv`` 3.6 ms; ``QLinearConv`` with a uint8 input and int8 weights 0.93 ms; ``MatMulInteger`` with a
-uint8 left and an int8 right operand (im2col) 1.0–1.3 ms; u8×u8 ``ConvInteger`` 2.6 ms; s8×u8
-``MatMulInteger`` 20 ms. Operand types decide whether the fast kernel runs, so every layer here has a uint8
-left operand and an int8 right one.
+``Conv`` 3.6 ms; ``QLinearConv`` with a uint8 input and int8 weights 0.93 ms; ``MatMulInteger`` with uint8
+activations on the left and constant int8 weights on the right (im2col, channels last) 1.0 ms; u8×u8
+``ConvInteger`` 2.6 ms; s8×u8 ``MatMulInteger`` 20 ms (docs/integer-targets.md). Operand types decide whether
+the fast kernel runs, so every layer here has uint8 activations and int8 weights.
 
 - **Threshold layers** (the layer ends in a step, "fires iff flip·v ≥ T", see ``tflite_binary``): the conv is
   ``QLinearConv`` with every scale 1, input zero point z (1 for ±1 stored as {0, 2}, 0 for {0, 1}), weights
@@ -12,8 +12,9 @@ left operand and an int8 right one.
   saturation keeps the sign, so the step is output ≥ 128, exactly, for every tie rule (the threshold is an
   integer). A dense layer is ``MatMulInteger`` → int32 v, compared with T.
 - **Affine layers** (a float op follows: the classifier, a residual sum): the exact integer v is
-  ``MatMulInteger`` (dense; convs through im2col: one strided ``Slice`` per kernel position, a ``Concat`` and
-  one product), then the per-channel y = scale·v + shift in float.
+  ``MatMulInteger`` (dense; convs through im2col, channels last: one strided ``Slice`` per kernel position, a
+  ``Concat`` and one product whose constant right operand ONNX Runtime prepacks), then the per-channel
+  y = scale·v + shift in float.
 - Anything else (grouped affine convs, inputs of unknown size, a pad value no level encodes) runs as the
   float conv the ONNX target writes, on the float activations: exact, only slower.
 """
@@ -34,25 +35,21 @@ OUTPUT_ZERO_POINT = 128  # the output of a threshold conv: ≥ 128 ⟺ the step 
 
 @dataclass(frozen=True)
 class Encoding:
-    """How step activations of ``levels`` ("pm1" or "01") are stored in ``dtype`` ("u8" or "s8")."""
+    """How step activations of ``levels`` ("pm1" or "01") are stored as uint8: ±1 as {0, 2} with zero point 1,
+    {0, 1} as itself with zero point 0. Activations are the uint8 operand of every product."""
 
-    dtype: str
     levels: str
 
     @property
     def zero_point(self) -> int:
-        return 1 if (self.dtype, self.levels) == ("u8", "pm1") else 0
-
-    @property
-    def numpy(self) -> type:
-        return np.uint8 if self.dtype == "u8" else np.int8
+        return 1 if self.levels == "pm1" else 0
 
     def stores(self, real: float) -> bool:
         allowed = (-1.0, 0.0, 1.0) if self.levels == "pm1" else (0.0, 1.0)
         return real in allowed
 
     def of(self, real: float) -> np.ndarray:
-        return np.array(int(real) + self.zero_point, self.numpy)
+        return np.array(int(real) + self.zero_point, np.uint8)
 
     def fired_values(self) -> tuple[np.ndarray, np.ndarray]:
         """(value when fired, value when not)."""
@@ -73,16 +70,11 @@ def _explicit_pad(graph: ir.Graph, x: ir.Value, pad: Padding, enc: Encoding, nam
 def integer_ready(layer: BinaryLayer, enc_levels: str) -> bool:
     """Whether the layer can run on integer ops (else it runs as a float conv on float activations)."""
     pad = layer.padding
-    if pad is not None and pad.any and not Encoding("u8", enc_levels).stores(pad.value):
+    if pad is not None and pad.any and not Encoding(enc_levels).stores(pad.value):
         return False
     if layer.kind == "dense" or layer.mode == "threshold":
         return True
     return layer.group == 1
-
-
-def input_dtype(layer: BinaryLayer) -> str:
-    """The encoding the layer's integer form reads: u8 on the left of every product but im2col's."""
-    return "s8" if layer.kind == "conv" and layer.mode == "affine" else "u8"
 
 
 def threshold_conv(graph: ir.Graph, layer: BinaryLayer, x: ir.Value, enc: Encoding, name: str
@@ -127,16 +119,22 @@ def threshold_dense(graph: ir.Graph, layer: BinaryLayer, x: ir.Value, enc: Encod
 
 def _im2col_conv(graph: ir.Graph, layer: BinaryLayer, x: ir.Value, enc: Encoding, name: str
                  ) -> tuple[list[ir.Node], ir.Value]:
-    """int32 v of an ungrouped conv: one strided slice per kernel position, concatenated on channels, times the
-    [out, kh·kw·in] weight matrix (uint8 {0, 2} with zero point 1, so ±1) on the left. Each tap ends where the
-    last kernel row would, counted from the end, so no input size is needed."""
-    nodes: list[ir.Node] = []
+    """int32 v of an ungrouped conv, channels last: one strided slice per kernel position, concatenated on
+    channels, times the constant [kh·kw·in, out] int8 matrix on the right (the operand ONNX Runtime prepacks).
+    Each tap ends where the last kernel row would, counted from the end, so no input size is needed."""
+    to_nhwc = ir.node("Transpose", [x], {"perm": [0, 2, 3, 1]}, name=f"{name}/to_nhwc")
+    nodes: list[ir.Node] = [to_nhwc]
+    x = to_nhwc.outputs[0]
     pad = layer.padding
     if pad is not None and pad.any:
-        nodes, x = _explicit_pad(graph, x, pad, enc, name)
+        spec = _const(graph, f"{name}.pads", np.array([0, pad.top, pad.left, 0, 0, pad.bottom, pad.right, 0], np.int64))
+        padded = ir.node("Pad", [x, spec, _const(graph, f"{name}.pad_value", enc.of(pad.value))], {"mode": "constant"},
+                         name=f"{name}/pad")
+        nodes.append(padded)
+        x = padded.outputs[0]
     out_c, in_c, kh, kw = layer.weight.shape
     (sh, sw), (dh, dw) = layer.stride, layer.dilation
-    axes = _const(graph, "htaf.int8.hw_axes", np.array([2, 3], np.int64))
+    axes = _const(graph, "htaf.int8.nhwc_axes", np.array([1, 2], np.int64))
     steps = _const(graph, f"{name}.steps", np.array([sh, sw], np.int64))
     slices = []
     for i in range(kh):
@@ -144,19 +142,13 @@ def _im2col_conv(graph: ir.Graph, layer: BinaryLayer, x: ir.Value, enc: Encoding
             start = _const(graph, f"{name}.start{i}_{j}", np.array([i * dh, j * dw], np.int64))
             end = _const(graph, f"{name}.end{i}_{j}", np.array([_end(kh, i, dh), _end(kw, j, dw)], np.int64))
             slices.append(ir.node("Slice", [x, start, end, axes, steps], name=f"{name}/tap{i}_{j}"))
-    column = ir.node("Concat", [s.outputs[0] for s in slices], {"axis": 1}, name=f"{name}/columns")
-    flat = ir.node("Reshape", [column.outputs[0], _const(graph, f"{name}.columns_shape",
-                                                         np.array([0, kh * kw * in_c, -1], np.int64))],
-                   name=f"{name}/columns_flat")
-    matrix = (layer.weight.transpose(0, 2, 3, 1).reshape(out_c, -1) + 1).astype(np.uint8)
-    product = ir.node("MatMulInteger", [_const(graph, f"{layer.name}.weight", matrix), flat.outputs[0],
-                                        _const(graph, "htaf.int8.one_u8", np.array(1, np.uint8)),
+    column = ir.node("Concat", [s.outputs[0] for s in slices], {"axis": 3}, name=f"{name}/columns")
+    matrix = layer.weight.transpose(2, 3, 1, 0).reshape(-1, out_c).astype(np.int8)
+    product = ir.node("MatMulInteger", [column.outputs[0], _const(graph, f"{layer.name}.weight", matrix),
+                                        _const(graph, f"{name}.x_zero_point", enc.of(0.0)),
                                         _const(graph, "htaf.int8.zero_s8", np.array(0, np.int8))], name=f"{name}/matmul")
-    size = ir.node("Shape", [slices[0].outputs[0]], {"start": 2}, name=f"{name}/out_size")
-    shape = ir.node("Concat", [_const(graph, f"{name}.out_channels", np.array([0, out_c], np.int64)), size.outputs[0]],
-                    {"axis": 0}, name=f"{name}/out_shape")
-    shaped = ir.node("Reshape", [product.outputs[0], shape.outputs[0]], name=f"{name}/unflatten")
-    return nodes + slices + [column, flat, product, size, shape, shaped], shaped.outputs[0]
+    to_nchw = ir.node("Transpose", [product.outputs[0]], {"perm": [0, 3, 1, 2]}, name=f"{name}/to_nchw")
+    return nodes + slices + [column, product, to_nchw], to_nchw.outputs[0]
 
 
 def _end(kernel: int, tap: int, dilation: int) -> int:

@@ -41,7 +41,7 @@ class IntegerGraph:
 
     graph: ir.Graph
     fired: dict[int, tuple[ir.Value, str]] = field(default_factory=dict)  # id(float step value) → (bool, levels)
-    encoded: dict[tuple[int, str], ir.Value] = field(default_factory=dict)
+    encoded: dict[tuple[int, str], ir.Value] = field(default_factory=dict)  # (id(float value), levels) → uint8
     steps: list[tuple[str, ir.Value, ir.Value]] = field(default_factory=list)  # (step name, bool, float)
     lowered: list[LoweredLayer] = field(default_factory=list)
 
@@ -78,7 +78,7 @@ class IntegerGraph:
         source = node.inputs[0]
         x = None
         if levels is not None and il.integer_ready(layer, levels):
-            x = self._encoded(source, il.Encoding(il.input_dtype(layer), levels))
+            x = self._encoded(source, il.Encoding(levels))
         if x is None:
             reason = "grouped convs with a float output run as float convs" if levels is not None else "input levels unknown"
             nodes, y = float_layer_nodes(self.graph, layer, source, name)
@@ -89,7 +89,7 @@ class IntegerGraph:
                 return self._replace_step(node, nodes + [fired], fired.outputs[0], layer.levels or "pm1")
             tail, y = il.affine_tail(self.graph, layer, y, name)
             return self._replace_output(node, nodes + tail, y)
-        enc = il.Encoding(il.input_dtype(layer), levels)  # type: ignore[arg-type]
+        enc = il.Encoding(levels)  # type: ignore[arg-type]
         if layer.mode == "threshold":
             build = il.threshold_conv if layer.kind == "conv" else il.threshold_dense
             nodes, fired = build(self.graph, layer, x, enc, name)
@@ -104,16 +104,16 @@ class IntegerGraph:
 
     def _encoded(self, value: ir.Value, enc: il.Encoding) -> ir.Value | None:
         """``value`` (float step activations) in ``enc``, computed from the bools, or None."""
-        key = (id(value), enc.dtype)
+        key = (id(value), enc.levels)
         if key in self.encoded:
             return self.encoded[key]
         made: ir.Value | None = None
         if id(value) in self.fired:
             fired, _ = self.fired[id(value)]
             hi, lo = enc.fired_values()
-            node = ir.node("Where", [fired, il._const(self.graph, f"htaf.int8.{enc.dtype}_{enc.levels}_hi", hi),
-                                     il._const(self.graph, f"htaf.int8.{enc.dtype}_{enc.levels}_lo", lo)],
-                           name=f"{value.name}/{enc.dtype}")
+            node = ir.node("Where", [fired, il._const(self.graph, f"htaf.int8.{enc.levels}_hi", hi),
+                                     il._const(self.graph, f"htaf.int8.{enc.levels}_lo", lo)],
+                           name=f"{value.name}/u8")
             self.graph.append(node)
             made = node.outputs[0]
         else:
@@ -121,7 +121,7 @@ class IntegerGraph:
             if producer is not None and producer.domain == "":
                 made = self._replayed(producer, enc)
         if made is not None:
-            made.name = f"{value.name}.{enc.dtype}"
+            made.name = f"{value.name}.u8"
             self.encoded[key] = made
         return made
 
@@ -135,9 +135,9 @@ class IntegerGraph:
             return None
         inputs = [source, *node.inputs[1:]]
         if pad is not None:
-            value = il._const(self.graph, f"htaf.int8.pad_{enc.dtype}_{int(pad[1]) + enc.zero_point}", enc.of(pad[1]))
+            value = il._const(self.graph, f"htaf.int8.pad_{int(pad[1]) + enc.zero_point}", enc.of(pad[1]))
             inputs = [source, node.inputs[1], value]
-        copy = ir.node(node.op_type, inputs, {k: v for k, v in node.attributes.items()}, name=f"{node.name}/{enc.dtype}")
+        copy = ir.node(node.op_type, inputs, {k: v for k, v in node.attributes.items()}, name=f"{node.name}/u8")
         self.graph.append(copy)
         return copy.outputs[0]
 

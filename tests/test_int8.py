@@ -161,7 +161,7 @@ def _sabotaged(artifact: Path, out: Path, op: str, index: int, change) -> None:
 @pytest.mark.parametrize(("name", "what", "op", "index", "first_failing"), [
     ("firing", "packed weight bytes", "QLinearConv", 3, "fire1"),
     ("firing", "a threshold moved one step", "QLinearConv", 8, "fire1"),
-    ("group_residual", "packed weight bytes", "MatMulInteger", 0, "sign2"),
+    ("group_residual", "packed weight bytes", "MatMulInteger", 1, "sign2"),
 ])
 def test_sabotaged_integer_files_fail(saved, tmp_path, capsys, name, what, op, index, first_failing):
     path = saved[(name, "pt2")]

@@ -19,10 +19,8 @@ import numpy as np
 import onnx_ir as ir
 
 from .base import PassReport, report
-from .util import WEIGHT_INPUTS, const_array, layer_of, new_initializer, sign_factor, zeros_among_signs
+from .util import INTEGER_WEIGHT_INPUTS, WEIGHT_INPUTS, const_array, layer_of, new_initializer, sign_factor, zeros_among_signs
 
-# The inputs of integer ops that may hold two-level weights.
-INTEGER_WEIGHT_INPUTS = {"QLinearConv": (3,), "MatMulInteger": (0, 1)}
 MIN_PACKED = 64  # tiny tensors are not worth a subgraph
 
 
@@ -125,22 +123,22 @@ class PackIntegerWeights(ir.passes.InPlacePass):
         shared: dict[str, ir.Value] = {}
         packed: list[PackedWeight] = []
         for node in list(graph):
-            for index in INTEGER_WEIGHT_INPUTS.get(node.op_type, ()) if node.domain == "" else ():
-                weight = node.inputs[index] if len(node.inputs) > index else None
-                array = const_array(weight)
-                levels = np.unique(array) if array is not None and array.dtype in (np.int8, np.uint8) else ()
-                if weight is None or array is None or len(levels) != 2 or array.size < MIN_PACKED:
-                    continue
-                shared = shared or _shared_constants(graph)
-                name = str(weight.name)
-                nodes, unpacked, nbytes, overhead = _unpack_nodes(graph, name, array, None, 0, shared,
-                                                                  (levels[1], levels[0]))
-                graph.insert_before(node, nodes)
-                for use in list(weight.uses()):
-                    use.node.replace_input_with(use.idx, unpacked)
-                if not weight.uses() and weight.name in graph.initializers:
-                    graph.initializers.pop(weight.name)
-                packed.append(PackedWeight(layer_of(name), name, int(array.size), nbytes, overhead))
+            index = INTEGER_WEIGHT_INPUTS.get(node.op_type) if node.domain == "" else None
+            weight = node.inputs[index] if index is not None and len(node.inputs) > index else None
+            array = const_array(weight)
+            levels = np.unique(array) if array is not None and array.dtype in (np.int8, np.uint8) else ()
+            if weight is None or array is None or len(levels) != 2 or array.size < MIN_PACKED:
+                continue
+            shared = shared or _shared_constants(graph)
+            name = str(weight.name)
+            nodes, unpacked, nbytes, overhead = _unpack_nodes(graph, name, array, None, 0, shared,
+                                                              (levels[1], levels[0]))
+            graph.insert_before(node, nodes)
+            for use in list(weight.uses()):
+                use.node.replace_input_with(use.idx, unpacked)
+            if not weight.uses() and weight.name in graph.initializers:
+                graph.initializers.pop(weight.name)
+            packed.append(PackedWeight(layer_of(name), name, int(array.size), nbytes, overhead))
         return report(model, packed)
 
 

@@ -10,6 +10,8 @@ from ..ops import HTAF_DOMAIN
 
 # Which input of each ONNX op holds its weight.
 WEIGHT_INPUTS = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1}
+# The same for the integer ops of onnx-int8.
+INTEGER_WEIGHT_INPUTS = {"QLinearConv": 3, "MatMulInteger": 1}
 
 
 def attr(node: ir.Node, name: str, default):

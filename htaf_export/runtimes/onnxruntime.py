@@ -16,7 +16,7 @@ from .. import metadata as md
 from ..contracts import StepSpec
 from ..errors import BadInput
 from ..ops import lower_steps
-from ..passes.util import WEIGHT_INPUTS, layer_of
+from ..passes.util import INTEGER_WEIGHT_INPUTS, WEIGHT_INPUTS, layer_of
 from . import ArtifactInfo, read_steps
 
 
@@ -52,20 +52,10 @@ def _ort_errors() -> tuple[type[Exception], ...]:
             state.RuntimeException)
 
 
-# The integer ops whose weight may be either input (onnx-int8: QLinearConv, MatMulInteger).
-INTEGER_WEIGHT_INPUTS = {"QLinearConv": (3,), "MatMulInteger": (0, 1)}
-
-
-def _weight_of(node: onnx.NodeProto, constants: set[str]) -> str | None:
-    """The weight input of a layer node: a float op's by position; an integer op's, the one that is a constant
-    or unpacked from packed bits."""
-    if node.domain != "":
-        return None
-    if node.op_type in WEIGHT_INPUTS:
-        index = WEIGHT_INPUTS[node.op_type]
-        return node.input[index] if len(node.input) > index else None
-    return next((node.input[i] for i in INTEGER_WEIGHT_INPUTS.get(node.op_type, ())
-                 if len(node.input) > i and (node.input[i] in constants or node.input[i].endswith(".unpacked"))), None)
+def _weight_of(node: onnx.NodeProto) -> str | None:
+    """The weight input of a layer node, float or integer (onnx-int8)."""
+    index = WEIGHT_INPUTS.get(node.op_type, INTEGER_WEIGHT_INPUTS.get(node.op_type)) if node.domain == "" else None
+    return node.input[index] if index is not None and len(node.input) > index else None
 
 
 def feeding_layers(graph: onnx.GraphProto, tensors: list[str], depth: int = 8) -> dict[str, str]:
@@ -84,7 +74,7 @@ def feeding_layers(graph: onnx.GraphProto, tensors: list[str], depth: int = 8) -
                     continue
                 seen.add(value)
                 n = producer[value]
-                weight = _weight_of(n, constants)
+                weight = _weight_of(n)
                 if weight is not None:
                     layer = layer_of(weight)
                     if layer:
