@@ -1,4 +1,4 @@
-"""Integer target: onnx-int8 latency against float ONNX Runtime, float TFLite and LCE's two kernels, one run.
+"""Integer targets: onnx-int8 and tflite-int8 latency against float ONNX Runtime, float TFLite and LCE, one run.
 
     python benchmarks/bench_int8.py [--quick] [--runs N]
 
@@ -8,7 +8,8 @@ other benchmarks). Each goes through the toolchain once per target (no validatio
 4 random inputs against the hardened PyTorch model checks every file that is timed). Latency is the median
 of ``--runs`` calls after warm-up at batch 1 and 64, with 1 and 2 threads. The **baselines** of the ratios
 are float ONNX Runtime (the ``onnx`` target, whose packed weights are unpacked at session start) and LCE's
-faster kernel, measured in the same run. The LCE interpreter runs batch 1 only: batch 64 is 64 calls.
+faster kernel for ``onnx-int8``, and the stock interpreter (XNNPACK) on ``tflite-float`` for ``tflite-int8``,
+measured in the same run. The LCE interpreter runs batch 1 only: batch 64 is 64 calls.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_tflite import build_network, time_lce  # noqa: E402
 from common import ROOT, console, dump, machine, table  # noqa: E402
 
-TARGET_NAMES = ("onnx", "onnx-int8", "tflite-float", "tflite")
+TARGET_NAMES = ("onnx", "onnx-int8", "tflite-float", "tflite-int8", "tflite")
 
 
 def networks(quick: bool) -> dict[str, tuple[torch.nn.Module, list[int]]]:
@@ -117,7 +118,8 @@ def measure(files: dict[str, bytes], shape: list[int], batch: int, threads: int,
     lce_runs = max(3, runs // 3) if batch == 1 else 1
     times = {"onnx-int8": time_ort(files["onnx-int8"], shape, batch, threads, runs),
              "onnx (float ORT)": time_ort(files["onnx"], shape, batch, threads, runs),
-             "tflite-float (XNNPACK)": time_stock_tflite(files["tflite-float"], batch, threads, runs)}
+             "tflite-float (XNNPACK)": time_stock_tflite(files["tflite-float"], batch, threads, runs),
+             "tflite-int8 (XNNPACK)": time_stock_tflite(files["tflite-int8"], batch, threads, runs)}
     for kernel in ("default", "indirect_bgemm"):
         one = time_lce(files["tflite"], kernel, threads, lce_runs) if batch == 1 else None
         times[f"LCE {kernel}"] = one if one is not None else _lce_batch(files["tflite"], kernel, threads, batch)
@@ -157,11 +159,13 @@ def main() -> int:
                 best_lce = min(times["LCE default"], times["LCE indirect_bgemm"])
                 int8 = times["onnx-int8"]
                 rows.append([label, batch, threads, *(f"{v:.2f}" for v in times.values()),
-                             f"{times['onnx (float ORT)'] / int8:.2f}x", f"{best_lce / int8:.2f}x"])
+                             f"{times['onnx (float ORT)'] / int8:.2f}x", f"{best_lce / int8:.2f}x",
+                             f"{times['tflite-float (XNNPACK)'] / times['tflite-int8 (XNNPACK)']:.2f}x"])
                 records.append({"network": label, "batch": batch, "threads": threads, "ms": times})
     columns = ["network", "batch", "threads", "onnx-int8 ms", "onnx (float ORT) ms", "tflite-float (XNNPACK) ms",
-               "LCE default ms", "LCE indirect_bgemm ms", "int8 vs float ORT", "int8 vs faster LCE"]
-    table("onnx-int8 against the float and bit-packed targets (speed-up = baseline time / onnx-int8 time)",
+               "tflite-int8 (XNNPACK) ms", "LCE default ms", "LCE indirect_bgemm ms", "onnx-int8 vs float ORT",
+               "onnx-int8 vs faster LCE", "tflite-int8 vs tflite-float"]
+    table("Integer targets against the float and bit-packed ones (speed-up = baseline time / integer time)",
           columns, rows)
     dump("int8_quick" if args.quick else "int8", {"machine": machine(), "runs": runs, "results": records})
     return 0

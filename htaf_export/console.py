@@ -33,6 +33,8 @@ def print_export(result: ExportResult, console: Console) -> None:
     console.print(line)
     for note in conv.notes:
         console.print(f"note: {escape(note)}")
+    if result.recommendation is not None:
+        console.print(escape(result.recommendation.line()))
     console.print("time: " + ", ".join(f"{k} {v:.2f}s" for k, v in result.seconds.items()))
 
 

@@ -9,10 +9,13 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from .capture import capture
 from .data import Dataset
+from .errors import BadInput, UnsupportedLayer
 from .harden import HardenResult, Site, harden
 from .io import LoadedModel
 from .nn.binary import BinaryWeights
+from .recommend import Recommendation, recommend
 
 FLOAT_BITS = 32
 
@@ -39,6 +42,7 @@ class ModelSummary:
     layers: list[LayerInfo]
     hardening: HardenResult | None = None
     notes: list[str] = field(default_factory=list)
+    recommendation: Recommendation | None = None
 
     @property
     def params(self) -> int:
@@ -75,6 +79,11 @@ def summarize(loaded: LoadedModel, data: Dataset | None = None, tie: str | None 
     if tie is None and any(s.how == "HTAF composite" for s in result.sites):
         summary.notes.append("a traced graph does not record the tie rule of a smooth HTAF: its sites step with ge "
                              "at the threshold; pass --tie gt if the model was trained to")
+    try:
+        cap = capture(result.model, loaded.input_shapes, loaded.output_names, input_names=loaded.input_names)
+        summary.recommendation = recommend(cap)
+    except (BadInput, UnsupportedLayer) as e:
+        summary.notes.append(f"no target recommendation: the model does not export ({e})")
     return summary
 
 
@@ -122,6 +131,8 @@ def render(summary: ModelSummary, console: Console) -> None:
                       f"(change {100 * (h.hardened_accuracy - h.smooth_accuracy):+.2f} points)")
     for note in summary.notes:
         console.print(f"note: {note}")
+    if summary.recommendation is not None:
+        console.print(escape(summary.recommendation.line()))
 
 
 def _size(bits: int) -> str:

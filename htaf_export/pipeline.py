@@ -31,6 +31,7 @@ from .runtimes import ArtifactInfo, backends_for, read_artifact
 from .signature import as_shapes
 from .targets import ExportOptions, Target, target as target_named
 from .parity import ParityReport, Tolerance
+from .recommend import Recommendation, recommend
 from .validate import validate
 
 if TYPE_CHECKING:
@@ -50,10 +51,12 @@ class ExportResult:
     conversion: Conversion
     report: ParityReport | None = None
     seconds: Mapping[str, float] = field(default_factory=dict)
+    recommendation: Recommendation | None = None
 
     def to_dict(self) -> dict:
         return {"target": self.target, **self.conversion.to_dict(),
-                "seconds": {k: round(v, 3) for k, v in self.seconds.items()}}
+                "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
+                "recommendation": self.recommendation.to_dict() if self.recommendation else None}
 
 
 def default_data(input_shape: Sequence[int] | Sequence[Sequence[int]], data_path: Path | None,
@@ -161,15 +164,18 @@ def export(model: str | Path | LoadedModel, target: str, output: str | Path | No
     seconds["convert"] = time.perf_counter() - t
 
     atomic_write_bytes(out, conversion.data)
-    report = None
-    if dataset is not None:
+    report = recommendation = None
+    if dataset is not None:  # an export that validates can spare a second to time its ONNX forms
+        t = time.perf_counter()
+        recommendation = recommend(cap, {chosen.name: conversion.data})
+        seconds["recommend"] = time.perf_counter() - t
         t = time.perf_counter()
         report = validate_file(hardening, read_artifact(out), dataset, str(loaded.path), device, tolerance,
                                progress=progress, input_shape=loaded.input_shape if not loaded.extra_input_shapes
                                else loaded.input_shapes, workers=workers,
                                recipe=recipe_of(loaded, tie, sites) if (workers or 1) != 1 else None)
         seconds["validate"] = time.perf_counter() - t
-    return ExportResult(out, chosen.name, hardening, conversion, report, seconds)
+    return ExportResult(out, chosen.name, hardening, conversion, report, seconds, recommendation)
 
 
 def validate_file(hardening: HardenResult, info: ArtifactInfo, data: Dataset | Batches, model_name: str,

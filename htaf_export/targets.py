@@ -66,6 +66,9 @@ TARGETS: dict[str, Target] = {t.name: t for t in (
     Target("tflite-float", ".float.tflite", ".tflite", "converters.tflite:convert_float",
            "TFLite with builtin float ops only (stock interpreter)",
            finish="runtimes.tflite_locate:finish_float"),
+    Target("tflite-int8", ".int8.tflite", ".tflite", "converters.tflite_int8:convert",
+           "TFLite with binary convs as builtin int8 CONV_2D (stock interpreter, XNNPACK)",
+           finish="runtimes.tflite_locate:finish_float"),
 )}
 ARTIFACT_SUFFIXES = tuple(sorted({t.suffix for t in TARGETS.values()}))
 

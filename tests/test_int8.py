@@ -192,3 +192,77 @@ def test_streaming_and_portable_are_refused_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 2 and "Traceback" not in err
     assert not list(tmp_path.iterdir()), "no half-written file"
+
+
+def test_the_recommendation_is_measured_on_this_machine(monkeypatch):
+    from htaf_export.capture import capture
+    from htaf_export.harden import harden
+    from htaf_export.io import load
+    from htaf_export.recommend import MIN_GAIN, recommend
+
+    loaded = load(Path(__file__).resolve().parent.parent / "sample_models" / "bnn_cnn.pt")
+    cap = capture(harden(loaded.module).model, loaded.input_shape)
+    found = recommend(cap)
+    ms = {t.target: t.ms for t in found.timings}
+    assert set(ms) == {"onnx", "onnx-int8"} and all(v > 0 for v in ms.values())
+    assert found.target == ("onnx-int8" if ms["onnx-int8"] * MIN_GAIN <= ms["onnx"] else "onnx")
+    assert f"onnx-int8 {ms['onnx-int8']:.2f} ms" in found.line()
+    monkeypatch.setattr("platform.machine", lambda: "aarch64")
+    assert recommend(cap).target == "tflite"
+
+
+def test_export_summary_and_inspect_print_the_recommendation(capsys, tmp_path):
+    sample = Path(__file__).resolve().parent.parent / "sample_models" / "bnn_mlp.pt"
+    assert cli.main([str(sample), "--target", "onnx-int8", "-o", str(tmp_path / "m.int8.onnx"), "--device", "cpu"]) == 0
+    assert "recommended on this machine" in capsys.readouterr().out.replace("\n", " ")
+    assert cli.main(["inspect", str(sample)]) == 0
+    assert "--target onnx" in capsys.readouterr().out.replace("\n", " ")
+
+
+# ---- tflite-int8 --------------------------------------------------------------------------------
+
+
+def _int8_convs(path: Path) -> int:
+    from htaf_export import tflite_file as tfl
+
+    model = tfl.read_model(path.read_bytes())
+    graph = model.subgraphs[0]
+    int8 = tfl.schema().TensorType.INT8
+    return sum(1 for op, name in zip(graph.operators, tfl.op_names(model))
+               if name == "CONV_2D" and graph.tensors[int(op.inputs[1])].type == int8)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("name", "convs"), [("firing", 1)])  # its dilated conv stays float (TFLite splits it)
+def test_user_models_on_tflite_int8(saved, name, convs, tmp_path):
+    with contextlib.redirect_stdout(io.StringIO()):
+        result = htaf_export.export(saved[(name, "pt2")], "tflite-int8", tmp_path / "m.int8.tflite",
+                                    input_shape=list(MODELS[name][1]), device="cpu")
+    assert result.report is not None and result.report.passed, result.report.failure_line()
+    assert _int8_convs(result.artifact) == convs
+    steps = [t for t in result.report.backends[0].tensors if t.kind == "binary"]
+    assert steps and all(t.elements > 0 for t in steps)
+
+
+@pytest.mark.slow
+def test_tflite_int8_threshold_moved_one_step_fails_and_names_the_step(tmp_path, capsys):
+    from htaf_export import tflite_file as tfl
+
+    sample = Path(__file__).resolve().parent.parent / "sample_models" / "bnn_cnn.pt"
+    good = tmp_path / "m.int8.tflite"
+    assert cli.main([str(sample), "--target", "tflite-int8", "-o", str(good), "--no-validate"]) == 0
+    assert _int8_convs(good) == 2  # conv2, conv3; conv1 reads real inputs
+    model = tfl.read_model(good.read_bytes())
+    graph = model.subgraphs[0]
+    int32 = tfl.schema().TensorType.INT32
+    op = next(o for o, n in zip(graph.operators, tfl.op_names(model))
+              if n == "CONV_2D" and graph.tensors[int(o.inputs[2])].type == int32)
+    buffer = model.buffers[graph.tensors[int(op.inputs[2])].buffer]
+    bias = np.array(buffer.data, dtype=np.uint8).view(np.int32).copy()
+    bias[np.argmin(np.abs(bias))] -= 1  # the bias is −T: the threshold nearest 0 moves up by one
+    buffer.data = bias.view(np.uint8)
+    bad = tmp_path / "bad.int8.tflite"
+    bad.write_bytes(tfl.write_model(model))
+    capsys.readouterr()
+    assert cli.main(["validate", str(sample), str(bad)]) == 1
+    assert "first failing tensor layers.act2" in capsys.readouterr().out.replace("\n", " ")

@@ -1,0 +1,102 @@
+"""Which target to use on this machine: the model's ONNX files (float and integer) timed here, not guessed.
+
+Both ONNX files are converted from the capture and run by ONNX Runtime on one thread at batch 1 for a short
+budget; the faster one is recommended. On ARM the bit-packed TFLite file is recommended instead, because LCE's
+optimised kernels are its ARM ones; converting it takes too long to time here, and the export summary of
+``--target tflite`` times both LCE kernels.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from dataclasses import asdict, dataclass
+from typing import Mapping
+
+import numpy as np
+
+from . import metadata as md
+from .capture import Capture
+from .errors import BadInput, UnsupportedLayer
+from .targets import TARGETS, ExportOptions
+
+TIMED = ("onnx", "onnx-int8")
+ARM = ("aarch64", "arm64", "armv7l", "armv8l")
+BUDGET_S = 0.5  # per file
+MIN_GAIN = 1.1  # the integer file must be at least this much faster to be worth a different target
+
+
+@dataclass(frozen=True)
+class Timing:
+    target: str
+    ms: float
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    target: str
+    machine: str
+    timings: tuple[Timing, ...]
+    reason: str
+
+    def line(self) -> str:
+        return f"recommended on this machine ({self.machine}): --target {self.target}: {self.reason}"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _inputs(cap: Capture) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    feed = {}
+    for value in cap.model.graph.inputs:
+        dims = [d if isinstance(d, int) else 1 for d in (value.shape or [])]
+        feed[str(value.name)] = rng.standard_normal(dims).astype(np.float32)
+    return feed
+
+
+def time_onnx(data: bytes, feed: Mapping[str, np.ndarray], budget_s: float = BUDGET_S) -> float:
+    """Median milliseconds of ONNX Runtime (one thread) on ``feed``, runs within ``budget_s`` (at least 3)."""
+    from .runtimes.onnxruntime import onnxruntime_module
+
+    ort = onnxruntime_module()
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    opts.log_severity_level = 3
+    session = ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
+    session.run(None, dict(feed))
+    times: list[float] = []
+    deadline = time.perf_counter() + budget_s
+    while len(times) < 3 or (time.perf_counter() < deadline and len(times) < 50):
+        start = time.perf_counter()
+        session.run(None, dict(feed))
+        times.append(time.perf_counter() - start)
+    return 1000 * float(np.median(times))
+
+
+def recommend(cap: Capture, built: Mapping[str, bytes] | None = None) -> Recommendation | None:
+    """Time the model's ONNX files here and say which target to use; None for streaming captures. ``built``:
+    files already converted (by target name), not converted again."""
+    if cap.streaming:
+        return None
+    feed = _inputs(cap)
+    timings = []
+    for name in TIMED:
+        data = (built or {}).get(name)
+        if data is None:
+            try:
+                data = TARGETS[name].function("converter")(cap, {md.TARGET: name}, ExportOptions()).data
+            except (UnsupportedLayer, BadInput):
+                continue
+        timings.append(Timing(name, time_onnx(data, feed)))
+    if not timings:
+        return None
+    machine = platform.machine() or "unknown"
+    ms = {t.target: t.ms for t in timings}
+    measured = ", ".join(f"{t.target} {t.ms:.2f} ms" for t in timings) + " at batch 1, one thread (ONNX Runtime)"
+    if machine.lower() in ARM:
+        return Recommendation("tflite", machine, tuple(timings),
+                              f"LCE's optimised bit-packed kernels are its ARM ones (not timed here; measured: {measured})")
+    integer = ms.get("onnx-int8")
+    best = "onnx-int8" if integer is not None and integer * MIN_GAIN <= ms.get("onnx", float("inf")) else "onnx"
+    return Recommendation(best, machine, tuple(timings), f"measured {measured}")
