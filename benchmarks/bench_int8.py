@@ -40,7 +40,7 @@ from htaf_export.reference import run_reference  # noqa: E402
 from htaf_export.targets import TARGETS, ExportOptions  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_tflite import build_network, time_lce  # noqa: E402
+from bench_tflite import build_network, check_parity, time_lce  # noqa: E402
 from common import ROOT, console, dump, machine, table  # noqa: E402
 
 TARGET_NAMES = ("onnx", "onnx-int8", "tflite-float", "tflite-int8", "tflite")
@@ -151,7 +151,8 @@ def main() -> int:
     rows, records = [], []
     for label, (model, shape) in networks(args.quick).items():
         files, hardened = convert_all(model, shape)
-        console.print(f"{label} {shape}: parity guard: {parity(files, hardened, shape)}; sizes: " +
+        console.print(f"{label} {shape}: parity guard: {parity(files, hardened, shape)}; tflite-int8 "
+                      f"{check_parity(model, files['tflite-int8'])}; sizes: " +
                       ", ".join(f"{t} {len(d) / 1024:.0f} KiB" for t, d in files.items()))
         for batch in (1, 64):
             for threads in (1, 2):

@@ -125,10 +125,9 @@ def convert(cap: Capture, target: Target, provenance_: Mapping[str, str], option
 
 def export(model: str | Path | LoadedModel, target: str, output: str | Path | None = None, *, tie: str | None = None,
            data: Path | None = None, input_shape: Sequence[int] | None = None, validate_artifact: bool = True,
-           portable: bool = False,
-           snn_mode: str = "unrolled", lce_kernel: str = "auto", trust_pickle: bool = False, device: str = "all",
-           tolerance: Tolerance | None = None, progress: Progress | None = None, workers: int | None = None
-           ) -> ExportResult:
+           portable: bool = False, snn_mode: str = "unrolled", lce_kernel: str = "auto", trust_pickle: bool = False,
+           device: str = "all", tolerance: Tolerance | None = None, progress: Progress | None = None,
+           workers: int | None = None) -> ExportResult:
     """Export ``model`` to ``target`` (see ``htaf_export.targets.TARGETS``) and, unless told not to, validate it
     (in ``workers`` processes when more than one).
 
@@ -166,9 +165,7 @@ def export(model: str | Path | LoadedModel, target: str, output: str | Path | No
     atomic_write_bytes(out, conversion.data)
     report = recommendation = None
     if dataset is not None:  # an export that validates can spare a second to time its ONNX forms
-        t = time.perf_counter()
-        recommendation = recommend(cap, {chosen.name: conversion.data})
-        seconds["recommend"] = time.perf_counter() - t
+        recommendation = _recommend(cap, chosen, conversion, seconds)
         t = time.perf_counter()
         report = validate_file(hardening, read_artifact(out), dataset, str(loaded.path), device, tolerance,
                                progress=progress, input_shape=loaded.input_shape if not loaded.extra_input_shapes
@@ -176,6 +173,13 @@ def export(model: str | Path | LoadedModel, target: str, output: str | Path | No
                                recipe=recipe_of(loaded, tie, sites) if (workers or 1) != 1 else None)
         seconds["validate"] = time.perf_counter() - t
     return ExportResult(out, chosen.name, hardening, conversion, report, seconds, recommendation)
+
+
+def _recommend(cap: Capture, chosen: Target, conversion: Conversion, seconds: dict[str, float]) -> Recommendation | None:
+    t = time.perf_counter()
+    found = recommend(cap, {chosen.name: conversion.data})
+    seconds["recommend"] = time.perf_counter() - t
+    return found
 
 
 def validate_file(hardening: HardenResult, info: ArtifactInfo, data: Dataset | Batches, model_name: str,

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 import htaf_export
+from htaf_export.targets import TARGETS
 from htaf_export import cli
 from htaf_export.capture import capture
 from htaf_export.converters.onnx import build
@@ -301,14 +302,14 @@ def test_python_validate_returns_the_report(exported, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("target", ["onnx", "tflite", "tflite-float"])
+@pytest.mark.parametrize("target", list(TARGETS))
 def test_same_model_and_flags_give_the_same_bytes(target, tmp_path):
     """Three exports, one hash: nothing measured at export time (such as LCE kernel timings) is in the file."""
     import hashlib
 
     hashes = set()
     for k in range(3):
-        out = tmp_path / f"m{k}.{'onnx' if target == 'onnx' else 'tflite'}"
+        out = tmp_path / f"m{k}{TARGETS[target].default_suffix}"
         export(SAMPLES / "bnn_mlp.pt", target, out, validate_artifact=False)
         hashes.add(hashlib.sha256(out.read_bytes()).hexdigest())
     assert len(hashes) == 1
