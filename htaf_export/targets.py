@@ -60,6 +60,8 @@ TARGETS: dict[str, Target] = {t.name: t for t in (
            "ONNX: htaf step functions, 1-bit packed weights, runs on stock ONNX Runtime"),
     Target("onnx-int8", ".int8.onnx", ".onnx", "converters.onnx_int8:convert",
            "ONNX with binary layers as int8 ops (QLinearConv, MatMulInteger) on stock ONNX Runtime"),
+    Target("qonnx", ".qonnx.onnx", ".onnx", "converters.qonnx:convert",
+           "QONNX (BipolarQuant, MultiThreshold) for FINN; validated by qonnx's own executor"),
     Target("tflite", ".tflite", ".tflite", "converters.tflite:convert_bitpacked",
            "TFLite with binary layers bit-packed by Larq Compute Engine",
            finish="runtimes.tflite_locate:finish_bitpacked"),

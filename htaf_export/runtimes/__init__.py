@@ -62,6 +62,10 @@ class Runner(Protocol):
 def runners_for(info: ArtifactInfo, device: str = "all", threads: int = 0) -> list[Runner]:
     """Every runtime on this machine that can execute the artifact on the requested device (``threads``:
     ONNX Runtime's intra-op threads, 0 for its default; the TFLite interpreters run one thread)."""
+    if info.kind == "onnx" and info.metadata.get(md.ONNX_MODE) == "qonnx":
+        from .qonnx_exec import QonnxRunner
+
+        return [QonnxRunner(info)] if device in ("cpu", "all") else []
     if info.kind == "onnx":
         from .onnxruntime import onnx_runners
 
@@ -82,7 +86,12 @@ def backends_for(info: ArtifactInfo, device: str = "all", model=None, threads: i
         raise BadInput(f"unknown device {device!r}; choose cpu, cuda or all")
     runners = list(runners_for(info, device, threads))
     skipped: list[tuple[str, str]] = []
-    if info.kind == "onnx" and device in ("cuda", "all"):
+    qonnx = info.metadata.get(md.ONNX_MODE) == "qonnx"
+    if qonnx:
+        from .qonnx_exec import ORT_SKIP
+
+        skipped.append(ORT_SKIP)
+    if info.kind == "onnx" and device in ("cuda", "all") and not qonnx:
         from .onnxruntime import cuda_unavailable
 
         reason = cuda_unavailable()

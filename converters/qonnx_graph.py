@@ -1,0 +1,187 @@
+"""Steps, binary layers and ±1 weights of the IR as QONNX custom ops (``BipolarQuant``, ``MultiThreshold``).
+
+QONNX semantics (qonnx 1.0): ``BipolarQuant(x, s)`` = s·(+1 where x >= 0 else −1); ``MultiThreshold(x, T)``
+= out_scale·#{t in T[c] : x >= t} + out_bias per channel c. One threshold per channel gives a step: {0, 1}
+with scale 1 and bias 0 (BINARY), ±1 with scale 2 and bias −1 (BIPOLAR).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+
+from htaf_export.errors import UnsupportedLayer
+from htaf_export.passes.pack_weights import channel_axis
+from htaf_export.passes.util import WEIGHT_INPUTS, const_array, is_step, new_initializer, sign_factor
+
+from .tflite_binary import DOMAIN, OP, BinaryLayer
+
+QONNX_DOMAIN = "qonnx.custom_op.general"
+STEP_FORMS = {"pm1": ("BIPOLAR", 2.0, -1.0), "01": ("BINARY", 1.0, 0.0)}  # out_dtype, out_scale, out_bias
+LAYOUTS = {2: "NC", 3: "NCW", 4: "NCHW", 5: "NCDHW"}
+
+
+def _qonnx(op: str, inputs: list[ir.Value], attributes: dict | None = None, name: str = "") -> ir.Node:
+    return ir.node(op, inputs, attributes or {}, domain=QONNX_DOMAIN, version=1, name=name)
+
+
+def _layout(rank: int, axis: int) -> str:
+    """A data_layout string for MultiThreshold with the channel at ``axis``."""
+    letters = list(LAYOUTS.get(rank, "N" + "C" + "X" * (rank - 2)).replace("C", ""))
+    letters.insert(axis, "C")
+    return "".join(letters)
+
+
+def threshold_rows(theta: np.ndarray, rank: int | None, step: str) -> tuple[np.ndarray, str | None]:
+    """Thresholds as MultiThreshold wants them ([C, 1]) and the data_layout naming their channel axis."""
+    flat = theta.reshape(-1)
+    if flat.size == 1:
+        return flat.reshape(1, 1), None
+    rank = rank if rank is not None else max(theta.ndim, 2)
+    shape = (1,) * (rank - theta.ndim) + theta.shape
+    varying = [i for i, d in enumerate(shape) if d > 1]
+    if len(varying) != 1:
+        raise UnsupportedLayer(step, "its threshold varies along more than one axis; MultiThreshold takes one")
+    return flat.reshape(-1, 1), _layout(rank, varying[0])
+
+
+@dataclass
+class QonnxGraph:
+    """Rewrites ``graph`` in place (``lower``); collects qonnx datatypes, summary rows and notes."""
+
+    graph: ir.Graph
+    datatypes: dict[str, str] = field(default_factory=dict)
+    rows: list[tuple[str, str, str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def lower(self) -> None:
+        for node in list(self.graph):
+            if is_step(node):
+                self._step(node)
+            elif node.domain == DOMAIN and node.op_type == OP:
+                self._binary(node)
+        self._weights()
+
+    def _const(self, name: str, array) -> ir.Value:
+        return new_initializer(self.graph, name, np.asarray(array))
+
+    def _step_node(self, x: ir.Value, theta: np.ndarray, tie: str, levels: str, name: str) -> tuple[ir.Node, str]:
+        """BipolarQuant for a ±1 sign at 0 (tie ge), else a one-threshold MultiThreshold; and the summary text."""
+        theta = theta.astype(np.float32)
+        if levels == "pm1" and tie == "ge" and not np.any(theta):
+            return _qonnx("BipolarQuant", [x, self._const("htaf.qonnx.one", np.float32(1.0))], name=f"{name}/quant"), \
+                "BipolarQuant"
+        moved = tie == "gt"
+        if moved:  # x > θ ⟺ x >= next float32 above θ, for float32 x
+            theta = np.nextafter(theta, np.float32(np.inf), dtype=np.float32)
+        rank = len(x.shape) if x.shape is not None else None
+        rows, layout = threshold_rows(theta, rank, name)
+        dtype, scale, bias = STEP_FORMS[levels]
+        attributes = {"out_dtype": dtype, "out_scale": scale, "out_bias": bias}
+        if layout:
+            attributes["data_layout"] = layout
+        node = _qonnx("MultiThreshold", [x, self._const(f"{name}.thresholds", rows)], attributes, f"{name}/threshold")
+        return node, "MultiThreshold" + (" (tie gt: threshold moved to the next float32 up)" if moved else "")
+
+    def _step(self, node: ir.Node) -> None:
+        name = str(node.outputs[0].name)
+        theta = const_array(node.inputs[1])
+        if theta is None:
+            raise UnsupportedLayer(name, "its threshold is computed at run time; MultiThreshold needs constants")
+        levels = "pm1" if node.op_type == "Sign" else "01"
+        new, became = self._step_node(node.inputs[0], theta, node.attributes["tie"].as_string(), levels, name)
+        self._replace(node, [new], new.outputs[0])
+        self.datatypes[name] = STEP_FORMS[levels][0]
+        self.rows.append((name, became, f"{node.op_type}, tie {node.attributes['tie'].as_string()}"))
+
+    def _binary(self, node: ir.Node) -> None:
+        layer: BinaryLayer = node.meta["binary"]
+        name = f"{layer.name}/qonnx"
+        nodes, acc = self._product(layer, node.inputs[0], name)
+        out = str(node.outputs[0].name)
+        if layer.mode == "threshold":
+            levels = layer.levels or "pm1"
+            rank = 4 if layer.kind == "conv" else 2
+            dtype, scale, bias = STEP_FORMS[levels]
+            thresholds = self._const(f"{layer.name}.thresholds", layer.threshold.astype(np.float32).reshape(-1, 1))  # type: ignore[union-attr]
+            step = _qonnx("MultiThreshold", [acc, thresholds], {"out_dtype": dtype, "out_scale": scale, "out_bias": bias,
+                                                                 "data_layout": LAYOUTS[rank]}, f"{name}/threshold")
+            self._replace(node, nodes + [step], step.outputs[0])
+            self.datatypes[out] = dtype
+            self.rows.append((layer.name, "BipolarQuant weights + Conv/MatMul + MultiThreshold",
+                              "; ".join(layer.notes) or "integer thresholds"))
+            return
+        tail, y = self._affine(layer, acc, name)
+        self._replace(node, nodes + tail, y)
+        self.rows.append((layer.name, "BipolarQuant weights + Conv/MatMul", "exact integer sums, then the float affine"))
+
+    def _product(self, layer: BinaryLayer, x: ir.Value, name: str) -> tuple[list[ir.Node], ir.Value]:
+        """Conv / MatMul of the layer's ±1 weights (flip folded in), quantized by BipolarQuant: the integer sums."""
+        weight = layer.folded_weight() if layer.mode == "threshold" else layer.weight
+        if layer.kind == "dense":
+            weight = np.ascontiguousarray(weight.T)
+        quant = _qonnx("BipolarQuant", [self._const(f"{layer.name}.weight", weight.astype(np.float32)),
+                                        self._const("htaf.qonnx.one", np.float32(1.0))], name=f"{name}/weight_quant")
+        self.datatypes[f"{layer.name}.weight_bipolar"] = "BIPOLAR"
+        quant.outputs[0].name = f"{layer.name}.weight_bipolar"
+        nodes = [quant]
+        if layer.kind == "dense":
+            product = ir.node("MatMul", [x, quant.outputs[0]], name=f"{name}/matmul")
+        else:
+            pads = [0, 0, 0, 0]
+            pad = layer.padding
+            if pad is not None and pad.any and pad.value == 0.0:
+                pads = [pad.top, pad.left, pad.bottom, pad.right]
+            elif pad is not None and pad.any:
+                spec = self._const(f"{layer.name}.pads", np.array([0, 0, pad.top, pad.left, 0, 0, pad.bottom, pad.right], np.int64))
+                padded = ir.node("Pad", [x, spec, self._const(f"{layer.name}.pad_value", np.float32(pad.value))],
+                                 {"mode": "constant"}, name=f"{name}/pad")
+                nodes.append(padded)
+                x = padded.outputs[0]
+            product = ir.node("Conv", [x, quant.outputs[0]], {"strides": list(layer.stride), "pads": pads,
+                                                              "dilations": list(layer.dilation), "group": layer.group},
+                              name=f"{name}/conv")
+        bits = int(np.ceil(np.log2(layer.fan_in + 1))) + 1
+        product.outputs[0].name = f"{layer.name}.sum"
+        self.datatypes[f"{layer.name}.sum"] = f"INT{bits}"
+        return nodes + [product], product.outputs[0]
+
+    def _affine(self, layer: BinaryLayer, v: ir.Value, name: str) -> tuple[list[ir.Node], ir.Value]:
+        shape = (-1, 1, 1) if layer.kind == "conv" else (-1,)
+        scale, shift = (layer.scale, layer.shift) if layer.scale is not None else (None, layer.bias)
+        nodes: list[ir.Node] = []
+        for op, array, what in (("Mul", scale, "scale"), ("Add", shift, "shift")):
+            if array is not None:
+                nodes.append(ir.node(op, [v, self._const(f"{layer.name}.{what}", array.astype(np.float32).reshape(shape))],
+                                     name=f"{name}/{what}"))
+                v = nodes[-1].outputs[0]
+        return nodes, v
+
+    def _replace(self, node: ir.Node, nodes: list[ir.Node], y: ir.Value) -> None:
+        ir.convenience.replace_nodes_and_values(self.graph, node, [node], nodes, [node.outputs[0]], [y])
+
+    def _weights(self) -> None:
+        """±1 (or ±scale per channel) weights of the remaining float layers behind a BipolarQuant, as Brevitas."""
+        for node in list(self.graph):
+            index = WEIGHT_INPUTS.get(node.op_type) if node.domain == "" else None
+            weight = node.inputs[index] if index is not None and len(node.inputs) > index else None
+            array = const_array(weight)
+            if weight is None or array is None or array.ndim < 2:
+                continue
+            axis = channel_axis(node, array.ndim)
+            factor = sign_factor(array, axis)
+            if factor is None:
+                continue
+            signs, scale = factor
+            shape = [1] * array.ndim
+            shape[axis] = -1
+            scale_v = self._const(f"{weight.name}.scale", np.float32(1.0) if scale is None else scale.reshape(shape))
+            quant = _qonnx("BipolarQuant", [self._const(f"{weight.name}.signs", signs), scale_v],
+                           name=f"{weight.name}/quant")
+            quant.outputs[0].name = f"{weight.name}.bipolar"
+            self.graph.insert_before(node, [quant])
+            node.replace_input_with(index, quant.outputs[0])
+            if scale is None:
+                self.datatypes[str(quant.outputs[0].name)] = "BIPOLAR"
