@@ -51,7 +51,7 @@ def convert(capture: Capture, provenance: Mapping[str, str], options: ExportOpti
     kept = [o for o in proto.opset_import if o.domain not in ("htaf", QONNX_DOMAIN)]
     del proto.opset_import[:]
     proto.opset_import.extend([*kept, onnx.helper.make_opsetid(QONNX_DOMAIN, 1)])
-    proto.ir_version = 8  # what Brevitas writes and FINN reads
+    proto.ir_version = 10  # as Brevitas 0.13 writes
     proto.producer_name = "htaf-export"
     proto = annotate(proto, lowering.datatypes)
     meta = {**md.encode(provenance), md.TIE: _tie_of(capture), md.ONNX_MODE: MODE,

@@ -34,6 +34,10 @@ def _layout(rank: int, axis: int) -> str:
     return "".join(letters)
 
 
+def _rank(value: ir.Value) -> int | None:
+    return len(value.shape) if value.shape is not None else None
+
+
 def threshold_rows(theta: np.ndarray, rank: int | None, step: str) -> tuple[np.ndarray, str | None]:
     """Thresholds as MultiThreshold wants them ([C, 1]) and the data_layout naming their channel axis."""
     flat = theta.reshape(-1)
@@ -71,13 +75,12 @@ class QonnxGraph:
         """BipolarQuant for a ±1 sign at 0 (tie ge), else a one-threshold MultiThreshold; and the summary text."""
         theta = theta.astype(np.float32)
         if levels == "pm1" and tie == "ge" and not np.any(theta):
-            return _qonnx("BipolarQuant", [x, self._const("htaf.qonnx.one", np.float32(1.0))], name=f"{name}/quant"), \
-                "BipolarQuant"
+            return _qonnx("BipolarQuant", [x, self._const("htaf.qonnx.one", np.ones(1, np.float32))],
+                          name=f"{name}/quant"), "BipolarQuant"
         moved = tie == "gt"
         if moved:  # x > θ ⟺ x >= next float32 above θ, for float32 x
             theta = np.nextafter(theta, np.float32(np.inf), dtype=np.float32)
-        rank = len(x.shape) if x.shape is not None else None
-        rows, layout = threshold_rows(theta, rank, name)
+        rows, layout = threshold_rows(theta, _rank(x), name)
         dtype, scale, bias = STEP_FORMS[levels]
         attributes = {"out_dtype": dtype, "out_scale": scale, "out_bias": bias}
         if layout:
@@ -99,54 +102,79 @@ class QonnxGraph:
     def _binary(self, node: ir.Node) -> None:
         layer: BinaryLayer = node.meta["binary"]
         name = f"{layer.name}/qonnx"
-        nodes, acc = self._product(layer, node.inputs[0], name)
         out = str(node.outputs[0].name)
+        if layer.mode == "affine" and not layer.chained:  # as Brevitas writes a quantized layer: scale, bias inside
+            nodes, y = self._product(layer, node.inputs[0], name, brevitas=True)
+            self._replace(node, nodes, y)
+            self.rows.append((layer.name, "BipolarQuant weights + " + nodes[-1].op_type, "as Brevitas exports it"))
+            return
+        nodes, acc = self._product(layer, node.inputs[0], name)
         if layer.mode == "threshold":
             levels = layer.levels or "pm1"
-            rank = 4 if layer.kind == "conv" else 2
             dtype, scale, bias = STEP_FORMS[levels]
             thresholds = self._const(f"{layer.name}.thresholds", layer.threshold.astype(np.float32).reshape(-1, 1))  # type: ignore[union-attr]
+            layout = LAYOUTS[4] if layer.kind == "conv" else _layout(_rank(node.inputs[0]) or 2, (_rank(node.inputs[0]) or 2) - 1)
             step = _qonnx("MultiThreshold", [acc, thresholds], {"out_dtype": dtype, "out_scale": scale, "out_bias": bias,
-                                                                 "data_layout": LAYOUTS[rank]}, f"{name}/threshold")
+                                                                 "data_layout": layout}, f"{name}/threshold")
             self._replace(node, nodes + [step], step.outputs[0])
             self.datatypes[out] = dtype
-            self.rows.append((layer.name, "BipolarQuant weights + Conv/MatMul + MultiThreshold",
+            self.rows.append((layer.name, f"BipolarQuant weights + {nodes[-1].op_type} + MultiThreshold",
                               "; ".join(layer.notes) or "integer thresholds"))
             return
         tail, y = self._affine(layer, acc, name)
         self._replace(node, nodes + tail, y)
-        self.rows.append((layer.name, "BipolarQuant weights + Conv/MatMul", "exact integer sums, then the float affine"))
+        self.rows.append((layer.name, f"BipolarQuant weights + {nodes[-1].op_type}", "exact integer sums, then the float affine"))
 
-    def _product(self, layer: BinaryLayer, x: ir.Value, name: str) -> tuple[list[ir.Node], ir.Value]:
-        """Conv / MatMul of the layer's ±1 weights (flip folded in), quantized by BipolarQuant: the integer sums."""
+    def _product(self, layer: BinaryLayer, x: ir.Value, name: str, brevitas: bool = False
+                 ) -> tuple[list[ir.Node], ir.Value]:
+        """Conv / Gemm (2-D input) / MatMul of the layer's ±1 weights (flip folded in) behind a BipolarQuant: the
+        integer sums. ``brevitas``: the weight scale in the BipolarQuant and the bias in the conv/Gemm instead."""
         weight = layer.folded_weight() if layer.mode == "threshold" else layer.weight
-        if layer.kind == "dense":
-            weight = np.ascontiguousarray(weight.T)
+        scale, bias = np.ones(1, np.float32), None
+        if brevitas:
+            bias = layer.shift if layer.scale is not None else layer.bias
+            if layer.weight_scale is not None:
+                ws = layer.weight_scale.astype(np.float32)
+                scale = ws[:1] if np.all(ws == ws[0]) else ws.reshape((-1,) + (1,) * (weight.ndim - 1))
+        gemm = layer.kind == "dense" and _rank(x) == 2
+        if layer.kind == "dense" and not gemm:
+            weight, scale = np.ascontiguousarray(weight.T), scale.reshape(1, -1) if scale.size > 1 else scale
         quant = _qonnx("BipolarQuant", [self._const(f"{layer.name}.weight", weight.astype(np.float32)),
-                                        self._const("htaf.qonnx.one", np.float32(1.0))], name=f"{name}/weight_quant")
-        self.datatypes[f"{layer.name}.weight_bipolar"] = "BIPOLAR"
+                                        self._const(f"{layer.name}.weight_scale", scale)], name=f"{name}/weight_quant")
         quant.outputs[0].name = f"{layer.name}.weight_bipolar"
+        if scale.size == 1 and scale[0] == 1.0:
+            self.datatypes[f"{layer.name}.weight_bipolar"] = "BIPOLAR"
+        bias_v = [self._const(f"{layer.name}.bias", bias.astype(np.float32))] if bias is not None else []
         nodes = [quant]
-        if layer.kind == "dense":
+        if gemm:
+            product = ir.node("Gemm", [x, quant.outputs[0], *bias_v], {"transB": 1}, name=f"{name}/gemm")
+        elif layer.kind == "dense":
             product = ir.node("MatMul", [x, quant.outputs[0]], name=f"{name}/matmul")
+            if bias_v:
+                nodes.append(product)
+                product = ir.node("Add", [product.outputs[0], *bias_v], name=f"{name}/bias")
         else:
-            pads = [0, 0, 0, 0]
-            pad = layer.padding
-            if pad is not None and pad.any and pad.value == 0.0:
-                pads = [pad.top, pad.left, pad.bottom, pad.right]
-            elif pad is not None and pad.any:
-                spec = self._const(f"{layer.name}.pads", np.array([0, 0, pad.top, pad.left, 0, 0, pad.bottom, pad.right], np.int64))
-                padded = ir.node("Pad", [x, spec, self._const(f"{layer.name}.pad_value", np.float32(pad.value))],
-                                 {"mode": "constant"}, name=f"{name}/pad")
-                nodes.append(padded)
-                x = padded.outputs[0]
-            product = ir.node("Conv", [x, quant.outputs[0]], {"strides": list(layer.stride), "pads": pads,
-                                                              "dilations": list(layer.dilation), "group": layer.group},
-                              name=f"{name}/conv")
-        bits = int(np.ceil(np.log2(layer.fan_in + 1))) + 1
-        product.outputs[0].name = f"{layer.name}.sum"
-        self.datatypes[f"{layer.name}.sum"] = f"INT{bits}"
+            pad_nodes, x, pads = self._padding(layer, x, name)
+            nodes += pad_nodes
+            product = ir.node("Conv", [x, quant.outputs[0], *bias_v], {"strides": list(layer.stride), "pads": pads,
+                                                                        "dilations": list(layer.dilation),
+                                                                        "group": layer.group}, name=f"{name}/conv")
+        if not brevitas:
+            product.outputs[0].name = f"{layer.name}.sum"
+            self.datatypes[f"{layer.name}.sum"] = f"INT{int(np.ceil(np.log2(layer.fan_in + 1))) + 1}"
         return nodes + [product], product.outputs[0]
+
+    def _padding(self, layer: BinaryLayer, x: ir.Value, name: str) -> tuple[list[ir.Node], ir.Value, list[int]]:
+        """Zero padding as the conv's pads; ±1 padding as an explicit Pad before it."""
+        pad = layer.padding
+        if pad is None or not pad.any:
+            return [], x, [0, 0, 0, 0]
+        if pad.value == 0.0:
+            return [], x, [pad.top, pad.left, pad.bottom, pad.right]
+        spec = self._const(f"{layer.name}.pads", np.array([0, 0, pad.top, pad.left, 0, 0, pad.bottom, pad.right], np.int64))
+        padded = ir.node("Pad", [x, spec, self._const(f"{layer.name}.pad_value", np.float32(pad.value))],
+                         {"mode": "constant"}, name=f"{name}/pad")
+        return [padded], padded.outputs[0], [0, 0, 0, 0]
 
     def _affine(self, layer: BinaryLayer, v: ir.Value, name: str) -> tuple[list[ir.Node], ir.Value]:
         shape = (-1, 1, 1) if layer.kind == "conv" else (-1,)
@@ -177,7 +205,7 @@ class QonnxGraph:
             signs, scale = factor
             shape = [1] * array.ndim
             shape[axis] = -1
-            scale_v = self._const(f"{weight.name}.scale", np.float32(1.0) if scale is None else scale.reshape(shape))
+            scale_v = self._const(f"{weight.name}.scale", np.ones(1, np.float32) if scale is None else scale.reshape(shape))
             quant = _qonnx("BipolarQuant", [self._const(f"{weight.name}.signs", signs), scale_v],
                            name=f"{weight.name}/quant")
             quant.outputs[0].name = f"{weight.name}.bipolar"

@@ -88,6 +88,7 @@ class BinaryLayer:
     levels: str | None = None  # "pm1" (Sign) or "01" (Heaviside)
     tie: str | None = None
     notes: tuple[str, ...] = ()
+    chained: bool = False  # affine mode: per-channel ops followed the conv (else scale/shift are its weight scale/bias)
 
     def __post_init__(self) -> None:
         if self.kind not in ("conv", "dense") or self.mode not in ("threshold", "affine"):
@@ -325,7 +326,7 @@ def match(node: ir.Node, bitpacked: bool, levels: tuple[str, ...] = LCE_LEVELS
     # instead, and one per-channel op follows.
     if chain or layer.weight_scale is not None:
         scale, shift = compose_affine(chain, bias, layer.out_channels, rank, layer.weight_scale)
-        layer = replace(layer, scale=scale, shift=shift)
+        layer = replace(layer, scale=scale, shift=shift, chained=bool(chain))
         out = chain[-1][0].outputs[0] if chain else node.outputs[0]
         return _noted(layer, bitpacked, levels), absorbed + [n for n, _ in chain], out
     return _noted(replace(layer, bias=bias), bitpacked, levels), absorbed, node.outputs[0]

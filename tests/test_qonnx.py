@@ -135,3 +135,82 @@ def test_sabotaged_qonnx_files_fail_and_name_the_step(tmp_path, capsys, op, firs
     capsys.readouterr()
     assert cli.main(["validate", str(SAMPLES / "bnn_cnn.pt"), str(bad)]) == 1
     assert f"first failing tensor {first_failing}" in capsys.readouterr().out.replace("\n", " ")
+
+
+# ---- against Brevitas's own QONNX export of the same layer pattern --------------------------------
+
+
+def _binary_scaled(w: torch.Tensor, scale: float) -> torch.Tensor:
+    return w + (scale * torch.where(w >= 0, 1.0, -1.0) - w).detach()
+
+
+class SignLinear(nn.Module):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
+        super().__init__()
+        self.act = HTAF(levels="pm1")
+        self.weight, self.bias = nn.Parameter(weight.clone()), nn.Parameter(bias.clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(self.act(x), _binary_scaled(self.weight, 0.1), self.bias)
+
+
+class SignConv(nn.Module):
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.act = HTAF(levels="pm1")
+        self.weight = nn.Parameter(weight.clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.conv2d(self.act(x), _binary_scaled(self.weight, 0.1), padding=1)
+
+
+def _brevitas_pair(kind: str):
+    from brevitas.nn import QuantConv2d, QuantIdentity, QuantLinear
+    from brevitas.quant import SignedBinaryActPerTensorConst, SignedBinaryWeightPerTensorConst
+
+    act = QuantIdentity(act_quant=SignedBinaryActPerTensorConst)
+    if kind == "linear":
+        layer = QuantLinear(6, 4, bias=True, weight_quant=SignedBinaryWeightPerTensorConst)
+        ours: nn.Module = SignLinear(layer.weight.data, layer.bias.data)
+        shape = (6,)
+    else:
+        layer = QuantConv2d(3, 4, 3, padding=1, bias=False, weight_quant=SignedBinaryWeightPerTensorConst)
+        ours = SignConv(layer.weight.data)
+        shape = (3, 5, 5)
+    return nn.Sequential(act, layer).eval(), ours.eval(), shape
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_the_graph_matches_a_brevitas_export_node_for_node(kind, tmp_path):
+    pytest.importorskip("brevitas")
+    import warnings
+
+    from brevitas.export import export_qonnx
+    from qonnx.core.modelwrapper import ModelWrapper
+    from qonnx.core.onnx_exec import execute_onnx
+    from qonnx.transformation.infer_shapes import InferShapes
+
+    torch.manual_seed(1)
+    theirs, ours, shape = _brevitas_pair(kind)
+    reference = tmp_path / "brevitas.onnx"
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        warnings.simplefilter("ignore")
+        export_qonnx(theirs, torch.randn(1, *shape), str(reference))
+    path = tmp_path / "ours.pt2"
+    torch.export.save(torch.export.export(ours, (torch.zeros(2, *shape),),
+                                          dynamic_shapes=({0: torch.export.Dim("batch")},)), path)
+    artifact = _export(path, tmp_path / "ours.qonnx.onnx", input_shape=list(shape)).artifact
+    graphs = [onnx.load(str(p)).graph for p in (reference, artifact)]
+    assert [(n.domain, n.op_type) for n in graphs[0].node] == [(n.domain, n.op_type) for n in graphs[1].node]
+    x = np.random.default_rng(0).standard_normal((1, *shape)).astype(np.float32)
+    outs = []
+    for graph_path in (reference, artifact):
+        proto = onnx.load(str(graph_path))
+        constants = {i.name for i in proto.graph.initializer}
+        for value in list(proto.graph.input) + list(proto.graph.output):
+            if value.name not in constants:  # a static batch for qonnx's shape inference
+                value.type.tensor_type.shape.dim[0].dim_value = 1
+        model = ModelWrapper(proto).transform(InferShapes())
+        name = next(i.name for i in model.graph.input if i.name not in constants)
+        outs.append(execute_onnx(model, {name: x})[model.graph.output[0].name])
+    np.testing.assert_allclose(outs[0], outs[1], rtol=1e-6, atol=1e-6)
