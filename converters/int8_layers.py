@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from htaf_export.passes.util import new_initializer
+from htaf_export.passes.util import replacing_initializer
 
 from .tflite_binary import BinaryLayer, Padding
 
@@ -57,7 +57,7 @@ class Encoding:
 
 
 def _const(graph: ir.Graph, name: str, array) -> ir.Value:
-    return new_initializer(graph, name, np.asarray(array))
+    return replacing_initializer(graph, name, np.asarray(array))
 
 
 def _explicit_pad(graph: ir.Graph, x: ir.Value, pad: Padding, enc: Encoding, name: str) -> tuple[list[ir.Node], ir.Value]:

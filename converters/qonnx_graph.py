@@ -14,7 +14,7 @@ import onnx_ir as ir
 
 from htaf_export.errors import UnsupportedLayer
 from htaf_export.passes.pack_weights import channel_axis
-from htaf_export.passes.util import WEIGHT_INPUTS, const_array, is_step, new_initializer, sign_factor
+from htaf_export.passes.util import WEIGHT_INPUTS, const_array, is_step, replacing_initializer, sign_factor
 
 from .tflite_binary import DOMAIN, OP, BinaryLayer
 
@@ -69,7 +69,7 @@ class QonnxGraph:
         self._weights()
 
     def _const(self, name: str, array) -> ir.Value:
-        return new_initializer(self.graph, name, np.asarray(array))
+        return replacing_initializer(self.graph, name, np.asarray(array))
 
     def _step_node(self, x: ir.Value, theta: np.ndarray, tie: str, levels: str, name: str) -> tuple[ir.Node, str]:
         """BipolarQuant for a ±1 sign at 0 (tie ge), else a one-threshold MultiThreshold; and the summary text."""

@@ -49,6 +49,15 @@ def new_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     return value
 
 
+def replacing_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    """``new_initializer`` under ``name`` itself when the initializer of that name is no longer used (a layer
+    being rewritten keeps its parameter's name instead of ``name_1``)."""
+    old = graph.initializers.get(name)
+    if old is not None and not old.uses() and not old.is_graph_output():
+        graph.initializers.pop(name)
+    return new_initializer(graph, name, array)
+
+
 def sign_factor(array: np.ndarray, axis: int = 0) -> tuple[np.ndarray, np.ndarray | None] | None:
     """(±1 signs, positive scale per index of ``axis`` or None when it is 1 everywhere) with array = signs·scale;
     None when ``array`` is not of that form (float32, every magnitude equal within a channel, none 0)."""
