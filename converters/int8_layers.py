@@ -15,8 +15,8 @@ the fast kernel runs, so every layer here has uint8 activations and int8 weights
   ``MatMulInteger`` (dense; convs through im2col, channels last: one strided ``Slice`` per kernel position, a
   ``Concat`` and one product whose constant right operand ONNX Runtime prepacks), then the per-channel
   y = scale·v + shift in float.
-- Anything else (grouped affine convs, inputs of unknown size, a pad value no level encodes) runs as the
-  float conv the ONNX target writes, on the float activations: exact, only slower.
+- Anything else (grouped affine convs, a pad value no level encodes) runs as the float conv the ONNX target
+  writes, on the float activations: exact, only slower.
 """
 
 from __future__ import annotations
@@ -67,14 +67,14 @@ def _explicit_pad(graph: ir.Graph, x: ir.Value, pad: Padding, enc: Encoding, nam
     return [node], node.outputs[0]
 
 
-def integer_ready(layer: BinaryLayer, enc_levels: str) -> bool:
-    """Whether the layer can run on integer ops (else it runs as a float conv on float activations)."""
+def float_reason(layer: BinaryLayer, levels: str) -> str:
+    """Why the layer runs as a float conv on float activations instead of integer ops; "" when it need not."""
     pad = layer.padding
-    if pad is not None and pad.any and not Encoding(enc_levels).stores(pad.value):
-        return False
-    if layer.kind == "dense" or layer.mode == "threshold":
-        return True
-    return layer.group == 1
+    if pad is not None and pad.any and not Encoding(levels).stores(pad.value):
+        return f"padding {levels} activations with {pad.value:g}: no uint8 code for it"
+    if layer.kind == "conv" and layer.mode == "affine" and layer.group != 1:
+        return "grouped convs with a float output run as float convs"
+    return ""
 
 
 def threshold_conv(graph: ir.Graph, layer: BinaryLayer, x: ir.Value, enc: Encoding, name: str

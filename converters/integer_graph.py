@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from htaf_export.passes.util import const_array, is_step
+from htaf_export.passes.util import is_step
 
 from . import int8_layers as il
 from .integer_steps import _layer_nodes as float_layer_nodes
@@ -76,18 +76,17 @@ class IntegerGraph:
         layer: BinaryLayer = node.meta["binary"]
         name = f"{layer.name}/int8"
         source = node.inputs[0]
-        x = None
-        if levels is not None and il.integer_ready(layer, levels):
-            x = self._encoded(source, il.Encoding(levels))
+        reason = il.float_reason(layer, levels) if levels else "its input is not step activations here"
+        x = None if reason else self._encoded(source, il.Encoding(levels))  # type: ignore[arg-type]
         if x is None:
-            reason = "grouped convs with a float output run as float convs" if levels is not None else "input levels unknown"
-            nodes, y = float_layer_nodes(self.graph, layer, source, name)
-            self.lowered.append(LoweredLayer(layer, "float", "Conv" if layer.kind == "conv" else "Gemm", reason))
+            nodes, y = float_layer_nodes(self.graph, layer, source, name)  # the conv carries layer.bias, if any
+            self.lowered.append(LoweredLayer(layer, "float", "Conv" if layer.kind == "conv" else "Gemm",
+                                             reason or "its input could not be encoded as integers"))
             if layer.mode == "threshold":
                 zero = il._const(self.graph, "htaf.int8.zero_f", np.array(0.0, np.float32))
                 fired = ir.node("Greater", [y, zero], name=f"{name}/fired")  # y = flip·v − T + ½ is never 0
                 return self._replace_step(node, nodes + [fired], fired.outputs[0], layer.levels or "pm1")
-            tail, y = il.affine_tail(self.graph, layer, y, name)
+            tail, y = il.affine_tail(self.graph, layer, y, name) if layer.scale is not None else ([], y)
             return self._replace_output(node, nodes + tail, y)
         enc = il.Encoding(levels)  # type: ignore[arg-type]
         if layer.mode == "threshold":
@@ -161,4 +160,4 @@ def _ops(nodes: list[ir.Node]) -> str:
     return main[0] + (" (im2col)" if any(n.op_type == "Concat" for n in nodes) else "") if main else "?"
 
 
-__all__ = ["IntegerGraph", "LoweredLayer", "FIRED_SUFFIX", "const_array"]
+__all__ = ["IntegerGraph", "LoweredLayer", "FIRED_SUFFIX"]

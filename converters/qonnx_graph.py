@@ -43,7 +43,10 @@ def threshold_rows(theta: np.ndarray, rank: int | None, step: str) -> tuple[np.n
     flat = theta.reshape(-1)
     if flat.size == 1:
         return flat.reshape(1, 1), None
-    rank = rank if rank is not None else max(theta.ndim, 2)
+    if rank is None:  # only a threshold shaped like the tensor itself ([1, C, 1, 1]) says where its channel is
+        if theta.ndim < 2 or theta.shape[0] != 1:
+            raise UnsupportedLayer(step, "the rank of its input is unknown, so its per-channel threshold has no axis")
+        rank = theta.ndim
     shape = (1,) * (rank - theta.ndim) + theta.shape
     varying = [i for i, d in enumerate(shape) if d > 1]
     if len(varying) != 1:
@@ -196,8 +199,8 @@ class QonnxGraph:
             index = WEIGHT_INPUTS.get(node.op_type) if node.domain == "" else None
             weight = node.inputs[index] if index is not None and len(node.inputs) > index else None
             array = const_array(weight)
-            if weight is None or array is None or array.ndim < 2:
-                continue
+            if weight is None or array is None or array.ndim < 2 or array.size < 2 * array.shape[channel_axis(node, array.ndim)]:
+                continue  # one weight per channel is a scale, not a binary layer
             axis = channel_axis(node, array.ndim)
             factor = sign_factor(array, axis)
             if factor is None:

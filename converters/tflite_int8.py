@@ -137,6 +137,8 @@ def _threshold_conv(f: _File, k: int) -> tuple[int, np.ndarray, np.ndarray, int]
     op = f.graph.operators[k]
     if f.names[k] != "CONV_2D" or len(op.inputs) < 2:
         return None
+    if op.builtinOptions is None or op.builtinOptions.fusedActivationFunction != f.sch.ActivationFunctionType.NONE:
+        return None  # a fused ReLU (or clamp) would change what the comparison reads
     weight = f.constant(int(op.inputs[1]))
     if weight is None or weight.dtype != np.float32 or not np.all(np.abs(weight) == 1.0):
         return None
@@ -182,16 +184,15 @@ def quantize_threshold_convs(data: bytes) -> tuple[bytes, dict[str, int]]:
             continue
         source, weight, minus_t, compare_k = found
         op, compare = f.graph.operators[k], f.graph.operators[compare_k]
-        x = f.graph.tensors[source]
+        x, out = f.graph.tensors[source], f.graph.tensors[int(op.outputs[0])]
         quantized = f.add_tensor(tfl.text(x.name) + "_int8", x.shape, kinds.INT8, None)
         channels = weight.shape[0]
-        replaced.update(int(i) for i in op.inputs[1:3])
+        replaced.update(int(i) for i in op.inputs[1:3] if i >= 0)
         op.inputs = np.array([quantized,
                               f.add_tensor(tfl.text(f.graph.tensors[int(op.inputs[1])].name) + "_int8", weight.shape,
                                            kinds.INT8, channels, weight.astype(np.int8)),
-                              f.add_tensor(tfl.text(f.graph.tensors[int(op.inputs[2])].name) + "_int32", minus_t.shape,
+                              f.add_tensor(tfl.text(out.name) + "_bias_int32", minus_t.shape,
                                            kinds.INT32, channels, minus_t)], np.int32)
-        out = f.graph.tensors[int(op.outputs[0])]
         saturated = f.add_tensor(tfl.text(out.name) + "_int8", out.shape, kinds.INT8, None)
         dequantize = _operator(f, "DEQUANTIZE", saturated, int(op.outputs[0]))
         op.outputs = np.array([saturated], np.int32)

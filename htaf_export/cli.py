@@ -171,7 +171,8 @@ def run_export(argv: Sequence[str]) -> int:
                         input_shape=args.input_shape,
                         validate_artifact=not args.no_validate, portable=args.portable, snn_mode=args.snn_mode,
                         lce_kernel=args.lce_kernel, trust_pickle=args.trust_pickle, device=args.device,
-                        tolerance=tolerance, progress=progress, workers=args.workers)
+                        tolerance=tolerance, progress=progress, workers=args.workers,
+                        recommend=not args.no_validate)  # an export that validates can spare a second for it
     out.print_export(result, console)
     if result.report is None:
         return 0

@@ -127,9 +127,9 @@ def export(model: str | Path | LoadedModel, target: str, output: str | Path | No
            data: Path | None = None, input_shape: Sequence[int] | None = None, validate_artifact: bool = True,
            portable: bool = False, snn_mode: str = "unrolled", lce_kernel: str = "auto", trust_pickle: bool = False,
            device: str = "all", tolerance: Tolerance | None = None, progress: Progress | None = None,
-           workers: int | None = None) -> ExportResult:
+           workers: int | None = None, recommend: bool = False) -> ExportResult:
     """Export ``model`` to ``target`` (see ``htaf_export.targets.TARGETS``) and, unless told not to, validate it
-    (in ``workers`` processes when more than one).
+    (in ``workers`` processes when more than one); ``recommend``: time its ONNX files here and recommend a target.
 
     ``input_shape`` (per sample, no batch) is needed only when neither ``data`` nor the model file says it."""
     chosen = target_named(target)
@@ -163,9 +163,9 @@ def export(model: str | Path | LoadedModel, target: str, output: str | Path | No
     seconds["convert"] = time.perf_counter() - t
 
     atomic_write_bytes(out, conversion.data)
-    report = recommendation = None
-    if dataset is not None:  # an export that validates can spare a second to time its ONNX forms
-        recommendation = _recommend(cap, chosen, conversion, seconds)
+    report = None
+    recommendation = _recommend(cap, chosen, conversion, seconds) if recommend else None
+    if dataset is not None:
         t = time.perf_counter()
         report = validate_file(hardening, read_artifact(out), dataset, str(loaded.path), device, tolerance,
                                progress=progress, input_shape=loaded.input_shape if not loaded.extra_input_shapes

@@ -75,14 +75,21 @@ def time_onnx(data: bytes, feed: Mapping[str, np.ndarray], budget_s: float = BUD
 
 
 def recommend(cap: Capture, built: Mapping[str, bytes] | None = None) -> Recommendation | None:
-    """Time the model's ONNX files here and say which target to use; None for streaming captures. ``built``:
-    files already converted (by target name), not converted again."""
+    """Time the model's ONNX files here and say which target to use; None for streaming captures or when the
+    timing cannot be done. ``built``: files already converted (by target name), not converted again."""
     if cap.streaming:
         return None
+    try:
+        return _recommend(cap, built or {})
+    except Exception:  # noqa: BLE001 — advice only: no failure here may stop the export it accompanies
+        return None
+
+
+def _recommend(cap: Capture, built: Mapping[str, bytes]) -> Recommendation | None:
     feed = _inputs(cap)
     timings = []
     for name in TIMED:
-        data = (built or {}).get(name)
+        data = built.get(name)
         if data is None:
             try:
                 data = TARGETS[name].function("converter")(cap, {md.TARGET: name}, ExportOptions()).data
@@ -96,7 +103,8 @@ def recommend(cap: Capture, built: Mapping[str, bytes] | None = None) -> Recomme
     measured = ", ".join(f"{t.target} {t.ms:.2f} ms" for t in timings) + " at batch 1, one thread (ONNX Runtime)"
     if machine.lower() in ARM:
         return Recommendation("tflite", machine, tuple(timings),
-                              f"LCE's optimised bit-packed kernels are its ARM ones (not timed here; measured: {measured})")
+                              f"LCE's optimised bit-packed kernels are its ARM ones, for binary layers on ±1 "
+                              f"activations (not timed here; measured: {measured})")
     integer = ms.get("onnx-int8")
     best = "onnx-int8" if integer is not None and integer * MIN_GAIN <= ms.get("onnx", float("inf")) else "onnx"
     return Recommendation(best, machine, tuple(timings), f"measured {measured}")

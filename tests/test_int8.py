@@ -131,7 +131,9 @@ def test_user_models_run_on_integer_ops_with_parity(saved, name, fmt, tmp_path):
     proto = onnx.load(str(result.artifact))
     ops = [n.op_type for n in proto.graph.node]
     assert {op: ops.count(op) for op in INTEGER_OPS[name]} == INTEGER_OPS[name], ops
-    assert "Conv" not in ops[1:] or ops.count("Conv") == 1, "only the stem on real inputs stays a float conv"
+    float_convs = [n.input[1] for n in proto.graph.node if n.op_type == "Conv"]
+    assert len(float_convs) == 1, "only the stem on real inputs stays a float conv"
+    assert fmt != "pt2" or "stem" in float_convs[0], float_convs
     steps = [t for t in report.backends[0].tensors if t.kind == "binary"]
     if fmt == "torchscript":  # no module tree to hook: checked through the outputs
         assert steps and any("checked through the outputs only" in n for n in report.notes)
@@ -266,3 +268,47 @@ def test_tflite_int8_threshold_moved_one_step_fails_and_names_the_step(tmp_path,
     capsys.readouterr()
     assert cli.main(["validate", str(sample), str(bad)]) == 1
     assert "first failing tensor layers.act2" in capsys.readouterr().out.replace("\n", " ")
+
+
+class BiasedGroupConv(nn.Module):
+    """A grouped binary conv with its own bias and nothing after it: onnx-int8 runs it as a float conv."""
+
+    def __init__(self, groups: int) -> None:
+        super().__init__()
+        self.stem, self.sign = nn.Conv2d(2, 4, 3, padding=1), HTAF(levels="pm1")
+        self.k, self.b = nn.Parameter(torch.randn(6, 4 // groups, 3, 3)), nn.Parameter(torch.randn(6) * 5)
+        self.groups = groups
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(self.sign(self.stem(x)), _binary(self.k), self.b, padding=1, groups=self.groups)
+
+
+class ReluBetween(nn.Module):
+    """A ReLU between a binary conv and its step: TFLite fuses it into the conv, which must then stay float."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.sign = nn.Conv2d(2, 4, 3, padding=1), HTAF(levels="pm1")
+        self.k, self.b = nn.Parameter(torch.randn(6, 4, 3, 3)), nn.Parameter(torch.randn(6))
+        self.fire = HTAF(levels="01", threshold=2.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fire(torch.relu(F.conv2d(self.sign(self.stem(x)), _binary(self.k), self.b, padding=1)))
+
+
+@pytest.mark.parametrize(("model", "target", "became"), [
+    (BiasedGroupConv(2), "onnx-int8", "float Conv"), (BiasedGroupConv(1), "onnx-int8", "MatMulInteger (im2col) (affine)"),
+    pytest.param(ReluBetween(), "tflite-int8", None, marks=pytest.mark.slow)])
+def test_layers_left_float_stay_exact(model, target, became, tmp_path):
+    torch.manual_seed(0)
+    path = tmp_path / "m.pt2"
+    torch.export.save(torch.export.export(model.eval(), (torch.randn(2, 2, 8, 8),),
+                                          dynamic_shapes=({0: torch.export.Dim("batch")},)), path)
+    with contextlib.redirect_stdout(io.StringIO()):
+        result = htaf_export.export(path, target, tmp_path / f"m{'.int8.onnx' if 'onnx' in target else '.int8.tflite'}",
+                                    input_shape=[2, 8, 8], device="cpu")
+    assert result.report.passed, result.report.failure_line()
+    if became:
+        assert any(r.layer == "k" and r.became == became for r in result.conversion.rows), result.conversion.rows
+    else:
+        assert _int8_convs(result.artifact) == 0  # the fused ReLU keeps the conv float

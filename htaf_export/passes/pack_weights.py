@@ -115,8 +115,8 @@ def _shared_constants(graph: ir.Graph) -> dict[str, ir.Value]:
 
 
 class PackIntegerWeights(ir.passes.InPlacePass):
-    """The same for the two-level integer weights of QLinearConv / MatMulInteger (int8 ±1, uint8 {0, 2}):
-    unpacked to the same integers at session start."""
+    """The same for the two-level integer weights of QLinearConv / MatMulInteger (int8 ±1): unpacked to the
+    same integers at session start."""
 
     def call(self, model: ir.Model) -> PassReport:
         graph = model.graph
