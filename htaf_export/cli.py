@@ -151,7 +151,7 @@ def run_inspect(argv: Sequence[str]) -> int:
 
     loaded = io.resolve(io.load(args.model, trust_pickle=args.trust_pickle), args.input_shape, args.data)
     data = load_npz(args.data, loaded.input_shapes, loaded.input_names or ("input",)) if args.data is not None else None
-    render(summarize(loaded, data, tie=args.tie), Console())
+    render(summarize(loaded, data, tie=args.tie, recommend_target=True), Console())
     return 0
 
 

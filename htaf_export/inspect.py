@@ -68,8 +68,10 @@ def layer_table(module: torch.nn.Module) -> list[LayerInfo]:
     return layers
 
 
-def summarize(loaded: LoadedModel, data: Dataset | None = None, tie: str | None = None) -> ModelSummary:
-    """Inspect a loaded model; with data, harden a copy to measure the gap (and accuracy with labels)."""
+def summarize(loaded: LoadedModel, data: Dataset | None = None, tie: str | None = None, recommend_target: bool = False
+              ) -> ModelSummary:
+    """Inspect a loaded model; with data, harden a copy to measure the gap (and accuracy with labels);
+    ``recommend_target`` (a resolved model): time its ONNX files here and recommend a target."""
     x = torch.from_numpy(data.x) if data is not None else None
     y = torch.from_numpy(data.y) if data is not None and data.y is not None else None
     result = harden(loaded.module, x, y, tie=tie)
@@ -79,11 +81,12 @@ def summarize(loaded: LoadedModel, data: Dataset | None = None, tie: str | None 
     if tie is None and any(s.how == "HTAF composite" for s in result.sites):
         summary.notes.append("a traced graph does not record the tie rule of a smooth HTAF: its sites step with ge "
                              "at the threshold; pass --tie gt if the model was trained to")
-    try:
-        cap = capture(result.model, loaded.input_shapes, loaded.output_names, input_names=loaded.input_names)
-        summary.recommendation = recommend(cap)
-    except (BadInput, UnsupportedLayer) as e:
-        summary.notes.append(f"no target recommendation: the model does not export ({e})")
+    if recommend_target:
+        try:
+            cap = capture(result.model, loaded.input_shapes, loaded.output_names, input_names=loaded.input_names)
+            summary.recommendation = recommend(cap)
+        except (BadInput, UnsupportedLayer) as e:
+            summary.notes.append(f"no target recommendation: the model does not export ({e})")
     return summary
 
 
