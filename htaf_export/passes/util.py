@@ -84,7 +84,7 @@ def zeros_among_signs(array: np.ndarray, axis: int = 0) -> int:
     return int(np.sum(array == 0))
 
 
-DERIVED_SUFFIXES = (".packed", ".unpacked", ".shape", ".numel", ".scale")
+DERIVED_SUFFIXES = (".packed", ".unpacked", ".shape", ".numel", ".scale", ".bipolar")
 
 
 def layer_of(weight_name: str) -> str:
