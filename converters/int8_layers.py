@@ -28,7 +28,8 @@ import onnx_ir as ir
 
 from htaf_export.passes.util import replacing_initializer
 
-from .tflite_binary import BinaryLayer, Padding
+from .layer_ops import padding, per_channel_tail
+from .tflite_binary import BinaryLayer
 
 OUTPUT_ZERO_POINT = 128  # the output of a threshold conv: ≥ 128 ⟺ the step fires
 
@@ -60,13 +61,6 @@ def _const(graph: ir.Graph, name: str, array) -> ir.Value:
     return replacing_initializer(graph, name, np.asarray(array))
 
 
-def _explicit_pad(graph: ir.Graph, x: ir.Value, pad: Padding, enc: Encoding, name: str) -> tuple[list[ir.Node], ir.Value]:
-    spec = _const(graph, f"{name}.pads", np.array([0, 0, pad.top, pad.left, 0, 0, pad.bottom, pad.right], np.int64))
-    node = ir.node("Pad", [x, spec, _const(graph, f"{name}.pad_value", enc.of(pad.value))], {"mode": "constant"},
-                   name=f"{name}/pad")
-    return [node], node.outputs[0]
-
-
 def float_reason(layer: BinaryLayer, levels: str) -> str:
     """Why the layer runs as a float conv on float activations instead of integer ops; "" when it need not."""
     pad = layer.padding
@@ -80,14 +74,8 @@ def float_reason(layer: BinaryLayer, levels: str) -> str:
 def threshold_conv(graph: ir.Graph, layer: BinaryLayer, x: ir.Value, enc: Encoding, name: str
                    ) -> tuple[list[ir.Node], ir.Value]:
     """→ (nodes, bool "fired") for a conv in threshold mode (QLinearConv, module docstring)."""
-    nodes: list[ir.Node] = []
-    pads = [0, 0, 0, 0]
-    pad = layer.padding
-    if pad is not None and pad.any:
-        if pad.value == 0.0:  # QLinearConv pads with the zero point: the real value 0
-            pads = [pad.top, pad.left, pad.bottom, pad.right]
-        else:
-            nodes, x = _explicit_pad(graph, x, pad, enc, name)
+    # QLinearConv pads with the zero point, the real 0; other pad values are an explicit uint8 Pad
+    nodes, x, pads = padding(graph, layer, x, enc.of(layer.padding.value if layer.padding else 0.0), name)
     one = _const(graph, "htaf.int8.one", np.array(1.0, np.float32))
     inputs = [x, one, _const(graph, f"{name}.x_zero_point", enc.of(0.0)),
               _const(graph, f"{layer.name}.weight", layer.folded_weight().astype(np.int8)), one,
@@ -123,15 +111,9 @@ def _im2col_conv(graph: ir.Graph, layer: BinaryLayer, x: ir.Value, enc: Encoding
     channels, times the constant [kh·kw·in, out] int8 matrix on the right (the operand ONNX Runtime prepacks).
     Each tap ends where the last kernel row would, counted from the end, so no input size is needed."""
     to_nhwc = ir.node("Transpose", [x], {"perm": [0, 2, 3, 1]}, name=f"{name}/to_nhwc")
-    nodes: list[ir.Node] = [to_nhwc]
-    x = to_nhwc.outputs[0]
-    pad = layer.padding
-    if pad is not None and pad.any:
-        spec = _const(graph, f"{name}.pads", np.array([0, pad.top, pad.left, 0, 0, pad.bottom, pad.right, 0], np.int64))
-        padded = ir.node("Pad", [x, spec, _const(graph, f"{name}.pad_value", enc.of(pad.value))], {"mode": "constant"},
-                         name=f"{name}/pad")
-        nodes.append(padded)
-        x = padded.outputs[0]
+    pad_nodes, x, _ = padding(graph, layer, to_nhwc.outputs[0], enc.of(layer.padding.value if layer.padding else 0.0),
+                              name, zero_in_conv=False, channels_last=True)
+    nodes: list[ir.Node] = [to_nhwc, *pad_nodes]
     out_c, in_c, kh, kw = layer.weight.shape
     (sh, sw), (dh, dw) = layer.stride, layer.dilation
     axes = _const(graph, "htaf.int8.nhwc_axes", np.array([1, 2], np.int64))
@@ -166,21 +148,5 @@ def affine_integer(graph: ir.Graph, layer: BinaryLayer, x: ir.Value, enc: Encodi
     else:
         nodes, acc = _im2col_conv(graph, layer, x, enc, name)
     as_float = ir.node("Cast", [acc], {"to": ir.DataType.FLOAT}, name=f"{name}/to_float")
-    tail, y = affine_tail(graph, layer, as_float.outputs[0], name)
+    tail, y = per_channel_tail(graph, layer, as_float.outputs[0], name)
     return nodes + [as_float] + tail, y
-
-
-def affine_tail(graph: ir.Graph, layer: BinaryLayer, v: ir.Value, name: str) -> tuple[list[ir.Node], ir.Value]:
-    """y = scale·v + shift (or v + bias) per output channel, in float."""
-    shape = (-1, 1, 1) if layer.kind == "conv" else (-1,)
-    nodes: list[ir.Node] = []
-    scale, shift = (layer.scale, layer.shift) if layer.scale is not None else (None, layer.bias)
-    if scale is not None:
-        nodes.append(ir.node("Mul", [v, _const(graph, f"{layer.name}.scale", scale.astype(np.float32).reshape(shape))],
-                             name=f"{name}/scale"))
-        v = nodes[-1].outputs[0]
-    if shift is not None:
-        nodes.append(ir.node("Add", [v, _const(graph, f"{layer.name}.shift", shift.astype(np.float32).reshape(shape))],
-                             name=f"{name}/shift"))
-        v = nodes[-1].outputs[0]
-    return nodes, v

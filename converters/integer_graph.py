@@ -19,6 +19,7 @@ import onnx_ir as ir
 from htaf_export.passes.util import is_step
 
 from . import int8_layers as il
+from .layer_ops import per_channel_tail
 from .integer_steps import _layer_nodes as float_layer_nodes
 from .tflite_binary import DOMAIN, OP, PASSTHROUGH, BinaryLayer, _pad_spec, input_levels
 
@@ -86,7 +87,7 @@ class IntegerGraph:
                 zero = il._const(self.graph, "htaf.int8.zero_f", np.array(0.0, np.float32))
                 fired = ir.node("Greater", [y, zero], name=f"{name}/fired")  # y = flip·v − T + ½ is never 0
                 return self._replace_step(node, nodes + [fired], fired.outputs[0], layer.levels or "pm1")
-            tail, y = il.affine_tail(self.graph, layer, y, name) if layer.scale is not None else ([], y)
+            tail, y = per_channel_tail(self.graph, layer, y, name) if layer.scale is not None else ([], y)
             return self._replace_output(node, nodes + tail, y)
         enc = il.Encoding(levels)  # type: ignore[arg-type]
         if layer.mode == "threshold":

@@ -17,6 +17,7 @@ from htaf_export.ops import HTAF_DOMAIN, HTAF_OPSET_VERSION
 from htaf_export.passes.base import PassReport, report
 from htaf_export.passes.util import new_initializer
 
+from .layer_ops import padding
 from .tflite_binary import BinaryLayer, Rejected, match
 
 
@@ -28,19 +29,8 @@ def _layer_nodes(graph: ir.Graph, layer: BinaryLayer, source: ir.Value, name: st
     if layer.kind == "dense":
         gemm = ir.node("Gemm", [source, weight, bias], {"transB": 1}, name=f"{name}/gemm")
         return [gemm], gemm.outputs[0]
-    nodes: list[ir.Node] = []
-    pads = [0, 0, 0, 0]
-    pad = layer.padding
-    if pad is not None and pad.any:
-        if pad.value == 0.0:
-            pads = [pad.top, pad.left, pad.bottom, pad.right]
-        else:  # ±1 padding: an explicit constant pad before the conv
-            spec = new_initializer(graph, f"{layer.name}.pads",
-                                   np.array([0, 0, pad.top, pad.left, 0, 0, pad.bottom, pad.right], np.int64))
-            value = new_initializer(graph, f"{layer.name}.pad_value", np.array(pad.value, np.float32))
-            padded = ir.node("Pad", [source, spec, value], {"mode": "constant"}, name=f"{name}/pad")
-            nodes.append(padded)
-            source = padded.outputs[0]
+    value = np.array(layer.padding.value if layer.padding else 0.0, np.float32)
+    nodes, source, pads = padding(graph, layer, source, value, layer.name)
     conv = ir.node("Conv", [source, weight, bias],
                    {"strides": list(layer.stride), "pads": pads, "dilations": list(layer.dilation),
                     "group": layer.group}, name=f"{name}/conv")

@@ -16,6 +16,7 @@ from htaf_export.errors import UnsupportedLayer
 from htaf_export.passes.pack_weights import channel_axis
 from htaf_export.passes.util import WEIGHT_INPUTS, const_array, is_step, replacing_initializer, sign_factor
 
+from .layer_ops import padding, per_channel_tail
 from .tflite_binary import DOMAIN, OP, BinaryLayer
 
 QONNX_DOMAIN = "qonnx.custom_op.general"
@@ -124,7 +125,7 @@ class QonnxGraph:
             self.rows.append((layer.name, f"BipolarQuant weights + {nodes[-1].op_type} + MultiThreshold",
                               "; ".join(layer.notes) or "integer thresholds"))
             return
-        tail, y = self._affine(layer, acc, name)
+        tail, y = per_channel_tail(self.graph, layer, acc, name)
         self._replace(node, nodes + tail, y)
         self.rows.append((layer.name, f"BipolarQuant weights + {nodes[-1].op_type}", "exact integer sums, then the float affine"))
 
@@ -157,7 +158,8 @@ class QonnxGraph:
                 nodes.append(product)
                 product = ir.node("Add", [product.outputs[0], *bias_v], name=f"{name}/bias")
         else:
-            pad_nodes, x, pads = self._padding(layer, x, name)
+            pad_nodes, x, pads = padding(self.graph, layer, x, np.float32(layer.padding.value if layer.padding else 0.0),
+                                         layer.name)
             nodes += pad_nodes
             product = ir.node("Conv", [x, quant.outputs[0], *bias_v], {"strides": list(layer.stride), "pads": pads,
                                                                         "dilations": list(layer.dilation),
@@ -166,29 +168,6 @@ class QonnxGraph:
             product.outputs[0].name = f"{layer.name}.sum"
             self.datatypes[f"{layer.name}.sum"] = f"INT{int(np.ceil(np.log2(layer.fan_in + 1))) + 1}"
         return nodes + [product], product.outputs[0]
-
-    def _padding(self, layer: BinaryLayer, x: ir.Value, name: str) -> tuple[list[ir.Node], ir.Value, list[int]]:
-        """Zero padding as the conv's pads; ±1 padding as an explicit Pad before it."""
-        pad = layer.padding
-        if pad is None or not pad.any:
-            return [], x, [0, 0, 0, 0]
-        if pad.value == 0.0:
-            return [], x, [pad.top, pad.left, pad.bottom, pad.right]
-        spec = self._const(f"{layer.name}.pads", np.array([0, 0, pad.top, pad.left, 0, 0, pad.bottom, pad.right], np.int64))
-        padded = ir.node("Pad", [x, spec, self._const(f"{layer.name}.pad_value", np.float32(pad.value))],
-                         {"mode": "constant"}, name=f"{name}/pad")
-        return [padded], padded.outputs[0], [0, 0, 0, 0]
-
-    def _affine(self, layer: BinaryLayer, v: ir.Value, name: str) -> tuple[list[ir.Node], ir.Value]:
-        shape = (-1, 1, 1) if layer.kind == "conv" else (-1,)
-        scale, shift = (layer.scale, layer.shift) if layer.scale is not None else (None, layer.bias)
-        nodes: list[ir.Node] = []
-        for op, array, what in (("Mul", scale, "scale"), ("Add", shift, "shift")):
-            if array is not None:
-                nodes.append(ir.node(op, [v, self._const(f"{layer.name}.{what}", array.astype(np.float32).reshape(shape))],
-                                     name=f"{name}/{what}"))
-                v = nodes[-1].outputs[0]
-        return nodes, v
 
     def _replace(self, node: ir.Node, nodes: list[ir.Node], y: ir.Value) -> None:
         ir.convenience.replace_nodes_and_values(self.graph, node, [node], nodes, [node.outputs[0]], [y])

@@ -1,0 +1,41 @@
+"""Small pieces every converter that writes a binary layer as ONNX ops needs: its padding and its per-channel tail."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from htaf_export.passes.util import replacing_initializer
+
+from .tflite_binary import BinaryLayer
+
+
+def padding(graph: ir.Graph, layer: BinaryLayer, x: ir.Value, value: np.ndarray, name: str, *, zero_in_conv: bool = True,
+            channels_last: bool = False) -> tuple[list[ir.Node], ir.Value, list[int]]:
+    """(nodes, padded input, the conv's ``pads``): zero padding left to the conv when ``zero_in_conv`` (it pads with
+    the zero point, the real 0), any other as an explicit ``Pad`` of ``value`` (the pad value in the input's
+    encoding) before it."""
+    pad = layer.padding
+    if pad is None or not pad.any:
+        return [], x, [0, 0, 0, 0]
+    if pad.value == 0.0 and zero_in_conv:
+        return [], x, [pad.top, pad.left, pad.bottom, pad.right]
+    widths = [0, pad.top, pad.left, 0, 0, pad.bottom, pad.right, 0] if channels_last else \
+        [0, 0, pad.top, pad.left, 0, 0, pad.bottom, pad.right]
+    spec = replacing_initializer(graph, f"{name}.pads", np.array(widths, np.int64))
+    node = ir.node("Pad", [x, spec, replacing_initializer(graph, f"{name}.pad_value", value)], {"mode": "constant"},
+                   name=f"{name}/pad")
+    return [node], node.outputs[0], [0, 0, 0, 0]
+
+
+def per_channel_tail(graph: ir.Graph, layer: BinaryLayer, v: ir.Value, name: str) -> tuple[list[ir.Node], ir.Value]:
+    """y = scale·v + shift (or v + bias) per output channel, in float: an affine-mode layer after its sums."""
+    shape = (-1, 1, 1) if layer.kind == "conv" else (-1,)
+    scale, shift = (layer.scale, layer.shift) if layer.scale is not None else (None, layer.bias)
+    nodes: list[ir.Node] = []
+    for op, array, what in (("Mul", scale, "scale"), ("Add", shift, "shift")):
+        if array is not None:
+            constant = replacing_initializer(graph, f"{layer.name}.{what}", array.astype(np.float32).reshape(shape))
+            nodes.append(ir.node(op, [v, constant], name=f"{name}/{what}"))
+            v = nodes[-1].outputs[0]
+    return nodes, v
