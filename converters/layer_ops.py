@@ -1,13 +1,23 @@
-"""Small pieces every converter that writes a binary layer as ONNX ops needs: its padding and its per-channel tail."""
+"""Small pieces the converters share: constant shape arithmetic folded, a binary layer's padding and per-channel tail."""
 
 from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
+from onnxscript.optimizer import fold_constants
 
 from htaf_export.passes.util import replacing_initializer
 
 from .tflite_binary import BinaryLayer
+
+SHAPE_ARITHMETIC = ("ConstantOfShape", "Concat", "Reshape", "Slice", "Transpose", "Cast", "Gather", "Squeeze",
+                    "Unsqueeze", "Range")
+
+
+def fold_shape_arithmetic(model: ir.Model) -> None:
+    """Shape arithmetic on constants (TorchScript's computed Pad widths) becomes constants, so that the binary
+    layer patterns see constant pads; the default folding rules leave such ops alone."""
+    fold_constants(model, should_fold=lambda n: True if n.domain == "" and n.op_type in SHAPE_ARITHMETIC else None)
 
 
 def padding(graph: ir.Graph, layer: BinaryLayer, x: ir.Value, value: np.ndarray, name: str, *, zero_in_conv: bool = True,

@@ -17,7 +17,6 @@ from typing import Mapping
 
 import onnx
 import onnx_ir as ir
-from onnxscript.optimizer import fold_constants
 
 from htaf_export import metadata as md
 from htaf_export.capture import Capture, cleanup
@@ -28,7 +27,7 @@ from htaf_export.targets import ExportOptions
 
 from .onnx import _tie_of
 from .qonnx_graph import QONNX_DOMAIN, QonnxGraph
-from .tflite import SHAPE_ARITHMETIC
+from .layer_ops import fold_shape_arithmetic
 from .tflite_binary import INTEGER_LEVELS, FuseBinaryLayers
 
 MODE = "qonnx"
@@ -41,7 +40,7 @@ def convert(capture: Capture, provenance: Mapping[str, str], options: ExportOpti
     if options.portable:
         raise UnsupportedLayer("model", "--portable is for the onnx target; qonnx files need qonnx's custom ops")
     model = capture.ir_copy()  # converters never modify the shared IR
-    fold_constants(model, should_fold=lambda n: True if n.domain == "" and n.op_type in SHAPE_ARITHMETIC else None)
+    fold_shape_arithmetic(model)
     refusals = FuseBinaryLayers(True, INTEGER_LEVELS)(model).refusals
     FoldBatchNormIntoSteps()(model)
     lowering = QonnxGraph(model.graph)

@@ -19,7 +19,6 @@ import warnings
 from typing import Any, Mapping
 
 import onnx_ir as ir
-from onnxscript.optimizer import fold_constants
 
 from htaf_export import metadata as md
 from htaf_export import tflite_file as tfl
@@ -30,12 +29,11 @@ from htaf_export.passes import FoldBatchNormIntoSteps
 from htaf_export.targets import ExportOptions
 
 from .keras_builder import Built, EmittedLayer, KerasBuilder
+from .layer_ops import fold_shape_arithmetic
 from .keras_ops import EMITTERS
 from .tflite_binary import DOMAIN as BINARY_DOMAIN
 from .tflite_binary import FuseBinaryLayers, layer_name
 
-SHAPE_ARITHMETIC = ("ConstantOfShape", "Concat", "Reshape", "Slice", "Transpose", "Cast", "Gather", "Squeeze",
-                    "Unsqueeze", "Range")
 KERAS_TO_TFLITE = {"QuantConv2D": "LceBconv2d", "Conv2D": "CONV_2D", "DepthwiseConv2D": "DEPTHWISE_CONV_2D",
                    "Dense": "FULLY_CONNECTED"}
 
@@ -55,9 +53,7 @@ def convert(cap: Capture, provenance: Mapping[str, str], bitpacked: bool) -> Con
     if cap.streaming:
         raise UnsupportedLayer("model", "TFLite targets export unrolled models only (no streaming state)")
     model = cap.ir_copy()  # converters never modify the shared IR
-    # Shape arithmetic on constants (TorchScript's computed Pad widths) becomes constants, so that the
-    # patterns below see constant pads; the default folding rules leave such ops alone.
-    fold_constants(model, should_fold=lambda n: True if n.domain == "" and n.op_type in SHAPE_ARITHMETIC else None)
+    fold_shape_arithmetic(model)
     rejected = FuseBinaryLayers(bitpacked)(model).refusals
     FoldBatchNormIntoSteps()(model)
     built = KerasBuilder(bitpacked).build(cap, model.graph, EMITTERS)

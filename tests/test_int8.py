@@ -312,3 +312,20 @@ def test_layers_left_float_stay_exact(model, target, became, tmp_path):
         assert any(r.layer == "k" and r.became == became for r in result.conversion.rows), result.conversion.rows
     else:
         assert _int8_convs(result.artifact) == 0  # the fused ReLU keeps the conv float
+
+
+def test_the_recommendation_does_not_import_tensorflow(tmp_path):
+    """inspect and ONNX exports time ONNX files only: TensorFlow stays out (it costs seconds to import)."""
+    import subprocess
+    import sys
+
+    sample = Path(__file__).resolve().parent.parent / "sample_models" / "bnn_cnn.pt"
+    code = (f"import contextlib, io, sys\nfrom htaf_export.cli import main\n"
+            f"with contextlib.redirect_stdout(io.StringIO()) as out:\n"
+            f"    main(['inspect', {str(sample)!r}])\n"
+            f"    main([{str(sample)!r}, '--target', 'onnx-int8', '-o', {str(tmp_path / 'm.int8.onnx')!r}, '--device', 'cpu'])\n"
+            f"assert out.getvalue().count('recommended on this machine') == 2, out.getvalue()\n"
+            f"print('TF', 'tensorflow' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "TF False" in done.stdout
