@@ -1,13 +1,14 @@
-"""``tflite-int8`` target: the ``tflite-float`` file with its threshold binary convs as builtin int8 ``CONV_2D``.
+"""``tflite-int8`` target: the ``tflite-float`` file with its threshold binary layers as builtin int8 ops.
 
-The float file writes a binary layer that ends in a step as ``CONV_2D`` (filter flip·W ∈ {±1}) whose only
+The float file writes a binary layer that ends in a step as ``CONV_2D`` or ``FULLY_CONNECTED`` (weights
+flip·W ∈ {±1}) whose only
 reader compares it with per-channel constants (``GREATER_EQUAL``/``GREATER``; the TensorFlow converter may
 have moved the bias into the comparison), then ``SELECT_V2``/``CAST``. Each such conv whose input is step
 activations (±1 or {0, 1}: a select or cast of a comparison, seen through pads with level values, max pools
 and reshapes) becomes
 
-    QUANTIZE(x → int8, scale 1, zero point 0)  →  CONV_2D int8 (filter ±1, per-channel scale 1; bias −t int32;
-    output scale 1, zero point 0)  →  DEQUANTIZE  →  GREATER_EQUAL(·, 0)
+    QUANTIZE(x → int8, scale 1, zero point 0)  →  CONV_2D / FULLY_CONNECTED int8 (weights ±1 with scale 1, per
+    channel for convs; bias −t int32; output scale 1, zero point 0)  →  DEQUANTIZE  →  GREATER_EQUAL(·, 0)
 
 t is, per channel, the smallest integer sum v for which the float file's own float32 arithmetic,
 fl(v + bias) compared with the constant, fires — found by evaluating it on every v in [−K, K], K the fan-in.
@@ -37,7 +38,8 @@ from .tflite import convert as convert_tflite
 LEVEL_PAIRS = ({1.0, -1.0}, {1.0, 0.0})
 PASSTHROUGH = ("MAX_POOL_2D", "RESHAPE")
 # operator versions for int8 operands (TFLite's op version table)
-INT8_VERSIONS = {"CONV_2D": 3, "QUANTIZE": 2, "DEQUANTIZE": 2}
+INT8_VERSIONS = {"CONV_2D": 3, "FULLY_CONNECTED": 4, "QUANTIZE": 2, "DEQUANTIZE": 2}
+LAYERS = ("CONV_2D", "FULLY_CONNECTED")
 
 
 def convert(capture: Capture, provenance: Mapping[str, str], options: ExportOptions) -> Conversion:
@@ -45,8 +47,8 @@ def convert(capture: Capture, provenance: Mapping[str, str], options: ExportOpti
     base = convert_tflite(capture, provenance, bitpacked=False)
     data, converted = quantize_threshold_convs(base.data)
     keras_names = {name.split(";")[0].split("/")[1] if "/" in name else name: numel for name, numel in converted.items()}
-    rows = [LayerRow(r.layer, "int8 CONV_2D (threshold)", r.note) if r.layer.replace(".", "_") in keras_names else r
-            for r in base.rows]
+    rows = [LayerRow(r.layer, f"int8 {r.became.split(' ')[0]} (threshold)", r.note)
+            if r.layer.replace(".", "_") in keras_names else r for r in base.rows]
     notes = base.notes + (() if converted else (
         "no binary conv ending in a step on step activations: nothing runs in int8, the file is tflite-float's",))
     stored = base.binary_stored_bytes - 3 * sum(converted.values())  # those weights: int8, not float32
@@ -135,7 +137,7 @@ def _threshold_conv(f: _File, k: int) -> tuple[int, np.ndarray, np.ndarray, int]
     """(input, ±1 filter, integer −t, comparison op) when op ``k`` is a binary conv on step activations whose only
     reader compares it with per-channel constants, as the TFLite converter leaves a threshold layer."""
     op = f.graph.operators[k]
-    if f.names[k] != "CONV_2D" or len(op.inputs) < 2:
+    if f.names[k] not in LAYERS or len(op.inputs) < 2:
         return None
     if op.builtinOptions is None or op.builtinOptions.fusedActivationFunction != f.sch.ActivationFunctionType.NONE:
         return None  # a fused ReLU (or clamp) would change what the comparison reads
@@ -186,7 +188,8 @@ def quantize_threshold_convs(data: bytes) -> tuple[bytes, dict[str, int]]:
         op, compare = f.graph.operators[k], f.graph.operators[compare_k]
         x, out = f.graph.tensors[source], f.graph.tensors[int(op.outputs[0])]
         quantized = f.add_tensor(tfl.text(x.name) + "_int8", x.shape, kinds.INT8, None)
-        channels = weight.shape[0]
+        name = f.names[k]
+        channels = weight.shape[0] if name == "CONV_2D" else None  # per-channel filters; FC weights per tensor
         replaced.update(int(i) for i in op.inputs[1:3] if i >= 0)
         op.inputs = np.array([quantized,
                               f.add_tensor(tfl.text(f.graph.tensors[int(op.inputs[1])].name) + "_int8", weight.shape,
@@ -196,7 +199,7 @@ def quantize_threshold_convs(data: bytes) -> tuple[bytes, dict[str, int]]:
         saturated = f.add_tensor(tfl.text(out.name) + "_int8", out.shape, kinds.INT8, None)
         dequantize = _operator(f, "DEQUANTIZE", saturated, int(op.outputs[0]))
         op.outputs = np.array([saturated], np.int32)
-        op.opcodeIndex = f.opcode("CONV_2D")
+        op.opcodeIndex = f.opcode(name)
         zero = f.add_tensor(f"{tfl.text(out.name)}_zero", [], kinds.FLOAT32, None, np.zeros((), np.float32))
         compare.inputs = np.array([int(compare.inputs[0]), zero], np.int32)  # out = v − t: fires iff out ≥ 0
         compare.opcodeIndex = f.opcode("GREATER_EQUAL", 1)

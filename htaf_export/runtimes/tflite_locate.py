@@ -105,9 +105,9 @@ def _runner(data: bytes, lce: bool):
 
 def _candidates(flat, forms: list[tfl.StepForm]) -> list[tfl.StepSlot]:
     graph = flat.subgraphs[0]
-    skip = {int(i) for i in graph.inputs}
+    produced = {int(o) for op in graph.operators for o in op.outputs}  # a step is computed by an op
     return [tfl.StepSlot(f.tensor, i, e, f.layout, f.shape, f.levels, f.tie, f.stored[-1])
-            for f in forms for i, t in enumerate(graph.tensors) if i not in skip and not tfl.is_constant(flat, i)
+            for f in forms for i, t in enumerate(graph.tensors) if i in produced and not tfl.is_constant(flat, i)
             for e in _encodings(t, f.stored)]
 
 
