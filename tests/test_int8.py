@@ -224,14 +224,24 @@ def test_export_summary_and_inspect_print_the_recommendation(capsys, tmp_path):
 # ---- tflite-int8 --------------------------------------------------------------------------------
 
 
-def _int8_convs(path: Path) -> int:
+def _int8_convs(path: Path, op_name: str = "CONV_2D") -> int:
     from htaf_export import tflite_file as tfl
 
     model = tfl.read_model(path.read_bytes())
     graph = model.subgraphs[0]
     int8 = tfl.schema().TensorType.INT8
     return sum(1 for op, name in zip(graph.operators, tfl.op_names(model))
-               if name == "CONV_2D" and graph.tensors[int(op.inputs[1])].type == int8)
+               if name == op_name and graph.tensors[int(op.inputs[1])].type == int8)
+
+
+@pytest.mark.slow
+def test_threshold_dense_layers_run_as_int8_fully_connected(tmp_path):
+    sample = Path(__file__).resolve().parent.parent / "sample_models" / "bnn_mlp.pt"
+    with contextlib.redirect_stdout(io.StringIO()):
+        result = htaf_export.export(sample, "tflite-int8", tmp_path / "m.int8.tflite", device="cpu")
+    assert result.report.passed, result.report.failure_line()
+    assert _int8_convs(result.artifact, "FULLY_CONNECTED") == 1  # fc2; fc1 reads real inputs, fc_out is affine
+    assert any(r.layer == "layers.fc2" and r.became == "int8 FULLY_CONNECTED (threshold)" for r in result.conversion.rows)
 
 
 @pytest.mark.slow
