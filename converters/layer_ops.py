@@ -1,4 +1,4 @@
-"""Small pieces the converters share: constant shape arithmetic folded, a binary layer's padding and per-channel tail."""
+"""Small pieces the converters share: the fused IR they start from, a binary layer's padding and per-channel tail."""
 
 from __future__ import annotations
 
@@ -6,9 +6,11 @@ import numpy as np
 import onnx_ir as ir
 from onnxscript.optimizer import fold_constants
 
+from htaf_export.capture import Capture
+from htaf_export.passes import FoldBatchNormIntoSteps
 from htaf_export.passes.util import replacing_initializer
 
-from .tflite_binary import BinaryLayer
+from .tflite_binary import LCE_LEVELS, BinaryLayer, FuseBinaryLayers
 
 SHAPE_ARITHMETIC = ("ConstantOfShape", "Concat", "Reshape", "Slice", "Transpose", "Cast", "Gather", "Squeeze",
                     "Unsqueeze", "Range")
@@ -18,6 +20,17 @@ def fold_shape_arithmetic(model: ir.Model) -> None:
     """Shape arithmetic on constants (TorchScript's computed Pad widths) becomes constants, so that the binary
     layer patterns see constant pads; the default folding rules leave such ops alone."""
     fold_constants(model, should_fold=lambda n: True if n.domain == "" and n.op_type in SHAPE_ARITHMETIC else None)
+
+
+def fused_ir(capture: Capture, bitpacked: bool = True, levels: tuple[str, ...] = LCE_LEVELS
+             ) -> tuple[ir.Model, tuple[tuple[str, str], ...]]:
+    """A copy of the IR with its binary layers fused (``tflite_binary``) and the other batch norms folded into step
+    thresholds, and the ±1 layers left as they were with why: what every target with binary layers starts from."""
+    model = capture.ir_copy()  # converters never modify the shared IR
+    fold_shape_arithmetic(model)
+    refusals = FuseBinaryLayers(bitpacked, levels)(model).refusals
+    FoldBatchNormIntoSteps()(model)
+    return model, refusals
 
 
 def padding(graph: ir.Graph, layer: BinaryLayer, x: ir.Value, value: np.ndarray, name: str, *, zero_in_conv: bool = True,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import onnx
 import onnx.inliner
@@ -61,7 +61,6 @@ def build(capture: Capture, provenance: Mapping[str, str], *, portable: bool = F
     packed: tuple[PackedWeight, ...] = PackBinaryWeights()(model).records if pack_weights else ()
     cleanup(model, fold=False)
     proto = ir.to_proto(model)
-    tie = _tie_of(capture)
     attach_step_functions(proto)
     if portable:
         proto = onnx.inliner.inline_local_functions(proto)
@@ -69,28 +68,36 @@ def build(capture: Capture, provenance: Mapping[str, str], *, portable: bool = F
         kept = [o for o in proto.opset_import if o.domain != HTAF_DOMAIN]
         del proto.opset_import[:]
         proto.opset_import.extend(kept)
+    stamp(proto, capture, provenance, "portable" if portable else "htaf-functions", packed)
+    onnx.checker.check_model(proto, full_check=True)
+    return OnnxBuild(proto, packed)
+
+
+def stamp(proto: onnx.ModelProto, capture: Capture, provenance: Mapping[str, str], mode: str,
+          packed: Sequence[PackedWeight] | None = None) -> None:
+    """Producer, IR version and the htaf metadata (provenance, tie, mode, steps, packed weights) of an ONNX file."""
     proto.ir_version = 10
     proto.producer_name = "htaf-export"
-    meta = {**md.encode(provenance),
-            md.TIE: tie,
-            md.ONNX_MODE: "portable" if portable else "htaf-functions",
-            md.STEPS: json.dumps([s.to_dict() for s in capture.steps], sort_keys=True),
-            md.BINARY_WEIGHTS: json.dumps([asdict(p) for p in packed], sort_keys=True)}
+    meta = {**md.encode(provenance), md.TIE: _tie_of(capture), md.ONNX_MODE: mode,
+            md.STEPS: json.dumps([s.to_dict() for s in capture.steps], sort_keys=True)}
+    if packed is not None:
+        meta[md.BINARY_WEIGHTS] = json.dumps([asdict(p) for p in packed], sort_keys=True)
     del proto.metadata_props[:]
     for key in sorted(meta):
         proto.metadata_props.add(key=key, value=meta[key])
-    onnx.checker.check_model(proto, full_check=True)
-    return OnnxBuild(proto, packed)
+
+
+def packed_rows(packed: Sequence[PackedWeight]) -> list[LayerRow]:
+    return [LayerRow(p.layer, "packed 1-bit weights", f"{p.numel:,} weights in {p.packed_bytes:,} B") for p in packed]
 
 
 def convert(capture: Capture, provenance: Mapping[str, str], options: ExportOptions) -> Conversion:
     """The target's contract: IR + provenance + options → the .onnx bytes and the export summary."""
     built = build(capture, provenance, portable=options.portable)
-    rows = [LayerRow(p.layer, "packed 1-bit weights", f"{p.numel:,} weights in {p.packed_bytes:,} B")
-            for p in built.packed]
+    rows = packed_rows(built.packed)
     rows += [LayerRow(s.tensor, f"{s.op} (standard ops)" if options.portable else f"htaf.{s.op}", f"tie {s.tie}")
              for s in capture.steps]
     return Conversion(built.serialized(), tuple(rows), built.binary_floor_bytes, built.binary_stored_bytes)
 
 
-__all__ = ["convert", "build", "OnnxBuild"]
+__all__ = ["convert", "build", "OnnxBuild", "stamp", "packed_rows"]

@@ -10,25 +10,22 @@ as in the ``onnx`` target. See ``int8_layers`` for the ops and why those, and do
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict
 from typing import Mapping
 
 import onnx
 import onnx_ir as ir
 
-from htaf_export import metadata as md
 from htaf_export.capture import Capture, cleanup
 from htaf_export.contracts import Conversion, LayerRow
 from htaf_export.errors import UnsupportedLayer
 from htaf_export.ops import attach_step_functions
-from htaf_export.passes import FoldBatchNormIntoSteps, PackBinaryWeights, PackIntegerWeights
+from htaf_export.passes import PackBinaryWeights, PackIntegerWeights
 from htaf_export.targets import ExportOptions
 
 from .integer_graph import IntegerGraph
-from .onnx import _tie_of
-from .layer_ops import fold_shape_arithmetic
-from .tflite_binary import INTEGER_LEVELS, FuseBinaryLayers
+from .layer_ops import fused_ir
+from .onnx import packed_rows, stamp
+from .tflite_binary import INTEGER_LEVELS
 
 MODE = "integer"
 
@@ -39,10 +36,7 @@ def convert(capture: Capture, provenance: Mapping[str, str], options: ExportOpti
         raise UnsupportedLayer("model", "onnx-int8 exports unrolled models only; use --target onnx for streaming")
     if options.portable:
         raise UnsupportedLayer("model", "--portable is for the onnx target; onnx-int8 uses standard ops only")
-    model = capture.ir_copy()  # converters never modify the shared IR
-    fold_shape_arithmetic(model)
-    refusals = FuseBinaryLayers(True, INTEGER_LEVELS)(model).refusals
-    FoldBatchNormIntoSteps()(model)
+    model, refusals = fused_ir(capture, levels=INTEGER_LEVELS)
     lowering = IntegerGraph(model.graph)
     lowering.lower()
     packed = PackIntegerWeights()(model).records + PackBinaryWeights()(model).records
@@ -50,21 +44,12 @@ def convert(capture: Capture, provenance: Mapping[str, str], options: ExportOpti
     lowering.name_steps()
     proto = ir.to_proto(model)
     attach_step_functions(proto)
-    proto.ir_version = 10
-    proto.producer_name = "htaf-export"
-    meta = {**md.encode(provenance),
-            md.TIE: _tie_of(capture),
-            md.ONNX_MODE: MODE,
-            md.STEPS: json.dumps([s.to_dict() for s in capture.steps], sort_keys=True),
-            md.BINARY_WEIGHTS: json.dumps([asdict(p) for p in packed], sort_keys=True)}
-    del proto.metadata_props[:]
-    for key in sorted(meta):
-        proto.metadata_props.add(key=key, value=meta[key])
+    stamp(proto, capture, provenance, MODE, packed)
     onnx.checker.check_model(proto, full_check=True)
     rows = [LayerRow(lw.layer.name, f"{lw.ops} ({lw.layer.mode})" if lw.form == "integer" else f"float {lw.ops}",
                      lw.reason or "; ".join(lw.layer.notes) or "exact integer sums") for lw in lowering.lowered]
     rows += [LayerRow(name, "float", reason) for name, reason in refusals]
-    rows += [LayerRow(p.layer, "packed 1-bit weights", f"{p.numel:,} weights in {p.packed_bytes:,} B") for p in packed]
+    rows += packed_rows(packed)
     notes = () if lowering.lowered else (
         "no binary layer (±1 weights on step activations) in this model: nothing runs on integer kernels, "
         "so this file is no faster than --target onnx",)

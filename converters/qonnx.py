@@ -12,23 +12,20 @@ threshold moves to the next float32 up, which is exact for float32 inputs.
 
 from __future__ import annotations
 
-import json
 from typing import Mapping
 
 import onnx
 import onnx_ir as ir
 
-from htaf_export import metadata as md
 from htaf_export.capture import Capture, cleanup
 from htaf_export.contracts import Conversion, LayerRow
 from htaf_export.errors import BadInput, UnsupportedLayer
-from htaf_export.passes import FoldBatchNormIntoSteps
 from htaf_export.targets import ExportOptions
 
-from .onnx import _tie_of
+from .layer_ops import fused_ir
+from .onnx import stamp
 from .qonnx_graph import QONNX_DOMAIN, QonnxGraph
-from .layer_ops import fold_shape_arithmetic
-from .tflite_binary import INTEGER_LEVELS, FuseBinaryLayers
+from .tflite_binary import INTEGER_LEVELS
 
 MODE = "qonnx"
 
@@ -39,10 +36,7 @@ def convert(capture: Capture, provenance: Mapping[str, str], options: ExportOpti
         raise UnsupportedLayer("model", "qonnx exports unrolled models only (FINN has no streaming state)")
     if options.portable:
         raise UnsupportedLayer("model", "--portable is for the onnx target; qonnx files need qonnx's custom ops")
-    model = capture.ir_copy()  # converters never modify the shared IR
-    fold_shape_arithmetic(model)
-    refusals = FuseBinaryLayers(True, INTEGER_LEVELS)(model).refusals
-    FoldBatchNormIntoSteps()(model)
+    model, refusals = fused_ir(capture, levels=INTEGER_LEVELS)
     lowering = QonnxGraph(model.graph)
     lowering.lower()
     cleanup(model, fold=False)
@@ -50,14 +44,8 @@ def convert(capture: Capture, provenance: Mapping[str, str], options: ExportOpti
     kept = [o for o in proto.opset_import if o.domain not in ("htaf", QONNX_DOMAIN)]
     del proto.opset_import[:]
     proto.opset_import.extend([*kept, onnx.helper.make_opsetid(QONNX_DOMAIN, 1)])
-    proto.ir_version = 10  # as Brevitas 0.13 writes
-    proto.producer_name = "htaf-export"
     proto = annotate(proto, lowering.datatypes)
-    meta = {**md.encode(provenance), md.TIE: _tie_of(capture), md.ONNX_MODE: MODE,
-            md.STEPS: json.dumps([s.to_dict() for s in capture.steps], sort_keys=True)}
-    del proto.metadata_props[:]
-    for key in sorted(meta):
-        proto.metadata_props.add(key=key, value=meta[key])
+    stamp(proto, capture, provenance, MODE)  # IR version 10, as Brevitas 0.13 writes
     onnx.checker.check_model(proto)
     rows = [LayerRow(name, became, note) for name, became, note in lowering.rows]
     rows += [LayerRow(name, "float", reason) for name, reason in refusals]

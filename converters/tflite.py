@@ -25,14 +25,13 @@ from htaf_export import tflite_file as tfl
 from htaf_export.capture import Capture
 from htaf_export.contracts import Conversion, LayerRow
 from htaf_export.errors import BadInput, UnsupportedLayer
-from htaf_export.passes import FoldBatchNormIntoSteps
 from htaf_export.targets import ExportOptions
 
 from .keras_builder import Built, EmittedLayer, KerasBuilder
-from .layer_ops import fold_shape_arithmetic
+from .layer_ops import fused_ir
 from .keras_ops import EMITTERS
 from .tflite_binary import DOMAIN as BINARY_DOMAIN
-from .tflite_binary import FuseBinaryLayers, layer_name
+from .tflite_binary import layer_name
 
 KERAS_TO_TFLITE = {"QuantConv2D": "LceBconv2d", "Conv2D": "CONV_2D", "DepthwiseConv2D": "DEPTHWISE_CONV_2D",
                    "Dense": "FULLY_CONNECTED"}
@@ -52,10 +51,7 @@ def convert(cap: Capture, provenance: Mapping[str, str], bitpacked: bool) -> Con
     """IR → .tflite bytes with ``provenance`` and the layout of every tensor in the file's metadata."""
     if cap.streaming:
         raise UnsupportedLayer("model", "TFLite targets export unrolled models only (no streaming state)")
-    model = cap.ir_copy()  # converters never modify the shared IR
-    fold_shape_arithmetic(model)
-    rejected = FuseBinaryLayers(bitpacked)(model).refusals
-    FoldBatchNormIntoSteps()(model)
+    model, rejected = fused_ir(cap, bitpacked)
     built = KerasBuilder(bitpacked).build(cap, model.graph, EMITTERS)
     data = _to_tflite(built.model, bitpacked)
     flat = tfl.read_model(data)
