@@ -43,7 +43,7 @@ class IntegerGraph:
     graph: ir.Graph
     fired: dict[int, tuple[ir.Value, str]] = field(default_factory=dict)  # id(float step value) → (bool, levels)
     encoded: dict[tuple[int, str], ir.Value] = field(default_factory=dict)  # (id(float value), levels) → uint8
-    steps: list[tuple[str, ir.Value, ir.Value]] = field(default_factory=list)  # (step name, bool, float)
+    steps: list[tuple[str, ir.Value]] = field(default_factory=list)  # (step name, its bool)
     lowered: list[LoweredLayer] = field(default_factory=list)
 
     def lower(self) -> None:
@@ -69,7 +69,7 @@ class IntegerGraph:
         ir.convenience.replace_nodes_and_values(self.graph, node, [node], [*nodes, decode], [old], [decode.outputs[0]])
         fired.name = name + FIRED_SUFFIX
         self.fired[id(decode.outputs[0])] = (fired, levels)
-        self.steps.append((name, fired, decode.outputs[0]))
+        self.steps.append((name, fired))
 
     # ---- binary layers -------------------------------------------------------------------------
 
@@ -144,7 +144,7 @@ class IntegerGraph:
     def name_steps(self) -> None:
         """After clean-up: a step's tensor is its float value where one is left, else its bool."""
         present = {v.name for n in self.graph for v in n.outputs} | {v.name for v in self.graph.outputs}
-        for name, fired, _ in self.steps:
+        for name, fired in self.steps:
             if name not in present and fired.name == name + FIRED_SUFFIX:
                 fired.name = name
 

@@ -133,13 +133,18 @@ class PackIntegerWeights(ir.passes.InPlacePass):
             name = str(weight.name)
             nodes, unpacked, nbytes, overhead = _unpack_nodes(graph, name, array, None, 0, shared,
                                                               (levels[1], levels[0]))
-            graph.insert_before(node, nodes)
-            for use in list(weight.uses()):
-                use.node.replace_input_with(use.idx, unpacked)
-            if not weight.uses() and weight.name in graph.initializers:
-                graph.initializers.pop(weight.name)
+            _swap_in(graph, node, weight, nodes, unpacked)
             packed.append(PackedWeight(layer_of(name), name, int(array.size), nbytes, overhead))
         return report(model, packed)
+
+
+def _swap_in(graph: ir.Graph, node: ir.Node, weight: ir.Value, nodes: list[ir.Node], unpacked: ir.Value) -> None:
+    """The unpacking ``nodes`` before ``node``, every reader of ``weight`` reading ``unpacked``, ``weight`` gone."""
+    graph.insert_before(node, nodes)
+    for use in list(weight.uses()):
+        use.node.replace_input_with(use.idx, unpacked)
+    if not weight.uses() and weight.name in graph.initializers:
+        graph.initializers.pop(weight.name)
 
 
 def _pack(graph: ir.Graph) -> tuple[list[PackedWeight], list[tuple[str, str]]]:
@@ -166,10 +171,6 @@ def _pack(graph: ir.Graph) -> tuple[list[PackedWeight], list[tuple[str, str]]]:
             shared = _shared_constants(graph)
         name = weight.name or f"{node.name}.weight"
         nodes, unpacked, nbytes, overhead = _unpack_nodes(graph, name, factor[0], factor[1], axis, shared)
-        graph.insert_before(node, nodes)
-        for use in list(weight.uses()):
-            use.node.replace_input_with(use.idx, unpacked)
-        if not weight.uses() and weight.name in graph.initializers:
-            graph.initializers.pop(weight.name)
+        _swap_in(graph, node, weight, nodes, unpacked)
         packed.append(PackedWeight(layer_of(name), name, int(array.size), nbytes, overhead))
     return packed, refusals
