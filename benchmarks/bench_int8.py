@@ -33,7 +33,6 @@ from htaf_export import harden  # noqa: E402
 from htaf_export import io as model_io  # noqa: E402
 from htaf_export import metadata as md  # noqa: E402
 from htaf_export import pipeline  # noqa: E402
-from htaf_export import tflite_file as tfl  # noqa: E402
 from htaf_export.capture import capture  # noqa: E402
 from htaf_export.models import build  # noqa: E402
 from htaf_export.reference import run_reference  # noqa: E402
@@ -41,7 +40,7 @@ from htaf_export.targets import TARGETS, ExportOptions  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_tflite import build_network, check_parity, time_lce  # noqa: E402
-from common import ROOT, console, dump, machine, table  # noqa: E402
+from common import ROOT, console, dump, machine, median_ms, stock_tflite, table  # noqa: E402
 
 TARGET_NAMES = ("onnx", "onnx-int8", "tflite-float", "tflite-int8", "tflite")
 
@@ -85,17 +84,6 @@ def parity(files: dict[str, bytes], hardened: torch.nn.Module, shape: list[int])
     return ", ".join(parts)
 
 
-def median_ms(fn, runs: int) -> float:
-    for _ in range(2):
-        fn()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1000 * float(np.median(times))
-
-
 def time_ort(data: bytes, shape: list[int], batch: int, threads: int, runs: int) -> float:
     session = ort_session(data, threads)
     feed = {session.get_inputs()[0].name: np.random.default_rng(0).standard_normal((batch, *shape)).astype(np.float32)}
@@ -103,15 +91,7 @@ def time_ort(data: bytes, shape: list[int], batch: int, threads: int, runs: int)
 
 
 def time_stock_tflite(data: bytes, batch: int, threads: int, runs: int) -> float:
-    tf = tfl.tensorflow()
-    with tfl.quiet_stderr():
-        it = tf.lite.Interpreter(model_content=data, num_threads=threads)
-        detail = it.get_input_details()[0]
-        it.resize_tensor_input(detail["index"], [batch, *detail["shape"][1:]])
-        it.allocate_tensors()
-    detail = it.get_input_details()[0]
-    it.set_tensor(detail["index"], np.random.default_rng(0).standard_normal(detail["shape"]).astype(np.float32))
-    return median_ms(it.invoke, runs)
+    return median_ms(stock_tflite(data, threads, batch).invoke, runs)
 
 
 def measure(files: dict[str, bytes], shape: list[int], batch: int, threads: int, runs: int) -> dict[str, float]:

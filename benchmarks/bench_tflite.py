@@ -46,7 +46,7 @@ from htaf_export.runtimes import tflite as rt  # noqa: E402
 from htaf_export.targets import TARGETS, ExportOptions  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import console, dump, machine, table  # noqa: E402
+from common import console, dump, machine, median_ms, stock_tflite, table  # noqa: E402
 
 
 class BinaryStack(nn.Module):
@@ -117,31 +117,12 @@ def time_lce(data: bytes, kernel: str, threads: int, runs: int) -> float:
 
     it = Interpreter(data, num_threads=threads, **rt.LCE_KERNELS[kernel])
     x = [np.random.default_rng(0).standard_normal(s).astype(np.float32) for s in it.input_shapes]
-    return _median(lambda: it.interpreter.predict(x), runs)
+    return median_ms(lambda: it.interpreter.predict(x), runs)
 
 
 def time_stock(data: bytes, threads: int, runs: int, xnnpack: bool = True) -> float:
     """The stock interpreter as users run it (XNNPACK delegate on), or on TFLite's builtin kernels only."""
-    tf = tfl.tensorflow()
-    resolver = tf.lite.experimental.OpResolverType
-    with tfl.quiet_stderr():
-        it = tf.lite.Interpreter(model_content=data, num_threads=threads, experimental_op_resolver_type=(
-            resolver.AUTO if xnnpack else resolver.BUILTIN_WITHOUT_DEFAULT_DELEGATES))
-        it.allocate_tensors()
-    detail = it.get_input_details()[0]
-    it.set_tensor(detail["index"], np.random.default_rng(0).standard_normal(detail["shape"]).astype(np.float32))
-    return _median(it.invoke, runs)
-
-
-def _median(fn, runs: int) -> float:
-    for _ in range(2):
-        fn()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1000 * float(np.median(times))
+    return median_ms(stock_tflite(data, threads, xnnpack=xnnpack).invoke, runs)
 
 
 def hand_built(convs: int, channels: int, size: int) -> bytes:

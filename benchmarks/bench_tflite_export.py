@@ -41,7 +41,7 @@ from htaf_export import tflite_file as tfl  # noqa: E402
 from htaf_export.runtimes import tflite as rt  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, Timers, best_of, console, dump, machine, peak_rss_mib, table, verdict, plot_scaling  # noqa: E402
+from common import ROOT, Timers, best_of, console, dump, machine, peak_rss_mib, stock_tflite, table, verdict, plot_scaling  # noqa: E402
 
 BATCH = 64
 THREADS = 2
@@ -248,14 +248,7 @@ def _lce_timer(data: bytes, kernel: str | None, batch: int, repeat: int) -> floa
 
 
 def _stock_timer(data: bytes, batch: int, repeat: int) -> float:
-    tf = tfl.tensorflow()
-    with tfl.quiet_stderr():
-        it = tf.lite.Interpreter(model_content=data, num_threads=THREADS)
-        detail = it.get_input_details()[0]
-        it.resize_tensor_input(detail["index"], [batch, *detail["shape"][1:]])
-        it.allocate_tensors()
-    it.set_tensor(detail["index"], np.random.default_rng(0).standard_normal(
-        (batch, *detail["shape"][1:])).astype(np.float32))
+    it = stock_tflite(data, THREADS, batch)
     it.invoke()  # warm-up
     return 1000 * best_of(it.invoke, repeat=repeat)
 

@@ -30,6 +30,41 @@ def best_of(fn: Callable[[], object], repeat: int = 3) -> float:
     return min(times)
 
 
+def median_ms(fn: Callable[[], object], runs: int, warmup: int = 2) -> float:
+    """Median wall time of ``runs`` calls after ``warmup`` calls, in milliseconds (latency of a steady state)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    times.sort()
+    mid = len(times) // 2
+    return 1000 * (times[mid] if len(times) % 2 else (times[mid - 1] + times[mid]) / 2)
+
+
+def stock_tflite(data: bytes, threads: int, batch: int | None = None, xnnpack: bool = True):
+    """The stock TFLite interpreter on ``data`` (XNNPACK on, as users run it, or builtin kernels only), resized
+    to ``batch`` (None: the file's own), allocated, with seeded noise as its input: call ``.invoke()`` to time."""
+    import numpy as np
+
+    from htaf_export import tflite_file as tfl  # TensorFlow only for the scripts that time TFLite files
+
+    tf = tfl.tensorflow()
+    resolver = tf.lite.experimental.OpResolverType
+    with tfl.quiet_stderr():
+        it = tf.lite.Interpreter(model_content=data, num_threads=threads, experimental_op_resolver_type=(
+            resolver.AUTO if xnnpack else resolver.BUILTIN_WITHOUT_DEFAULT_DELEGATES))
+        detail = it.get_input_details()[0]
+        if batch is not None:
+            it.resize_tensor_input(detail["index"], [batch, *detail["shape"][1:]])
+        it.allocate_tensors()
+    detail = it.get_input_details()[0]
+    it.set_tensor(detail["index"], np.random.default_rng(0).standard_normal(detail["shape"]).astype(np.float32))
+    return it
+
+
 def machine() -> str:
     return f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, {platform.system()}"
 
