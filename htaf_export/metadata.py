@@ -28,6 +28,11 @@ TFLITE_OBSERVED = "htaf_export.tflite.observed_steps"
 TFLITE_UNOBSERVED = "htaf_export.tflite.unobserved_steps"
 TFLITE_STEP_LAYERS = "htaf_export.tflite.step_layers"
 TFLITE_LCE_KERNEL = "htaf_export.tflite.lce_kernel"
+# NIR target (JSON values in the graph's metadata)
+NIR_DT = "htaf_export.nir.dt"
+NIR_TIME_STEPS = "htaf_export.nir.time_steps"
+NIR_READOUT = "htaf_export.nir.readout"
+NIR_SITES = "htaf_export.nir.sites"
 
 
 def encode(values: Mapping[str, Any]) -> dict[str, str]:

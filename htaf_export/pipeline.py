@@ -176,6 +176,8 @@ def export(model: str | Path | LoadedModel, target: str, output: str | Path | No
 
 
 def _recommend(cap: Capture, chosen: Target, conversion: Conversion, seconds: dict[str, float]) -> Recommendation | None:
+    if chosen.name == "nir":  # a neuromorphic device, not this CPU, runs the file: CPU timings do not apply
+        return None
     t = time.perf_counter()
     found = recommend(cap, {chosen.name: conversion.data})
     seconds["recommend"] = time.perf_counter() - t

@@ -24,7 +24,7 @@ class ArtifactInfo:
     """What an artifact file says about itself (read from its metadata)."""
 
     path: Path
-    kind: str  # "onnx" or "tflite"
+    kind: str  # "onnx", "tflite" or "nir"
     input_names: tuple[str, ...]
     output_names: tuple[str, ...]
     steps: tuple[StepSpec, ...] = ()
@@ -62,6 +62,14 @@ class Runner(Protocol):
 def runners_for(info: ArtifactInfo, device: str = "all", threads: int = 0) -> list[Runner]:
     """Every runtime on this machine that can execute the artifact on the requested device (``threads``:
     ONNX Runtime's intra-op threads, 0 for its default; the TFLite interpreters run one thread)."""
+    if info.kind == "nir":
+        from .nir_file import load_graph
+        from .nir_sim import NirSimRunner
+        from .nir_snntorch import SnnTorchRunner, why_not
+
+        if device not in ("cpu", "all"):
+            return []
+        return [NirSimRunner(info)] + ([] if why_not(load_graph(info.path)) else [SnnTorchRunner(info)])
     if info.kind == "onnx" and info.metadata.get(md.ONNX_MODE) == "qonnx":
         from .qonnx_exec import QonnxRunner
 
@@ -97,6 +105,15 @@ def backends_for(info: ArtifactInfo, device: str = "all", model=None, threads: i
         reason = cuda_unavailable()
         if reason:
             skipped.append(("onnxruntime-cuda", reason))
+    if info.kind == "nir":
+        from .nir_file import load_graph
+        from .nir_snntorch import NAME, why_not
+
+        reason = why_not(load_graph(info.path))
+        if reason:
+            skipped.append((NAME, reason))
+        if device == "cuda":
+            skipped.append(("nir", "the NIR simulators here run on the CPU"))
     if info.kind == "tflite" and device == "cuda":
         skipped.append(("tflite", "the TFLite interpreters run on the CPU only"))
     if model is not None and device in ("cuda", "all"):
@@ -119,4 +136,8 @@ def read_artifact(path: Path) -> ArtifactInfo:
         from .tflite import read_tflite_artifact
 
         return read_tflite_artifact(path)
-    raise BadInput(f"artifact {path} is neither .onnx nor .tflite")
+    if path.suffix == ".nir":
+        from .nir_file import read_nir_artifact
+
+        return read_nir_artifact(path)
+    raise BadInput(f"artifact {path} is not an .onnx, .tflite or .nir file")

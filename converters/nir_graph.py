@@ -1,0 +1,206 @@
+"""One time step of the IR as NIR nodes and edges: neurons (``nir_neurons``) and the layers between them.
+
+NIR shapes are per sample (no batch axis). A node is named after what it came from: a neuron after its site, a
+weighted layer after its weights' module, so the summary, the file and a failing validation all say the same name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+
+from htaf_export.errors import UnsupportedLayer
+from htaf_export.passes.util import attr, const_array, layer_of
+
+from .nir_neurons import Neuron
+
+DT = 1e-4  # seconds per time step; snnTorch's importer assumes it (docs/nir.md)
+NEVER_LEAKS_TAU = 1e30  # a leak of exactly 1: β = 1 − DT/τ is 1.0 in float64
+
+
+def node_name(text: str) -> str:
+    """A NIR node name that every consumer accepts as a module name (snnTorch rejects dots)."""
+    return "".join(c if c.isalnum() or c == "_" else "_" for c in text)
+
+
+def lif_parameters(leak: float, threshold: np.ndarray, tie: str, shape: tuple[int, ...]) -> dict[str, np.ndarray]:
+    """τ, r, v_leak, v_threshold, v_reset such that forward Euler with ``DT`` is v ← leak·v + I, fire at v > v_thr.
+
+    τ = DT/(1 − leak) in float64 gives back 1 − DT/τ = leak exactly after rounding to float32; r = τ/DT makes the
+    input's factor r·DT/τ one. A ``ge`` site fires at v ≥ θ, which for float32 v is v > (the float32 below θ)."""
+    lam = float(np.float32(leak))
+    tau = NEVER_LEAKS_TAU if lam == 1.0 else DT / (1.0 - lam)
+    full = np.ones(shape, dtype=np.float64)
+    return {"tau": full * tau, "r": full * (tau / DT), "v_leak": np.zeros(shape, np.float32),
+            "v_threshold": fire_threshold(threshold, tie, shape), "v_reset": np.zeros(shape, np.float32)}
+
+
+def fire_threshold(threshold: np.ndarray, tie: str, shape: tuple[int, ...]) -> np.ndarray:
+    theta = np.broadcast_to(threshold.astype(np.float32).reshape(_broadcastable(threshold, shape)), shape)
+    return np.ascontiguousarray(np.nextafter(theta, np.float32(-np.inf)) if tie == "ge" else theta, dtype=np.float32)
+
+
+def _broadcastable(array: np.ndarray, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The per-sample shape of a threshold written for a batched tensor (leading batch axis of 1 dropped)."""
+    dims = tuple(array.shape)
+    while len(dims) > len(shape) and dims[0] == 1:
+        dims = dims[1:]
+    return dims
+
+
+def sample_shape(value: ir.Value) -> tuple[int, ...]:
+    dims = value.shape.dims[1:] if value.shape is not None else None
+    if dims is None or not all(isinstance(d, int) for d in dims):
+        raise UnsupportedLayer(value.name or "tensor", "its shape is not known apart from the batch size")
+    return tuple(dims)  # type: ignore[arg-type]
+
+
+@dataclass
+class SliceGraph:
+    """The NIR nodes and edges of one time step ``call``; ``neurons`` by the tensor they write."""
+
+    graph: ir.Graph
+    call: int
+    neurons: dict[str, Neuron]
+    spikes_elsewhere: dict[str, str]  # step tensors of other calls → their site (reading one is a delay)
+    nodes: dict = field(default_factory=dict)
+    edges: list[tuple[str, str]] = field(default_factory=list)
+    rows: list[tuple[str, str, str]] = field(default_factory=list)
+    _named: dict[int, str] = field(default_factory=dict)
+
+    def build(self, outputs: dict[str, ir.Value]) -> None:
+        import nir
+
+        inputs = [v for v in self.graph.inputs]
+        for value in inputs:
+            self._named[id(value)] = node_name(value.name or "input")
+            self.nodes[self._named[id(value)]] = nir.Input(np.array(sample_shape(value)))
+        for tensor, neuron in self.neurons.items():
+            self._named[id(self._value(tensor))] = node_name(neuron.site)
+        for tensor, neuron in self.neurons.items():
+            self._add_neuron(tensor, neuron)
+        for name, value in outputs.items():
+            out = node_name(name)
+            self.nodes[out] = nir.Output(np.array(sample_shape(value)))
+            self.edges.append((self.source(value), out))
+
+    def _value(self, tensor: str) -> ir.Value:
+        for node in self.graph:
+            for out in node.outputs:
+                if out.name == tensor:
+                    return out
+        raise UnsupportedLayer(tensor, "the step tensor is not in the graph")
+
+    def _add_neuron(self, tensor: str, neuron: Neuron) -> None:
+        import nir
+
+        name, shape = node_name(neuron.site), sample_shape(self._value(tensor))
+        if neuron.kind == "lif":
+            self.nodes[name] = nir.LIF(**lif_parameters(neuron.leak, neuron.threshold, neuron.tie, shape))  # type: ignore[arg-type]
+            what = f"LIF (leak {neuron.leak:g}, zero reset, threshold {_describe(neuron)})"
+        else:
+            self.nodes[name] = nir.Threshold(fire_threshold(neuron.threshold, neuron.tie, shape))
+            what = f"Threshold ({_describe(neuron)})"
+        self.rows.append((neuron.site, what, "ge → v_thr = float32 below θ" if neuron.tie == "ge" else ""))
+        self.edges.append((self.source(neuron.current), name))
+
+    def source(self, value: ir.Value) -> str:
+        """The NIR node whose output is ``value``, adding it (and what feeds it) on first sight."""
+        if id(value) in self._named:
+            return self._named[id(value)]
+        if value.name in self.spikes_elsewhere:
+            raise UnsupportedLayer(self.spikes_elsewhere[value.name], "another layer reads its spikes of a different "
+                                   "time step (a delay or recurrent connection), which is not exported yet")
+        node = value.producer()
+        if node is None:
+            raise UnsupportedLayer(value.name or "tensor", "it is a constant, not a layer's output")
+        if node.op_type == "Identity":
+            return self.source(node.inputs[0])  # type: ignore[arg-type]
+        made, what, feeds = self._layer(node)
+        name = self._unique(what)
+        self.nodes[name] = made
+        self.rows.append((what, type(made).__name__, _shape_text(made)))
+        self.edges.append((self.source(feeds), name))
+        self._named[id(value)] = name
+        return name
+
+    def _unique(self, wanted: str) -> str:
+        name, k = node_name(wanted), 1
+        while name in self.nodes:
+            name, k = f"{node_name(wanted)}_{k}", k + 1
+        return name
+
+    def _layer(self, node: ir.Node):
+        """(NIR node, its name, the value that feeds it) for one IR node between neurons."""
+        import nir
+
+        op, x = node.op_type, node.inputs[0]
+        weight = const_array(node.inputs[1]) if len(node.inputs) > 1 else None
+        if op == "Gemm" and weight is not None and attr(node, "transA", 0) == 0 \
+                and attr(node, "alpha", 1.0) == 1.0 and attr(node, "beta", 1.0) == 1.0:
+            w = weight if attr(node, "transB", 0) else weight.T
+            bias = const_array(node.inputs[2]) if len(node.inputs) > 2 else None
+            made = nir.Affine(w.astype(np.float32), bias.astype(np.float32)) if bias is not None \
+                else nir.Linear(w.astype(np.float32))
+            return made, layer_of(node.inputs[1].name), x
+        if op == "MatMul" and weight is not None and weight.ndim == 2:
+            return nir.Linear(np.ascontiguousarray(weight.T, dtype=np.float32)), layer_of(node.inputs[1].name), x
+        if op == "Conv" and weight is not None and weight.ndim == 4:
+            return self._conv(node, weight), layer_of(node.inputs[1].name), x
+        if op == "AveragePool":
+            return self._pool(node), "avg_pool", x
+        if op in ("Flatten", "Reshape") and len(sample_shape(node.outputs[0])) == 1:
+            if op == "Flatten" and attr(node, "axis", 1) != 1:
+                raise UnsupportedLayer(node.name or op, "it flattens across the batch axis")
+            return nir.Flatten({"input": np.array(sample_shape(x))}, start_dim=0, end_dim=-1), "flatten", x
+        if op == "Mul" and weight is not None:
+            shape = sample_shape(node.outputs[0])
+            scale = np.broadcast_to(weight.astype(np.float32).reshape(_broadcastable(weight, shape)), shape)
+            return nir.Scale(np.ascontiguousarray(scale)), f"{node.name or 'scale'}", x
+        raise UnsupportedLayer(node.name or op, f"{op} has no NIR node that computes it exactly "
+                               "(NIR carries Affine/Linear, Conv2d, AvgPool2d, Flatten and Scale between neurons)")
+
+    def _conv(self, node: ir.Node, weight: np.ndarray):
+        import nir
+
+        pads = list(attr(node, "pads", [0, 0, 0, 0]))
+        if pads[:2] != pads[2:] or attr(node, "auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
+            raise UnsupportedLayer(layer_of(node.inputs[1].name), "asymmetric padding has no NIR Conv2d form")
+        bias = const_array(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
+        bias = np.zeros(weight.shape[0], np.float32) if bias is None else bias
+        return nir.Conv2d(input_shape=sample_shape(node.inputs[0])[1:], weight=weight.astype(np.float32),
+                          stride=tuple(attr(node, "strides", [1, 1])), padding=tuple(pads[:2]),
+                          dilation=tuple(attr(node, "dilations", [1, 1])), groups=int(attr(node, "group", 1)),
+                          bias=bias.astype(np.float32))
+
+    def _pool(self, node: ir.Node):
+        import nir
+
+        pads = list(attr(node, "pads", [0, 0, 0, 0]))
+        if pads[:2] != pads[2:] or attr(node, "ceil_mode", 0) or (any(pads) and not attr(node, "count_include_pad", 0)):
+            raise UnsupportedLayer(node.name or "AveragePool", "only symmetric, floor-mode average pooling that counts "
+                                   "its padding has a NIR AvgPool2d form")
+        return nir.AvgPool2d(kernel_size=np.array(attr(node, "kernel_shape", [1, 1])),
+                             stride=np.array(attr(node, "strides", [1, 1])), padding=np.array(pads[:2]))
+
+    def digest(self) -> str:
+        """What this time step computes, names included: equal digests mean the same network."""
+        h = hashlib.sha256(repr(sorted(self.edges)).encode())
+        for name in sorted(self.nodes):
+            h.update(name.encode() + type(self.nodes[name]).__name__.encode())
+            for key, value in sorted(vars(self.nodes[name]).items()):
+                h.update(key.encode() + (np.asarray(value).tobytes() if isinstance(value, np.ndarray) else repr(value).encode()))
+        return h.hexdigest()
+
+
+def _shape_text(made) -> str:
+    weight = getattr(made, "weight", None)
+    return "weights " + "×".join(str(d) for d in weight.shape) if weight is not None else ""
+
+
+def _describe(neuron: Neuron) -> str:
+    theta = np.unique(neuron.threshold)
+    return f"θ {float(theta[0]):g}" if theta.size == 1 else f"θ per neuron ({theta.size} values)"

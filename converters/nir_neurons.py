@@ -1,0 +1,152 @@
+"""Recognise the neurons of an unrolled IR: which step is a LIF layer (its leak, threshold and reset), which a
+plain Heaviside (a NIR ``Threshold``), and which tensor is each neuron's input current.
+
+A LIF layer unrolled over T time steps reads, at every call k ≥ 1 of its step site,
+
+    X[k] = λ·R[k−1] + I[k]          (or R[k−1] + I[k] when λ = 1)
+    s[k] = step(X[k] − c, θ)        (c: an optional constant the model subtracts before its step)
+    R[k] = X[k]·(1 − s[k])   or   where(s[k], 0, X[k])                      zero reset: NIR's v_reset = 0
+           X[k] − θ·s[k]                                                    subtract reset: refused (docs/nir.md)
+
+Call 0 starts from zero state; calls 1 … T−1 are what is recognised, and each must give the same neuron.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+from htaf_export.contracts import StepSpec
+from htaf_export.errors import UnsupportedLayer
+from htaf_export.passes.util import const_array
+
+SUBTRACT_RESET = ("subtract reset (v ← v − θ·s) has no exact NIR form: a NIR LIF resets to v_reset, and rebuilding "
+                  "the subtraction from NIR nodes rounds differently in float32; train with a zero reset to export "
+                  "to NIR (docs/nir.md)")
+
+
+@dataclass(frozen=True)
+class Neuron:
+    """One neuron layer at one time step: its step site, the tensor that feeds it (the input current of a LIF,
+    the pre-activation of a Threshold), and its parameters as the model computes them."""
+
+    site: str
+    kind: str  # "lif" or "threshold"
+    current: ir.Value
+    threshold: np.ndarray  # float32; the model fires at X ≥ θ (tie ge) or X > θ (tie gt)
+    tie: str
+    leak: float | None = None  # lif: v ← leak·v + I
+
+    def key(self) -> tuple:
+        return (self.site, self.kind, self.threshold.tobytes(), self.tie, self.leak)
+
+
+def _producer(value: ir.Value | None, op: str) -> ir.Node | None:
+    node = value.producer() if value is not None else None
+    return node if node is not None and node.domain == "" and node.op_type == op else None
+
+
+def _is_constant(value: ir.Value | None, number: float) -> bool:
+    """A constant that is ``number`` everywhere, or an ``Expand`` of one (``zeros_like``)."""
+    array = const_array(value)
+    if array is None and _producer(value, "Expand") is not None:
+        array = const_array(value.producer().inputs[0])  # type: ignore[union-attr]
+    return array is not None and array.size > 0 and bool(np.all(array == number))
+
+
+def _scalar(value: ir.Value | None) -> float | None:
+    array = const_array(value)
+    if array is None or array.size != 1:
+        return None
+    return float(array.reshape(()))
+
+
+def _reads_spike(value: ir.Value | None, spike: ir.Value) -> bool:
+    """``value`` is the spike itself, or a comparison / cast of it that is true where it fired."""
+    if value is spike:
+        return True
+    node = value.producer() if value is not None else None
+    if node is None or node.domain != "":
+        return False
+    if node.op_type == "Cast":
+        return node.inputs[0] is spike
+    if node.op_type == "Greater":
+        return node.inputs[0] is spike and _is_constant(node.inputs[1], 0.0)
+    if node.op_type == "Equal":
+        return spike in node.inputs and any(_is_constant(v, 1.0) for v in node.inputs)
+    return False
+
+
+def reset_kind(value: ir.Value, membrane: ir.Value, spike: ir.Value) -> str | None:
+    """How ``value`` is the membrane after its spike: "zero", "subtract", "none", or None when it is not."""
+    if value is membrane:
+        return "none"
+    mul, where, sub = _producer(value, "Mul"), _producer(value, "Where"), _producer(value, "Sub")
+    if mul is not None and membrane in mul.inputs:
+        other = mul.inputs[1] if mul.inputs[0] is membrane else mul.inputs[0]
+        inverse = _producer(other, "Sub")
+        if inverse is not None and _is_constant(inverse.inputs[0], 1.0) and inverse.inputs[1] is spike:
+            return "zero"
+    if where is not None and where.inputs[2] is membrane and _is_constant(where.inputs[1], 0.0) \
+            and _reads_spike(where.inputs[0], spike):
+        return "zero"
+    if sub is not None and sub.inputs[0] is membrane:
+        taken = sub.inputs[1]
+        scaled = _producer(taken, "Mul")
+        if taken is spike or (scaled is not None and spike in scaled.inputs):
+            return "subtract"
+    return None
+
+
+def membrane_of(step: ir.Node) -> tuple[ir.Value, np.ndarray]:
+    """(the membrane the step reads, the threshold it fires at): ``step(V − c, θ)`` fires at V ≥ c + θ exactly
+    when one of c, θ is zero (the sign of a float32 difference is exact)."""
+    x, theta = step.inputs[0], const_array(step.inputs[1])
+    if theta is None:
+        raise UnsupportedLayer(step.outputs[0].name, "its threshold is computed at run time")
+    theta = theta.astype(np.float32)
+    sub = _producer(x, "Sub")
+    offset = const_array(sub.inputs[1]) if sub is not None else None
+    if sub is not None and offset is not None:
+        if np.any(theta != 0) and np.any(offset != 0):
+            raise UnsupportedLayer(step.outputs[0].name, "it subtracts a constant and then compares with a second "
+                                   "threshold; their float32 sum is not exact")
+        return sub.inputs[0], (theta + offset.astype(np.float32)).astype(np.float32)
+    return x, theta
+
+
+def lif_at(step: ir.Node, previous: ir.Node, spec: StepSpec) -> Neuron:
+    """The LIF layer of ``step`` (call k ≥ 1), given the same site's step at call k − 1."""
+    membrane, theta = membrane_of(step)
+    before, _ = membrane_of(previous)
+    spike_before = previous.outputs[0]
+    add = _producer(membrane, "Add")
+    if add is None:
+        raise UnsupportedLayer(spec.site, "its membrane is not the sum of a leaky state and an input current")
+    for state, current in ((add.inputs[0], add.inputs[1]), (add.inputs[1], add.inputs[0])):
+        leak, reset = 1.0, reset_kind(state, before, spike_before)  # type: ignore[arg-type]
+        mul = _producer(state, "Mul")
+        if reset is None and mul is not None:
+            for r, factor in ((mul.inputs[0], mul.inputs[1]), (mul.inputs[1], mul.inputs[0])):
+                found, scalar = reset_kind(r, before, spike_before), _scalar(factor)  # type: ignore[arg-type]
+                if found is not None and scalar is not None:
+                    leak, reset = scalar, found
+                    break
+        if reset == "subtract":
+            raise UnsupportedLayer(spec.site, SUBTRACT_RESET)
+        if reset == "none":
+            raise UnsupportedLayer(spec.site, "its membrane is never reset; a NIR LIF resets after every spike")
+        if reset == "zero":
+            if not 0.0 <= leak <= 1.0:
+                raise UnsupportedLayer(spec.site, f"leak {leak} is outside [0, 1]")
+            return Neuron(spec.site, "lif", current, theta, spec.tie, leak)  # type: ignore[arg-type]
+    raise UnsupportedLayer(spec.site, "no leaky, reset membrane state was found between its time steps")
+
+
+def threshold_at(step: ir.Node, spec: StepSpec) -> Neuron:
+    theta = const_array(step.inputs[1])
+    if theta is None:
+        raise UnsupportedLayer(spec.site, "its threshold is computed at run time")
+    return Neuron(spec.site, "threshold", step.inputs[0], theta.astype(np.float32), spec.tie)  # type: ignore[arg-type]

@@ -1,0 +1,95 @@
+"""Reading a ``.nir`` file written by htaf-export, and the time loop its validation backends share.
+
+A backend simulates one time step at a time (``step``); :class:`TimeLoop` feeds it the same input at every step
+(direct coding, as the model does), names each neuron's spikes after the step tensor of the same site and call,
+and combines each output over the steps as the file's readout says (sum, then divide, in float32 and in time order,
+as the model's own loop does).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from .. import metadata as md
+from ..errors import BadInput
+from . import ArtifactInfo, read_steps
+
+
+def nir_module():
+    try:
+        import nir
+    except ImportError:
+        raise BadInput("reading a .nir file needs nir: pip install 'htaf-export[nir]'") from None
+    return nir
+
+
+def load_graph(data: bytes | Path):
+    """The NIRGraph in a file (or its bytes); one clear error for anything nir cannot read."""
+    nir = nir_module()
+    source = io.BytesIO(data) if isinstance(data, bytes) else data
+    try:
+        return nir.read(source)
+    except Exception as e:  # h5py and nir raise many types for a damaged file; all mean the same to a user
+        first = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+        raise BadInput(f"{data if isinstance(data, Path) else 'the file'} is not a readable NIR file: {first}") from None
+
+
+def graph_metadata(graph) -> dict[str, str]:
+    return {str(k): v if isinstance(v, str) else str(v) for k, v in (graph.metadata or {}).items()}
+
+
+def read_nir_artifact(path: Path) -> ArtifactInfo:
+    graph = load_graph(path)
+    meta = graph_metadata(graph)
+    if md.STEPS not in meta or md.NIR_READOUT not in meta:
+        raise BadInput(f"artifact {path} was not written by htaf-export (no htaf_export metadata)")
+    steps = read_steps(path, meta)
+    inputs = tuple(sorted(n for n, node in graph.nodes.items() if type(node).__name__ == "Input"))
+    outputs = tuple(sorted(json.loads(meta[md.NIR_READOUT])))
+    sites = json.loads(meta[md.NIR_SITES])
+    feeding = {dst: src for src, dst in graph.edges}
+    layers = {s.tensor: feeding.get(node, node) for node, site in sites.items() for s in steps if s.site == site}
+    return ArtifactInfo(path, "nir", inputs, outputs, tuple(steps), meta, layers)
+
+
+class TimeLoop:
+    """T steps of a per-step simulator, returning outputs and step tensors like every other runner."""
+
+    def __init__(self, info: ArtifactInfo) -> None:
+        meta = info.metadata
+        self.info = info
+        self.time_steps = int(json.loads(meta[md.NIR_TIME_STEPS]))
+        self.readout: dict[str, dict[str, Any]] = json.loads(meta[md.NIR_READOUT])
+        site_of_node: Mapping[str, str] = json.loads(meta[md.NIR_SITES])
+        by_site_call = {(s.site, s.call): s.tensor for s in info.steps}
+        # (node, call) → step tensor; a step merged away at capture has no tensor and is not reported
+        self.spike_names = {(node, k): by_site_call[(site, k)] for node, site in site_of_node.items()
+                            for k in range(self.time_steps) if (site, k) in by_site_call}
+        self.inference_seconds = 0.0
+
+    def run(self, inputs: dict[str, np.ndarray], reset, step) -> dict[str, np.ndarray]:
+        """``reset()`` starts every neuron at zero; ``step(inputs) → ({output node: array}, {neuron: spikes})``."""
+        feed = {name: np.ascontiguousarray(inputs[name], dtype=np.float32) for name in self.info.input_names}
+        totals: dict[str, np.ndarray] = {}
+        found: dict[str, np.ndarray] = {}
+        reset()
+        for k in range(self.time_steps):
+            started = time.perf_counter()
+            outputs, spikes = step(feed)
+            self.inference_seconds += time.perf_counter() - started
+            for name, how in self.readout.items():
+                value = np.asarray(outputs[how["node"]], dtype=np.float32)
+                totals[name] = value if k == 0 else (totals[name] + value).astype(np.float32)
+            for node, value in spikes.items():
+                if (node, k) in self.spike_names:
+                    found[self.spike_names[(node, k)]] = np.asarray(value, dtype=np.float32)
+        for name, how in self.readout.items():
+            if "divide_by" in how:
+                totals[name] = (totals[name] / np.float32(how["divide_by"])).astype(np.float32)
+        return {**totals, **found}
