@@ -68,6 +68,40 @@ def _elementwise(b: KerasBuilder, node: ir.Node) -> list[Val]:
     return [replace(x, tensor=b.lam(fn, x.tensor, node.name or node.op_type))]
 
 
+COMPARE_OPS = {"Greater": tf.math.greater, "Less": tf.math.less, "Equal": tf.math.equal,
+               "GreaterOrEqual": tf.math.greater_equal, "LessOrEqual": tf.math.less_equal}
+
+
+def _compare(b: KerasBuilder, node: ir.Node) -> list[Val]:
+    """A tensor compared with a constant (``spike > 0`` before a ``where`` reset): a boolean tensor."""
+    a, c = b.get(node.inputs[0]), b.get(node.inputs[1])
+    if a.tensor is None or c.tensor is not None or c.const is None:
+        raise UnsupportedLayer(node.name, f"{node.op_type} other than of a tensor with a constant")
+    x = b.to_canonical(b.materialize(a))
+    kc, op = b.const_like(c.const, x), COMPARE_OPS[node.op_type]
+    return [replace(x, tensor=b.lam(lambda z: op(z, kc), x.tensor, node.name or node.op_type))]
+
+
+def _where(b: KerasBuilder, node: ir.Node) -> list[Val]:
+    """where(condition, a, b) with a boolean tensor condition; either branch may be a constant (a zero reset)."""
+    cond, *branches = (b.get(v) for v in node.inputs)
+    computed = [b.to_canonical(b.materialize(v)) for v in branches if v.tensor is not None]
+    if cond.tensor is None or not computed:
+        raise UnsupportedLayer(node.name, "Where with a constant condition or constant branches")
+    like, cond = computed[0], b.to_canonical(cond)
+    if any(v.shape != like.shape or v.layout != like.layout for v in (*computed, cond)):
+        raise UnsupportedLayer(node.name, "Where of tensors of different shapes")
+    parts = [v.tensor if v.tensor is not None else b.const_like(v.const, like) for v in branches]  # type: ignore[arg-type]
+    inputs = [cond.tensor] + [p for p in parts if not isinstance(p, np.ndarray)]
+
+    def select(zs):
+        it = iter(zs[1:])
+        yes, no = (p if isinstance(p, np.ndarray) else next(it) for p in parts)
+        return tf.where(zs[0], yes, no)
+
+    return [replace(like, tensor=b.lam(select, inputs, node.name or "Where"))]
+
+
 def _clip(b: KerasBuilder, node: ir.Node) -> list[Val]:
     """clamp / hardtanh / relu6: Clip with constant bounds (absent bounds are ±infinity)."""
     x = b.real(node.inputs[0])
@@ -280,6 +314,8 @@ EMITTERS: dict[tuple[str, str], Callable[[KerasBuilder, ir.Node], list[Val]]] = 
     ("", "LogSoftmax"): _softmax,
     ("", "Transpose"): transpose,
     **{("", op): _elementwise for op in BINARY_OPS},
+    **{("", op): _compare for op in COMPARE_OPS},
+    ("", "Where"): _where,
     **{("", op): _unary for op in UNARY_OPS},
     **{("", op): shape_only for op in SHAPE_OPS},
     (HTAF_DOMAIN, "Heaviside"): step,

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import io
 import json
-from collections import defaultdict
+from collections import Counter, defaultdict
 from typing import Mapping
 
 import numpy as np
@@ -28,8 +28,8 @@ from htaf_export.passes.util import const_array
 from htaf_export.targets import ExportOptions
 
 from .layer_ops import fold_shape_arithmetic
-from .nir_graph import DT, SliceGraph, node_name
-from .nir_neurons import Neuron, lif_at, threshold_at
+from .nir_graph import DT, SliceGraph, inferred_shapes, node_name
+from .nir_neurons import NotALif, lif_at, threshold_at
 
 MODE = "nir"
 
@@ -52,13 +52,13 @@ def convert(capture: Capture, provenance: Mapping[str, str], options: ExportOpti
     model = capture.ir_copy()
     fold_shape_arithmetic(model)
     FoldBatchNormIntoSteps()(model)
-    slices, time_steps, readout = time_slices(model.graph, capture)
+    slices, time_steps, readout = time_slices(model, capture)
     first = slices[0]
     metadata = {**md.encode(provenance), md.TIE: _tie(capture.steps), md.ONNX_MODE: MODE,
                 md.STEPS: json.dumps([s.to_dict() for s in capture.steps], sort_keys=True),
                 md.NIR_DT: json.dumps(DT), md.NIR_TIME_STEPS: json.dumps(time_steps),
                 md.NIR_READOUT: json.dumps(readout, sort_keys=True),
-                md.NIR_SITES: json.dumps({node_name(n.site): n.site for n in first.neurons.values()}, sort_keys=True)}
+                md.NIR_SPIKES: json.dumps(_spike_tensors(first, capture.steps, time_steps), sort_keys=True)}
     graph = nir.NIRGraph(nodes=first.nodes, edges=sorted(first.edges), metadata=metadata)
     buffer = io.BytesIO()
     nir.write(buffer, graph)
@@ -67,45 +67,78 @@ def convert(capture: Capture, provenance: Mapping[str, str], options: ExportOpti
     return Conversion(buffer.getvalue(), tuple(rows), notes=notes)
 
 
-def time_slices(graph: ir.Graph, capture: Capture) -> tuple[list[SliceGraph], int, dict[str, dict]]:
-    """The NIR graph of every recognised time step (all equal), T, and how each output combines the steps."""
-    by_site: dict[str, list[StepSpec]] = defaultdict(list)
+def time_slices(model: ir.Model, capture: Capture) -> tuple[list[SliceGraph], int, dict[str, dict]]:
+    """The NIR graph of every recognised time step (all equal), T, and how each output combines the steps.
+
+    A site called T > 1 times is first read as a LIF layer unrolled over T steps; when that fails, as T separate
+    Heaviside layers (a step function a deep network calls once per layer). When both fail, the refusal reported
+    is the spiking one if a LIF layer was found (it names what the model would have to change)."""
+    graph = model.graph
     for spec in capture.steps:
         if spec.op != "Heaviside":
             raise UnsupportedLayer(spec.site, "it is a ±1 sign; NIR neurons fire 0 or 1")
-        by_site[spec.site].append(spec)
-    counts = {len(specs) for specs in by_site.values()}
-    if len(counts) != 1:
-        raise UnsupportedLayer("model", "its step sites run different numbers of times per forward pass")
-    time_steps = counts.pop()
+    counts = Counter(s.site for s in capture.steps)
+    shapes = inferred_shapes(model)
+    if max(counts.values()) == 1:
+        return _feed_forward(graph, capture, shapes), 1, _readouts(graph, capture, 1)[1]
+    try:
+        return _spiking(graph, capture, counts, shapes)
+    except NotALif:
+        pass
+    except UnsupportedLayer as spiking_refusal:
+        try:
+            return _feed_forward(graph, capture, shapes), 1, _readouts(graph, capture, 1)[1]
+        except UnsupportedLayer:
+            raise spiking_refusal from None
+    return _feed_forward(graph, capture, shapes), 1, _readouts(graph, capture, 1)[1]
+
+
+def _feed_forward(graph: ir.Graph, capture: Capture, shapes: dict) -> list[SliceGraph]:
     producers = {n.outputs[0].name: n for n in graph if n.outputs}
-    outputs = {v.name: v for v in graph.outputs}
-    per_call, readout = {}, {}
-    for name, value in outputs.items():
-        per_call[name], readout[name] = _readout(value, capture.steps, time_steps)
-        readout[name]["node"] = node_name(name)
-    calls = range(1, time_steps) if time_steps > 1 else range(1)
+    neurons = {s.tensor: threshold_at(producers[s.tensor], s) for s in capture.steps}
+    built = SliceGraph(graph, 0, neurons, {}, shapes)
+    built.build(_readouts(graph, capture, 1)[0][0])
+    return [built]
+
+
+def _spiking(graph: ir.Graph, capture: Capture, counts: Counter, shapes: dict) -> tuple[list[SliceGraph], int, dict[str, dict]]:
+    if len(set(counts.values())) != 1:
+        raise UnsupportedLayer("model", "its step sites run different numbers of times per forward pass")
+    time_steps = next(iter(counts.values()))
+    producers = {n.outputs[0].name: n for n in graph if n.outputs}
+    by_site: dict[str, list[StepSpec]] = defaultdict(list)
+    for spec in sorted(capture.steps, key=lambda s: s.call):
+        by_site[spec.site].append(spec)
     slices = []
-    for k in calls:
-        neurons: dict[str, Neuron] = {}
-        for site, specs in by_site.items():
-            ordered = sorted(specs, key=lambda s: s.call)
-            now = ordered[k]
-            neurons[now.tensor] = lif_at(producers[now.tensor], producers[ordered[k - 1].tensor], now) \
-                if time_steps > 1 else threshold_at(producers[now.tensor], now)
-        elsewhere = {s.tensor: s.site for s in capture.steps if s.call != k}
-        built = SliceGraph(graph, k, neurons, elsewhere)
-        built.build({name: per_call[name][k] for name in outputs})
-        slices.append(built)
+    for k in range(1, time_steps):
+        neurons = {specs[k].tensor: lif_at(producers[specs[k].tensor], producers[specs[k - 1].tensor], specs[k])
+                   for specs in by_site.values()}
+        slices.append(SliceGraph(graph, k, neurons, {s.tensor: s.site for s in capture.steps if s.call != k}, shapes))
+    per_call, readout = _readouts(graph, capture, time_steps)
+    for k, built in enumerate(slices, start=1):
+        built.build(per_call[k])
     if len({s.digest() for s in slices}) > 1:
         raise UnsupportedLayer("model", "its time steps do not all compute the same network")
     return slices, time_steps, readout
+
+
+def _readouts(graph: ir.Graph, capture: Capture, time_steps: int) -> tuple[dict[int, dict[str, ir.Value]], dict]:
+    """{call: {output: its term at that step}} and {output: how the steps combine, and its Output node}."""
+    per_call: dict[int, dict[str, ir.Value]] = defaultdict(dict)
+    readout = {}
+    for value in graph.outputs:
+        terms, how = _readout(value, capture.steps, time_steps)
+        for k, term in terms.items():
+            per_call[k][value.name] = term
+        readout[value.name] = {**how, "node": node_name(value.name)}
+    return per_call, readout
 
 
 def _readout(value: ir.Value, steps: tuple[StepSpec, ...], time_steps: int) -> tuple[dict[int, ir.Value], dict]:
     """The output's term of each time step, and how they combine: {"combine": "sum"} or with "divide_by"."""
     if time_steps == 1:
         return {0: value}, {"combine": "single"}
+    output = value.name or "output"
     how: dict = {"combine": "sum"}
     node = value.producer()
     if node is not None and node.op_type == "Div" and const_array(node.inputs[1]) is not None \
@@ -118,11 +151,11 @@ def _readout(value: ir.Value, steps: tuple[StepSpec, ...], time_steps: int) -> t
     for term in terms:
         found = _calls_feeding(term, calls)
         if len(found) != 1 or next(iter(found)) in by_call:
-            raise UnsupportedLayer(value.name or "output", "it is not a sum or mean over time steps of one layer's "
+            raise UnsupportedLayer(output, "it is not a sum or mean over time steps of one layer's "
                                    "output at each step (a leaky readout or a delay is not exported yet)")
         by_call[found.pop()] = term
     if sorted(by_call) != list(range(time_steps)):
-        raise UnsupportedLayer(value.name or "output", "it does not read every time step")
+        raise UnsupportedLayer(output, "it does not read every time step")
     return by_call, how
 
 
@@ -160,6 +193,15 @@ def _calls_feeding(value: ir.Value, calls: dict[str, int]) -> set[int]:
         if node is not None:
             stack.extend(node.inputs)
     return found
+
+
+def _spike_tensors(first: SliceGraph, steps: tuple[StepSpec, ...], time_steps: int) -> dict[str, list[str | None]]:
+    """{neuron node: the step tensor of its spikes at each time step} (None where capture merged a step away)."""
+    if time_steps == 1:
+        return {first.neuron_node(tensor): [tensor] for tensor in first.neurons}
+    tensors = {(s.site, s.call): s.tensor for s in steps}
+    return {first.neuron_node(tensor): [tensors.get((n.site, k)) for k in range(time_steps)]
+            for tensor, n in first.neurons.items()}
 
 
 def _tie(steps: tuple[StepSpec, ...]) -> str:

@@ -13,6 +13,7 @@ import numpy as np
 import onnx_ir as ir
 
 from htaf_export.errors import UnsupportedLayer
+from htaf_export.ops import HTAF_DOMAIN
 from htaf_export.passes.util import attr, const_array, layer_of
 
 from .nir_neurons import Neuron
@@ -51,11 +52,35 @@ def _broadcastable(array: np.ndarray, shape: tuple[int, ...]) -> tuple[int, ...]
     return dims
 
 
-def sample_shape(value: ir.Value) -> tuple[int, ...]:
+def inferred_shapes(model: ir.Model) -> dict[str, tuple[int, ...]]:
+    """Per-sample shapes of every tensor, from ONNX shape inference on a copy whose steps are stood in for by
+    ``Sub`` (same shape, standard op): a TorchScript capture carries few shapes of its own."""
+    import onnx
+
+    proto = ir.to_proto(model)
+    for node in proto.graph.node:
+        if node.domain == HTAF_DOMAIN:
+            node.domain, node.op_type = "", "Sub"
+            del node.attribute[:]
+    try:
+        proto = onnx.shape_inference.infer_shapes(proto, data_prop=True)
+    except Exception:  # noqa: BLE001 — shapes are a help here; a tensor still without one is refused by name
+        return {}
+    shapes = {}
+    for info in [*proto.graph.value_info, *proto.graph.output, *proto.graph.input]:
+        dims = info.type.tensor_type.shape.dim[1:]
+        if dims and all(d.HasField("dim_value") for d in dims):
+            shapes[info.name] = tuple(int(d.dim_value) for d in dims)
+    return shapes
+
+
+def sample_shape(value: ir.Value, known: dict[str, tuple[int, ...]] | None = None) -> tuple[int, ...]:
     dims = value.shape.dims[1:] if value.shape is not None else None
-    if dims is None or not all(isinstance(d, int) for d in dims):
-        raise UnsupportedLayer(value.name or "tensor", "its shape is not known apart from the batch size")
-    return tuple(dims)  # type: ignore[arg-type]
+    if dims is not None and all(isinstance(d, int) for d in dims):
+        return tuple(dims)  # type: ignore[arg-type]
+    if known and value.name in known:
+        return known[value.name]
+    raise UnsupportedLayer(value.name or "tensor", "its shape is not known apart from the batch size")
 
 
 @dataclass
@@ -66,6 +91,7 @@ class SliceGraph:
     call: int
     neurons: dict[str, Neuron]
     spikes_elsewhere: dict[str, str]  # step tensors of other calls → their site (reading one is a delay)
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # per-sample shapes the IR does not carry
     nodes: dict = field(default_factory=dict)
     edges: list[tuple[str, str]] = field(default_factory=list)
     rows: list[tuple[str, str, str]] = field(default_factory=list)
@@ -77,15 +103,25 @@ class SliceGraph:
         inputs = [v for v in self.graph.inputs]
         for value in inputs:
             self._named[id(value)] = node_name(value.name or "input")
-            self.nodes[self._named[id(value)]] = nir.Input(np.array(sample_shape(value)))
-        for tensor, neuron in self.neurons.items():
-            self._named[id(self._value(tensor))] = node_name(neuron.site)
+            self.nodes[self._named[id(value)]] = nir.Input(np.array(self.shape(value)))
+        for tensor in self.neurons:
+            self._named[id(self._value(tensor))] = self.neuron_node(tensor)
         for tensor, neuron in self.neurons.items():
             self._add_neuron(tensor, neuron)
         for name, value in outputs.items():
             out = node_name(name)
-            self.nodes[out] = nir.Output(np.array(sample_shape(value)))
+            self.nodes[out] = nir.Output(np.array(self.shape(value)))
             self.edges.append((self.source(value), out))
+
+    def shape(self, value: ir.Value) -> tuple[int, ...]:
+        return sample_shape(value, self.shapes)
+
+    def neuron_node(self, tensor: str) -> str:
+        """A neuron is named after its site, or after its step tensor when a site is several layers (a step
+        function called once per layer)."""
+        site = self.neurons[tensor].site
+        shared = sum(n.site == site for n in self.neurons.values()) > 1
+        return node_name(tensor if shared else site)
 
     def _value(self, tensor: str) -> ir.Value:
         for node in self.graph:
@@ -97,14 +133,14 @@ class SliceGraph:
     def _add_neuron(self, tensor: str, neuron: Neuron) -> None:
         import nir
 
-        name, shape = node_name(neuron.site), sample_shape(self._value(tensor))
+        name, shape = self.neuron_node(tensor), self.shape(self._value(tensor))
         if neuron.kind == "lif":
             self.nodes[name] = nir.LIF(**lif_parameters(neuron.leak, neuron.threshold, neuron.tie, shape))  # type: ignore[arg-type]
             what = f"LIF (leak {neuron.leak:g}, zero reset, threshold {_describe(neuron)})"
         else:
             self.nodes[name] = nir.Threshold(fire_threshold(neuron.threshold, neuron.tie, shape))
             what = f"Threshold ({_describe(neuron)})"
-        self.rows.append((neuron.site, what, "ge → v_thr = float32 below θ" if neuron.tie == "ge" else ""))
+        self.rows.append((tensor if name == node_name(tensor) else neuron.site, what, "ge → v_thr = float32 below θ" if neuron.tie == "ge" else ""))
         self.edges.append((self.source(neuron.current), name))
 
     def source(self, value: ir.Value) -> str:
@@ -152,14 +188,19 @@ class SliceGraph:
             return self._conv(node, weight), layer_of(node.inputs[1].name), x
         if op == "AveragePool":
             return self._pool(node), "avg_pool", x
-        if op in ("Flatten", "Reshape") and len(sample_shape(node.outputs[0])) == 1:
+        if op in ("Flatten", "Reshape") and len(self.shape(node.outputs[0])) == 1:
             if op == "Flatten" and attr(node, "axis", 1) != 1:
                 raise UnsupportedLayer(node.name or op, "it flattens across the batch axis")
-            return nir.Flatten({"input": np.array(sample_shape(x))}, start_dim=0, end_dim=-1), "flatten", x
+            return nir.Flatten({"input": np.array(self.shape(x))}, start_dim=0, end_dim=-1), "flatten", x
         if op == "Mul" and weight is not None:
-            shape = sample_shape(node.outputs[0])
+            shape = self.shape(node.outputs[0])
             scale = np.broadcast_to(weight.astype(np.float32).reshape(_broadcastable(weight, shape)), shape)
             return nir.Scale(np.ascontiguousarray(scale)), f"{node.name or 'scale'}", x
+        if op == "Add" and all(const_array(v) is None for v in node.inputs):
+            raise UnsupportedLayer(node.name or op, "it adds two computed tensors (a residual sum, or a membrane "
+                                   "carried between time steps that was not recognised; a TorchScript file does not "
+                                   "name its time steps' spikes: save a spiking model with torch.export or as a "
+                                   "checkpoint)")
         raise UnsupportedLayer(node.name or op, f"{op} has no NIR node that computes it exactly "
                                "(NIR carries Affine/Linear, Conv2d, AvgPool2d, Flatten and Scale between neurons)")
 
@@ -171,7 +212,7 @@ class SliceGraph:
             raise UnsupportedLayer(layer_of(node.inputs[1].name), "asymmetric padding has no NIR Conv2d form")
         bias = const_array(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
         bias = np.zeros(weight.shape[0], np.float32) if bias is None else bias
-        return nir.Conv2d(input_shape=sample_shape(node.inputs[0])[1:], weight=weight.astype(np.float32),
+        return nir.Conv2d(input_shape=self.shape(node.inputs[0])[1:], weight=weight.astype(np.float32),
                           stride=tuple(attr(node, "strides", [1, 1])), padding=tuple(pads[:2]),
                           dilation=tuple(attr(node, "dilations", [1, 1])), groups=int(attr(node, "group", 1)),
                           bias=bias.astype(np.float32))

@@ -27,6 +27,11 @@ SUBTRACT_RESET = ("subtract reset (v ← v − θ·s) has no exact NIR form: a N
                   "to NIR (docs/nir.md)")
 
 
+class NotALif(UnsupportedLayer):
+    """The site's calls are not a leaky membrane unrolled over time (maybe one step function used by several
+    layers), as opposed to a LIF layer that NIR cannot express."""
+
+
 @dataclass(frozen=True)
 class Neuron:
     """One neuron layer at one time step: its step site, the tensor that feeds it (the input current of a LIF,
@@ -124,7 +129,7 @@ def lif_at(step: ir.Node, previous: ir.Node, spec: StepSpec) -> Neuron:
     spike_before = previous.outputs[0]
     add = _producer(membrane, "Add")
     if add is None:
-        raise UnsupportedLayer(spec.site, "its membrane is not the sum of a leaky state and an input current")
+        raise NotALif(spec.site, "its membrane is not the sum of a leaky state and an input current")
     for state, current in ((add.inputs[0], add.inputs[1]), (add.inputs[1], add.inputs[0])):
         leak, reset = 1.0, reset_kind(state, before, spike_before)  # type: ignore[arg-type]
         mul = _producer(state, "Mul")
@@ -142,11 +147,9 @@ def lif_at(step: ir.Node, previous: ir.Node, spec: StepSpec) -> Neuron:
             if not 0.0 <= leak <= 1.0:
                 raise UnsupportedLayer(spec.site, f"leak {leak} is outside [0, 1]")
             return Neuron(spec.site, "lif", current, theta, spec.tie, leak)  # type: ignore[arg-type]
-    raise UnsupportedLayer(spec.site, "no leaky, reset membrane state was found between its time steps")
+    raise NotALif(spec.site, "no leaky, reset membrane state was found between its time steps")
 
 
 def threshold_at(step: ir.Node, spec: StepSpec) -> Neuron:
-    theta = const_array(step.inputs[1])
-    if theta is None:
-        raise UnsupportedLayer(spec.site, "its threshold is computed at run time")
-    return Neuron(spec.site, "threshold", step.inputs[0], theta.astype(np.float32), spec.tie)  # type: ignore[arg-type]
+    x, theta = membrane_of(step)
+    return Neuron(spec.site, "threshold", x, theta, spec.tie)

@@ -92,7 +92,8 @@ def _tolerance_options(p: argparse.ArgumentParser) -> None:
 
 def _inspect_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="htaf-export inspect", description="Show a model's family, step sites, binary layers and "
-                "the bits its parameters need; with --data, the hardening gap.")
+                "the bits its parameters need; with --data, the hardening gap. For a .nir file: its nodes, "
+                "neuron parameters and the model sites they came from.")
     p.add_argument("model")
     p.add_argument("--data", type=Path, help=".npz with inputs 'x' (and labels 'y'): measures the hardening gap")
     p.add_argument("--tie", choices=("ge", "gt"), help="tie rule for sites that declare none")
@@ -145,6 +146,11 @@ def run_inspect(argv: Sequence[str]) -> int:
     args = _inspect_parser().parse_args(argv)
     from rich.console import Console
 
+    if args.model.endswith(".nir"):
+        from .inspect_nir import render_nir
+
+        render_nir(Path(args.model), Console())
+        return 0
     from . import io
     from .data import load_npz
     from .inspect import render, summarize

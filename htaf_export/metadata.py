@@ -32,7 +32,7 @@ TFLITE_LCE_KERNEL = "htaf_export.tflite.lce_kernel"
 NIR_DT = "htaf_export.nir.dt"
 NIR_TIME_STEPS = "htaf_export.nir.time_steps"
 NIR_READOUT = "htaf_export.nir.readout"
-NIR_SITES = "htaf_export.nir.sites"
+NIR_SPIKES = "htaf_export.nir.spikes"
 
 
 def encode(values: Mapping[str, Any]) -> dict[str, str]:

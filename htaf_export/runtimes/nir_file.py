@@ -32,6 +32,8 @@ def nir_module():
 def load_graph(data: bytes | Path):
     """The NIRGraph in a file (or its bytes); one clear error for anything nir cannot read."""
     nir = nir_module()
+    if isinstance(data, Path) and not data.is_file():
+        raise BadInput(f"{data} does not exist")
     source = io.BytesIO(data) if isinstance(data, bytes) else data
     try:
         return nir.read(source)
@@ -52,9 +54,9 @@ def read_nir_artifact(path: Path) -> ArtifactInfo:
     steps = read_steps(path, meta)
     inputs = tuple(sorted(n for n, node in graph.nodes.items() if type(node).__name__ == "Input"))
     outputs = tuple(sorted(json.loads(meta[md.NIR_READOUT])))
-    sites = json.loads(meta[md.NIR_SITES])
+    spikes = json.loads(meta[md.NIR_SPIKES])
     feeding = {dst: src for src, dst in graph.edges}
-    layers = {s.tensor: feeding.get(node, node) for node, site in sites.items() for s in steps if s.site == site}
+    layers = {tensor: feeding.get(node, node) for node, tensors in spikes.items() for tensor in tensors if tensor}
     return ArtifactInfo(path, "nir", inputs, outputs, tuple(steps), meta, layers)
 
 
@@ -66,11 +68,10 @@ class TimeLoop:
         self.info = info
         self.time_steps = int(json.loads(meta[md.NIR_TIME_STEPS]))
         self.readout: dict[str, dict[str, Any]] = json.loads(meta[md.NIR_READOUT])
-        site_of_node: Mapping[str, str] = json.loads(meta[md.NIR_SITES])
-        by_site_call = {(s.site, s.call): s.tensor for s in info.steps}
-        # (node, call) → step tensor; a step merged away at capture has no tensor and is not reported
-        self.spike_names = {(node, k): by_site_call[(site, k)] for node, site in site_of_node.items()
-                            for k in range(self.time_steps) if (site, k) in by_site_call}
+        tensors: Mapping[str, list] = json.loads(meta[md.NIR_SPIKES])
+        # (node, time step) → step tensor; a step merged away at capture has none and is not reported
+        self.spike_names = {(node, k): tensor for node, names in tensors.items() for k, tensor in enumerate(names)
+                            if tensor}
         self.inference_seconds = 0.0
 
     def run(self, inputs: dict[str, np.ndarray], reset, step) -> dict[str, np.ndarray]:

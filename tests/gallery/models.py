@@ -313,6 +313,37 @@ class CustomStepDHN(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------
+# 11. Convolutional spiking net, plain loop, zero reset written two ways (multiply and torch.where)
+
+
+class ConvSNN(nn.Module):
+    def __init__(self, steps: int = 5) -> None:
+        super().__init__()
+        self.steps = steps
+        self.encoder = nn.Conv2d(1, 6, 3, padding=1)
+        self.pool = nn.AvgPool2d(2)
+        self.spk1 = HTAF(alpha=2.0, beta=4.0, threshold=0.5, levels="01", mode="surrogate")
+        self.hidden = nn.Linear(6 * 4 * 4, 24)
+        self.spk2 = HTAF(alpha=2.0, beta=4.0, threshold=0.75, levels="01", mode="surrogate", tie="gt")
+        self.classifier = nn.Linear(24, 10)
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        drive = self.encoder(img)
+        mem1 = torch.zeros_like(drive)
+        mem2 = torch.zeros(img.shape[0], 24)
+        logits = torch.zeros(img.shape[0], 10)
+        for _ in range(self.steps):
+            mem1 = 0.75 * mem1 + drive
+            s1 = self.spk1(mem1)
+            mem1 = mem1 * (1.0 - s1)
+            mem2 = 0.5 * mem2 + self.hidden(torch.flatten(self.pool(s1), 1))
+            s2 = self.spk2(mem2)
+            mem2 = torch.where(s2 > 0, torch.zeros_like(mem2), mem2)
+            logits = logits + self.classifier(s2)
+        return logits / self.steps
+
+
+# ---------------------------------------------------------------------------------------------------
 
 IMG = (1, 8, 8)
 VEC = (64,)
@@ -328,6 +359,7 @@ REGISTRY: dict[str, tuple[Callable[[], nn.Module], tuple[tuple[int, ...], ...]]]
     "zero_pad_concat": (PadCat, (IMG,)),
     "two_inputs": (ImagePlusMeta, (IMG, (4,))),
     "custom_step_fn": (CustomStepDHN, (VEC,)),
+    "conv_snn_zero_reset": (ConvSNN, (IMG,)),
 }
 
 

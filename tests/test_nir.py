@@ -1,0 +1,153 @@
+"""nir target: LIF layers (zero reset) and Heaviside steps as NIR graphs, validated by snnTorch's importer and by
+this project's own NIR simulator; the parameter mapping, ties, refusals, sabotage, round trip and inspect."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import htaf_export
+from htaf_export import cli
+from htaf_export.converters.nir_graph import DT, lif_parameters
+from htaf_export.models.snn import SnnMLP
+
+nir = pytest.importorskip("nir")
+
+SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
+
+
+def _export(source, out: Path, **kwargs) -> htaf_export.ExportResult:
+    with contextlib.redirect_stdout(io.StringIO()):
+        return htaf_export.export(source, "nir", out, device="cpu", **kwargs)
+
+
+@pytest.fixture(scope="module")
+def zero_reset_snn(tmp_path_factory) -> Path:
+    """A spiking MLP with a zero reset and leaks other than the samples', saved as a checkpoint."""
+    torch.manual_seed(3)
+    model = SnnMLP(in_features=64, hidden=(40, 24), classes=10, steps=5, leak=0.8125, threshold=0.6,
+                   reset="zero").eval()
+    with torch.no_grad():
+        for fc in model.fcs:
+            fc.weight.mul_(2.0)  # enough drive that most neurons fire in 5 steps
+    path = tmp_path_factory.mktemp("snn") / "snn_zero.pt"
+    htaf_export.save(model, path)
+    return path
+
+
+def _nodes(path: Path) -> dict[str, str]:
+    return {name: type(node).__name__ for name, node in nir.read(path).nodes.items()}
+
+
+def test_a_zero_reset_snn_passes_on_snntorch_and_nir_sim_bit_for_bit(zero_reset_snn, tmp_path):
+    result = _export(zero_reset_snn, tmp_path / "m.nir")
+    report = result.report
+    assert report.passed, report.failure_line()
+    assert [b.backend for b in report.backends] == ["nir-sim", "snntorch"]
+    for backend in report.backends:
+        spikes = [t for t in backend.tensors if t.kind == "binary"]
+        assert len(spikes) == 2 * 5 and all(t.elements > 0 for t in spikes)  # every layer at every time step
+        assert all(t.max_abs_error == 0 for t in backend.tensors), [(t.name, t.max_abs_error) for t in backend.tensors]
+    kinds = _nodes(result.artifact)
+    assert sorted(kinds.values()).count("LIF") == 2 and kinds["lifs_0_spike"] == "LIF"
+
+
+def test_the_lif_mapping_gives_back_each_leak_exactly():
+    """β = 1 − dt/τ, rounded to float32, is the model's leak for every float32 leak in [0, 1] (a sample of them,
+    plus the ends), and the input's factor r·dt/τ is one; snnTorch computes β the same way."""
+    rng = np.random.default_rng(0)
+    leaks = np.concatenate([rng.random(20000, dtype=np.float32), np.float32([0.0, 1.0, 0.9, 0.5, 1 - 2**-24])])
+    for leak in leaks:
+        p = lif_parameters(float(leak), np.float32(1.0), "gt", (1,))
+        assert np.float32(1 - DT / p["tau"][0]) == leak
+        assert np.float32(p["r"][0] * DT / p["tau"][0]) == 1
+    assert p["v_threshold"][0] == np.float32(1.0)
+
+
+def test_ge_sites_fire_at_the_threshold_itself():
+    p = lif_parameters(0.5, np.float32(0.6), "ge", (3,))
+    v = np.float32(0.6)
+    assert v > p["v_threshold"][0] and not np.nextafter(v, np.float32(0)) > p["v_threshold"][0]
+
+
+def test_the_dhn_sample_becomes_threshold_nodes_and_snntorch_says_why_it_cannot_run_it(tmp_path):
+    result = _export(SAMPLES / "dhn_mlp.pt", tmp_path / "d.nir")
+    assert result.report.passed, result.report.failure_line()
+    assert [b.backend for b in result.report.backends] == ["nir-sim"]
+    assert any(s["backend"] == "snntorch" and "Threshold" in s["reason"] for s in result.report.skipped)
+    assert sorted(_nodes(result.artifact).values()).count("Threshold") == 2
+
+
+@pytest.mark.parametrize(("sample", "reason"), [("snn_mlp", "subtract reset"), ("bnn_mlp", "±1 sign"),
+                                                ("icbm_cnn", "MaxPool")])
+def test_what_nir_cannot_express_is_refused_in_one_line(sample, reason, tmp_path, capsys):
+    out = tmp_path / "m.nir"
+    assert cli.main([str(SAMPLES / f"{sample}.pt"), "--target", "nir", "-o", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert reason in err and "\n" not in err and not out.exists()
+
+
+def _sabotaged(good: Path, bad: Path, change) -> None:
+    graph = nir.read(good)
+    change(graph.nodes)
+    nir.write(bad, graph)
+
+
+@pytest.mark.parametrize(("what", "first_failing"), [("weight", "lifs.0.spike@"), ("threshold", "lifs.1.spike@")])
+def test_a_sabotaged_file_fails_and_names_the_node(zero_reset_snn, tmp_path, capsys, what, first_failing):
+    good = _export(zero_reset_snn, tmp_path / "m.nir", validate_artifact=False).artifact
+    bad = tmp_path / "bad.nir"
+
+    def change(nodes) -> None:
+        if what == "weight":
+            nodes["fcs_0"].weight[3, 7] += np.float32(0.5)  # one weight
+        else:
+            nodes["lifs_1_spike"].v_threshold[:] += np.float32(0.05)  # one layer's threshold
+
+    _sabotaged(good, bad, change)
+    capsys.readouterr()
+    assert cli.main(["validate", str(zero_reset_snn), str(bad), "--device", "cpu"]) == 1
+    out = capsys.readouterr().out.replace("\n", " ")
+    assert f"first failing tensor {first_failing}" in out
+    assert ("fcs_0" if what == "weight" else "fcs_1") in out  # the node that feeds the failing neuron
+
+
+def test_reading_a_file_gives_back_the_same_graph(zero_reset_snn, tmp_path):
+    """read → write → read: the same nodes, parameters, edges and metadata (HDF5 bytes may differ: h5py lays out
+    what it reads back in its own order)."""
+    path = _export(zero_reset_snn, tmp_path / "m.nir", validate_artifact=False).artifact
+    graph = nir.read(path)
+    again = tmp_path / "again.nir"
+    nir.write(again, graph)
+    reread = nir.read(again)
+    assert {k: str(v) for k, v in reread.metadata.items()} == {k: str(v) for k, v in graph.metadata.items()}
+    assert sorted(reread.edges) == sorted(graph.edges) and set(reread.nodes) == set(graph.nodes)
+    for name, node in graph.nodes.items():
+        for key, value in vars(node).items():
+            if isinstance(value, np.ndarray):
+                assert np.array_equal(value, getattr(reread.nodes[name], key)), (name, key)
+    assert reread.metadata["htaf_export.nir.time_steps"] == "5"
+
+
+def test_inspect_shows_nodes_neuron_parameters_and_the_mapping(zero_reset_snn, tmp_path, capsys):
+    path = _export(zero_reset_snn, tmp_path / "m.nir", validate_artifact=False).artifact
+    capsys.readouterr()
+    assert cli.main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    for expected in ("fcs_0", "Affine", "LIF", "0.8125", "lifs.0.spike", "lifs.0.spike@0", "time steps: 5",
+                     "sum over steps ÷ 5"):
+        assert expected in out, expected
+
+
+def test_a_damaged_nir_file_is_one_line_exit_2(zero_reset_snn, tmp_path, capsys):
+    bad = tmp_path / "bad.nir"
+    bad.write_bytes(b"not hdf5")
+    assert cli.main(["validate", str(zero_reset_snn), str(bad)]) == 2
+    assert cli.main(["inspect", str(bad)]) == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 2 and all("not a readable NIR file" in e for e in errors)
