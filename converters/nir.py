@@ -16,7 +16,6 @@ import json
 from collections import Counter, defaultdict
 from typing import Mapping
 
-import numpy as np
 import onnx_ir as ir
 
 from htaf_export import metadata as md
@@ -24,12 +23,12 @@ from htaf_export.capture import Capture
 from htaf_export.contracts import Conversion, LayerRow, StepSpec
 from htaf_export.errors import BadInput, UnsupportedLayer
 from htaf_export.passes.bn_fold import FoldBatchNormIntoSteps
-from htaf_export.passes.util import const_array
 from htaf_export.targets import ExportOptions
 
 from .layer_ops import fold_shape_arithmetic
-from .nir_graph import DT, SliceGraph, inferred_shapes, node_name
+from .nir_graph import DT, SliceGraph, inferred_shapes
 from .nir_neurons import NotALif, lif_at, threshold_at
+from .nir_readout import readouts
 
 MODE = "nir"
 
@@ -80,24 +79,24 @@ def time_slices(model: ir.Model, capture: Capture) -> tuple[list[SliceGraph], in
     counts = Counter(s.site for s in capture.steps)
     shapes = inferred_shapes(model)
     if max(counts.values()) == 1:
-        return _feed_forward(graph, capture, shapes), 1, _readouts(graph, capture, 1)[1]
+        return _feed_forward(graph, capture, shapes), 1, readouts(graph, capture, 1)[1]
     try:
         return _spiking(graph, capture, counts, shapes)
     except NotALif:
         pass
     except UnsupportedLayer as spiking_refusal:
         try:
-            return _feed_forward(graph, capture, shapes), 1, _readouts(graph, capture, 1)[1]
+            return _feed_forward(graph, capture, shapes), 1, readouts(graph, capture, 1)[1]
         except UnsupportedLayer:
             raise spiking_refusal from None
-    return _feed_forward(graph, capture, shapes), 1, _readouts(graph, capture, 1)[1]
+    return _feed_forward(graph, capture, shapes), 1, readouts(graph, capture, 1)[1]
 
 
 def _feed_forward(graph: ir.Graph, capture: Capture, shapes: dict) -> list[SliceGraph]:
     producers = {n.outputs[0].name: n for n in graph if n.outputs}
     neurons = {s.tensor: threshold_at(producers[s.tensor], s) for s in capture.steps}
     built = SliceGraph(graph, 0, neurons, {}, shapes)
-    built.build(_readouts(graph, capture, 1)[0][0])
+    built.build(readouts(graph, capture, 1)[0][0])
     return [built]
 
 
@@ -114,85 +113,13 @@ def _spiking(graph: ir.Graph, capture: Capture, counts: Counter, shapes: dict) -
         neurons = {specs[k].tensor: lif_at(producers[specs[k].tensor], producers[specs[k - 1].tensor], specs[k])
                    for specs in by_site.values()}
         slices.append(SliceGraph(graph, k, neurons, {s.tensor: s.site for s in capture.steps if s.call != k}, shapes))
-    per_call, readout = _readouts(graph, capture, time_steps)
+    per_call, readout = readouts(graph, capture, time_steps)
+    leaks = {name: how["leak"] for name, how in readout.items() if "leak" in how}
     for k, built in enumerate(slices, start=1):
-        built.build(per_call[k])
+        built.build(per_call[k], leaks)
     if len({s.digest() for s in slices}) > 1:
         raise UnsupportedLayer("model", "its time steps do not all compute the same network")
     return slices, time_steps, readout
-
-
-def _readouts(graph: ir.Graph, capture: Capture, time_steps: int) -> tuple[dict[int, dict[str, ir.Value]], dict]:
-    """{call: {output: its term at that step}} and {output: how the steps combine, and its Output node}."""
-    per_call: dict[int, dict[str, ir.Value]] = defaultdict(dict)
-    readout = {}
-    for value in graph.outputs:
-        terms, how = _readout(value, capture.steps, time_steps)
-        for k, term in terms.items():
-            per_call[k][value.name] = term
-        readout[value.name] = {**how, "node": node_name(value.name)}
-    return per_call, readout
-
-
-def _readout(value: ir.Value, steps: tuple[StepSpec, ...], time_steps: int) -> tuple[dict[int, ir.Value], dict]:
-    """The output's term of each time step, and how they combine: {"combine": "sum"} or with "divide_by"."""
-    if time_steps == 1:
-        return {0: value}, {"combine": "single"}
-    output = value.name or "output"
-    how: dict = {"combine": "sum"}
-    node = value.producer()
-    if node is not None and node.op_type == "Div" and const_array(node.inputs[1]) is not None \
-            and const_array(node.inputs[1]).size == 1:
-        how["divide_by"] = float(const_array(node.inputs[1]).reshape(()))
-        value = node.inputs[0]
-    terms = _sum_terms(value)
-    calls = {s.tensor: s.call for s in steps}
-    by_call: dict[int, ir.Value] = {}
-    for term in terms:
-        found = _calls_feeding(term, calls)
-        if len(found) != 1 or next(iter(found)) in by_call:
-            raise UnsupportedLayer(output, "it is not a sum or mean over time steps of one layer's "
-                                   "output at each step (a leaky readout or a delay is not exported yet)")
-        by_call[found.pop()] = term
-    if sorted(by_call) != list(range(time_steps)):
-        raise UnsupportedLayer(output, "it does not read every time step")
-    return by_call, how
-
-
-def _sum_terms(value: ir.Value) -> list[ir.Value]:
-    node = value.producer()
-    if node is not None and node.op_type == "Add" and node.domain == "":
-        terms = []
-        for v in node.inputs:
-            if not _is_zero(v):
-                terms += _sum_terms(v)  # type: ignore[arg-type]
-        return terms
-    return [value]
-
-
-def _is_zero(value: ir.Value | None) -> bool:
-    array = const_array(value)
-    node = value.producer() if value is not None else None
-    if array is None and node is not None and node.op_type == "Expand":
-        array = const_array(node.inputs[0])
-    return array is not None and bool(np.all(array == 0))
-
-
-def _calls_feeding(value: ir.Value, calls: dict[str, int]) -> set[int]:
-    """The time steps whose spikes reach ``value``."""
-    seen, found, stack = set(), set(), [value]
-    while stack:
-        v = stack.pop()
-        if id(v) in seen or v is None:
-            continue
-        seen.add(id(v))
-        if v.name in calls:
-            found.add(calls[v.name])
-            continue
-        node = v.producer()
-        if node is not None:
-            stack.extend(node.inputs)
-    return found
 
 
 def _spike_tensors(first: SliceGraph, steps: tuple[StepSpec, ...], time_steps: int) -> dict[str, list[str | None]]:
@@ -212,5 +139,6 @@ def _tie(steps: tuple[StepSpec, ...]) -> str:
 def _readout_text(readout: dict[str, dict]) -> str:
     parts = []
     for name, how in sorted(readout.items()):
-        parts.append(f"{name} = mean over steps" if "divide_by" in how else f"{name} = sum over steps")
+        what = "a leaky readout's state" if "leak" in how else "its value"
+        parts.append(f"{name} = {what}, " + ("averaged over steps" if "divide_by" in how else "summed over steps"))
     return ", ".join(parts)

@@ -97,7 +97,9 @@ class SliceGraph:
     rows: list[tuple[str, str, str]] = field(default_factory=list)
     _named: dict[int, str] = field(default_factory=dict)
 
-    def build(self, outputs: dict[str, ir.Value]) -> None:
+    def build(self, outputs: dict[str, ir.Value], leaks: dict[str, float] | None = None) -> None:
+        """Nodes for every neuron and output; an output named in ``leaks`` reads a leaky integrator (NIR ``LI``)
+        fed by its value, with that leak."""
         import nir
 
         inputs = [v for v in self.graph.inputs]
@@ -109,9 +111,17 @@ class SliceGraph:
         for tensor, neuron in self.neurons.items():
             self._add_neuron(tensor, neuron)
         for name, value in outputs.items():
-            out = node_name(name)
-            self.nodes[out] = nir.Output(np.array(self.shape(value)))
-            self.edges.append((self.source(value), out))
+            out, shape = node_name(name), self.shape(value)
+            self.nodes[out] = nir.Output(np.array(shape))
+            source = self.source(value)
+            if leaks and name in leaks:
+                readout = self._unique(f"{name}_readout")
+                lif = lif_parameters(leaks[name], np.float32(0), "gt", shape)
+                self.nodes[readout] = nir.LI(tau=lif["tau"], r=lif["r"], v_leak=lif["v_leak"])
+                self.rows.append((f"{name} (readout)", f"LI (leak {leaks[name]:g}, no reset)", "its state is the output"))
+                self.edges.append((source, readout))
+                source = readout
+            self.edges.append((source, out))
 
     def shape(self, value: ir.Value) -> tuple[int, ...]:
         return sample_shape(value, self.shapes)

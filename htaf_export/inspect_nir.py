@@ -69,7 +69,8 @@ def render_nir(path: Path, console: Console) -> None:
         console.print(_mapping_table(meta))
         steps = int(json.loads(meta.get(md.NIR_TIME_STEPS, "1")))
         readout = json.loads(meta[md.NIR_READOUT])
-        combine = "; ".join(f"{k}: " + ("sum over steps" + (f" ÷ {v['divide_by']:g}" if "divide_by" in v else "")
+        combine = "; ".join(f"{k}: " + ((f"LI state (leak {v['leak']:g}), " if "leak" in v else "")
+                                       + "sum over steps" + (f" ÷ {v['divide_by']:g}" if "divide_by" in v else "")
                                        if v["combine"] == "sum" else "one pass") for k, v in sorted(readout.items()))
         console.print(f"time steps: {steps} at dt = {dt:g} s, the same input at every step; outputs: {escape(combine)}")
 

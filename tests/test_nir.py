@@ -57,6 +57,48 @@ def test_a_zero_reset_snn_passes_on_snntorch_and_nir_sim_bit_for_bit(zero_reset_
     assert sorted(kinds.values()).count("LIF") == 2 and kinds["lifs_0_spike"] == "LIF"
 
 
+class LeakyReadoutSNN(torch.nn.Module):
+    """A user's loop: one LIF layer (zero reset by torch.where, tie gt) and a leaky readout whose state, averaged
+    over the steps, is the output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from htaf_export.nn import HTAF
+
+        self.inp, self.out = torch.nn.Linear(64, 30), torch.nn.Linear(30, 10)
+        self.spike = HTAF(2.0, 4.0, threshold=0.4, levels="01", mode="surrogate", tie="gt")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        current = self.inp(x)
+        v = torch.zeros_like(current)
+        vo = torch.zeros(x.shape[0], 10)
+        total = torch.zeros(x.shape[0], 10)
+        for _ in range(6):
+            v = 0.875 * v + current
+            s = self.spike(v)
+            v = torch.where(s > 0, torch.zeros_like(v), v)
+            vo = 0.5 * vo + self.out(s)
+            total = total + vo
+        return total / 6
+
+
+def test_a_leaky_readout_becomes_a_nir_li_node(tmp_path):
+    torch.manual_seed(1)
+    model = LeakyReadoutSNN().eval()
+    path = tmp_path / "leaky.pt2"
+    torch.export.save(torch.export.export(model, (torch.zeros(2, 64),),
+                                          dynamic_shapes=({0: torch.export.Dim("batch")},)), path)
+    result = _export(path, tmp_path / "leaky.nir")
+    assert result.report.passed, result.report.failure_line()
+    kinds = _nodes(result.artifact)
+    assert kinds["logits_readout"] == "LI" and kinds["spike"] == "LIF"
+    graph = nir.read(result.artifact)
+    assert ("out", "logits_readout") in graph.edges and ("logits_readout", "logits") in graph.edges
+    assert np.all(np.float32(1 - DT / graph.nodes["logits_readout"].tau) == np.float32(0.5))
+    assert [b.backend for b in result.report.backends] == ["nir-sim"]  # snnTorch has no module for LI
+    assert all(t.max_abs_error == 0 for t in result.report.backends[0].tensors)
+
+
 def test_the_lif_mapping_gives_back_each_leak_exactly():
     """β = 1 − dt/τ, rounded to float32, is the model's leak for every float32 leak in [0, 1] (a sample of them,
     plus the ends), and the input's factor r·dt/τ is one; snnTorch computes β the same way."""

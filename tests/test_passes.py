@@ -352,3 +352,31 @@ def test_mixed_ties_keep_each_nodes_rule(how):
     np.testing.assert_array_equal(c, [-1.0, 1.0, 1.0])
     np.testing.assert_array_equal(d, [-1.0, -1.0, 1.0])
     assert {r.dtype for r in (a, b, c, d)} == {np.dtype(np.float32)}
+
+
+@pytest.mark.parametrize("tie", ["ge", "gt"])
+def test_folded_thresholds_fire_exactly_where_the_reference_batch_norm_does(tie):
+    """Random statistics, inputs drawn around each channel's threshold and at the floats next to it: the folded
+    step and PyTorch's batch norm + step agree on every one (the old closed form missed by an ulp here)."""
+    import torch
+    import torch.nn.functional as F
+
+    from htaf_export.passes.bn_fold import folded_threshold
+
+    rng = np.random.default_rng(7)
+    c = 64
+    gamma = rng.normal(size=c).astype(np.float32)
+    gamma[:3] = [0.0, 1e-30, -1e-30]
+    beta, mean = rng.normal(size=c).astype(np.float32), rng.normal(size=c).astype(np.float32)
+    var = rng.uniform(0.01, 3.0, size=c).astype(np.float32)
+    theta = 0.3
+    s, t = folded_threshold([gamma, beta, mean, var], theta, 1e-5, tie)
+    edge = np.where(s != 0, t * np.where(s == 0, 1, s), 0).astype(np.float32)
+    around = edge[None, :] + rng.normal(scale=1e-3, size=(2000, c)).astype(np.float32)
+    ulps = np.stack([np.nextafter(edge, np.float32(d)) for d in (-np.inf, np.inf)] + [edge])
+    x = np.concatenate([around, ulps, rng.normal(scale=5, size=(2000, c)).astype(np.float32)]).astype(np.float32)
+    y = F.batch_norm(torch.from_numpy(x), *(torch.from_numpy(a) for a in (mean, var, gamma, beta)), False, 0.0, 1e-5)
+    reference = (y >= theta if tie == "ge" else y > theta).numpy()
+    u = x * s
+    folded = u >= t if tie == "ge" else u > t
+    assert np.array_equal(folded, reference), int((folded != reference).sum())

@@ -8,8 +8,9 @@ For one channel, with y = γ·(x − μ)/σ + b and σ = √(var + ε):
 
 so the step becomes step(s·x, s·t) with s = sign(γ) ∈ {−1, 0, +1}. Multiplying by ±1 is exact in
 floating point and both sides keep ``≥`` (or ``>``), so the tie rule is preserved at the threshold.
-The folded threshold is rounded once to float32; the reference rounds inside its own batch norm,
-so the two can only disagree where the reference pre-activation is within rounding of θ.
+The threshold is not rounded from that formula: it is found by bisection over the float32 numbers against
+PyTorch's own batch norm (monotone in x), so the folded step fires on exactly the same float32 inputs as the
+reference's batch norm + step (``folded_threshold``).
 """
 
 from __future__ import annotations
@@ -23,18 +24,62 @@ from .base import PassReport, apply_rules, report
 from .util import const_array, unique_initializer_name
 
 
+def _keys(x: np.ndarray) -> np.ndarray:
+    """float32 → int64 keys in the floats' order (−0 just below +0); the map is its own inverse on int32 bits."""
+    bits = x.astype(np.float32).view(np.int32).astype(np.int64)
+    return np.where(bits < 0, -(bits & 0x7FFFFFFF) - 1, bits)
+
+
+def _floats(keys: np.ndarray) -> np.ndarray:
+    bits = np.where(keys < 0, -(keys + 1) | -0x80000000, keys).astype(np.int64)
+    return (bits & 0xFFFFFFFF).astype(np.uint32).view(np.float32)
+
+
 def folded_threshold(params: list[np.ndarray], theta: float, eps: float, tie: str) -> tuple[np.ndarray, np.ndarray]:
-    """(direction s, threshold s·t) per channel for batch-norm ``params`` (γ, b, μ, var) followed by a step at θ."""
-    gamma, beta, mean, var = (p.astype(np.float64) for p in params)
-    sigma = np.sqrt(var.astype(np.float32) + np.float32(eps)).astype(np.float64)
-    s = np.sign(gamma)
-    safe = np.where(gamma == 0, 1.0, gamma)
-    t = mean + (theta - beta) * sigma / safe
-    # γ = 0: the output is b everywhere; 0·x = 0 then fires exactly when b's comparison with θ does.
-    ge = tie == "ge"
-    fires = beta >= theta if ge else beta > theta
-    constant_t = np.where(fires, 0.0 if ge else -1.0, 1.0 if ge else 0.0)
-    return s, np.where(gamma == 0, constant_t, s * t)
+    """(direction s, threshold) per channel such that step(s·x, threshold) under ``tie`` fires exactly where the
+    reference's own float32 batch norm followed by the step at θ does, for every float32 x.
+
+    A float32 batch norm is a monotone function of x in each channel (each rounded operation is), so the x that
+    fire form a half-line; bisection over the floats, evaluating PyTorch's batch norm itself, finds its end."""
+    import torch
+    import torch.nn.functional as F
+
+    gamma, beta, mean, var = (torch.tensor(np.asarray(p, dtype=np.float32).reshape(-1)) for p in params)
+    threshold = np.float32(theta)
+
+    def fires(x: np.ndarray) -> np.ndarray:
+        y = F.batch_norm(torch.from_numpy(x.astype(np.float32)[None, :]), mean, var, gamma, beta, False, 0.0, eps)
+        y = y[0].numpy()
+        return y >= threshold if tie == "ge" else y > threshold
+
+    s = np.sign(gamma.numpy()).astype(np.float32)
+    up = s >= 0  # firing set {x ≥ a} (γ ≥ 0) or {x ≤ a} (γ < 0)
+    lo, hi = np.full(s.shape, _keys(np.float32([-np.inf]))[0]), np.full(s.shape, _keys(np.float32([np.inf]))[0])
+    # invariant: for γ > 0, lo does not fire and hi fires; for γ < 0, lo fires and hi does not
+    at_lo, at_hi = fires(_floats(lo)), fires(_floats(hi))
+    for _ in range(34):
+        mid = (lo + hi) // 2
+        on = fires(_floats(mid))
+        go_up = np.where(up, ~on, on)
+        lo, hi = np.where(go_up, mid, lo), np.where(go_up, hi, mid)
+    edge = np.where(up, _floats(hi), _floats(lo))  # the first firing float (γ > 0), the last (γ < 0)
+    edge = np.where(up & at_lo, np.float32(-np.inf), edge)
+    edge = np.where(up & ~at_hi, np.float32(np.inf), edge)
+    edge = np.where(~up & at_hi, np.float32(np.inf), edge)
+    edge = np.where(~up & ~at_lo, np.float32(-np.inf), edge)
+    # in terms of s·x: fires ⇔ s·x ≥ s·edge; a gt step needs the float just below
+    t = np.where(up, edge, -edge).astype(np.float32)
+    if tie == "gt":
+        t = np.nextafter(t, np.float32(-np.inf)).astype(np.float32)
+    zero = gamma.numpy() == 0
+    if zero.any():  # γ = 0: the output is b everywhere; 0·x = 0 is compared with a threshold giving b's answer
+        fired = fires(np.zeros(s.shape, np.float32))
+        ge = tie == "ge"
+        t = np.where(zero, np.where(fired, 0.0 if ge else -1.0, 1.0 if ge else 0.0), t).astype(np.float32)
+        s = np.where(zero, 0.0, np.where(up, 1.0, -1.0)).astype(np.float32)
+    else:
+        s = np.where(up, 1.0, -1.0).astype(np.float32)
+    return s, t
 
 
 class FoldBatchNorm(RewriteRuleClassBase):

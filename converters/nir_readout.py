@@ -1,0 +1,163 @@
+"""How each graph output combines the time steps of an unrolled spiking network.
+
+The model's output is a sum over the T steps (often divided by T) of one term per step: a layer's output at that
+step (``total += fc(s)``), or a leaky readout's state (``vo = λ·vo + fc(s); total += vo``), which is a NIR ``LI``
+neuron. Each term must read the spikes of exactly its own step.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+import onnx_ir as ir
+
+from htaf_export.capture import Capture
+from htaf_export.contracts import StepSpec
+from htaf_export.errors import UnsupportedLayer
+from htaf_export.passes.util import const_array
+
+from .nir_graph import node_name
+
+
+def readouts(graph: ir.Graph, capture: Capture, time_steps: int) -> tuple[dict[int, dict[str, ir.Value]], dict]:
+    """{call: {output: its term at that step}} and {output: how the steps combine, and its Output node}."""
+    per_call: dict[int, dict[str, ir.Value]] = defaultdict(dict)
+    readout = {}
+    for value in graph.outputs:
+        terms, how = _readout(value, capture.steps, time_steps)
+        for k, term in terms.items():
+            per_call[k][value.name] = term
+        readout[value.name] = {**how, "node": node_name(value.name)}
+    return per_call, readout
+
+
+def _readout(value: ir.Value, steps: tuple[StepSpec, ...], time_steps: int) -> tuple[dict[int, ir.Value], dict]:
+    """The output's term of each time step, and how they combine: {"combine": "sum"} or with "divide_by"."""
+    if time_steps == 1:
+        return {0: value}, {"combine": "single"}
+    output = value.name or "output"
+    how: dict = {"combine": "sum"}
+    node = value.producer()
+    if node is not None and node.op_type == "Div" and const_array(node.inputs[1]) is not None \
+            and const_array(node.inputs[1]).size == 1:
+        how["divide_by"] = float(const_array(node.inputs[1]).reshape(()))
+        value = node.inputs[0]
+    terms = _spine(value, time_steps) or _sum_terms(value)
+    calls = {s.tensor: s.call for s in steps}
+    by_call: dict[int, ir.Value] = {}
+    leaky = _leaky_chain(terms, calls, time_steps)
+    if leaky is not None:
+        by_call, how["leak"] = leaky
+        terms = []
+    for term in terms:
+        found = _calls_feeding(term, calls)
+        if len(found) != 1 or next(iter(found)) in by_call:
+            raise UnsupportedLayer(output, "it is not a sum or mean over time steps of one layer's output or "
+                                   "of a leaky readout (a delay, or a readout that resets, is not exported)")
+        by_call[found.pop()] = term
+    if sorted(by_call) != list(range(time_steps)):
+        raise UnsupportedLayer(output, "it does not read every time step")
+    return by_call, how
+
+
+def _leaky_chain(terms: list[ir.Value], calls: dict[str, int], time_steps: int
+                 ) -> tuple[dict[int, ir.Value], float] | None:
+    """({step: the input current O[k]}, λ) when the terms are a leaky readout's states, in step order:
+    vo[0] = O[0] (or λ·0 + O[0]),  vo[k] = λ·vo[k−1] + O[k]; None when they are not."""
+    if len(terms) != time_steps or time_steps < 2:
+        return None
+    currents: dict[int, ir.Value] = {}
+    leak: float | None = None
+    for k, term in enumerate(terms):
+        node = term.producer()
+        if k == 0:
+            parts = [v for v in node.inputs if not _is_zero(v) and not _scaled_zero(v)] \
+                if node is not None and node.op_type == "Add" else [term]
+            if len(parts) != 1:
+                return None
+            currents[0] = parts[0]
+            continue
+        if node is None or node.op_type != "Add":
+            return None
+        for state, current in ((node.inputs[0], node.inputs[1]), (node.inputs[1], node.inputs[0])):
+            factor = _leak_of(state, terms[k - 1])
+            if factor is not None and (leak is None or factor == leak):
+                leak, currents[k] = factor, current
+                break
+        else:
+            return None
+    if any(_calls_feeding(currents[k], calls) != {k} for k in currents):
+        return None
+    return currents, float(leak)  # type: ignore[arg-type]
+
+
+def _leak_of(state: ir.Value, previous: ir.Value) -> float | None:
+    if state is previous:
+        return 1.0
+    node = state.producer()
+    if node is None or node.op_type != "Mul" or previous not in node.inputs:
+        return None
+    other = node.inputs[1] if node.inputs[0] is previous else node.inputs[0]
+    factor = const_array(other)
+    return float(factor.reshape(())) if factor is not None and factor.size == 1 else None
+
+
+def _scaled_zero(value: ir.Value) -> bool:
+    node = value.producer()
+    return node is not None and node.op_type == "Mul" and any(_is_zero(v) for v in node.inputs)
+
+
+def _spine(value: ir.Value, n: int) -> list[ir.Value] | None:
+    """The n terms of ``value`` as a running sum ((t0 + t1) + t2) + …, the way a loop accumulates, or None."""
+    node = value.producer()
+    is_add = node is not None and node.op_type == "Add" and node.domain == ""
+    if n == 1:
+        if is_add and any(_is_zero(v) for v in node.inputs):  # type: ignore[union-attr]
+            return [v for v in node.inputs if not _is_zero(v)][:1]  # type: ignore[union-attr, misc]
+        return [value]
+    if not is_add:
+        return None
+    for total, term in ((node.inputs[0], node.inputs[1]), (node.inputs[1], node.inputs[0])):  # type: ignore[union-attr]
+        if total is None or term is None or _is_zero(term):
+            continue
+        earlier = _spine(total, n - 1)
+        if earlier is not None:
+            return earlier + [term]
+    return None
+
+
+def _sum_terms(value: ir.Value) -> list[ir.Value]:
+    node = value.producer()
+    if node is not None and node.op_type == "Add" and node.domain == "":
+        terms = []
+        for v in node.inputs:
+            if not _is_zero(v):
+                terms += _sum_terms(v)  # type: ignore[arg-type]
+        return terms
+    return [value]
+
+
+def _is_zero(value: ir.Value | None) -> bool:
+    array = const_array(value)
+    node = value.producer() if value is not None else None
+    if array is None and node is not None and node.op_type == "Expand":
+        array = const_array(node.inputs[0])
+    return array is not None and bool(np.all(array == 0))
+
+
+def _calls_feeding(value: ir.Value, calls: dict[str, int]) -> set[int]:
+    """The time steps whose spikes reach ``value``."""
+    seen, found, stack = set(), set(), [value]
+    while stack:
+        v = stack.pop()
+        if id(v) in seen or v is None:
+            continue
+        seen.add(id(v))
+        if v.name in calls:
+            found.add(calls[v.name])
+            continue
+        node = v.producer()
+        if node is not None:
+            stack.extend(node.inputs)
+    return found
