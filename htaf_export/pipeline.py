@@ -21,7 +21,7 @@ from . import metadata as md
 from .capture import Capture, capture
 from .contracts import Conversion
 from .data import Batches, Dataset, NpzBatches, digits
-from .errors import BadInput
+from .errors import BadInput, UnsupportedLayer
 from .files import atomic_write_bytes, check_writable
 from .harden import HardenResult, harden, record_every_step
 from .io import LoadedModel, load, resolve
@@ -35,6 +35,7 @@ from .recommend import Recommendation, recommend
 from .validate import validate
 
 if TYPE_CHECKING:
+    from .runtimes.onnxruntime import GraphSteps
     from .workers import ModelRecipe
 
 GENERATED_SAMPLES = 512
@@ -170,7 +171,8 @@ def export(model: str | Path | LoadedModel, target: str, output: str | Path | No
         report = validate_file(hardening, read_artifact(out), dataset, str(loaded.path), device, tolerance,
                                progress=progress, input_shape=loaded.input_shape if not loaded.extra_input_shapes
                                else loaded.input_shapes, workers=workers,
-                               recipe=recipe_of(loaded, tie, sites) if (workers or 1) != 1 else None)
+                               recipe=recipe_of(loaded, tie, sites) if (workers or 1) != 1 else None,
+                               graph_steps=_graph_steps(hardening.model, cap))
         seconds["validate"] = time.perf_counter() - t
     return ExportResult(out, chosen.name, hardening, conversion, report, seconds, recommendation)
 
@@ -187,18 +189,23 @@ def _recommend(cap: Capture, chosen: Target, conversion: Conversion, seconds: di
 def validate_file(hardening: HardenResult, info: ArtifactInfo, data: Dataset | Batches, model_name: str,
                   device: str = "all", tolerance: Tolerance | None = None, *, progress: Progress | None = None,
                   crafted: bool = True, input_shape: Sequence[int] | None = None, workers: int | None = None,
-                  recipe: "ModelRecipe | None" = None, ray: str | None = None) -> ParityReport:
+                  recipe: "ModelRecipe | None" = None, ray: str | None = None,
+                  graph_steps: "GraphSteps | None" = None) -> ParityReport:
     """Validate an artifact against a hardened model on every backend this machine has for ``device``;
     with ``workers`` > 1, in that many processes, each rebuilding the model (pickled, else from ``recipe``);
-    with ``ray`` (a cluster address), on ``workers`` Ray actors (default: one per CPU of the cluster)."""
+    with ``ray`` (a cluster address), on ``workers`` Ray actors (default: one per CPU of the cluster).
+    A TorchScript model records no step: its steps come from its captured graph (``graph_steps``, else captured
+    here at the artifact's input shape)."""
     check_artifact_fits(hardening, info, input_shape)
+    if graph_steps is None and isinstance(hardening.model, torch.jit.ScriptModule) and not info.streaming:
+        graph_steps = _graph_steps(hardening.model, _capture_for_steps(hardening.model, info, input_shape), info.steps)
     runners, skipped = backends_for(info, device, model=hardening.model)
     if not runners:
         why = "; ".join(f"{b}: {r}" for b, r in skipped)
         raise BadInput(f"no runtime on this machine can run {info.path} on device {device!r}" + (f" ({why})" if why else ""))
     if ray is None and (workers or 1) == 1:
         return validate(hardening.model, info, runners, data, model_name, tolerance, crafted=crafted,
-                        progress=progress, skipped=skipped)
+                        progress=progress, skipped=skipped, graph_steps=graph_steps)
     from .workers import ModelRecipe, ProcessPool
 
     recipe = ModelRecipe.of_module(hardening.model, recipe)
@@ -210,7 +217,7 @@ def validate_file(hardening: HardenResult, info: ArtifactInfo, data: Dataset | B
         pool = ProcessPool(recipe, info.path, device, workers or 1)
     with pool:
         return validate(hardening.model, info, runners, data, model_name, tolerance, crafted=crafted,
-                        progress=progress, skipped=skipped, pool=pool)
+                        progress=progress, skipped=skipped, pool=pool, graph_steps=graph_steps)
 
 
 def recipe_of(loaded: LoadedModel, tie: str | None, sites: Sequence[str] | None) -> "ModelRecipe":
@@ -221,6 +228,26 @@ def recipe_of(loaded: LoadedModel, tie: str | None, sites: Sequence[str] | None)
     return ModelRecipe(str(loaded.path), loaded.source_format == "pickle", tie,
                        tuple(tuple(int(d) for d in s) for s in loaded.input_shapes),
                        None if sites is None else tuple(sites))
+
+
+def _graph_steps(model: nn.Module, cap: Capture | None, as_named: Sequence | None = None) -> "GraphSteps | None":
+    """The steps of a TorchScript model from its capture (it exposes no intermediate tensors); None otherwise.
+    ``as_named``: the artifact's steps, for a capture made again (see ``graph_steps``)."""
+    if cap is None or cap.streaming or not isinstance(model, torch.jit.ScriptModule):
+        return None
+    from .runtimes.onnxruntime import graph_steps
+
+    return graph_steps(cap.model, cap.input_names, cap.steps, as_named)
+
+
+def _capture_for_steps(model: nn.Module, info: ArtifactInfo, input_shape) -> Capture | None:
+    shape = input_shape if input_shape is not None else json.loads(info.metadata.get(md.INPUT_SHAPE, "null"))
+    if shape is None:
+        return None
+    try:
+        return capture(model, shape, info.output_names, input_names=info.input_names)
+    except (BadInput, UnsupportedLayer):  # the outputs are still compared; the steps then go unobserved
+        return None
 
 
 def check_artifact_fits(hardening: HardenResult, info: ArtifactInfo, model_shape: Sequence[int] | None) -> None:

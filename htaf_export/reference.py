@@ -168,10 +168,12 @@ def record_steps(model: nn.Module, keep_graph: bool = False,
 
 @torch.no_grad()
 def run_reference(model: nn.Module, inputs: tuple[torch.Tensor, ...], output_names: list[str],
-                  device: str = "cpu", streaming: bool = False) -> ReferenceRun:
+                  device: str = "cpu", streaming: bool = False, graph_steps=None) -> ReferenceRun:
     """Run ``model`` and record every Step call, in call order per site (as capture numbers them).
 
     The model is moved to ``device`` in place; pass a copy when the original must stay where it is.
+    ``graph_steps`` (``runtimes.onnxruntime.GraphSteps``): where the model records no step (TorchScript), its
+    steps and pre-activations from its captured graph; the outputs stay the model's own.
     """
     model = model.to(device)
     set_eval(model)
@@ -179,6 +181,10 @@ def run_reference(model: nn.Module, inputs: tuple[torch.Tensor, ...], output_nam
     run = ReferenceRun()
     for name, value in zip(output_names, outputs.leaves(out)):
         run.outputs[name] = value.detach().cpu().numpy()
+    if not calls and graph_steps is not None:
+        for site, call, bits, pre in graph_steps.run([t.cpu().numpy() for t in inputs]):
+            run.steps[(site, call)], run.preactivations[(site, call)] = bits, pre
+            run.order.append((site, call))
     for c in calls:
         key = (c.site, c.call)
         run.steps[key] = c.output.cpu().numpy()

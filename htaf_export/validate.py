@@ -93,6 +93,7 @@ class ShardSetup:
     tolerance: Tolerance
     reference_device: str
     crafted: CraftedSet | None
+    graph_steps: object = None  # runtimes.onnxruntime.GraphSteps, for a reference that records no step
 
 
 class ShardPool(Protocol):
@@ -108,8 +109,9 @@ class Validation:
     """One pass over the inputs: the reference runs once per batch, then every backend on the same batch."""
 
     def __init__(self, model: nn.Module, info: ArtifactInfo, runners: Sequence[Runner], tol: Tolerance,
-                 reference_device: str, crafted: CraftedSet | None) -> None:
+                 reference_device: str, crafted: CraftedSet | None, graph_steps=None) -> None:
         self.model, self.info, self.runners, self.tol = model, info, list(runners), tol
+        self.graph_steps = graph_steps
         self.bounds_program: torch.fx.GraphModule | None = None
         self.no_bound = "a streaming SNN is checked one step at a time" if info.streaming else ""
         self.needed_bounds = False
@@ -172,7 +174,7 @@ class Validation:
         for t in range(self.steps_per_run):
             inputs = (*(torch.from_numpy(np.ascontiguousarray(a)) for a in xs), *(torch.from_numpy(v) for v in state))
             ref = run_reference(self.model, inputs, info.output_names, self.reference_device,
-                                streaming=info.streaming)
+                                streaming=info.streaming, graph_steps=self.graph_steps)
             self.ties |= ref.ties
             for s in info.steps:
                 pre = ref.preactivations.get((s.site, s.call))
@@ -292,13 +294,14 @@ def validate(model: nn.Module, info: ArtifactInfo, runners: list[Runner], data: 
              model_name: str = "", tolerance: Tolerance | None = None, batch_size: int = 256,
              reference_device: str = "cpu", *, crafted: CraftedSet | bool = True,
              progress: Callable[[int, int], None] | None = None,
-             skipped: Sequence[tuple[str, str]] = (), pool: ShardPool | None = None) -> ParityReport:
+             skipped: Sequence[tuple[str, str]] = (), pool: ShardPool | None = None, graph_steps=None) -> ParityReport:
     """Compare ``model`` (hardened) with the artifact on every runner; inputs in batches of ``batch_size``.
 
     ``crafted``: True builds the crafted threshold inputs from the model (see ``htaf_export.crafted``),
     a ``CraftedSet`` uses that one, False leaves them out. ``progress(done, total)`` is called after
     each batch with sample counts. ``skipped`` lists (backend, reason) for backends not run. ``pool``
     (``htaf_export.workers``) spreads the batches over worker processes; the report is the same.
+    ``graph_steps``: the steps of a model that records none (TorchScript), from its captured graph.
     """
     started = time.perf_counter()
     tol = tolerance or Tolerance()
@@ -310,7 +313,11 @@ def validate(model: nn.Module, info: ArtifactInfo, runners: list[Runner], data: 
     crafted_set = _crafted_inputs(model, batches, crafted, report.notes)
     if crafted_set is not None:
         report.crafted = crafted_set.to_dict()
-    run = Validation(model, info, runners, tol, reference_device, crafted_set)
+    run = Validation(model, info, runners, tol, reference_device, crafted_set, graph_steps)
+    if graph_steps is not None:
+        report.notes.append("the model (TorchScript) exposes no intermediate tensors: its step tensors and "
+                            "pre-activations come from its captured graph run in ONNX Runtime; outputs from the "
+                            "model itself")
     total = len(batches) + (len(crafted_set) if crafted_set is not None else 0)
     if pool is not None and pool.workers > 1:
         # several batches per worker, so that the last one to finish does not wait alone
@@ -327,7 +334,7 @@ def validate(model: nn.Module, info: ArtifactInfo, runners: list[Runner], data: 
 
     advance(0)
     if pool is not None:
-        for shard in pool.run(ShardSetup(tol, reference_device, crafted_set), parts, advance):
+        for shard in pool.run(ShardSetup(tol, reference_device, crafted_set, graph_steps), parts, advance):
             run.absorb(shard)
     else:
         for part, x, y, offset in parts:

@@ -200,7 +200,7 @@ class ShardWorker:
         from .validate import Validation
 
         self.run = Validation(self.model, self.info, self.runners, setup.tolerance, setup.reference_device,
-                              setup.crafted)
+                              setup.crafted, setup.graph_steps)
 
     def batch(self, part: Part) -> int:
         kind, x, y, offset = part

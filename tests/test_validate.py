@@ -396,3 +396,31 @@ def test_margin_histogram_bins_every_value_once():
         # float32(1e-3) lies just above 1e-3: it shares the next bin with −1.0001e-3
         assert h.counts[MARGIN_EDGES.index(1e-3)] == 0 and h.counts[MARGIN_EDGES.index(1e-2)] == 2
         assert h.counts[MARGIN_EDGES.index(1.0)] == 2 and h.counts[MARGIN_EDGES.index(1000.0)] == 1
+
+
+def test_a_torchscript_reference_takes_its_steps_from_its_captured_graph(tmp_path):
+    """TorchScript exposes no intermediate tensors: its steps are read from its captured graph (run in ONNX
+    Runtime), so they are compared bit for bit and a flip is judged by its margin; a sabotaged weight fails at
+    the step it feeds, not only at the logits."""
+    from htaf_export.nn import HTAF
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 24), HTAF(2.0, 4.0, threshold=0.1, levels="01"),
+                                torch.nn.Linear(24, 10)).eval()
+    path = tmp_path / "m.torchscript"
+    torch.jit.save(torch.jit.trace(model, torch.zeros(2, 64)), str(path))
+    result = export(path, "onnx", tmp_path / "m.onnx", input_shape=[64], device="cpu")
+    assert result.report.passed, result.report.failure_line()
+    steps = [t for t in result.report.backends[0].tensors if t.kind == "binary"]
+    assert steps and all(t.observed and t.elements == 1797 * 24 for t in steps)
+    assert any("captured graph run in ONNX Runtime" in n for n in result.report.notes)
+
+    proto = onnx.load(str(result.artifact))
+    weight = next(i for i in proto.graph.initializer if i.name.endswith("0.weight"))
+    array = numpy_helper.to_array(weight).copy()
+    array[5] *= -1  # one unit's weights flip sign
+    weight.CopyFrom(numpy_helper.from_array(array, weight.name))
+    bad = tmp_path / "bad.onnx"
+    onnx.save(proto, str(bad))
+    report = validate_file(result.hardening, read_artifact(bad), digits("all"), "m", "cpu", input_shape=[64])
+    assert not report.passed and report.first_failure[1] == steps[0].name

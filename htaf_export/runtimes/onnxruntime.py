@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -172,3 +172,57 @@ def ir_session(model: ir.Model, tensors: Sequence[str]):
         return dict(zip(names, session.run(names, inputs)))
 
     return run
+
+
+@dataclass
+class GraphSteps:
+    """The steps of a model whose own run cannot record them (a TorchScript module exposes no intermediate tensors):
+    its captured graph, steps lowered to standard ops, run in ONNX Runtime. ``steps`` holds, per step call, (site,
+    call, output tensor, input tensor, threshold). Picklable (workers rebuild the session)."""
+
+    model: bytes
+    input_names: tuple[str, ...]
+    steps: tuple[tuple[str, int, str, str, np.ndarray], ...]
+    _session: object = field(default=None, repr=False, compare=False)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_session": None}
+
+    def run(self, inputs: Sequence[np.ndarray]) -> list[tuple[str, int, np.ndarray, np.ndarray]]:
+        """(site, call, step output, pre-activation = step input − threshold) of every step call, in graph order."""
+        if self._session is None:
+            ort = onnxruntime_module()
+            opts = ort.SessionOptions()
+            opts.log_severity_level = 3
+            self._session = ort.InferenceSession(self.model, opts, providers=["CPUExecutionProvider"])
+        names = [n for _, _, out, inp, _ in self.steps for n in (out, inp)]
+        feed = {name: np.ascontiguousarray(x, dtype=np.float32) for name, x in zip(self.input_names, inputs)}
+        values = dict(zip(names, self._session.run(names, feed)))  # type: ignore[attr-defined]
+        return [(site, call, values[out], (values[inp] - theta).astype(np.float32))
+                for site, call, out, inp, theta in self.steps]
+
+
+def graph_steps(model: ir.Model, input_names: Sequence[str], steps: Sequence[StepSpec],
+                as_named: Sequence[StepSpec] | None = None) -> GraphSteps | None:
+    """``GraphSteps`` of a captured IR whose step nodes write ``steps``' tensors. ``as_named``: the artifact's
+    steps, which a second capture of a TorchScript module may name otherwise (its scopes are gone once it has
+    been exported): matched by position, op and tie rule; None when they do not match."""
+    if as_named is not None:
+        if len(as_named) != len(steps) or any((a.op, a.tie) != (b.op, b.tie) for a, b in zip(as_named, steps)):
+            return None
+        rename = {b.tensor: a for a, b in zip(as_named, steps)}
+        steps = [StepSpec(b.tensor, rename[b.tensor].site, b.op, b.tie, rename[b.tensor].call) for b in steps]
+    from ..ops import HTAF_DOMAIN
+
+    found = []
+    by_tensor = {s.tensor: s for s in steps}
+    for node in model.graph:
+        spec = by_tensor.get(node.outputs[0].name) if node.domain == HTAF_DOMAIN and node.outputs else None
+        theta = node.inputs[1].const_value if spec is not None else None
+        if spec is not None and theta is not None:
+            found.append((spec.site, spec.call, spec.tensor, node.inputs[0].name, theta.numpy().astype(np.float32)))
+    proto = lower_steps(ir.to_proto(model))
+    present = {o.name for o in proto.graph.output}
+    wanted = [n for _, _, out, inp, _ in found for n in (out, inp)]
+    proto.graph.output.extend(onnx.helper.make_empty_tensor_value_info(t) for t in dict.fromkeys(wanted) if t not in present)
+    return GraphSteps(proto.SerializeToString(), tuple(input_names), tuple(found))
