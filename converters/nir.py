@@ -57,7 +57,9 @@ def convert(capture: Capture, provenance: Mapping[str, str], options: ExportOpti
                 md.STEPS: json.dumps([s.to_dict() for s in capture.steps], sort_keys=True),
                 md.NIR_DT: json.dumps(DT), md.NIR_TIME_STEPS: json.dumps(time_steps),
                 md.NIR_READOUT: json.dumps(readout, sort_keys=True),
-                md.NIR_SPIKES: json.dumps(_spike_tensors(first, capture.steps, time_steps), sort_keys=True)}
+                md.NIR_SPIKES: json.dumps(_spike_tensors(first, capture.steps, time_steps), sort_keys=True),
+                md.NIR_TIME_INPUTS: json.dumps({k: v for k, v in first.time_axes.items() if v is not None},
+                                               sort_keys=True)}
     graph = nir.NIRGraph(nodes=first.nodes, edges=sorted(first.edges), metadata=metadata)
     buffer = io.BytesIO()
     nir.write(buffer, graph)
@@ -112,7 +114,8 @@ def _spiking(graph: ir.Graph, capture: Capture, counts: Counter, shapes: dict) -
     for k in range(1, time_steps):
         neurons = {specs[k].tensor: lif_at(producers[specs[k].tensor], producers[specs[k - 1].tensor], specs[k])
                    for specs in by_site.values()}
-        slices.append(SliceGraph(graph, k, neurons, {s.tensor: s.site for s in capture.steps if s.call != k}, shapes))
+        slices.append(SliceGraph(graph, k, neurons, {s.tensor: s.site for s in capture.steps if s.call != k}, shapes,
+                                 time_steps))
     per_call, readout = readouts(graph, capture, time_steps)
     leaks = {name: how["leak"] for name, how in readout.items() if "leak" in how}
     for k, built in enumerate(slices, start=1):

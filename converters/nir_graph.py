@@ -92,6 +92,8 @@ class SliceGraph:
     neurons: dict[str, Neuron]
     spikes_elsewhere: dict[str, str]  # step tensors of other calls → their site (reading one is a delay)
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # per-sample shapes the IR does not carry
+    time_steps: int = 1
+    time_axes: dict[str, int | None] = field(default_factory=dict)  # input → its time axis (per-sample), if any
     nodes: dict = field(default_factory=dict)
     edges: list[tuple[str, str]] = field(default_factory=list)
     rows: list[tuple[str, str, str]] = field(default_factory=list)
@@ -102,10 +104,6 @@ class SliceGraph:
         fed by its value, with that leak."""
         import nir
 
-        inputs = [v for v in self.graph.inputs]
-        for value in inputs:
-            self._named[id(value)] = node_name(value.name or "input")
-            self.nodes[self._named[id(value)]] = nir.Input(np.array(self.shape(value)))
         for tensor in self.neurons:
             self._named[id(self._value(tensor))] = self.neuron_node(tensor)
         for tensor, neuron in self.neurons.items():
@@ -160,16 +158,40 @@ class SliceGraph:
         if value.name in self.spikes_elsewhere:
             raise UnsupportedLayer(self.spikes_elsewhere[value.name], "another layer reads its spikes of a different "
                                    "time step (a delay or recurrent connection), which is not exported yet")
+        if value.is_graph_input():
+            return self._input(value, None)
         node = value.producer()
         if node is None:
             raise UnsupportedLayer(value.name or "tensor", "it is a constant, not a layer's output")
         if node.op_type == "Identity":
             return self.source(node.inputs[0])  # type: ignore[arg-type]
+        picked = _time_step_of(node) if self.time_steps > 1 else None
+        if picked is not None:
+            data, index = picked
+            if index != self.call:
+                raise UnsupportedLayer(data.name or "input", f"time step {self.call} reads its step {index}")
+            self._named[id(value)] = self._input(data, 0)
+            return self._named[id(value)]
         made, what, feeds = self._layer(node)
         name = self._unique(what)
         self.nodes[name] = made
         self.rows.append((what, type(made).__name__, _shape_text(made)))
         self.edges.append((self.source(feeds), name))
+        self._named[id(value)] = name
+        return name
+
+    def _input(self, value: ir.Value, time_axis: int | None) -> str:
+        """The NIR ``Input`` of a graph input, read whole at every step or (``time_axis``) one step at a time."""
+        import nir
+
+        name = node_name(value.name or "input")
+        if name in self.nodes and self.time_axes.get(value.name or "input") != time_axis:
+            raise UnsupportedLayer(value.name or "input", "it is read both whole and one time step at a time")
+        if name not in self.nodes:
+            shape = self.shape(value)
+            per_step = shape if time_axis is None else shape[:time_axis] + shape[time_axis + 1:]
+            self.nodes[name] = nir.Input(np.array(per_step))
+            self.time_axes[value.name or "input"] = time_axis
         self._named[id(value)] = name
         return name
 
@@ -245,6 +267,24 @@ class SliceGraph:
             for key, value in sorted(vars(self.nodes[name]).items()):
                 h.update(key.encode() + (np.asarray(value).tobytes() if isinstance(value, np.ndarray) else repr(value).encode()))
         return h.hexdigest()
+
+
+def _time_step_of(node: ir.Node) -> tuple[ir.Value, int] | None:
+    """(graph input, k) when ``node`` is ``input[:, k]``: a Gather of one constant index on axis 1 of a graph input
+    (or of a whole-batch Slice of it), as a loop over an event stream writes ``x[:, t]``."""
+    if node.op_type != "Gather" or attr(node, "axis", 0) != 1:
+        return None
+    index = const_array(node.inputs[1])
+    data = node.inputs[0]
+    sliced = data.producer() if data is not None else None
+    if sliced is not None and sliced.op_type == "Slice":
+        starts, axes = const_array(sliced.inputs[1]), const_array(sliced.inputs[3]) if len(sliced.inputs) > 3 else None
+        if starts is None or np.any(starts != 0) or (axes is not None and np.any(axes != 0)):
+            return None
+        data = sliced.inputs[0]
+    if index is None or index.ndim != 0 or data is None or not data.is_graph_input():
+        return None
+    return data, int(index)
 
 
 def _shape_text(made) -> str:

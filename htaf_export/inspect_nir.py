@@ -72,7 +72,10 @@ def render_nir(path: Path, console: Console) -> None:
         combine = "; ".join(f"{k}: " + ((f"LI state (leak {v['leak']:g}), " if "leak" in v else "")
                                        + "sum over steps" + (f" ÷ {v['divide_by']:g}" if "divide_by" in v else "")
                                        if v["combine"] == "sum" else "one pass") for k, v in sorted(readout.items()))
-        console.print(f"time steps: {steps} at dt = {dt:g} s, the same input at every step; outputs: {escape(combine)}")
+        streamed = json.loads(meta.get(md.NIR_TIME_INPUTS, "{}"))
+        feeding = (f"inputs {', '.join(sorted(streamed))} one step at a time" if streamed
+                   else "the same input at every step")
+        console.print(f"time steps: {steps} at dt = {dt:g} s, {escape(feeding)}; outputs: {escape(combine)}")
 
 
 def _neuron_table(graph, neurons: list[str], dt: float) -> Table:

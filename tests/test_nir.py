@@ -99,6 +99,45 @@ def test_a_leaky_readout_becomes_a_nir_li_node(tmp_path):
     assert all(t.max_abs_error == 0 for t in result.report.backends[0].tensors)
 
 
+class EventStreamSNN(torch.nn.Module):
+    """A user's loop over an event stream: input (N, T, 20), one step of it per time step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from htaf_export.nn import HTAF
+
+        self.fc1, self.fc2 = torch.nn.Linear(20, 16), torch.nn.Linear(16, 4)
+        self.lif1 = HTAF(2.0, 4.0, threshold=0.5, levels="01", mode="surrogate")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        v = torch.zeros(x.shape[0], 16)
+        out = torch.zeros(x.shape[0], 4)
+        for t in range(x.shape[1]):
+            v = 0.9 * v + self.fc1(x[:, t])
+            s = self.lif1(v)
+            v = v * (1 - s)
+            out = out + self.fc2(s)
+        return out
+
+
+def test_an_event_stream_input_is_fed_one_step_at_a_time(tmp_path, capsys):
+    torch.manual_seed(0)
+    path = tmp_path / "events.pt2"
+    torch.export.save(torch.export.export(EventStreamSNN().eval(), (torch.zeros(2, 7, 20),),
+                                          dynamic_shapes=({0: torch.export.Dim("batch")},)), path)
+    result = _export(path, tmp_path / "events.nir")
+    assert result.report.passed, result.report.failure_line()
+    assert [b.backend for b in result.report.backends] == ["nir-sim", "snntorch"]
+    for backend in result.report.backends:
+        assert sum(t.kind == "binary" for t in backend.tensors) == 7
+        assert all(t.max_abs_error == 0 for t in backend.tensors)
+    graph = nir.read(result.artifact)
+    assert list(graph.nodes["input"].input_type["input"]) == [20]  # one step of the stream
+    capsys.readouterr()
+    assert cli.main(["inspect", str(result.artifact)]) == 0
+    assert "inputs input one step at a time" in capsys.readouterr().out
+
+
 def test_the_lif_mapping_gives_back_each_leak_exactly():
     """β = 1 − dt/τ, rounded to float32, is the model's leak for every float32 leak in [0, 1] (a sample of them,
     plus the ends), and the input's factor r·dt/τ is one; snnTorch computes β the same way."""

@@ -72,6 +72,8 @@ class TimeLoop:
         # (node, time step) → step tensor; a step merged away at capture has none and is not reported
         self.spike_names = {(node, k): tensor for node, names in tensors.items() for k, tensor in enumerate(names)
                             if tensor}
+        # inputs read one step at a time (an event stream): {name: per-sample time axis}
+        self.time_inputs: Mapping[str, int] = json.loads(meta.get(md.NIR_TIME_INPUTS, "{}"))
         self.inference_seconds = 0.0
 
     def run(self, inputs: dict[str, np.ndarray], reset, step) -> dict[str, np.ndarray]:
@@ -81,8 +83,10 @@ class TimeLoop:
         found: dict[str, np.ndarray] = {}
         reset()
         for k in range(self.time_steps):
+            now = {name: np.ascontiguousarray(np.take(x, k, axis=self.time_inputs[name] + 1))
+                   if name in self.time_inputs else x for name, x in feed.items()}
             started = time.perf_counter()
-            outputs, spikes = step(feed)
+            outputs, spikes = step(now)
             self.inference_seconds += time.perf_counter() - started
             for name, how in self.readout.items():
                 value = np.asarray(outputs[how["node"]], dtype=np.float32)
