@@ -164,8 +164,7 @@ def export(model: str | Path | LoadedModel, target: str, output: str | Path | No
     seconds["convert"] = time.perf_counter() - t
 
     atomic_write_bytes(out, conversion.data)
-    report = None
-    recommendation = _recommend(cap, chosen, conversion, seconds) if recommend else None
+    report, recommendation = None, _recommend(cap, chosen, conversion, seconds) if recommend else None
     if dataset is not None:
         t = time.perf_counter()
         report = validate_file(hardening, read_artifact(out), dataset, str(loaded.path), device, tolerance,

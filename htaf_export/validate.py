@@ -314,10 +314,6 @@ def validate(model: nn.Module, info: ArtifactInfo, runners: list[Runner], data: 
     if crafted_set is not None:
         report.crafted = crafted_set.to_dict()
     run = Validation(model, info, runners, tol, reference_device, crafted_set, graph_steps)
-    if graph_steps is not None:
-        report.notes.append("the model (TorchScript) exposes no intermediate tensors: its step tensors and "
-                            "pre-activations come from its captured graph run in ONNX Runtime; outputs from the "
-                            "model itself")
     total = len(batches) + (len(crafted_set) if crafted_set is not None else 0)
     if pool is not None and pool.workers > 1:
         # several batches per worker, so that the last one to finish does not wait alone
@@ -351,6 +347,10 @@ def _finish(report: ParityReport, run: Validation) -> None:
     if report.tie_rule["reference"] is None and len(run.ties) == 1:
         report.tie_rule["reference"] = next(iter(run.ties))  # a traced model: the comparisons it applied
     report.margins = run.margins
+    if run.graph_steps is not None:
+        report.notes.append("the model (TorchScript) exposes no intermediate tensors: its step tensors and "
+                            "pre-activations come from its captured graph run in ONNX Runtime; outputs from the "
+                            "model itself")
     if run.unobserved:
         report.notes.append(f"the reference cannot record step tensors {', '.join(sorted(run.unobserved))} "
                             f"(a traced model has no Step modules to hook); they are checked through the outputs only")
