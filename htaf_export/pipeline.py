@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
@@ -31,6 +32,7 @@ from .runtimes import ArtifactInfo, backends_for, read_artifact
 from .signature import as_shapes
 from .targets import ExportOptions, Target, target as target_named
 from .parity import ParityReport, Tolerance
+from .overlap import RunnerProcess, worth_overlapping
 from .recommend import Recommendation, recommend
 from .validate import validate
 
@@ -203,8 +205,11 @@ def validate_file(hardening: HardenResult, info: ArtifactInfo, data: Dataset | B
         why = "; ".join(f"{b}: {r}" for b, r in skipped)
         raise BadInput(f"no runtime on this machine can run {info.path} on device {device!r}" + (f" ({why})" if why else ""))
     if ray is None and (workers or 1) == 1:
+        # every runner the artifact's own on the CPU (no PyTorch-on-CUDA check): a long run may move them to a child
+        child = worth_overlapping(info.kind) and not info.streaming and all(r.device == "cpu" for r in runners)
         return validate(hardening.model, info, runners, data, model_name, tolerance, crafted=crafted,
-                        progress=progress, skipped=skipped, graph_steps=graph_steps)
+                        progress=progress, skipped=skipped, graph_steps=graph_steps,
+                        remote=partial(RunnerProcess, info.path, {s.tensor for s in info.steps}) if child else None)
     from .workers import ModelRecipe, ProcessPool
 
     recipe = ModelRecipe.of_module(hardening.model, recipe)

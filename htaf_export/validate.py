@@ -46,9 +46,10 @@ does not grow with the number of samples.
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterator, Protocol, Sequence
+from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -173,26 +174,55 @@ class Validation:
         arts: list[dict[str, np.ndarray]] = [{} for _ in self.runners]
         for t in range(self.steps_per_run):
             inputs = (*(torch.from_numpy(np.ascontiguousarray(a)) for a in xs), *(torch.from_numpy(v) for v in state))
-            ref = run_reference(self.model, inputs, info.output_names, self.reference_device,
-                                streaming=info.streaming, graph_steps=self.graph_steps)
-            self.ties |= ref.ties
-            for s in info.steps:
-                pre = ref.preactivations.get((s.site, s.call))
-                if pre is not None:
-                    self.margins[s.tensor].add(pre)
+            ref = self._reference(inputs)
             feed = dict(zip(info.input_names, [*xs, *state]))
             for i, (runner, result) in enumerate(zip(self.runners, self.results)):
                 started, inside = time.perf_counter(), runner.inference_seconds
                 arts[i] = runner.run(feed)
                 result.seconds += time.perf_counter() - started
                 result.inference_seconds += runner.inference_seconds - inside
-            found = self._bounds(inputs, ref, arts, n)
-            for i, (runner, result) in enumerate(zip(self.runners, self.results)):
-                self._tensors(runner.name, result, ref, arts[i], excused[i], part, offset, t, n, found)
+            self._compare(inputs, ref, arts, excused, part, offset, t, n)
             # Streaming is checked one step at a time from the reference state, so errors do not compound.
             state = [ref.outputs[name] for name in info.output_names[1:]] if info.streaming else []
         assert ref is not None
         self._argmax(ref, arts, excused, y, part, n)
+
+    def feed(self, x: Inputs) -> dict[str, np.ndarray]:
+        """What the runtimes are given for a batch (not streaming)."""
+        return dict(zip(self.info.input_names, list(x) if isinstance(x, tuple) else [x]))
+
+    def reference_of(self, x: Inputs) -> tuple[tuple[torch.Tensor, ...], object]:
+        """The first half of ``batch`` when another process runs the runtimes: (inputs, reference run)."""
+        inputs = tuple(torch.from_numpy(np.ascontiguousarray(a)) for a in (list(x) if isinstance(x, tuple) else [x]))
+        return inputs, self._reference(inputs)
+
+    def compare_with(self, inputs: tuple[torch.Tensor, ...], ref, answers: Sequence[tuple[dict[str, np.ndarray], Any]],
+                     y: np.ndarray | None, part: str, offset: int) -> None:
+        """The second half: the runtimes' tensors and times (``overlap.RunnerTimes``) against the reference."""
+        n = int(inputs[0].shape[0])
+        for result, (_, times) in zip(self.results, answers):
+            result.seconds += times.seconds
+            result.inference_seconds += times.inference_seconds
+        arts = [tensors for tensors, _ in answers]
+        excused = [np.zeros(n, dtype=bool) for _ in self.runners]
+        self._compare(inputs, ref, arts, excused, part, offset, 0, n)
+        self._argmax(ref, arts, excused, y, part, n)
+
+    def _reference(self, inputs: tuple[torch.Tensor, ...]):
+        ref = run_reference(self.model, inputs, self.info.output_names, self.reference_device,
+                            streaming=self.info.streaming, graph_steps=self.graph_steps)
+        self.ties |= ref.ties
+        for s in self.info.steps:
+            pre = ref.preactivations.get((s.site, s.call))
+            if pre is not None:
+                self.margins[s.tensor].add(pre)
+        return ref
+
+    def _compare(self, inputs: tuple[torch.Tensor, ...], ref, arts: list[dict[str, np.ndarray]],
+                 excused: list[np.ndarray], part: str, offset: int, t: int, n: int) -> None:
+        found = self._bounds(inputs, ref, arts, n)
+        for i, (runner, result) in enumerate(zip(self.runners, self.results)):
+            self._tensors(runner.name, result, ref, arts[i], excused[i], part, offset, t, n, found)
 
     def _tensors(self, backend: str, result: BackendResult, ref, art: dict[str, np.ndarray], excused: np.ndarray,
                  part: str, offset: int, t: int, n: int, found: BatchBounds | None) -> None:
@@ -294,14 +324,17 @@ def validate(model: nn.Module, info: ArtifactInfo, runners: list[Runner], data: 
              model_name: str = "", tolerance: Tolerance | None = None, batch_size: int = 256,
              reference_device: str = "cpu", *, crafted: CraftedSet | bool = True,
              progress: Callable[[int, int], None] | None = None,
-             skipped: Sequence[tuple[str, str]] = (), pool: ShardPool | None = None, graph_steps=None) -> ParityReport:
+             skipped: Sequence[tuple[str, str]] = (), pool: ShardPool | None = None, graph_steps=None,
+             remote: Callable[[], Any] | None = None) -> ParityReport:
     """Compare ``model`` (hardened) with the artifact on every runner; inputs in batches of ``batch_size``.
 
     ``crafted``: True builds the crafted threshold inputs from the model (see ``htaf_export.crafted``),
     a ``CraftedSet`` uses that one, False leaves them out. ``progress(done, total)`` is called after
     each batch with sample counts. ``skipped`` lists (backend, reason) for backends not run. ``pool``
     (``htaf_export.workers``) spreads the batches over worker processes; the report is the same.
-    ``graph_steps``: the steps of a model that records none (TorchScript), from its captured graph.
+    ``graph_steps``: the steps of a model that records none (TorchScript), from its captured graph. ``remote``
+    (makes an ``overlap.RunnerProcess``): for a long validation, the runtimes move to that child process, which
+    runs them while this one computes the references.
     """
     started = time.perf_counter()
     tol = tolerance or Tolerance()
@@ -332,6 +365,8 @@ def validate(model: nn.Module, info: ArtifactInfo, runners: list[Runner], data: 
     if pool is not None:
         for shard in pool.run(ShardSetup(tol, reference_device, crafted_set, graph_steps), parts, advance):
             run.absorb(shard)
+    elif remote is not None and not info.streaming:
+        _with_child(run, remote, parts, advance, total)
     else:
         for part, x, y, offset in parts:
             run.batch(x, y, part, offset)
@@ -339,6 +374,53 @@ def validate(model: nn.Module, info: ArtifactInfo, runners: list[Runner], data: 
     _finish(report, run)
     report.seconds = time.perf_counter() - started
     return report
+
+
+def _with_child(run: Validation, start: Callable[[], Any], parts: Iterator[Part], advance: Callable[[int], None],
+                total: int) -> None:
+    """Batches in this process until the runtimes' projected time for the rest is worth a child process; then,
+    once the child (started in the background) is ready, the rest overlapped with it."""
+    from .overlap import WORTH_STARTING_S
+
+    child, done, parts = None, 0, iter(parts)
+    try:
+        for item in parts:
+            if child is not None and child.ready():
+                if [name for name, _ in child.names] != [r.name for r in run.runners]:
+                    break  # not the same runtimes as here: stay in this process
+                _overlapped(run, child, itertools.chain([item], parts), advance)
+                return
+            spent = sum(r.seconds for r in run.results)
+            run.batch(item[1], item[2], item[0], item[3])
+            n = count(item[1])
+            done += n
+            advance(n)
+            per_sample = (sum(r.seconds for r in run.results) - spent) / max(n, 1)
+            if child is None and per_sample * (total - done) > WORTH_STARTING_S:
+                child = start()
+        else:
+            return
+        for part, x, y, offset in parts:
+            run.batch(x, y, part, offset)
+            advance(count(x))
+    finally:
+        if child is not None:
+            child.close()
+
+
+def _overlapped(run: Validation, remote, parts: Iterator[Part], advance: Callable[[int], None]) -> None:
+    """The child runs the runtimes on batch b while this process computes b's reference and compares b − 1."""
+    waiting = None
+    for part, x, y, offset in parts:
+        remote.submit(run.feed(x))
+        inputs, ref = run.reference_of(x)
+        if waiting is not None:
+            run.compare_with(waiting[0], waiting[1], remote.collect(), *waiting[2:])
+            advance(int(waiting[0][0].shape[0]))
+        waiting = (inputs, ref, y, part, offset)
+    if waiting is not None:
+        run.compare_with(waiting[0], waiting[1], remote.collect(), *waiting[2:])
+        advance(int(waiting[0][0].shape[0]))
 
 
 def _finish(report: ParityReport, run: Validation) -> None:

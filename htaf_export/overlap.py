@@ -1,0 +1,143 @@
+"""The artifact's runtimes in a child process, so that they run while this process computes the reference.
+
+Validation of a batch is: the reference forward pass, the runtimes on the same inputs, the rounding bounds and
+the comparisons. The LCE interpreter holds Python's global lock while it runs (a thread cannot overlap it), so
+on one worker the parts ran one after another. Here a child process owns the runtimes and works through the
+batches in order while the parent computes the reference of the next batch and compares the previous one:
+on two cores the wall time approaches the larger of the two, not their sum. The report is the same.
+
+The child is started only for long validations (``WORTH_STARTING_S``), in the background: batches go on in this
+process until it is ready.
+
+Step tensors cross the process boundary as int8 (their values are 0, ±1), a quarter of float32.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import BadInput
+
+STEP_DTYPE = np.int8
+
+
+@dataclass
+class RunnerTimes:
+    """What the child measured for one runner on one batch."""
+
+    seconds: float
+    inference_seconds: float
+
+
+def _serve(connection, artifact: str, device: str, threads: int) -> None:
+    """The child: open the artifact's runtimes, then answer ("run", feed) with every runner's tensors."""
+    from .runtimes import read_artifact, runners_for
+
+    try:
+        info = read_artifact(Path(artifact))
+        runners = runners_for(info, device, threads)
+        steps = {s.tensor for s in info.steps}
+        connection.send(("ready", [(r.name, r.device) for r in runners]))
+    except Exception as e:  # noqa: BLE001 — the parent reports it as the one-line error it is
+        connection.send(("error", _one_line(e)))
+        return
+    import time
+
+    while True:
+        message = connection.recv()
+        if message[0] != "run":
+            return
+        try:
+            results = []
+            for runner in runners:
+                started, inside = time.perf_counter(), runner.inference_seconds
+                tensors = runner.run(message[1])
+                times = RunnerTimes(time.perf_counter() - started, runner.inference_seconds - inside)
+                results.append(({k: v.astype(STEP_DTYPE) if k in steps else v for k, v in tensors.items()}, times))
+            connection.send(("ok", results))
+        except Exception as e:  # noqa: BLE001
+            connection.send(("error", _one_line(e)))
+
+
+def _one_line(e: Exception) -> str:
+    text = str(e).splitlines()[0] if str(e) else ""
+    return text if isinstance(e, BadInput) else f"{type(e).__name__}: {text}"
+
+
+class RunnerProcess:
+    """The artifact's runners in a child process, started in the background: ``ready()`` says (without waiting)
+    whether it can take batches; then ``submit`` batches in order and ``collect`` their results in the same order.
+    A child that fails to start is closed and never ready: validation goes on in this process."""
+
+    def __init__(self, artifact: Path, steps: set[str], device: str = "cpu", threads: int = 0) -> None:
+        context = mp.get_context("spawn")
+        self._parent, child = context.Pipe()
+        self.steps = steps
+        self.process = context.Process(target=_serve, args=(child, str(artifact), device, threads), daemon=True)
+        self.process.start()
+        child.close()
+        self.names: list[tuple[str, str]] = []
+        self.state = "starting"  # then "ready" or "failed"
+
+    def ready(self) -> bool:
+        if self.state == "starting" and self._parent.poll():
+            try:
+                kind, answer = self._parent.recv()
+            except EOFError:
+                kind, answer = "error", None
+            self.state = "ready" if kind == "ready" and answer else "failed"
+            self.names = answer if self.state == "ready" else []
+            if self.state == "failed":
+                self.close()
+        return self.state == "ready"
+
+    def _receive(self) -> tuple[str, Any]:
+        try:
+            kind, answer = self._parent.recv()
+        except EOFError:
+            raise BadInput("the process running the artifact's runtimes stopped unexpectedly") from None
+        if kind == "error":
+            self.close()
+            raise BadInput(answer)
+        return kind, answer
+
+    def submit(self, feed: dict[str, np.ndarray]) -> None:
+        self._parent.send(("run", feed))
+
+    def collect(self) -> list[tuple[dict[str, np.ndarray], RunnerTimes]]:
+        _, results = self._receive()
+        return [({k: v.astype(np.float32) if k in self.steps else v for k, v in tensors.items()}, times)
+                for tensors, times in results]
+
+    def close(self) -> None:
+        if self.process.is_alive():
+            try:
+                self._parent.send(("stop",))
+            except (BrokenPipeError, OSError):
+                pass
+            self.process.join(timeout=5)
+            if self.process.is_alive():
+                self.process.kill()
+
+    def __enter__(self) -> "RunnerProcess":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# A child costs seconds to start (it imports TensorFlow and opens the interpreters): started only when the
+# runtimes' projected time for the rest of the inputs is longer than that.
+WORTH_STARTING_S = 10.0
+
+
+def worth_overlapping(kind: str) -> bool:
+    """The LCE and TFLite interpreters run one sample at a time on one core, holding Python's lock: a second
+    core can compute the reference meanwhile. ONNX Runtime already uses every core."""
+    return kind == "tflite" and (os.cpu_count() or 1) >= 2
