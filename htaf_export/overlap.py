@@ -14,15 +14,20 @@ Step tensors cross the process boundary as int8 (their values are 0, ±1), a qua
 
 from __future__ import annotations
 
+import itertools
 import multiprocessing as mp
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 
+from .data import count
 from .errors import BadInput
+
+if TYPE_CHECKING:
+    from .validate import Part, Validation
 
 STEP_DTYPE = np.int8
 
@@ -141,3 +146,48 @@ def worth_overlapping(kind: str) -> bool:
     """The LCE and TFLite interpreters run one sample at a time on one core, holding Python's lock: a second
     core can compute the reference meanwhile. ONNX Runtime already uses every core."""
     return kind == "tflite" and (os.cpu_count() or 1) >= 2
+
+
+def with_child(run: "Validation", start: Callable[[], Any], parts: Iterator[Part], advance: Callable[[int], None],
+                total: int) -> None:
+    """Batches in this process until the runtimes' projected time for the rest is worth a child process; then,
+    once the child (started in the background) is ready, the rest overlapped with it."""
+    child, done, parts = None, 0, iter(parts)
+    try:
+        for item in parts:
+            if child is not None and child.ready():
+                if [name for name, _ in child.names] != [r.name for r in run.runners]:
+                    break  # not the same runtimes as here: stay in this process
+                _overlapped(run, child, itertools.chain([item], parts), advance)
+                return
+            spent = sum(r.seconds for r in run.results)
+            run.batch(item[1], item[2], item[0], item[3])
+            n = count(item[1])
+            done += n
+            advance(n)
+            per_sample = (sum(r.seconds for r in run.results) - spent) / max(n, 1)
+            if child is None and per_sample * (total - done) > WORTH_STARTING_S:
+                child = start()
+        else:
+            return
+        for part, x, y, offset in parts:
+            run.batch(x, y, part, offset)
+            advance(count(x))
+    finally:
+        if child is not None:
+            child.close()
+
+
+def _overlapped(run: "Validation", remote, parts: Iterator[Part], advance: Callable[[int], None]) -> None:
+    """The child runs the runtimes on batch b while this process computes b's reference and compares b − 1."""
+    waiting = None
+    for part, x, y, offset in parts:
+        remote.submit(run.feed(x))
+        inputs, ref = run.reference_of(x)
+        if waiting is not None:
+            run.compare_with(waiting[0], waiting[1], remote.collect(), *waiting[2:])
+            advance(int(waiting[0][0].shape[0]))
+        waiting = (inputs, ref, y, part, offset)
+    if waiting is not None:
+        run.compare_with(waiting[0], waiting[1], remote.collect(), *waiting[2:])
+        advance(int(waiting[0][0].shape[0]))

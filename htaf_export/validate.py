@@ -46,7 +46,6 @@ does not grow with the number of samples.
 
 from __future__ import annotations
 
-import itertools
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Protocol, Sequence
@@ -58,10 +57,11 @@ from torch import nn
 from . import bounds
 from .compare import (BatchBounds, argmax_explained, compare_binary, compare_float, ordered_tensors,
                       rows_needing_bounds)
-from .crafted import CraftedSet, craft
+from .crafted import CraftedSet
 from .data import Batches, Dataset, Inputs, as_batches, count
 from .errors import BadInput
 from .nn.modules import step_modules
+from .parts import crafted_inputs, validation_parts
 from .reference import run_reference
 from .parity import BackendResult, MarginHistogram, ParityReport, Tolerance
 from .runtimes import ArtifactInfo, Runner
@@ -299,27 +299,6 @@ class Validation:
                 result.artifact_correct += int((got.argmax(1) == y).sum())
 
 
-def _crafted_inputs(model: nn.Module, batches: Batches, crafted: CraftedSet | bool,
-                    notes: list[str]) -> CraftedSet | None:
-    """The crafted threshold inputs to add to the data: built from the model, given, or none (and why)."""
-    if isinstance(crafted, CraftedSet):
-        return crafted
-    if crafted is not True:
-        return None
-    head = batches.head(8)
-    if isinstance(head, tuple):
-        notes.append("crafted threshold inputs are built for single-input models; this model takes several "
-                     "inputs, so it was validated on the data only")
-        return None
-    try:
-        return craft(model, list(head.shape[1:]), head)
-    except (RuntimeError, ValueError, TypeError, IndexError, NotImplementedError) as e:
-        # an exotic model must not stop the ordinary comparison
-        notes.append(f"crafted threshold inputs could not be built ({type(e).__name__}: "
-                     f"{str(e).splitlines()[0][:160] if str(e) else ''}); validated on the data only")
-        return None
-
-
 def validate(model: nn.Module, info: ArtifactInfo, runners: list[Runner], data: Dataset | Batches,
              model_name: str = "", tolerance: Tolerance | None = None, batch_size: int = 256,
              reference_device: str = "cpu", *, crafted: CraftedSet | bool = True,
@@ -333,17 +312,13 @@ def validate(model: nn.Module, info: ArtifactInfo, runners: list[Runner], data: 
     each batch with sample counts. ``skipped`` lists (backend, reason) for backends not run. ``pool``
     (``htaf_export.workers``) spreads the batches over worker processes; the report is the same.
     ``graph_steps``: the steps of a model that records none (TorchScript), from its captured graph. ``remote``
-    (makes an ``overlap.RunnerProcess``): for a long validation, the runtimes move to that child process, which
-    runs them while this one computes the references.
+    makes an ``overlap.RunnerProcess``: a long validation moves the runtimes there, overlapping the references.
     """
     started = time.perf_counter()
     tol = tolerance or Tolerance()
     batches = as_batches(data)
-    report = ParityReport(model_name, str(info.path), batches.source, tol,
-                          skipped=[{"backend": b, "reason": r} for b, r in skipped])
-    artifact_tie = info.tie if isinstance(getattr(info, "tie", None), str) else None
-    report.tie_rule = {"reference": _declared_tie(model), "artifact": artifact_tie}
-    crafted_set = _crafted_inputs(model, batches, crafted, report.notes)
+    report = _new_report(model, info, model_name, batches, tol, skipped)
+    crafted_set = crafted_inputs(model, batches, crafted, report.notes)
     if crafted_set is not None:
         report.crafted = crafted_set.to_dict()
     run = Validation(model, info, runners, tol, reference_device, crafted_set, graph_steps)
@@ -351,22 +326,22 @@ def validate(model: nn.Module, info: ArtifactInfo, runners: list[Runner], data: 
     if pool is not None and pool.workers > 1:
         # several batches per worker, so that the last one to finish does not wait alone
         batch_size = max(32, min(batch_size, -(-total // (4 * pool.workers))))
-    parts = (("data", x, y, offset) for x, y, offset in _offsets(batches.batches(batch_size)))  # streamed
-    parts = _with_crafted(parts, crafted_set, batch_size)
-    done = 0
+    parts = validation_parts(batches, crafted_set, batch_size)  # streamed
+    done = [0]
 
     def advance(samples: int) -> None:
-        nonlocal done
-        done += samples
+        done[0] += samples
         if progress:
-            progress(done, total)
+            progress(done[0], total)
 
     advance(0)
     if pool is not None:
         for shard in pool.run(ShardSetup(tol, reference_device, crafted_set, graph_steps), parts, advance):
             run.absorb(shard)
     elif remote is not None and not info.streaming:
-        _with_child(run, remote, parts, advance, total)
+        from .overlap import with_child
+
+        with_child(run, remote, parts, advance, total)
     else:
         for part, x, y, offset in parts:
             run.batch(x, y, part, offset)
@@ -376,51 +351,13 @@ def validate(model: nn.Module, info: ArtifactInfo, runners: list[Runner], data: 
     return report
 
 
-def _with_child(run: Validation, start: Callable[[], Any], parts: Iterator[Part], advance: Callable[[int], None],
-                total: int) -> None:
-    """Batches in this process until the runtimes' projected time for the rest is worth a child process; then,
-    once the child (started in the background) is ready, the rest overlapped with it."""
-    from .overlap import WORTH_STARTING_S
-
-    child, done, parts = None, 0, iter(parts)
-    try:
-        for item in parts:
-            if child is not None and child.ready():
-                if [name for name, _ in child.names] != [r.name for r in run.runners]:
-                    break  # not the same runtimes as here: stay in this process
-                _overlapped(run, child, itertools.chain([item], parts), advance)
-                return
-            spent = sum(r.seconds for r in run.results)
-            run.batch(item[1], item[2], item[0], item[3])
-            n = count(item[1])
-            done += n
-            advance(n)
-            per_sample = (sum(r.seconds for r in run.results) - spent) / max(n, 1)
-            if child is None and per_sample * (total - done) > WORTH_STARTING_S:
-                child = start()
-        else:
-            return
-        for part, x, y, offset in parts:
-            run.batch(x, y, part, offset)
-            advance(count(x))
-    finally:
-        if child is not None:
-            child.close()
-
-
-def _overlapped(run: Validation, remote, parts: Iterator[Part], advance: Callable[[int], None]) -> None:
-    """The child runs the runtimes on batch b while this process computes b's reference and compares b − 1."""
-    waiting = None
-    for part, x, y, offset in parts:
-        remote.submit(run.feed(x))
-        inputs, ref = run.reference_of(x)
-        if waiting is not None:
-            run.compare_with(waiting[0], waiting[1], remote.collect(), *waiting[2:])
-            advance(int(waiting[0][0].shape[0]))
-        waiting = (inputs, ref, y, part, offset)
-    if waiting is not None:
-        run.compare_with(waiting[0], waiting[1], remote.collect(), *waiting[2:])
-        advance(int(waiting[0][0].shape[0]))
+def _new_report(model: nn.Module, info: ArtifactInfo, model_name: str, batches: Batches, tol: Tolerance,
+                skipped: Sequence[tuple[str, str]]) -> ParityReport:
+    report = ParityReport(model_name, str(info.path), batches.source, tol,
+                          skipped=[{"backend": b, "reason": r} for b, r in skipped])
+    artifact_tie = info.tie if isinstance(getattr(info, "tie", None), str) else None
+    report.tie_rule = {"reference": _declared_tie(model), "artifact": artifact_tie}
+    return report
 
 
 def _finish(report: ParityReport, run: Validation) -> None:
@@ -439,19 +376,3 @@ def _finish(report: ParityReport, run: Validation) -> None:
     if report.tolerance.derived and run.no_bound and run.needed_bounds:
         report.notes.append(f"rounding bounds are not available for this model ({run.no_bound}); "
                             f"the fixed tolerances were used")
-
-
-def _offsets(batches):
-    """(inputs, labels, offset of the batch's first sample), lazily, so data is read one batch at a time."""
-    offset = 0
-    for x, y in batches:
-        yield x, y, offset
-        offset += count(x)
-
-
-def _with_crafted(parts, crafted_set: CraftedSet | None, batch_size: int):
-    """The data batches, then the crafted inputs in batches."""
-    yield from parts
-    if crafted_set is not None:
-        for i in range(0, len(crafted_set), batch_size):
-            yield "crafted", crafted_set.x[i:i + batch_size], None, i

@@ -5,13 +5,13 @@ at the same tensor."""
 from __future__ import annotations
 
 import importlib.util
+import time
 from pathlib import Path
 
 import pytest
 
 from htaf_export import cli, overlap
 
-validation = importlib.import_module("htaf_export.validate")  # the module (the package exports a function of that name)
 
 from shard_reports import counts, validate_cli
 
@@ -23,12 +23,15 @@ SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"
 
 
 def _started(monkeypatch) -> list:
-    """Force the child from the first batch on (the samples are too small to be worth one), and record it."""
+    """Force the child after the first batch (the samples are too small to be worth one), wait until it is ready,
+    and record it."""
     made = []
     real = overlap.RunnerProcess
 
     def spy(*args, **kwargs):
         made.append(real(*args, **kwargs))
+        while made[-1].state == "starting" and not made[-1].ready():  # ready before the few batches run out
+            time.sleep(0.05)
         return made[-1]
 
     monkeypatch.setattr(overlap, "WORTH_STARTING_S", 0.0)
@@ -44,7 +47,7 @@ def test_the_child_gives_the_same_report_as_one_process(tmp_path, capsys, monkey
     rc1, alone = validate_cli(capsys, model, artifact, tmp_path / "alone.json")
     made = _started(monkeypatch)
     calls = []
-    monkeypatch.setattr(validation, "_overlapped", lambda *a, real=validation._overlapped: (calls.append(1), real(*a)))
+    monkeypatch.setattr(overlap, "_overlapped", lambda *a, real=overlap._overlapped: (calls.append(1), real(*a)))
     rc2, child = validate_cli(capsys, model, artifact, tmp_path / "child.json")
     assert made and calls, "the child process was started and took batches"
     assert rc1 == rc2 == 0 and counts(alone) == counts(child)
