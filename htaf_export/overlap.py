@@ -17,6 +17,7 @@ from __future__ import annotations
 import itertools
 import multiprocessing as mp
 import os
+import queue
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
@@ -40,22 +41,22 @@ class RunnerTimes:
     inference_seconds: float
 
 
-def _serve(connection, artifact: str, device: str, threads: int) -> None:
-    """The child: open the artifact's runtimes, then answer ("run", feed) with every runner's tensors."""
+def _serve(requests, answers, artifact: str, device: str, threads: int) -> None:
+    """The child: open the artifact's runtimes, then answer each ("run", feed) with every runner's tensors."""
     from .runtimes import read_artifact, runners_for
 
     try:
         info = read_artifact(Path(artifact))
         runners = runners_for(info, device, threads)
         steps = {s.tensor for s in info.steps}
-        connection.send(("ready", [(r.name, r.device) for r in runners]))
+        answers.put(("ready", [(r.name, r.device) for r in runners]))
     except Exception as e:  # noqa: BLE001 — the parent reports it as the one-line error it is
-        connection.send(("error", _one_line(e)))
+        answers.put(("error", _one_line(e)))
         return
     import time
 
     while True:
-        message = connection.recv()
+        message = requests.get()
         if message[0] != "run":
             return
         try:
@@ -65,9 +66,9 @@ def _serve(connection, artifact: str, device: str, threads: int) -> None:
                 tensors = runner.run(message[1])
                 times = RunnerTimes(time.perf_counter() - started, runner.inference_seconds - inside)
                 results.append(({k: v.astype(STEP_DTYPE) if k in steps else v for k, v in tensors.items()}, times))
-            connection.send(("ok", results))
+            answers.put(("ok", results))
         except Exception as e:  # noqa: BLE001
-            connection.send(("error", _one_line(e)))
+            answers.put(("error", _one_line(e)))
 
 
 def _one_line(e: Exception) -> str:
@@ -82,20 +83,21 @@ class RunnerProcess:
 
     def __init__(self, artifact: Path, steps: set[str], device: str = "cpu", threads: int = 0) -> None:
         context = mp.get_context("spawn")
-        self._parent, child = context.Pipe()
+        # queues, not one pipe: their feeder threads send, so a large batch going one way never waits for a
+        # large result coming the other way
+        self._requests, self._answers = context.Queue(), context.Queue()
         self.steps = steps
-        self.process = context.Process(target=_serve, args=(child, str(artifact), device, threads), daemon=True)
+        self.process = context.Process(target=_serve, args=(self._requests, self._answers, str(artifact), device,
+                                                            threads), daemon=True)
         self.process.start()
-        child.close()
         self.names: list[tuple[str, str]] = []
         self.state = "starting"  # then "ready" or "failed"
 
     def ready(self) -> bool:
-        if self.state == "starting" and self._parent.poll():
-            try:
-                kind, answer = self._parent.recv()
-            except EOFError:
-                kind, answer = "error", None
+        if self.state == "starting" and not self.process.is_alive() and self._answers.empty():
+            self.state = "failed"
+        if self.state == "starting" and not self._answers.empty():
+            kind, answer = self._answers.get()
             self.state = "ready" if kind == "ready" and answer else "failed"
             self.names = answer if self.state == "ready" else []
             if self.state == "failed":
@@ -103,17 +105,20 @@ class RunnerProcess:
         return self.state == "ready"
 
     def _receive(self) -> tuple[str, Any]:
-        try:
-            kind, answer = self._parent.recv()
-        except EOFError:
-            raise BadInput("the process running the artifact's runtimes stopped unexpectedly") from None
+        while True:
+            try:
+                kind, answer = self._answers.get(timeout=1.0)
+                break
+            except queue.Empty:
+                if not self.process.is_alive():
+                    raise BadInput("the process running the artifact's runtimes stopped unexpectedly") from None
         if kind == "error":
             self.close()
             raise BadInput(answer)
         return kind, answer
 
     def submit(self, feed: dict[str, np.ndarray]) -> None:
-        self._parent.send(("run", feed))
+        self._requests.put(("run", feed))
 
     def collect(self) -> list[tuple[dict[str, np.ndarray], RunnerTimes]]:
         _, results = self._receive()
@@ -122,13 +127,13 @@ class RunnerProcess:
 
     def close(self) -> None:
         if self.process.is_alive():
-            try:
-                self._parent.send(("stop",))
-            except (BrokenPipeError, OSError):
-                pass
+            self._requests.put(("stop",))
             self.process.join(timeout=5)
             if self.process.is_alive():
                 self.process.kill()
+        for q in (self._requests, self._answers):
+            q.cancel_join_thread()  # what is still queued is not wanted: do not wait to flush it
+            q.close()
 
     def __enter__(self) -> "RunnerProcess":
         return self
@@ -179,15 +184,24 @@ def with_child(run: "Validation", start: Callable[[], Any], parts: Iterator[Part
 
 
 def _overlapped(run: "Validation", remote, parts: Iterator[Part], advance: Callable[[int], None]) -> None:
-    """The child runs the runtimes on batch b while this process computes b's reference and compares b − 1."""
-    waiting = None
-    for part, x, y, offset in parts:
-        remote.submit(run.feed(x))
-        inputs, ref = run.reference_of(x)
+    """The child runs the runtimes on batch b while this process computes b's reference and compares b − 1.
+
+    PyTorch here keeps to one thread meanwhile: the interpreter in the child has the other core to itself."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, min(threads, (os.cpu_count() or 2) - 1)))
+    try:
+        waiting = None
+        for part, x, y, offset in parts:
+            remote.submit(run.feed(x))
+            inputs, ref = run.reference_of(x)
+            if waiting is not None:
+                run.compare_with(waiting[0], waiting[1], remote.collect(), *waiting[2:])
+                advance(int(waiting[0][0].shape[0]))
+            waiting = (inputs, ref, y, part, offset)
         if waiting is not None:
             run.compare_with(waiting[0], waiting[1], remote.collect(), *waiting[2:])
             advance(int(waiting[0][0].shape[0]))
-        waiting = (inputs, ref, y, part, offset)
-    if waiting is not None:
-        run.compare_with(waiting[0], waiting[1], remote.collect(), *waiting[2:])
-        advance(int(waiting[0][0].shape[0]))
+    finally:
+        torch.set_num_threads(threads)

@@ -323,10 +323,7 @@ def validate(model: nn.Module, info: ArtifactInfo, runners: list[Runner], data: 
         report.crafted = crafted_set.to_dict()
     run = Validation(model, info, runners, tol, reference_device, crafted_set, graph_steps)
     total = len(batches) + (len(crafted_set) if crafted_set is not None else 0)
-    if pool is not None and pool.workers > 1:
-        # several batches per worker, so that the last one to finish does not wait alone
-        batch_size = max(32, min(batch_size, -(-total // (4 * pool.workers))))
-    parts = validation_parts(batches, crafted_set, batch_size)  # streamed
+    parts = validation_parts(batches, crafted_set, _batch_size(batch_size, total, pool, remote))  # streamed
     done = [0]
 
     def advance(samples: int) -> None:
@@ -349,6 +346,14 @@ def validate(model: nn.Module, info: ArtifactInfo, runners: list[Runner], data: 
     _finish(report, run)
     report.seconds = time.perf_counter() - started
     return report
+
+
+def _batch_size(wanted: int, total: int, pool: ShardPool | None, remote) -> int:
+    if pool is not None and pool.workers > 1:
+        # several batches per worker, so that the last one to finish does not wait alone
+        return max(32, min(wanted, -(-total // (4 * pool.workers))))
+    # a child process for the runtimes: small batches, so that the cost is known early and the two interleave
+    return min(wanted, 32) if remote is not None else wanted
 
 
 def _new_report(model: nn.Module, info: ArtifactInfo, model_name: str, batches: Batches, tol: Tolerance,
