@@ -143,8 +143,26 @@ class RunnerProcess:
 
 
 # A child costs seconds to start (it imports TensorFlow and opens the interpreters): started only when the
-# runtimes' projected time for the rest of the inputs is longer than that.
+# runtimes' projected time for the rest of the inputs is longer than that, or at once for a file this large
+# (megabytes of packed weights take milliseconds per sample in the interpreter).
 WORTH_STARTING_S = 10.0
+LARGE_FILE_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class ChildPlan:
+    """How validation may start a child for the artifact's runtimes, and whether to start it at once."""
+
+    artifact: Path
+    steps: frozenset[str]
+    at_once: bool
+
+    @classmethod
+    def of(cls, artifact: Path, steps: set[str]) -> "ChildPlan":
+        return cls(artifact, frozenset(steps), artifact.stat().st_size > LARGE_FILE_BYTES)
+
+    def start(self) -> "RunnerProcess":
+        return RunnerProcess(self.artifact, set(self.steps))
 
 
 def worth_overlapping(kind: str) -> bool:
@@ -153,11 +171,11 @@ def worth_overlapping(kind: str) -> bool:
     return kind == "tflite" and (os.cpu_count() or 1) >= 2
 
 
-def with_child(run: "Validation", start: Callable[[], Any], parts: Iterator[Part], advance: Callable[[int], None],
+def with_child(run: "Validation", plan: ChildPlan, parts: Iterator[Part], advance: Callable[[int], None],
                 total: int) -> None:
     """Batches in this process until the runtimes' projected time for the rest is worth a child process; then,
     once the child (started in the background) is ready, the rest overlapped with it."""
-    child, done, parts = None, 0, iter(parts)
+    child, done, parts = plan.start() if plan.at_once else None, 0, iter(parts)
     try:
         for item in parts:
             if child is not None and child.ready():
@@ -172,7 +190,7 @@ def with_child(run: "Validation", start: Callable[[], Any], parts: Iterator[Part
             advance(n)
             per_sample = (sum(r.seconds for r in run.results) - spent) / max(n, 1)
             if child is None and per_sample * (total - done) > WORTH_STARTING_S:
-                child = start()
+                child = plan.start()
         else:
             return
         for part, x, y, offset in parts:

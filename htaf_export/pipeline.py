@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field, replace
-from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
@@ -32,7 +31,7 @@ from .runtimes import ArtifactInfo, backends_for, read_artifact
 from .signature import as_shapes
 from .targets import ExportOptions, Target, target as target_named
 from .parity import ParityReport, Tolerance
-from .overlap import RunnerProcess, worth_overlapping
+from .overlap import ChildPlan, worth_overlapping
 from .recommend import Recommendation, recommend
 from .validate import validate
 
@@ -209,7 +208,7 @@ def validate_file(hardening: HardenResult, info: ArtifactInfo, data: Dataset | B
         child = worth_overlapping(info.kind) and not info.streaming and all(r.device == "cpu" for r in runners)
         return validate(hardening.model, info, runners, data, model_name, tolerance, crafted=crafted,
                         progress=progress, skipped=skipped, graph_steps=graph_steps,
-                        remote=partial(RunnerProcess, info.path, {s.tensor for s in info.steps}) if child else None)
+                        remote=ChildPlan.of(info.path, {s.tensor for s in info.steps}) if child else None)
     from .workers import ModelRecipe, ProcessPool
 
     recipe = ModelRecipe.of_module(hardening.model, recipe)

@@ -304,7 +304,7 @@ def validate(model: nn.Module, info: ArtifactInfo, runners: list[Runner], data: 
              reference_device: str = "cpu", *, crafted: CraftedSet | bool = True,
              progress: Callable[[int, int], None] | None = None,
              skipped: Sequence[tuple[str, str]] = (), pool: ShardPool | None = None, graph_steps=None,
-             remote: Callable[[], Any] | None = None) -> ParityReport:
+             remote=None) -> ParityReport:
     """Compare ``model`` (hardened) with the artifact on every runner; inputs in batches of ``batch_size``.
 
     ``crafted``: True builds the crafted threshold inputs from the model (see ``htaf_export.crafted``),
@@ -312,7 +312,7 @@ def validate(model: nn.Module, info: ArtifactInfo, runners: list[Runner], data: 
     each batch with sample counts. ``skipped`` lists (backend, reason) for backends not run. ``pool``
     (``htaf_export.workers``) spreads the batches over worker processes; the report is the same.
     ``graph_steps``: the steps of a model that records none (TorchScript), from its captured graph. ``remote``
-    makes an ``overlap.RunnerProcess``: a long validation moves the runtimes there, overlapping the references.
+    (``overlap.ChildPlan``): a long validation moves the runtimes to a child process, overlapping the references.
     """
     started = time.perf_counter()
     tol = tolerance or Tolerance()

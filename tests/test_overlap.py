@@ -35,7 +35,7 @@ def _started(monkeypatch) -> list:
         return made[-1]
 
     monkeypatch.setattr(overlap, "WORTH_STARTING_S", 0.0)
-    monkeypatch.setattr("htaf_export.pipeline.RunnerProcess", spy)
+    monkeypatch.setattr(overlap, "RunnerProcess", spy)
     return made
 
 
