@@ -26,8 +26,8 @@ from htaf_export.passes.bn_fold import FoldBatchNormIntoSteps
 from htaf_export.targets import ExportOptions
 
 from .layer_ops import fold_shape_arithmetic
-from .nir_graph import DT, SliceGraph, inferred_shapes
-from .nir_neurons import NotALif, lif_at, threshold_at
+from .nir_graph import DT, SliceGraph, inferred_shapes, node_name
+from .nir_neurons import NotALif, lif_at, lif_first, threshold_at
 from .nir_readout import readouts
 
 MODE = "nir"
@@ -59,7 +59,10 @@ def convert(capture: Capture, provenance: Mapping[str, str], options: ExportOpti
                 md.NIR_READOUT: json.dumps(readout, sort_keys=True),
                 md.NIR_SPIKES: json.dumps(_spike_tensors(first, capture.steps, time_steps), sort_keys=True),
                 md.NIR_TIME_INPUTS: json.dumps({k: v for k, v in first.time_axes.items() if v is not None},
-                                               sort_keys=True)}
+                                               sort_keys=True),
+                # in the model's order (NIR keeps nodes by name): how validation pairs them with the reference's
+                md.NIR_INPUTS: json.dumps([node_name(n) for n in capture.input_names]),
+                md.NIR_OUTPUTS: json.dumps(list(capture.output_names))}
     graph = nir.NIRGraph(nodes=first.nodes, edges=sorted(first.edges), metadata=metadata)
     buffer = io.BytesIO()
     nir.write(buffer, graph)
@@ -80,18 +83,20 @@ def time_slices(model: ir.Model, capture: Capture) -> tuple[list[SliceGraph], in
             raise UnsupportedLayer(spec.site, "it is a ±1 sign; NIR neurons fire 0 or 1")
     counts = Counter(s.site for s in capture.steps)
     shapes = inferred_shapes(model)
-    if max(counts.values()) == 1:
-        return _feed_forward(graph, capture, shapes), 1, readouts(graph, capture, 1)[1]
-    try:
-        return _spiking(graph, capture, counts, shapes)
-    except NotALif:
-        pass
-    except UnsupportedLayer as spiking_refusal:
+    spiking_refusal: UnsupportedLayer | None = None
+    if max(counts.values()) > 1:
         try:
-            return _feed_forward(graph, capture, shapes), 1, readouts(graph, capture, 1)[1]
-        except UnsupportedLayer:
+            return _spiking(graph, capture, counts, shapes)
+        except NotALif:
+            pass
+        except UnsupportedLayer as e:
+            spiking_refusal = e
+    try:
+        return _feed_forward(graph, capture, shapes), 1, readouts(graph, capture, 1)[1]
+    except UnsupportedLayer:
+        if spiking_refusal is not None:
             raise spiking_refusal from None
-    return _feed_forward(graph, capture, shapes), 1, readouts(graph, capture, 1)[1]
+        raise
 
 
 def _feed_forward(graph: ir.Graph, capture: Capture, shapes: dict) -> list[SliceGraph]:
@@ -110,19 +115,21 @@ def _spiking(graph: ir.Graph, capture: Capture, counts: Counter, shapes: dict) -
     by_site: dict[str, list[StepSpec]] = defaultdict(list)
     for spec in sorted(capture.steps, key=lambda s: s.call):
         by_site[spec.site].append(spec)
-    slices = []
-    for k in range(1, time_steps):
-        neurons = {specs[k].tensor: lif_at(producers[specs[k].tensor], producers[specs[k - 1].tensor], specs[k])
-                   for specs in by_site.values()}
-        slices.append(SliceGraph(graph, k, neurons, {s.tensor: s.site for s in capture.steps if s.call != k}, shapes,
-                                 time_steps))
+    later = [{specs[k].tensor: lif_at(producers[specs[k].tensor], producers[specs[k - 1].tensor], specs[k])
+              for specs in by_site.values()} for k in range(1, time_steps)]
+    leak_of = {n.site: n.leak for n in later[0].values()}
+    first = {specs[0].tensor: lif_first(producers[specs[0].tensor], specs[0], leak_of[site])  # type: ignore[arg-type]
+             for site, specs in by_site.items()}
     per_call, readout = readouts(graph, capture, time_steps)
     leaks = {name: how["leak"] for name, how in readout.items() if "leak" in how}
-    for k, built in enumerate(slices, start=1):
-        built.build(per_call[k], leaks)
+    slices = []
+    for k, neurons in enumerate([first, *later]):
+        slices.append(SliceGraph(graph, k, neurons, {s.tensor: s.site for s in capture.steps if s.call != k}, shapes,
+                                 time_steps))
+        slices[-1].build(per_call[k], leaks)
     if len({s.digest() for s in slices}) > 1:
         raise UnsupportedLayer("model", "its time steps do not all compute the same network")
-    return slices, time_steps, readout
+    return slices[1:], time_steps, readout  # call 1 names the file's nodes (call 0 reads no earlier state)
 
 
 def _spike_tensors(first: SliceGraph, steps: tuple[StepSpec, ...], time_steps: int) -> dict[str, list[str | None]]:

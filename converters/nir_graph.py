@@ -93,7 +93,7 @@ class SliceGraph:
     spikes_elsewhere: dict[str, str]  # step tensors of other calls → their site (reading one is a delay)
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # per-sample shapes the IR does not carry
     time_steps: int = 1
-    time_axes: dict[str, int | None] = field(default_factory=dict)  # input → its time axis (per-sample), if any
+    time_axes: dict[str, int | None] = field(default_factory=dict)  # Input node → its time axis (per sample), if any
     nodes: dict = field(default_factory=dict)
     edges: list[tuple[str, str]] = field(default_factory=list)
     rows: list[tuple[str, str, str]] = field(default_factory=list)
@@ -185,13 +185,13 @@ class SliceGraph:
         import nir
 
         name = node_name(value.name or "input")
-        if name in self.nodes and self.time_axes.get(value.name or "input") != time_axis:
+        if name in self.nodes and self.time_axes.get(name) != time_axis:
             raise UnsupportedLayer(value.name or "input", "it is read both whole and one time step at a time")
         if name not in self.nodes:
             shape = self.shape(value)
             per_step = shape if time_axis is None else shape[:time_axis] + shape[time_axis + 1:]
             self.nodes[name] = nir.Input(np.array(per_step))
-            self.time_axes[value.name or "input"] = time_axis
+            self.time_axes[name] = time_axis
         self._named[id(value)] = name
         return name
 
@@ -220,7 +220,8 @@ class SliceGraph:
             return self._conv(node, weight), layer_of(node.inputs[1].name), x
         if op == "AveragePool":
             return self._pool(node), "avg_pool", x
-        if op in ("Flatten", "Reshape") and len(self.shape(node.outputs[0])) == 1:
+        if op in ("Flatten", "Reshape") and len(self.shape(node.outputs[0])) == 1 \
+                and int(np.prod(self.shape(x))) == self.shape(node.outputs[0])[0]:
             if op == "Flatten" and attr(node, "axis", 1) != 1:
                 raise UnsupportedLayer(node.name or op, "it flattens across the batch axis")
             return nir.Flatten({"input": np.array(self.shape(x))}, start_dim=0, end_dim=-1), "flatten", x

@@ -8,7 +8,7 @@ A LIF layer unrolled over T time steps reads, at every call k ≥ 1 of its step 
     R[k] = X[k]·(1 − s[k])   or   where(s[k], 0, X[k])                      zero reset: NIR's v_reset = 0
            X[k] − θ·s[k]                                                    subtract reset: refused (docs/nir.md)
 
-Call 0 starts from zero state; calls 1 … T−1 are what is recognised, and each must give the same neuron.
+Call 0 must start from zero state (its membrane is I[0], or λ·0 + I[0]); every call must give the same neuron.
 """
 
 from __future__ import annotations
@@ -43,9 +43,6 @@ class Neuron:
     threshold: np.ndarray  # float32; the model fires at X ≥ θ (tie ge) or X > θ (tie gt)
     tie: str
     leak: float | None = None  # lif: v ← leak·v + I
-
-    def key(self) -> tuple:
-        return (self.site, self.kind, self.threshold.tobytes(), self.tie, self.leak)
 
 
 def _producer(value: ir.Value | None, op: str) -> ir.Node | None:
@@ -148,6 +145,34 @@ def lif_at(step: ir.Node, previous: ir.Node, spec: StepSpec) -> Neuron:
                 raise UnsupportedLayer(spec.site, f"leak {leak} is outside [0, 1]")
             return Neuron(spec.site, "lif", current, theta, spec.tie, leak)  # type: ignore[arg-type]
     raise NotALif(spec.site, "no leaky, reset membrane state was found between its time steps")
+
+
+def _constant_state(value: ir.Value | None) -> float | None:
+    """The value everywhere of a state computed from constants alone (``zeros``, ``full``, times a leak), else None."""
+    array = const_array(value)
+    node = value.producer() if value is not None else None
+    if array is None and node is not None and node.op_type in ("Expand", "ConstantOfShape"):
+        array = const_array(node.inputs[0]) if node.op_type == "Expand" else np.zeros(1)
+    if array is not None:
+        return float(array.reshape(-1)[0]) if array.size and np.all(array == array.reshape(-1)[0]) else np.nan
+    if node is not None and node.op_type == "Mul":
+        parts = [_constant_state(v) for v in node.inputs]
+        return None if any(p is None for p in parts) else float(np.prod(parts))
+    return None
+
+
+def lif_first(step: ir.Node, spec: StepSpec, leak: float) -> Neuron:
+    """The LIF layer of ``step`` at call 0 (``leak`` as recognised at the later calls): a NIR LIF starts at v = 0,
+    so the membrane must be the input current alone, or λ·0 + I."""
+    membrane, theta = membrane_of(step)
+    add = _producer(membrane, "Add")
+    for state, current in ((add.inputs[0], add.inputs[1]), (add.inputs[1], add.inputs[0])) if add is not None else ():
+        start = _constant_state(state)
+        if start == 0.0:
+            return Neuron(spec.site, "lif", current, theta, spec.tie, leak)  # type: ignore[arg-type]
+        if start is not None:
+            raise UnsupportedLayer(spec.site, "its membrane starts from a non-zero state; a NIR LIF starts at v = 0")
+    return Neuron(spec.site, "lif", membrane, theta, spec.tie, leak)
 
 
 def threshold_at(step: ir.Node, spec: StepSpec) -> Neuron:

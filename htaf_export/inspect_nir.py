@@ -15,7 +15,7 @@ from . import metadata as md
 from .runtimes.nir_file import graph_metadata, load_graph
 
 NEURONS = ("LIF", "LI", "IF", "CubaLIF", "CubaLI")
-DEFAULT_DT = 1e-4
+DEFAULT_DT = 1e-4  # a file not written by this tool: the dt snnTorch assumes
 
 
 def _values(array) -> str:
@@ -38,7 +38,7 @@ def _shape(node) -> str:
 
 def _neuron_row(name: str, node, dt: float) -> list[str]:
     kind = type(node).__name__
-    tau = np.asarray(getattr(node, "tau", np.inf), dtype=np.float64)
+    tau = np.asarray(getattr(node, "tau", getattr(node, "tau_mem", np.inf)), dtype=np.float64)
     beta = np.ones_like(tau) if kind == "IF" else 1.0 - dt / tau
     gain = np.asarray(node.r, dtype=np.float64) * (dt if kind == "IF" else dt / tau)
     return [escape(name), kind, _values(np.float32(beta)), _values(np.float32(gain)),

@@ -33,6 +33,8 @@ NIR_DT = "htaf_export.nir.dt"
 NIR_TIME_STEPS = "htaf_export.nir.time_steps"
 NIR_READOUT = "htaf_export.nir.readout"
 NIR_SPIKES = "htaf_export.nir.spikes"
+NIR_INPUTS = "htaf_export.nir.inputs"
+NIR_OUTPUTS = "htaf_export.nir.outputs"
 NIR_TIME_INPUTS = "htaf_export.nir.time_inputs"  # inputs fed one time step at a time: {name: per-sample axis}
 
 

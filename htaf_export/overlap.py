@@ -9,7 +9,7 @@ on two cores the wall time approaches the larger of the two, not their sum. The 
 The child is started only for long validations (``WORTH_STARTING_S``), in the background: batches go on in this
 process until it is ready.
 
-Step tensors cross the process boundary as int8 (their values are 0, ±1), a quarter of float32.
+Step tensors cross the process boundary as int8 where that is exact (0, ±1), a quarter of float32.
 """
 
 from __future__ import annotations
@@ -65,10 +65,16 @@ def _serve(requests, answers, artifact: str, device: str, threads: int) -> None:
                 started, inside = time.perf_counter(), runner.inference_seconds
                 tensors = runner.run(message[1])
                 times = RunnerTimes(time.perf_counter() - started, runner.inference_seconds - inside)
-                results.append(({k: v.astype(STEP_DTYPE) if k in steps else v for k, v in tensors.items()}, times))
+                results.append(({k: _small(v) if k in steps else v for k, v in tensors.items()}, times))
             answers.put(("ok", results))
         except Exception as e:  # noqa: BLE001
             answers.put(("error", _one_line(e)))
+
+
+def _small(values: np.ndarray) -> np.ndarray:
+    """A step tensor as int8 when that is exact (0, ±1); a wrong artifact's other values stay as they are."""
+    small = values.astype(STEP_DTYPE)
+    return small if np.array_equal(small, values) else values
 
 
 def _one_line(e: Exception) -> str:
@@ -122,24 +128,21 @@ class RunnerProcess:
 
     def collect(self) -> list[tuple[dict[str, np.ndarray], RunnerTimes]]:
         _, results = self._receive()
-        return [({k: v.astype(np.float32) if k in self.steps else v for k, v in tensors.items()}, times)
-                for tensors, times in results]
+        return [({k: v.astype(np.float32) if k in self.steps and v.dtype == STEP_DTYPE else v
+                  for k, v in tensors.items()}, times) for tensors, times in results]
 
     def close(self) -> None:
-        if self.process.is_alive():
+        if self.process.is_alive() and self.state == "starting":
+            self.process.terminate()  # still importing: it would read "stop" only once it has started
+        elif self.process.is_alive():
             self._requests.put(("stop",))
             self.process.join(timeout=5)
             if self.process.is_alive():
                 self.process.kill()
+        self.process.join(timeout=5)
         for q in (self._requests, self._answers):
             q.cancel_join_thread()  # what is still queued is not wanted: do not wait to flush it
             q.close()
-
-    def __enter__(self) -> "RunnerProcess":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 # A child costs seconds to start (it imports TensorFlow and opens the interpreters): started only when the
@@ -180,7 +183,8 @@ def with_child(run: "Validation", plan: ChildPlan, parts: Iterator[Part], advanc
         for item in parts:
             if child is not None and child.ready():
                 if [name for name, _ in child.names] != [r.name for r in run.runners]:
-                    break  # not the same runtimes as here: stay in this process
+                    parts = itertools.chain([item], parts)
+                    break  # not the same runtimes as here: the rest in this process
                 _overlapped(run, child, itertools.chain([item], parts), advance)
                 return
             spent = sum(r.seconds for r in run.results)

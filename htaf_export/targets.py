@@ -72,7 +72,8 @@ TARGETS: dict[str, Target] = {t.name: t for t in (
            "TFLite with binary convs as builtin int8 CONV_2D (stock interpreter, XNNPACK)",
            finish="runtimes.tflite_locate:finish_float"),
     Target("nir", ".nir", ".nir", "converters.nir:convert",
-           "NIR graph (LIF, Threshold) for neuromorphic simulators and chips; validated by snnTorch"),
+           "NIR graph (LIF, Threshold) for neuromorphic simulators and chips; validated by a NIR simulator "
+           "and, where it loads the file, snnTorch"),
 )}
 ARTIFACT_SUFFIXES = tuple(sorted({t.suffix for t in TARGETS.values()}))
 

@@ -373,8 +373,8 @@ def _finish(report: ParityReport, run: Validation) -> None:
     report.margins = run.margins
     if run.graph_steps is not None:
         report.notes.append("the model (TorchScript) exposes no intermediate tensors: its step tensors and "
-                            "pre-activations come from its captured graph run in ONNX Runtime; outputs from the "
-                            "model itself")
+                            "pre-activations come from its captured graph run in ONNX Runtime (so they check the "
+                            "conversion, not the capture); outputs from the model itself")
     if run.unobserved:
         report.notes.append(f"the reference cannot record step tensors {', '.join(sorted(run.unobserved))} "
                             f"(a traced model has no Step modules to hook); they are checked through the outputs only")

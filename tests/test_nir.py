@@ -138,6 +138,38 @@ def test_an_event_stream_input_is_fed_one_step_at_a_time(tmp_path, capsys):
     assert "inputs input one step at a time" in capsys.readouterr().out
 
 
+class WarmStartSNN(torch.nn.Module):
+    """Not a NIR LIF: its membrane starts at 0.3, not 0."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from htaf_export.nn import HTAF
+
+        self.fc, self.out = torch.nn.Linear(64, 12), torch.nn.Linear(12, 10)
+        self.spike = HTAF(2.0, 4.0, threshold=0.5, levels="01", mode="surrogate")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        current = self.fc(x)
+        v = torch.full_like(current, 0.3)
+        total = torch.zeros(x.shape[0], 10)
+        for _ in range(4):
+            v = 0.9 * v + current
+            s = self.spike(v)
+            v = v * (1 - s)
+            total = total + self.out(s)
+        return total
+
+
+def test_a_membrane_that_does_not_start_at_zero_is_refused(tmp_path, capsys):
+    path = tmp_path / "warm.pt2"
+    torch.export.save(torch.export.export(WarmStartSNN().eval(), (torch.zeros(2, 64),),
+                                          dynamic_shapes=({0: torch.export.Dim("batch")},)), path)
+    out = tmp_path / "warm.nir"
+    assert cli.main([str(path), "--target", "nir", "-o", str(out), "--no-validate"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "starts from a non-zero state" in err and "\n" not in err and not out.exists()
+
+
 def test_the_lif_mapping_gives_back_each_leak_exactly():
     """β = 1 − dt/τ, rounded to float32, is the model's leak for every float32 leak in [0, 1] (a sample of them,
     plus the ends), and the input's factor r·dt/τ is one; snnTorch computes β the same way."""

@@ -8,6 +8,7 @@ import importlib.util
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from htaf_export import cli, overlap
@@ -39,6 +40,13 @@ def _started(monkeypatch) -> list:
     return made
 
 
+def test_step_values_cross_as_int8_only_when_that_is_exact():
+    exact = np.array([0.0, 1.0, -1.0], np.float32)
+    wrong = np.array([0.0, 0.7, 300.0, np.nan], np.float32)  # what a broken artifact may write
+    assert overlap._small(exact).dtype == np.int8 and np.array_equal(overlap._small(exact), exact)
+    assert overlap._small(wrong) is wrong
+
+
 @pytest.mark.slow
 def test_the_child_gives_the_same_report_as_one_process(tmp_path, capsys, monkeypatch):
     model = SAMPLES / "bnn_cnn.pt"
@@ -68,7 +76,8 @@ def test_a_wrong_artifact_fails_at_the_same_tensor_with_the_child(tmp_path, caps
     nudged = tmp_path / "nudged.pt"
     htaf_export.save(model, nudged)
     rc1, alone = validate_cli(capsys, nudged, artifact, tmp_path / "a.json")
-    _started(monkeypatch)
+    made = _started(monkeypatch)
     rc2, child = validate_cli(capsys, nudged, artifact, tmp_path / "b.json")
+    assert made and made[0].state == "ready", "the child ran the interpreter"
     assert rc1 == rc2 == 1 and counts(alone) == counts(child)
     assert alone["first_failure"]["tensor"] == "layers.act1"

@@ -1,7 +1,7 @@
 """Reading a ``.nir`` file written by htaf-export, and the time loop its validation backends share.
 
-A backend simulates one time step at a time (``step``); :class:`TimeLoop` feeds it the same input at every step
-(direct coding, as the model does), names each neuron's spikes after the step tensor of the same site and call,
+A backend simulates one time step at a time (``step``); :class:`TimeLoop` feeds it the input as the model reads
+it (the whole input at every step, or step t of an event stream at time step t), names each neuron's spikes after the step tensor of the same site and call,
 and combines each output over the steps as the file's readout says (sum, then divide, in float32 and in time order,
 as the model's own loop does).
 """
@@ -52,8 +52,9 @@ def read_nir_artifact(path: Path) -> ArtifactInfo:
     if md.STEPS not in meta or md.NIR_READOUT not in meta:
         raise BadInput(f"artifact {path} was not written by htaf-export (no htaf_export metadata)")
     steps = read_steps(path, meta)
-    inputs = tuple(sorted(n for n, node in graph.nodes.items() if type(node).__name__ == "Input"))
-    outputs = tuple(sorted(json.loads(meta[md.NIR_READOUT])))
+    inputs = tuple(json.loads(meta[md.NIR_INPUTS]) if md.NIR_INPUTS in meta
+                   else sorted(n for n, node in graph.nodes.items() if type(node).__name__ == "Input"))
+    outputs = tuple(json.loads(meta[md.NIR_OUTPUTS]) if md.NIR_OUTPUTS in meta else sorted(json.loads(meta[md.NIR_READOUT])))
     spikes = json.loads(meta[md.NIR_SPIKES])
     feeding = {dst: src for src, dst in graph.edges}
     layers = {tensor: feeding.get(node, node) for node, tensors in spikes.items() for tensor in tensors if tensor}

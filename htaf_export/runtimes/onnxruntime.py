@@ -192,8 +192,11 @@ class GraphSteps:
         """(site, call, step output, pre-activation = step input − threshold) of every step call, in graph order."""
         if self._session is None:
             ort = onnxruntime_module()
+            import torch
+
             opts = ort.SessionOptions()
             opts.log_severity_level = 3
+            opts.intra_op_num_threads = torch.get_num_threads()  # as many as the reference beside it (a worker: 1)
             self._session = ort.InferenceSession(self.model, opts, providers=["CPUExecutionProvider"])
         names = [n for _, _, out, inp, _ in self.steps for n in (out, inp)]
         feed = {name: np.ascontiguousarray(x, dtype=np.float32) for name, x in zip(self.input_names, inputs)}
