@@ -67,7 +67,7 @@ def convert(capture: Capture, provenance: Mapping[str, str], options: ExportOpti
     buffer = io.BytesIO()
     nir.write(buffer, graph)
     rows = [LayerRow(site, became, note) for site, became, note in first.rows]
-    notes = (f"{time_steps} time steps at dt = {DT:g} s; outputs {_readout_text(readout)}",) if time_steps > 1 else ()
+    notes = (f"{time_steps} time steps at dt = {DT:g} s; {_readout_text(readout)}",) if time_steps > 1 else ()
     return Conversion(buffer.getvalue(), tuple(rows), notes=notes)
 
 
@@ -149,6 +149,6 @@ def _tie(steps: tuple[StepSpec, ...]) -> str:
 def _readout_text(readout: dict[str, dict]) -> str:
     parts = []
     for name, how in sorted(readout.items()):
-        what = "a leaky readout's state" if "leak" in how else "its value"
-        parts.append(f"{name} = {what}, " + ("averaged over steps" if "divide_by" in how else "summed over steps"))
+        what = "a leaky readout's state" if "leak" in how else "its layer's output"
+        parts.append(f"{name} is {what} " + ("averaged over the steps" if "divide_by" in how else "summed over the steps"))
     return ", ".join(parts)
