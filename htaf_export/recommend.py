@@ -1,14 +1,17 @@
-"""Which target to use on this machine: the model's ONNX files (float and integer) timed here, not guessed.
+"""Which target to use on this machine: the model's files timed here, not guessed.
 
-Both ONNX files are converted from the capture and run by ONNX Runtime on one thread at batch 1 for a short
-budget; the faster one is recommended. On ARM the bit-packed TFLite file is recommended instead, because LCE's
-optimised kernels are its ARM ones; converting it takes too long to time here, and the export summary of
-``--target tflite`` times both LCE kernels.
+Both ONNX files (float and integer) are converted from the capture and run by ONNX Runtime on one thread at
+batch 1 for a short budget. A TFLite file that the export has just built is timed too (LCE's faster kernel for a
+bit-packed file, the stock interpreter otherwise), when TensorFlow is already loaded: converting a TFLite file
+only to time it would take longer than the export. The fastest is recommended, unless the float ONNX file is
+within ``MIN_GAIN`` of it (the simplest file to deploy). On ARM the bit-packed TFLite file is recommended, because
+LCE's optimised kernels are its ARM ones.
 """
 
 from __future__ import annotations
 
 import platform
+import sys
 import time
 from dataclasses import asdict, dataclass
 from typing import Mapping
@@ -21,6 +24,7 @@ from .errors import BadInput, UnsupportedLayer
 from .targets import TARGETS, ExportOptions
 
 TIMED = ("onnx", "onnx-int8")
+TFLITE_TARGETS = ("tflite", "tflite-float", "tflite-int8")
 ARM = ("aarch64", "arm64", "armv7l", "armv8l")
 BUDGET_S = 0.5  # per file
 MIN_GAIN = 1.1  # the integer file must be at least this much faster to be worth a different target
@@ -96,15 +100,31 @@ def _recommend(cap: Capture, built: Mapping[str, bytes]) -> Recommendation | Non
             except (UnsupportedLayer, BadInput):
                 continue
         timings.append(Timing(name, time_onnx(data, feed)))
+    timings += _tflite_timings(built)
     if not timings:
         return None
     machine = platform.machine() or "unknown"
     ms = {t.target: t.ms for t in timings}
-    measured = ", ".join(f"{t.target} {t.ms:.2f} ms" for t in timings) + " at batch 1, one thread (ONNX Runtime)"
+    measured = ", ".join(f"{t.target} {t.ms:.2f} ms" for t in timings) + " at batch 1, one thread"
     if machine.lower() in ARM:
         return Recommendation("tflite", machine, tuple(timings),
                               f"LCE's optimised bit-packed kernels are its ARM ones, for binary layers on ±1 "
-                              f"activations (not timed here; measured: {measured})")
-    integer = ms.get("onnx-int8")
-    best = "onnx-int8" if integer is not None and integer * MIN_GAIN <= ms.get("onnx", float("inf")) else "onnx"
+                              f"activations (measured here: {measured})")
+    fastest = min(ms, key=ms.__getitem__)
+    best = "onnx" if "onnx" in ms and ms["onnx"] <= ms[fastest] * MIN_GAIN else fastest
     return Recommendation(best, machine, tuple(timings), f"measured {measured}")
+
+
+def _tflite_timings(built: Mapping[str, bytes]) -> list[Timing]:
+    """The TFLite files the export built, timed, where TensorFlow is loaded already (advice must not load it)."""
+    if "tensorflow" not in sys.modules:
+        return []
+    from .runtimes.tflite import time_kernels, time_stock
+
+    timings = []
+    for name in TFLITE_TARGETS:
+        data = built.get(name)
+        if data is not None:
+            ms = min(time_kernels(data).values()) if name == "tflite" else time_stock(data)
+            timings.append(Timing(name, ms))
+    return timings

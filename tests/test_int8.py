@@ -213,6 +213,16 @@ def test_the_recommendation_is_measured_on_this_machine(monkeypatch):
     assert recommend(cap).target == "tflite"
 
 
+def test_a_tflite_export_times_its_own_file_for_the_recommendation(tmp_path):
+    sample = Path(__file__).resolve().parent.parent / "sample_models" / "bnn_mlp.pt"
+    with contextlib.redirect_stdout(io.StringIO()):
+        result = htaf_export.export(sample, "tflite-int8", tmp_path / "m.int8.tflite", device="cpu",
+                                    validate_artifact=False, recommend=True)
+    ms = {t.target: t.ms for t in result.recommendation.timings}
+    assert set(ms) == {"onnx", "onnx-int8", "tflite-int8"} and all(v > 0 for v in ms.values())
+    assert result.recommendation.target in ms and "tflite-int8" in result.recommendation.line()
+
+
 def test_export_summary_and_inspect_print_the_recommendation(capsys, tmp_path):
     sample = Path(__file__).resolve().parent.parent / "sample_models" / "bnn_mlp.pt"
     assert cli.main([str(sample), "--target", "onnx-int8", "-o", str(tmp_path / "m.int8.onnx"), "--device", "cpu"]) == 0

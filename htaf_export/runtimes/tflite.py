@@ -148,6 +148,25 @@ def tflite_runners(info: ArtifactInfo, device: str = "all") -> list[_TfliteRunne
     return runners
 
 
+def time_stock(data: bytes, threads: int = 1, budget_s: float = KERNEL_TIMING_BUDGET_S / 2) -> float:
+    """Median milliseconds per batch-1 inference of ``data`` on the stock interpreter (XNNPACK), zeros in."""
+    interpreter = stock_interpreter(data, threads)
+    for detail in interpreter.get_input_details():
+        if len(detail["shape"]) and detail["shape"][0] != 1:
+            interpreter.resize_tensor_input(detail["index"], [1, *detail["shape"][1:]])
+    interpreter.allocate_tensors()
+    for detail in interpreter.get_input_details():
+        interpreter.set_tensor(detail["index"], np.zeros(detail["shape"], dtype=detail["dtype"]))
+    interpreter.invoke()
+    runs: list[float] = []
+    start = time.perf_counter()
+    while len(runs) < 50 and (len(runs) < 3 or time.perf_counter() - start < budget_s):
+        t = time.perf_counter()
+        interpreter.invoke()
+        runs.append(time.perf_counter() - t)
+    return 1000 * float(np.median(runs))
+
+
 def time_kernels(data: bytes, threads: int = 1) -> dict[str, float]:
     """Median milliseconds per batch-1 inference of ``data`` on each LCE kernel (within a small time budget)."""
     timings: dict[str, float] = {}
