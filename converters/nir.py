@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import json
 from collections import Counter, defaultdict
+from dataclasses import replace
 from typing import Mapping
 
 import onnx_ir as ir
@@ -27,7 +28,7 @@ from htaf_export.targets import ExportOptions
 
 from .layer_ops import fold_shape_arithmetic
 from .nir_graph import DT, SliceGraph, inferred_shapes, node_name
-from .nir_neurons import NotALif, lif_at, lif_first, threshold_at
+from .nir_neurons import NotALif, lif_at, lif_first, steps_by_weights, threshold_at
 from .nir_readout import readouts
 
 MODE = "nir"
@@ -51,13 +52,13 @@ def convert(capture: Capture, provenance: Mapping[str, str], options: ExportOpti
     model = capture.ir_copy()
     fold_shape_arithmetic(model)
     FoldBatchNormIntoSteps()(model)
-    slices, time_steps, readout = time_slices(model, capture)
+    slices, time_steps, readout, read_as = time_slices(model, capture)
     first = slices[0]
     metadata = {**md.encode(provenance), md.TIE: _tie(capture.steps), md.ONNX_MODE: MODE,
                 md.STEPS: json.dumps([s.to_dict() for s in capture.steps], sort_keys=True),
                 md.NIR_DT: json.dumps(DT), md.NIR_TIME_STEPS: json.dumps(time_steps),
                 md.NIR_READOUT: json.dumps(readout, sort_keys=True),
-                md.NIR_SPIKES: json.dumps(_spike_tensors(first, capture.steps, time_steps), sort_keys=True),
+                md.NIR_SPIKES: json.dumps(_spike_tensors(first, read_as, time_steps), sort_keys=True),
                 md.NIR_TIME_INPUTS: json.dumps({k: v for k, v in first.time_axes.items() if v is not None},
                                                sort_keys=True),
                 # in the model's order (NIR keeps nodes by name): how validation pairs them with the reference's
@@ -71,28 +72,34 @@ def convert(capture: Capture, provenance: Mapping[str, str], options: ExportOpti
     return Conversion(buffer.getvalue(), tuple(rows), notes=notes)
 
 
-def time_slices(model: ir.Model, capture: Capture) -> tuple[list[SliceGraph], int, dict[str, dict]]:
-    """The NIR graph of every recognised time step (all equal), T, and how each output combines the steps.
+def time_slices(model: ir.Model, capture: Capture
+                ) -> tuple[list[SliceGraph], int, dict[str, dict], tuple[StepSpec, ...]]:
+    """The NIR graph of every recognised time step (all equal), T, how each output combines the steps, and the
+    steps with the (site, call) they were read with.
 
     A site called T > 1 times is first read as a LIF layer unrolled over T steps; when that fails, as T separate
-    Heaviside layers (a step function a deep network calls once per layer). When both fail, the refusal reported
-    is the spiking one if a LIF layer was found (it names what the model would have to change)."""
+    Heaviside layers (a step function a deep network calls once per layer). Steps that are all separate sites
+    (a traced graph names them by op) are read as Heaviside layers, else regrouped by the weights they read into
+    LIF layers (``steps_by_weights``). When both fail, the refusal reported is the spiking one if a LIF layer was
+    found (it names what the model would have to change)."""
     graph = model.graph
     for spec in capture.steps:
         if spec.op != "Heaviside":
             raise UnsupportedLayer(spec.site, "it is a ±1 sign; NIR neurons fire 0 or 1")
-    counts = Counter(s.site for s in capture.steps)
     shapes = inferred_shapes(model)
     spiking_refusal: UnsupportedLayer | None = None
-    if max(counts.values()) > 1:
+    regrouped = steps_by_weights(graph, capture.steps) if len({s.site for s in capture.steps}) == len(capture.steps) \
+        else capture.steps
+    if regrouped is not None and max(Counter(s.site for s in regrouped).values()) > 1:
         try:
-            return _spiking(graph, capture, counts, shapes)
+            spiking = replace(capture, steps=regrouped)
+            return (*_spiking(graph, spiking, Counter(s.site for s in regrouped), shapes), regrouped)
         except NotALif:
             pass
         except UnsupportedLayer as e:
             spiking_refusal = e
     try:
-        return _feed_forward(graph, capture, shapes), 1, readouts(graph, capture, 1)[1]
+        return _feed_forward(graph, capture, shapes), 1, readouts(graph, capture, 1)[1], capture.steps
     except UnsupportedLayer:
         if spiking_refusal is not None:
             raise spiking_refusal from None

@@ -50,11 +50,15 @@ def _producer(value: ir.Value | None, op: str) -> ir.Node | None:
     return node if node is not None and node.domain == "" and node.op_type == op else None
 
 
-def _is_constant(value: ir.Value | None, number: float) -> bool:
-    """A constant that is ``number`` everywhere, or an ``Expand`` of one (``zeros_like``)."""
+def is_constant(value: ir.Value | None, number: float) -> bool:
+    """A constant that is ``number`` everywhere, or an ``Expand`` / ``ConstantOfShape`` of one (``zeros_like``)."""
     array = const_array(value)
     if array is None and _producer(value, "Expand") is not None:
         array = const_array(value.producer().inputs[0])  # type: ignore[union-attr]
+    filled = _producer(value, "ConstantOfShape")
+    if array is None and filled is not None:
+        given = filled.attributes.get("value")
+        array = given.as_tensor().numpy() if given is not None else np.zeros(1, np.float32)
     return array is not None and array.size > 0 and bool(np.all(array == number))
 
 
@@ -75,9 +79,9 @@ def _reads_spike(value: ir.Value | None, spike: ir.Value) -> bool:
     if node.op_type == "Cast":
         return node.inputs[0] is spike
     if node.op_type == "Greater":
-        return node.inputs[0] is spike and _is_constant(node.inputs[1], 0.0)
+        return node.inputs[0] is spike and is_constant(node.inputs[1], 0.0)
     if node.op_type == "Equal":
-        return spike in node.inputs and any(_is_constant(v, 1.0) for v in node.inputs)
+        return spike in node.inputs and any(is_constant(v, 1.0) for v in node.inputs)
     return False
 
 
@@ -89,9 +93,9 @@ def reset_kind(value: ir.Value, membrane: ir.Value, spike: ir.Value) -> str | No
     if mul is not None and membrane in mul.inputs:
         other = mul.inputs[1] if mul.inputs[0] is membrane else mul.inputs[0]
         inverse = _producer(other, "Sub")
-        if inverse is not None and _is_constant(inverse.inputs[0], 1.0) and inverse.inputs[1] is spike:
+        if inverse is not None and is_constant(inverse.inputs[0], 1.0) and inverse.inputs[1] is spike:
             return "zero"
-    if where is not None and where.inputs[2] is membrane and _is_constant(where.inputs[1], 0.0) \
+    if where is not None and where.inputs[2] is membrane and is_constant(where.inputs[1], 0.0) \
             and _reads_spike(where.inputs[0], spike):
         return "zero"
     if sub is not None and sub.inputs[0] is membrane:
@@ -152,7 +156,9 @@ def _constant_state(value: ir.Value | None) -> float | None:
     array = const_array(value)
     node = value.producer() if value is not None else None
     if array is None and node is not None and node.op_type in ("Expand", "ConstantOfShape"):
-        array = const_array(node.inputs[0]) if node.op_type == "Expand" else np.zeros(1)
+        given = node.attributes.get("value") if node.op_type == "ConstantOfShape" else None
+        array = const_array(node.inputs[0]) if node.op_type == "Expand" else \
+            given.as_tensor().numpy() if given is not None else np.zeros(1)
     if array is not None:
         return float(array.reshape(-1)[0]) if array.size and np.all(array == array.reshape(-1)[0]) else np.nan
     if node is not None and node.op_type == "Mul":
@@ -178,3 +184,46 @@ def lif_first(step: ir.Node, spec: StepSpec, leak: float) -> Neuron:
 def threshold_at(step: ir.Node, spec: StepSpec) -> Neuron:
     x, theta = membrane_of(step)
     return Neuron(spec.site, "threshold", x, theta, spec.tie)
+
+
+def steps_by_weights(graph: ir.Graph, steps: tuple[StepSpec, ...]) -> tuple[StepSpec, ...] | None:
+    """A traced (TorchScript) graph names each step after its op, so one LIF layer's calls at successive time steps
+    look like separate sites. Steps whose inputs reach the same weights (stopping at other steps), with the same
+    threshold and tie, are taken as one layer, its calls in graph order: the steps renamed (site, call). None when
+    no layer is called more than once, or the layers are called different numbers of times."""
+    nodes = list(graph)
+    producers = {n.outputs[0].name: n for n in nodes if n.outputs}
+    order = {n.outputs[0].name: i for i, n in enumerate(nodes) if n.outputs}
+    stop = {s.tensor for s in steps}
+    groups: dict[tuple, list[StepSpec]] = {}
+    for spec in sorted(steps, key=lambda s: order.get(s.tensor, -1)):
+        step = producers.get(spec.tensor)
+        theta = const_array(step.inputs[1]) if step is not None else None
+        if step is None or theta is None:
+            return None
+        key = (_weights_behind(step.inputs[0], stop), theta.astype(np.float32).tobytes(), spec.tie)
+        groups.setdefault(key, []).append(spec)
+    sizes = {len(g) for g in groups.values()}
+    if len(sizes) != 1 or sizes == {1}:
+        return None
+    return tuple(StepSpec(s.tensor, g[0].site, s.op, s.tie, k) for g in groups.values() for k, s in enumerate(g))
+
+
+def _weights_behind(value: ir.Value | None, stop: set[str]) -> frozenset[str]:
+    """Names of the weight tensors (constants of more than one element) that ``value`` is computed from, not
+    looking past the tensors in ``stop``."""
+    found, seen, todo = set(), set(), [value]
+    while todo:
+        v = todo.pop()
+        if v is None or id(v) in seen:
+            continue
+        seen.add(id(v))
+        if v.const_value is not None:
+            if v.const_value.size > 1 and v.name:
+                found.add(v.name)
+            continue
+        node = v.producer()
+        if node is not None and v.name not in stop:
+            todo.extend(node.inputs)
+    return frozenset(found)
+

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-import numpy as np
 import onnx_ir as ir
 
 from htaf_export.capture import Capture
@@ -18,6 +17,7 @@ from htaf_export.errors import UnsupportedLayer
 from htaf_export.passes.util import const_array
 
 from .nir_graph import node_name
+from .nir_neurons import is_constant
 
 
 def readouts(graph: ir.Graph, capture: Capture, time_steps: int) -> tuple[dict[int, dict[str, ir.Value]], dict]:
@@ -139,11 +139,7 @@ def _sum_terms(value: ir.Value) -> list[ir.Value]:
 
 
 def _is_zero(value: ir.Value | None) -> bool:
-    array = const_array(value)
-    node = value.producer() if value is not None else None
-    if array is None and node is not None and node.op_type == "Expand":
-        array = const_array(node.inputs[0])
-    return array is not None and bool(np.all(array == 0))
+    return is_constant(value, 0.0)
 
 
 def _calls_feeding(value: ir.Value, calls: dict[str, int]) -> set[int]:

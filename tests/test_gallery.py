@@ -102,7 +102,7 @@ def test_gallery_exports_with_parity(gallery, name, fmt, target, tmp_path):
         pytest.skip("TorchScript cannot trace an autograd.Function in forward")
     source, data = gallery[(name, fmt)]
     out = tmp_path / f"m{TARGETS[target].default_suffix}"
-    if target == "nir" and (name not in NIR_EXPORTS or (fmt == "torchscript" and name == "conv_snn_zero_reset")):
+    if target == "nir" and name not in NIR_EXPORTS:
         with pytest.raises(UnsupportedLayer) as refused:
             htaf_export.export(source, target, out, data=data, trust_pickle=True, device="cpu")
         assert "\n" not in str(refused.value) and not out.exists()
