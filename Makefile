@@ -17,6 +17,7 @@ demo: $(STAMP)
 	$(VENV)/bin/htaf-export inspect sample_models/bnn_cnn.pt
 	$(VENV)/bin/htaf-export sample_models/bnn_cnn.pt --target onnx -o out/bnn_cnn.onnx --report out/bnn_cnn.onnx.html
 	$(VENV)/bin/htaf-export sample_models/bnn_cnn.pt --target tflite -o out/bnn_cnn.tflite --report out/bnn_cnn.tflite.json
+	$(VENV)/bin/htaf-export sample_models/snn_zero_mlp.pt --target nir -o out/snn_zero_mlp.nir
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q

@@ -170,6 +170,15 @@ def test_a_membrane_that_does_not_start_at_zero_is_refused(tmp_path, capsys):
     assert "starts from a non-zero state" in err and "\n" not in err and not out.exists()
 
 
+def test_the_bundled_zero_reset_sample_exports_with_every_spike_identical(tmp_path):
+    result = _export(SAMPLES / "snn_zero_mlp.pt", tmp_path / "s.nir")
+    report = result.report
+    assert report.passed and [b.backend for b in report.backends] == ["nir-sim", "snntorch"]
+    for backend in report.backends:
+        assert backend.artifact_correct == backend.reference_correct > 0.95 * backend.labelled
+        assert all(t.mismatched == 0 for t in backend.tensors)
+
+
 def test_the_lif_mapping_gives_back_each_leak_exactly():
     """β = 1 − dt/τ, rounded to float32, is the model's leak for every float32 leak in [0, 1] (a sample of them,
     plus the ends), and the input's factor r·dt/τ is one; snnTorch computes β the same way."""
