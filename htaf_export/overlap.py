@@ -20,15 +20,32 @@ import os
 import queue
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 
 from .data import count
 from .errors import BadInput
 
-if TYPE_CHECKING:
-    from .validate import Part, Validation
+
+class BatchRun(Protocol):
+    """What the loops here need of a validation pass (``validate.Validation``): the batch in one process, or its
+    two halves around the child's work."""
+
+    runners: Sequence[Any]
+    results: Sequence[Any]
+
+    def batch(self, x: Any, y: Any, part: str, offset: int) -> None: ...
+
+    def feed(self, x: Any) -> dict[str, np.ndarray]: ...
+
+    def reference_of(self, x: Any) -> tuple[tuple[Any, ...], Any]: ...
+
+    def compare_with(self, inputs: tuple[Any, ...], ref: Any, answers: Sequence[Any], y: Any, part: str,
+                     offset: int) -> None: ...
+
+
+Part = tuple  # ("data" or "crafted", inputs, labels, offset), as validate.Part
 
 STEP_DTYPE = np.int8
 
@@ -174,7 +191,7 @@ def worth_overlapping(kind: str) -> bool:
     return kind == "tflite" and (os.cpu_count() or 1) >= 2
 
 
-def with_child(run: "Validation", plan: ChildPlan, parts: Iterator[Part], advance: Callable[[int], None],
+def with_child(run: BatchRun, plan: ChildPlan, parts: Iterator[Part], advance: Callable[[int], None],
                 total: int) -> None:
     """Batches in this process until the runtimes' projected time for the rest is worth a child process; then,
     once the child (started in the background) is ready, the rest overlapped with it."""
@@ -205,7 +222,7 @@ def with_child(run: "Validation", plan: ChildPlan, parts: Iterator[Part], advanc
             child.close()
 
 
-def _overlapped(run: "Validation", remote, parts: Iterator[Part], advance: Callable[[int], None]) -> None:
+def _overlapped(run: BatchRun, remote, parts: Iterator[Part], advance: Callable[[int], None]) -> None:
     """The child runs the runtimes on batch b while this process computes b's reference and compares b − 1.
 
     PyTorch here keeps to one thread meanwhile: the interpreter in the child has the other core to itself."""
