@@ -63,13 +63,13 @@ def runners_for(info: ArtifactInfo, device: str = "all", threads: int = 0) -> li
     """Every runtime on this machine that can execute the artifact on the requested device (``threads``:
     ONNX Runtime's intra-op threads, 0 for its default; the TFLite interpreters run one thread)."""
     if info.kind == "nir":
-        from .nir_file import load_graph
         from .nir_sim import NirSimRunner
         from .nir_snntorch import SnnTorchRunner, why_not
 
         if device not in ("cpu", "all"):
             return []
-        return [NirSimRunner(info)] + ([] if why_not(load_graph(info.path)) else [SnnTorchRunner(info)])
+        sim = NirSimRunner(info)
+        return [sim] + ([] if why_not(sim.graph) else [SnnTorchRunner(info)])
     if info.kind == "onnx" and info.metadata.get(md.ONNX_MODE) == "qonnx":
         from .qonnx_exec import QonnxRunner
 

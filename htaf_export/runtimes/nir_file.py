@@ -99,3 +99,30 @@ class TimeLoop:
             if "divide_by" in how:
                 totals[name] = (totals[name] / np.float32(how["divide_by"])).astype(np.float32)
         return {**totals, **found}
+
+
+class NirRunner:
+    """What both NIR backends share: the file's graph, the time loop, and the runner interface. A backend sets
+    ``name`` and defines ``_reset()`` and ``_step(feed)`` (see ``TimeLoop.run``)."""
+
+    name = "nir"
+    device = "cpu"
+
+    def __init__(self, info: ArtifactInfo) -> None:
+        self.info = info
+        self.loop = TimeLoop(info)
+        self.graph = load_graph(info.path)
+
+    @property
+    def inference_seconds(self) -> float:
+        return self.loop.inference_seconds
+
+    def _reset(self) -> None:
+        raise NotImplementedError
+
+    def _step(self, feed: dict[str, np.ndarray]):
+        raise NotImplementedError
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self.loop.run(inputs, self._reset, self._step)
+

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from .. import metadata as md
 from ..errors import BadInput
 from . import ArtifactInfo
-from .nir_file import TimeLoop, load_graph
+from .nir_file import NirRunner
 
 NAME = "nir-sim"
 
@@ -105,13 +105,12 @@ def _layer(node):
     raise BadInput(f"nir-sim cannot run a NIR {kind} node")
 
 
-class NirSimRunner:
+class NirSimRunner(NirRunner):
+    name = NAME
+
     def __init__(self, info: ArtifactInfo) -> None:
-        self.info = info
-        self.name = NAME
-        self.device = "cpu"
-        self.loop = TimeLoop(info)
-        graph = load_graph(info.path)
+        super().__init__(info)
+        graph = self.graph
         dt = float(json.loads(info.metadata[md.NIR_DT]))
         self.edges = list(graph.edges)
         self.order = _order(graph.nodes, self.edges)
@@ -121,10 +120,6 @@ class NirSimRunner:
                        if self.kinds[n] not in ("LIF", "LI", "IF", "Input", "Output")}
         self.dt = dt
         self.state: dict[str, Neuron] = {}
-
-    @property
-    def inference_seconds(self) -> float:
-        return self.loop.inference_seconds
 
     def _reset(self) -> None:
         self.state = {n: Neuron(node, self.dt) for n, node in self.neurons.items()}
@@ -144,6 +139,3 @@ class NirSimRunner:
         outputs = {n: values[n].numpy() for n in self.order if self.kinds[n] == "Output"}
         spikes = {n: values[n].numpy() for n in self.order if self.kinds[n] in ("LIF", "IF", "Threshold")}
         return outputs, spikes
-
-    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return self.loop.run(inputs, self._reset, self._step)

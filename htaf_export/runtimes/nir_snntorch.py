@@ -13,7 +13,7 @@ import io
 import numpy as np
 
 from . import ArtifactInfo
-from .nir_file import TimeLoop, load_graph
+from .nir_file import NirRunner
 
 NAME = "snntorch"
 LOADS = ("Input", "Output", "Affine", "Linear", "Conv2d", "Flatten", "AvgPool2d", "LIF")
@@ -39,17 +39,16 @@ def why_not(graph) -> str | None:
     return None
 
 
-class SnnTorchRunner:
+class SnnTorchRunner(NirRunner):
+    name = NAME
+
     def __init__(self, info: ArtifactInfo) -> None:
         import torch
         import snntorch as snn
         from snntorch.import_nir import import_from_nir
 
-        self.info = info
-        self.name = NAME
-        self.device = "cpu"
-        self.loop = TimeLoop(info)
-        graph = load_graph(info.path)
+        super().__init__(info)
+        graph = self.graph
         with contextlib.redirect_stdout(io.StringIO()):  # the importer prints its progress
             self.net = import_from_nir(graph)
         self.output = next(n for n, node in graph.nodes.items() if type(node).__name__ == "Output")
@@ -68,10 +67,6 @@ class SnnTorchRunner:
             self.spikes[name] = spikes.detach().numpy().copy()
         return record
 
-    @property
-    def inference_seconds(self) -> float:
-        return self.loop.inference_seconds
-
     def _reset(self) -> None:
         for module in self.leaky.values():
             module.reset_mem()
@@ -84,6 +79,3 @@ class SnnTorchRunner:
             result = self.net(*(torch.from_numpy(feed[n]) for n in self.info.input_names))
         out = result[0] if isinstance(result, tuple) else result
         return {self.output: out.detach().numpy()}, dict(self.spikes)
-
-    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return self.loop.run(inputs, self._reset, self._step)
