@@ -44,6 +44,7 @@ class IntegerGraph:
     fired: dict[int, tuple[ir.Value, str]] = field(default_factory=dict)  # id(float step value) → (bool, levels)
     encoded: dict[tuple[int, str], ir.Value] = field(default_factory=dict)  # (id(float value), levels) → uint8
     steps: list[tuple[str, ir.Value]] = field(default_factory=list)  # (step name, its bool)
+    decoded: dict[str, ir.Value] = field(default_factory=dict)  # step name → its float value
     lowered: list[LoweredLayer] = field(default_factory=list)
 
     def lower(self) -> None:
@@ -70,6 +71,7 @@ class IntegerGraph:
         fired.name = name + FIRED_SUFFIX
         self.fired[id(decode.outputs[0])] = (fired, levels)
         self.steps.append((name, fired))
+        self.decoded[name] = decode.outputs[0]
 
     # ---- binary layers -------------------------------------------------------------------------
 
@@ -141,12 +143,26 @@ class IntegerGraph:
         self.graph.append(copy)
         return copy.outputs[0]
 
-    def name_steps(self) -> None:
-        """After clean-up: a step's tensor is its float value where one is left, else its bool."""
-        present = {v.name for n in self.graph for v in n.outputs} | {v.name for v in self.graph.outputs}
+    def name_steps(self, twins: dict[int, ir.Value]) -> tuple[str, ...]:
+        """After clean-up: a step's tensor is its float value where one is left, else its bool, else the
+        channels-last twin of either (``channels_last``); → the names of the steps stored channels-last."""
+        present = {id(v) for n in self.graph for v in n.outputs} | {id(v) for v in self.graph.outputs}
+        by_name = {v.name: v for n in self.graph for v in n.outputs}
+        channels_last = []
         for name, fired in self.steps:
-            if name not in present and fired.name == name + FIRED_SUFFIX:
-                fired.name = name
+            value = by_name.get(name)
+            if value is not None and id(value) in present:
+                continue
+            if id(fired) in present:
+                if fired.name == name + FIRED_SUFFIX:
+                    fired.name = name
+                continue
+            twin = next((t for t in (twins.get(id(self.decoded.get(name))), twins.get(id(fired)))
+                         if t is not None and id(t) in present), None)
+            if twin is not None:
+                twin.name = name
+                channels_last.append(name)
+        return tuple(channels_last)
 
 
 def _decode(graph: ir.Graph, fired: ir.Value, levels: str, name: str) -> ir.Node:

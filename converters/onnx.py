@@ -74,14 +74,16 @@ def build(capture: Capture, provenance: Mapping[str, str], *, portable: bool = F
 
 
 def stamp(proto: onnx.ModelProto, capture: Capture, provenance: Mapping[str, str], mode: str,
-          packed: Sequence[PackedWeight] | None = None) -> None:
-    """Producer, IR version and the htaf metadata (provenance, tie, mode, steps, packed weights) of an ONNX file."""
+          packed: Sequence[PackedWeight] | None = None, extra: Mapping[str, str] | None = None) -> None:
+    """Producer, IR version and the htaf metadata (provenance, tie, mode, steps, packed weights, ``extra``) of an
+    ONNX file."""
     proto.ir_version = 10
     proto.producer_name = "htaf-export"
     meta = {**md.encode(provenance), md.TIE: _tie_of(capture), md.ONNX_MODE: mode,
             md.STEPS: json.dumps([s.to_dict() for s in capture.steps], sort_keys=True)}
     if packed is not None:
         meta[md.BINARY_WEIGHTS] = json.dumps([asdict(p) for p in packed], sort_keys=True)
+    meta.update(extra or {})
     del proto.metadata_props[:]
     for key in sorted(meta):
         proto.metadata_props.add(key=key, value=meta[key])

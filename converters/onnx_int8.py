@@ -2,6 +2,7 @@
 
     IR ─copy─▶ fuse binary layers (tflite_binary: integer thresholds, {±1, 0/1} inputs)
        ─▶ fold the other batch norms into step thresholds ─▶ integer layers and bool steps (integer_graph)
+       ─▶ channels-last between im2col products (channels_last; such step tensors are listed in the metadata)
        ─▶ 1-bit packed weights (float ±1 and two-level integers) ─▶ .onnx bytes
 
 The first layer on real inputs, the classifier's scale and everything that is not a binary layer stay float,
@@ -10,11 +11,13 @@ as in the ``onnx`` target. See ``int8_layers`` for the ops and why those, and do
 
 from __future__ import annotations
 
+import json
 from typing import Mapping
 
 import onnx
 import onnx_ir as ir
 
+from htaf_export import metadata as md
 from htaf_export.capture import Capture, cleanup
 from htaf_export.contracts import Conversion, LayerRow
 from htaf_export.errors import UnsupportedLayer
@@ -22,6 +25,7 @@ from htaf_export.ops import attach_step_functions
 from htaf_export.passes import PackBinaryWeights, PackIntegerWeights
 from htaf_export.targets import ExportOptions
 
+from .channels_last import to_channels_last
 from .integer_graph import IntegerGraph
 from .layer_ops import fused_ir
 from .onnx import packed_rows, stamp
@@ -39,12 +43,14 @@ def convert(capture: Capture, provenance: Mapping[str, str], options: ExportOpti
     model, refusals = fused_ir(capture, levels=INTEGER_LEVELS)
     lowering = IntegerGraph(model.graph)
     lowering.lower()
+    twins = to_channels_last(model)
     packed = PackIntegerWeights()(model).records + PackBinaryWeights()(model).records
     cleanup(model, fold=False)
-    lowering.name_steps()
+    channels_last = lowering.name_steps(twins)
     proto = ir.to_proto(model)
     attach_step_functions(proto)
-    stamp(proto, capture, provenance, MODE, packed)
+    stamp(proto, capture, provenance, MODE, packed,
+          {md.CHANNELS_LAST_STEPS: json.dumps(sorted(channels_last))} if channels_last else None)
     onnx.checker.check_model(proto, full_check=True)
     rows = [LayerRow(lw.layer.name, f"{lw.ops} ({lw.layer.mode})" if lw.form == "integer" else f"float {lw.ops}",
                      lw.reason or "; ".join(lw.layer.notes) or "exact integer sums") for lw in lowering.lowered]

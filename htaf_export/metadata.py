@@ -21,6 +21,7 @@ STEPS = "htaf_export.steps"
 # ONNX target
 ONNX_MODE = "htaf_export.mode"
 BINARY_WEIGHTS = "htaf_export.binary_weights"
+CHANNELS_LAST_STEPS = "htaf_export.channels_last_steps"  # step tensors an onnx-int8 file stores as NHWC
 # TFLite targets
 TFLITE_IO = "htaf_export.tflite.io"
 TFLITE_STEP_SLOTS = "htaf_export.tflite.step_slots"

@@ -84,13 +84,17 @@ def zeros_among_signs(array: np.ndarray, axis: int = 0) -> int:
     return int(np.sum(array == 0))
 
 
+MODULE_PARAMETERS = ("weight", "bias", "latent")  # what torch's and this package's layers call their parameters
 DERIVED_SUFFIXES = (".packed", ".unpacked", ".shape", ".numel", ".scale", ".bipolar")
 
 
 def layer_of(weight_name: str) -> str:
     """The layer a weight tensor belongs to: its parameter name without the parameter itself
-    (``layers.conv2.weight`` → ``layers.conv2``, ``bconv.latent.packed`` → ``bconv``)."""
+    (``layers.conv2.weight`` → ``layers.conv2``, ``bconv.latent.packed`` → ``bconv``). A parameter a user
+    named (``body.k1``, or ``kernels.0`` of a ParameterList) is its own layer: two of them in one module are
+    two layers."""
     name = weight_name
     for suffix in DERIVED_SUFFIXES:
         name = name.removesuffix(suffix)
-    return name.rsplit(".", 1)[0] if "." in name else name
+    owner, _, parameter = name.rpartition(".")
+    return owner if owner and parameter in MODULE_PARAMETERS else name

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -130,12 +131,23 @@ class OnnxRuntimeRunner:
         started = time.perf_counter()
         values = self.session.run(self.outputs, feed)
         self.inference_seconds += time.perf_counter() - started
-        return decode_steps(dict(zip(self.outputs, values)), self.info.steps)
+        return decode_steps(dict(zip(self.outputs, values)), self.info.steps, channels_last(self.info.metadata))
 
 
-def decode_steps(values: dict[str, np.ndarray], steps: Sequence[StepSpec]) -> dict[str, np.ndarray]:
-    """Step tensors an integer graph keeps as bools ("fired") as the step's float values."""
+def channels_last(metadata: Mapping[str, str]) -> frozenset[str]:
+    """The step tensors a file stores channels-last (NHWC): onnx-int8 between im2col products."""
+    try:
+        return frozenset(json.loads(metadata.get(md.CHANNELS_LAST_STEPS, "[]")))
+    except ValueError:
+        raise BadInput(f"unreadable {md.CHANNELS_LAST_STEPS} metadata") from None
+
+
+def decode_steps(values: dict[str, np.ndarray], steps: Sequence[StepSpec], nhwc: frozenset[str] = frozenset()
+                 ) -> dict[str, np.ndarray]:
+    """Step tensors an integer graph keeps as bools ("fired") as the step's float values, in NCHW."""
     for s in steps:
+        if s.tensor in nhwc and s.tensor in values:
+            values[s.tensor] = values[s.tensor].transpose(0, 3, 1, 2)
         fired = values.get(s.tensor)
         if fired is not None and fired.dtype == np.bool_:
             values[s.tensor] = (fired.astype(np.float32) if s.levels == "01"
