@@ -214,3 +214,36 @@ def test_the_graph_matches_a_brevitas_export_node_for_node(kind, tmp_path):
         name = next(i.name for i in model.graph.input if i.name not in constants)
         outs.append(execute_onnx(model, {name: x})[model.graph.output[0].name])
     np.testing.assert_allclose(outs[0], outs[1], rtol=1e-6, atol=1e-6)
+
+
+class FlippedNorm(nn.Module):
+    """A user's batch norm with negative scales before a {0, 1} step: the fold reverses those channels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 5)
+        self.bn = nn.BatchNorm1d(5)
+        self.act = HTAF(levels="01")
+        self.out = nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.act(self.bn(self.fc(x))))
+
+
+@pytest.mark.parametrize("fmt", ["pt2", "pickle"])
+def test_negative_batch_norm_scales_before_a_step_export(tmp_path, fmt):
+    torch.manual_seed(0)
+    model = FlippedNorm().eval()
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-0.5, 0.5)
+        model.bn.running_var.uniform_(0.5, 2)
+        model.bn.weight.copy_(torch.tensor([1.0, -1.0, 0.5, -2.0, 1.0]))
+    path = tmp_path / f"flipped.{'pt2' if fmt == 'pt2' else 'pt'}"
+    if fmt == "pt2":
+        torch.export.save(torch.export.export(model, (torch.zeros(2, 6),),
+                                              dynamic_shapes=({0: torch.export.Dim("batch")},)), path)
+    else:
+        torch.save(model, path)
+    result = _export(path, tmp_path / "flipped.qonnx.onnx", input_shape=[6], trust_pickle=fmt == "pickle")
+    assert result.report.passed, result.report.failure_line()
+    assert _ops(result.artifact) == {"MultiThreshold": 1}

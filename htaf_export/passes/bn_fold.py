@@ -124,9 +124,11 @@ class FoldBatchNorm(RewriteRuleClassBase):
             source = op.Mul(x, s_value)
             source.producer().name = f"{name}/direction"
             source.name = f"{name}.directed_input"
+            source.shape, source.dtype = x.shape, x.dtype  # a per-channel sign keeps the shape (qonnx needs the rank)
         out = getattr(op, self.op)(source, t_value, tie=tie.as_string(), _domain=HTAF_DOMAIN,
                                    _version=HTAF_OPSET_VERSION)
         out.producer().name = step.name
+        out.shape, out.dtype = stepped.shape, stepped.dtype
         out.metadata_props.update(stepped.metadata_props)  # the step's output keeps what the exporter said of it
         return out
 
