@@ -78,32 +78,40 @@ def time_slices(model: ir.Model, capture: Capture
     steps with the (site, call) they were read with.
 
     A site called T > 1 times is first read as a LIF layer unrolled over T steps; when that fails, as T separate
-    Heaviside layers (a step function a deep network calls once per layer). Steps that are all separate sites
-    (a traced graph names them by op) are read as Heaviside layers, else regrouped by the weights they read into
-    LIF layers (``steps_by_weights``). When both fail, the refusal reported is the spiking one if a LIF layer was
-    found (it names what the model would have to change)."""
+    Heaviside layers (a step function a deep network calls once per layer). Steps are grouped into layers by
+    site, else by the weights they read (``_groupings``). When both fail, the refusal reported is the spiking one
+    if a LIF layer was found (it names what the model would have to change)."""
     graph = model.graph
     for spec in capture.steps:
         if spec.op != "Heaviside":
             raise UnsupportedLayer(spec.site, "it is a ±1 sign; NIR neurons fire 0 or 1")
     shapes = inferred_shapes(model)
     spiking_refusal: UnsupportedLayer | None = None
-    regrouped = steps_by_weights(graph, capture.steps) if len({s.site for s in capture.steps}) == len(capture.steps) \
-        else capture.steps
-    if regrouped is not None and max(Counter(s.site for s in regrouped).values()) > 1:
+    for grouping in _groupings(graph, capture.steps):
         try:
-            spiking = replace(capture, steps=regrouped)
-            return (*_spiking(graph, spiking, Counter(s.site for s in regrouped), shapes), regrouped)
+            spiking = replace(capture, steps=grouping)
+            return (*_spiking(graph, spiking, Counter(s.site for s in grouping), shapes), grouping)
         except NotALif:
             pass
         except UnsupportedLayer as e:
-            spiking_refusal = e
+            spiking_refusal = spiking_refusal or e
     try:
         return _feed_forward(graph, capture, shapes), 1, readouts(graph, capture, 1)[1], capture.steps
     except UnsupportedLayer:
         if spiking_refusal is not None:
             raise spiking_refusal from None
         raise
+
+
+def _groupings(graph: ir.Graph, steps: tuple[StepSpec, ...]) -> list[tuple[StepSpec, ...]]:
+    """The ways to read the steps as LIF layers called more than once, in order: by site as captured (a module
+    called per time step), then by the weights they read (a traced graph, or one module's hand-written loop with
+    two layers: their comparisons share the module's site)."""
+    found = [steps] if len({s.site for s in steps}) < len(steps) else []
+    by_weights = steps_by_weights(graph, steps)
+    if by_weights is not None and by_weights != steps:
+        found.append(by_weights)
+    return found
 
 
 def _feed_forward(graph: ir.Graph, capture: Capture, shapes: dict) -> list[SliceGraph]:

@@ -206,7 +206,10 @@ def steps_by_weights(graph: ir.Graph, steps: tuple[StepSpec, ...]) -> tuple[Step
     sizes = {len(g) for g in groups.values()}
     if len(sizes) != 1 or sizes == {1}:
         return None
-    return tuple(StepSpec(s.tensor, g[0].site, s.op, s.tie, k) for g in groups.values() for k, s in enumerate(g))
+    sites: list[str] = []
+    for g in groups.values():  # a hand-written loop's layers share their module's site: number the later ones
+        sites.append(g[0].site if g[0].site not in sites else f"{g[0].site}_{len(sites)}")
+    return tuple(StepSpec(s.tensor, site, s.op, s.tie, k) for site, g in zip(sites, groups.values()) for k, s in enumerate(g))
 
 
 def _weights_behind(value: ir.Value | None, stop: set[str]) -> frozenset[str]:

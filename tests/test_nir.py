@@ -273,3 +273,39 @@ def test_a_damaged_nir_file_is_one_line_exit_2(zero_reset_snn, tmp_path, capsys)
     assert cli.main(["inspect", str(bad)]) == 2
     errors = capsys.readouterr().err.strip().splitlines()
     assert len(errors) == 2 and all("not a readable NIR file" in e for e in errors)
+
+
+class TwoLayerLoop(torch.nn.Module):
+    """A user's hand-written two-layer zero-reset LIF loop with plain comparisons: both layers' steps belong to
+    the one module, so they share its site and are told apart by the weights they read."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = torch.nn.Linear(12, 9), torch.nn.Linear(9, 4), torch.nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        v1, v2, count = torch.zeros(x.shape[0], 9), torch.zeros(x.shape[0], 4), 0
+        drive = self.fc1(x)
+        for _ in range(4):
+            v1 = 0.8 * v1 + drive
+            s1 = (v1 >= 1.0).float()
+            v1 = v1 * (1 - s1)
+            v2 = 0.8 * v2 + self.fc2(s1)
+            s2 = (v2 >= 1.0).float()
+            v2 = v2 * (1 - s2)
+            count = count + self.fc3(s2)
+        return count
+
+
+@pytest.mark.parametrize("fmt", ["pt2", "torchscript"])
+def test_a_hand_written_two_layer_loop_becomes_two_lif_layers(tmp_path, fmt):
+    torch.manual_seed(0)
+    model, x = TwoLayerLoop().eval(), torch.randn(2, 12)
+    path = tmp_path / f"loop.{'pt2' if fmt == 'pt2' else 'ts.pt'}"
+    if fmt == "pt2":
+        torch.export.save(torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim("batch")},)), path)
+    else:
+        torch.jit.save(torch.jit.trace(model, x), str(path))
+    result = _export(path, tmp_path / "loop.nir", input_shape=[12])
+    assert result.report.passed, result.report.failure_line()
+    assert sorted(_nodes(result.artifact).values()).count("LIF") == 2
