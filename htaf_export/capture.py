@@ -13,8 +13,8 @@ import io
 import logging
 import re
 import warnings
-from dataclasses import dataclass
-from typing import Sequence
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
 
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
@@ -27,6 +27,7 @@ from . import outputs
 from .contracts import StepSpec
 from .errors import BadInput, UnsupportedLayer
 from .nn.modules import set_eval
+from .origins import origins
 from .ops import HTAF_DOMAIN, OPSET, STEP_OPS
 from .passes.fold_weights import FoldWeightExpressions
 from .passes.plain_steps import RecognisePlainSteps
@@ -48,6 +49,7 @@ class Capture:
     steps: tuple[StepSpec, ...] = ()
     streaming: bool = False
     notes: tuple[str, ...] = ()  # what capture changed that a user should know (weights snapped to ±scale)
+    origins: Mapping[str, str] = field(default_factory=dict)  # node/tensor name → the user's source line
 
     @property
     def step_tensors(self) -> list[str]:
@@ -235,6 +237,7 @@ def capture(hardened: nn.Module, input_shape: Sequence[int] | Sequence[Sequence[
     shapes = as_shapes(input_shape)
     module, args, in_names, out_names, dyn = _entry(hardened, shapes, output_names, streaming, input_names)
     model = _torch_export(module, args, in_names, out_names, dyn)
+    lines = origins(model)
     # Traced programs (TorchScript, .pt2) hold their steps as plain comparisons: lift them to htaf ops.
     folded = FoldWeightExpressions()(model).records
     fold_constants(model)
@@ -249,4 +252,4 @@ def capture(hardened: nn.Module, input_shape: Sequence[int] | Sequence[Sequence[
     notes = tuple(f"weights {f.weight} snapped to exactly ±scale per channel (largest relative change "
                   f"{f.snapped_change:.1e}: the straight-through form w + (α·sign(w) − w) rounds α by an ulp)"
                   for f in folded if f.snapped_change)
-    return Capture(model, tuple(in_names), tuple(out_names), tuple(steps), streaming, notes)
+    return Capture(model, tuple(in_names), tuple(out_names), tuple(steps), streaming, notes, lines)

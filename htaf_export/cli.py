@@ -151,6 +151,11 @@ def run_inspect(argv: Sequence[str]) -> int:
 
         render_nir(Path(args.model), Console())
         return 0
+    if args.model.endswith((".onnx", ".tflite")):
+        from .inspect_artifact import render_artifact
+
+        render_artifact(Path(args.model), Console())
+        return 0
     from . import io
     from .data import load_npz
     from .inspect import render, summarize

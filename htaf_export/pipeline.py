@@ -22,6 +22,7 @@ from .capture import Capture, capture
 from .contracts import Conversion
 from .data import Batches, Dataset, NpzBatches, digits
 from .errors import BadInput, UnsupportedLayer
+from .origins import located
 from .files import atomic_write_bytes, check_writable
 from .harden import HardenResult, harden, record_every_step
 from .io import LoadedModel, load, resolve
@@ -119,7 +120,10 @@ def convert(cap: Capture, target: Target, provenance_: Mapping[str, str], option
     """The target's converter, then its runtime finishing stage (if any), which may run ``hardened``."""
     if options.streaming and target.name != "onnx":
         raise BadInput("--snn-mode streaming is available for --target onnx only")
-    conversion = target.function("converter")(cap, provenance_, options)
+    try:
+        conversion = target.function("converter")(cap, provenance_, options)
+    except UnsupportedLayer as e:
+        raise located(e, cap.origins) from None
     if target.finish:
         conversion = target.function("finish")(conversion, cap, options, step_oracle(hardened, cap))
     return replace(conversion, notes=(*cap.notes, *conversion.notes))

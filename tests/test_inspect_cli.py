@@ -262,3 +262,34 @@ def test_subprocess_bad_input_exit_code_and_one_line(tmp_path):
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith("htaf-export: error:") and str(bad) in lines[0]
     assert "Traceback" not in proc.stderr and proc.stdout == ""
+
+
+# ---------------------------------------------------------------------------------------- exported files
+
+
+def test_inspect_an_exported_file_shows_its_metadata(sample_paths, tmp_path, capsys, wide):
+    artifact = tmp_path / "cnn.int8.onnx"
+    htaf_export.export(sample_paths["bnn_cnn"], "onnx-int8", artifact, validate_artifact=False)
+    capsys.readouterr()
+    code, out, err = _run(capsys, "inspect", artifact)
+    assert code == 0 and err == "", err
+    for expected in ("onnx-int8", "bnn_cnn", "Sign (ge)", "weights at 1 bit each", "htaf-export validate MODEL"):
+        assert expected in out, out
+
+
+@pytest.mark.parametrize("case", ["garbage", "foreign"])
+def test_inspect_a_bad_exported_file_is_one_line(case, tmp_path, capsys):
+    path = tmp_path / "m.onnx"
+    if case == "garbage":
+        _garbage(path)
+    else:  # a valid ONNX file another tool wrote
+        import onnx
+        from onnx import helper
+
+        graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                                  [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+                                  [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])])
+        onnx.save(helper.make_model(graph), path)
+    code, out, err = _run(capsys, "inspect", path)
+    line = _one_error_line(code, err)
+    assert out == "" and str(path.name) in line

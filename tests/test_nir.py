@@ -15,6 +15,7 @@ import htaf_export
 from htaf_export import cli
 from htaf_export.converters.nir_graph import DT, lif_parameters
 from htaf_export.models.snn import SnnMLP
+from htaf_export.nn import HTAF
 
 nir = pytest.importorskip("nir")
 
@@ -309,3 +310,26 @@ def test_a_hand_written_two_layer_loop_becomes_two_lif_layers(tmp_path, fmt):
     result = _export(path, tmp_path / "loop.nir", input_shape=[12])
     assert result.report.passed, result.report.failure_line()
     assert sorted(_nodes(result.artifact).values()).count("LIF") == 2
+
+
+class ResidualHeaviside(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = torch.nn.Linear(6, 6), torch.nn.Linear(6, 6)
+        self.s1, self.s2 = HTAF(levels="01"), HTAF(levels="01")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.s1(self.fc1(x))
+        return self.s2(self.fc2(a) + a)  # the sum NIR cannot express
+
+
+def test_a_refusal_of_an_exporters_node_names_the_users_source_line(tmp_path, capsys):
+    path = tmp_path / "residual.pt2"
+    program = torch.export.export(ResidualHeaviside().eval(), (torch.zeros(2, 6),),
+                                  dynamic_shapes=({0: torch.export.Dim("batch")},))
+    torch.export.save(program, path)
+    assert cli.main([str(path), "--target", "nir", "-o", str(tmp_path / "r.nir")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert "(from test_nir.py:" in err and "self.s2(self.fc2(a) + a)" in err, err
+    assert not (tmp_path / "r.nir").exists()
