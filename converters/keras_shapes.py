@@ -47,7 +47,38 @@ def shape_only(b: KerasBuilder, node: ir.Node) -> list[Val]:
         return reshape(b, node)
     if node.op_type == "Concat":
         return concat(b, node)
+    if node.op_type == "Slice":
+        return crop(b, node)
     raise UnsupportedLayer(node.name, f"{node.op_type} on tensors is not supported")
+
+
+def crop(b: KerasBuilder, node: ir.Node) -> list[Val]:
+    """A Slice with constant bounds (``y[:, :, 1:4, :5]``, every step positive), on the PyTorch tensor."""
+    x = b.get(node.inputs[0])
+    if x.tensor is None:
+        raise UnsupportedLayer(node.name, "Slice of a constant that capture did not fold")
+    bounds = [b.get(v).const if v is not None else None for v in node.inputs[1:5]]
+    if any(c is None for v, c in zip(node.inputs[1:5], bounds) if v is not None):
+        raise UnsupportedLayer(node.name, "Slice with bounds computed at run time")
+    starts, ends = (np.asarray(c).reshape(-1) for c in bounds[:2])
+    axes = np.asarray(bounds[2]).reshape(-1) if bounds[2] is not None else np.arange(len(starts))
+    steps = np.asarray(bounds[3]).reshape(-1) if bounds[3] is not None else np.ones(len(starts), np.int64)
+    x = b.to_plain(b.real(node.inputs[0]))
+    rank = len(x.shape) + 1
+    index, shape = [slice(None)] * rank, list(x.shape)
+    for axis, start, end, step in zip(axes, starts, ends, steps):
+        axis = int(axis) % rank
+        if step <= 0:
+            raise UnsupportedLayer(node.name, "Slice with a negative step")
+        if axis == 0:
+            if start != 0 or end < np.iinfo(np.int32).max or step != 1:
+                raise UnsupportedLayer(node.name, "Slice across the batch axis")
+            continue
+        index[axis] = slice(int(max(start, -2**31)), int(min(end, 2**31 - 1)), int(step))
+        shape[axis - 1] = len(range(*index[axis].indices(shape[axis - 1])))
+    taken = tuple(index)
+    t = b.lam(lambda z: z[taken], x.tensor, node.name or "slice")
+    return [b.to_canonical(Val(t, tuple(shape), "plain", presign=x.presign))]
 
 
 def reshape(b: KerasBuilder, node: ir.Node) -> list[Val]:

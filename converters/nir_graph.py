@@ -230,10 +230,9 @@ class SliceGraph:
             scale = np.broadcast_to(weight.astype(np.float32).reshape(_broadcastable(weight, shape)), shape)
             return nir.Scale(np.ascontiguousarray(scale)), f"{node.name or 'scale'}", x
         if op == "Add" and all(const_array(v) is None for v in node.inputs):
-            raise UnsupportedLayer(node.name or op, "it adds two computed tensors (a residual sum, or a membrane "
-                                   "carried between time steps that was not recognised; a TorchScript file does not "
-                                   "name its time steps' spikes: save a spiking model with torch.export or as a "
-                                   "checkpoint)")
+            raise UnsupportedLayer(node.name or op, "it adds two computed tensors: NIR has no node for a residual "
+                                   "sum, and a membrane carried between time steps is recognised only in the forms "
+                                   "docs/nir.md lists")
         raise UnsupportedLayer(node.name or op, f"{op} has no NIR node that computes it exactly "
                                "(NIR carries Affine/Linear, Conv2d, AvgPool2d, Flatten and Scale between neurons)")
 

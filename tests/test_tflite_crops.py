@@ -1,0 +1,63 @@
+"""A crop written as tensor slicing (``y[:, :, 1:-1, 2:]``) reaches every TFLite target as a strided slice."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import io
+import os
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")  # before anything imports TensorFlow: larq needs Keras 2
+if importlib.util.find_spec("tensorflow") is None or importlib.util.find_spec("larq_compute_engine") is None:
+    pytest.skip("TFLite targets need the [tflite] extra", allow_module_level=True)
+
+import htaf_export  # noqa: E402
+from htaf_export import tflite_file as tfl  # noqa: E402
+from htaf_export.nn import HTAF, BinaryConv2d  # noqa: E402
+
+SHAPE = (2, 9, 12)
+
+
+class CroppedNet(nn.Module):
+    """A user's net that crops its feature map between a float stem and a binary conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.stem_bn, self.sign = nn.Conv2d(2, 8, 3, padding=1), nn.BatchNorm2d(8), HTAF(levels="pm1")
+        self.body, self.body_bn, self.fire = BinaryConv2d(8, 6, 3), nn.BatchNorm2d(6), HTAF(levels="pm1")
+        self.head = nn.Linear(6 * 5 * 8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.sign(self.stem_bn(self.stem(x)))[:, :, 1:-1, 2:]  # 9x12 → 7x10
+        return self.head(self.fire(self.body_bn(self.body(h))).flatten(1))  # 3x3 conv: 5x8
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["pt2", "torchscript"])
+@pytest.mark.parametrize("target", ["tflite", "tflite-float"])
+def test_a_crop_exports_to_tflite_with_parity(tmp_path, fmt, target):
+    torch.manual_seed(2)
+    model, x = CroppedNet().eval(), torch.randn(2, *SHAPE)
+    with torch.no_grad():
+        for bn in (model.stem_bn, model.body_bn):
+            bn.running_mean.uniform_(-1, 1)
+            bn.running_var.uniform_(0.5, 2)
+    path = tmp_path / f"cropped.{'pt2' if fmt == 'pt2' else 'ts.pt'}"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if fmt == "pt2":
+            torch.export.save(torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim("batch")},)), path)
+        else:
+            model.body.freeze()  # a trace cannot record the binary layer's autograd function
+            torch.jit.save(torch.jit.trace(model, x), str(path))
+    with contextlib.redirect_stdout(io.StringIO()):
+        result = htaf_export.export(path, target, tmp_path / "m.tflite", input_shape=list(SHAPE), device="cpu")
+    assert result.report.passed, result.report.failure_line()
+    ops = tfl.op_names(tfl.read_model(result.artifact.read_bytes()))
+    assert "STRIDED_SLICE" in ops, ops
+    assert target != "tflite" or any("Lce" in op for op in ops), ops
