@@ -38,7 +38,7 @@ Certified ties are explained in ``htaf_export.certify``.
 Memory and time are bounded: at most ``max_keys`` site calls, ``2·units`` single-term and
 ``units/2`` per data seed searches each, three inputs per search, evaluated in chunks of ``CHUNK``
 rows; every probe stops the forward pass right after the last site call it needs. When one search
-would not fit ``BUDGET_S`` seconds in all, only the first site call is searched, with fewer units.
+would not fit ``BUDGET_FLOPS`` operations in all, only the first site call is searched, with fewer units.
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from .nn.modules import set_eval
 from .certify import CraftedPoint, certify
@@ -58,7 +59,9 @@ from .reference import forward_recording
 
 CHUNK = 64
 SMALL_MODEL = 2_000_000  # parameters
-BUDGET_S = 6.0  # crafting time aimed at: fewer searches on a model whose forward pass is slow
+# crafting work aimed at (a few seconds here): fewer searches on a model whose forward pass is costly. Counted in
+# floating-point operations, not timed, so that the same model gets the same crafted inputs everywhere.
+BUDGET_FLOPS = 60e9
 PASSES = 60  # forward passes one search costs, roughly (Newton steps, bracketing, bisection, checks)
 NEWTON_STEPS = 4
 EXPAND_STEPS = 12
@@ -250,29 +253,31 @@ def _candidates(keys: list, zero: np.ndarray, data: np.ndarray, units: int, rng)
     return np.stack(bases).astype(np.float32), np.array(key_of), np.array(unit_of), np.array(family)
 
 
+def _flops_per_row(probe: _Probe, base, key_a, unit_a) -> float:
+    """Multiply-adds (×2) of the probe's forward pass per input row: a count, not a timing, so the crafted set is
+    the same on every machine and under any load."""
+    sample = slice(0, min(4, len(base)))
+    with FlopCounterMode(display=False) as counter:
+        probe(base[sample], key_a[sample], unit_a[sample])
+    return counter.get_total_flops() / max(sample.stop, 1)
+
+
 def _within_budget(probe: _Probe, key_list: list, base, key_a, unit_a, fam, notes: list[str]) -> tuple:
-    """Time budget: measure one chunk; on a slow model keep the first site call only (the forward pass then
+    """Work budget: on a model too costly to search fully, keep the first site call only (the forward pass then
     stops right after it) and as many searches as fit, single-term ones first."""
-    sample = slice(0, min(CHUNK, len(base)))
-    probe(base[sample], key_a[sample], unit_a[sample])  # warm-up
-    started = time.perf_counter()
-    probe(base[sample], key_a[sample], unit_a[sample])
-    per_row = (time.perf_counter() - started) / (sample.stop - sample.start)
-    fit = int(BUDGET_S / max(per_row * PASSES, 1e-9))
+    fit = int(BUDGET_FLOPS / max(_flops_per_row(probe, base, key_a, unit_a) * PASSES, 1.0))
     if fit >= len(base):
         return base, key_a, unit_a, fam
     first = key_a == 0
     base, key_a, unit_a, fam = base[first], key_a[first], unit_a[first], fam[first]
     probe.keys = key_list[:1]
-    started = time.perf_counter()
-    probe(base[sample], key_a[sample], unit_a[sample])
-    per_row = (time.perf_counter() - started) / len(base[sample])
-    fit = int(BUDGET_S / max(per_row * PASSES, 1e-9))
+    per_row = _flops_per_row(probe, base, key_a, unit_a)
+    fit = int(BUDGET_FLOPS / max(per_row * PASSES, 1.0))
     total = len(base)
     order = np.concatenate([np.where(fam == "single-term")[0], np.where(fam == "data")[0]])
     keep = np.sort(order[:max(fit, 4)])
-    notes.append(f"the model is slow to reach its later step sites: only the first ({key_list[0][0]}) was "
-                 f"searched, {len(keep)} of {total} searches ({per_row * 1e3:.1f} ms per input)")
+    notes.append(f"the model is costly to reach its later step sites: only the first ({key_list[0][0]}) was "
+                 f"searched, {len(keep)} of {total} searches ({per_row / 1e6:.0f} MFLOP per input)")
     return base[keep], key_a[keep], unit_a[keep], fam[keep]
 
 

@@ -99,6 +99,22 @@ def test_spiking_model_gets_certified_exact_ties_that_the_artifact_reproduces(ex
     assert t0.tie_flips == 0 and t0.tie_violations == 0
 
 
+def test_crafted_inputs_do_not_depend_on_the_machines_speed(load_sample, monkeypatch):
+    """The same model gets the same crafted inputs on a slow or busy machine: the work budget is counted."""
+    import htaf_export.crafted as crafted_module
+
+    loaded = load_sample("bnn_cnn")
+    model = harden(loaded.module).model
+    normal = craft(model, loaded.input_shape)
+    clock = iter(range(10**6))
+    monkeypatch.setattr(crafted_module.time, "perf_counter", lambda: float(next(clock)))  # every call: 1 s later
+    slow = craft(model, loaded.input_shape)
+    assert len(normal.x) > 0 and np.array_equal(normal.x, slow.x)
+    monkeypatch.setattr(crafted_module, "BUDGET_FLOPS", 1.0)  # a model too costly to search fully: fewer searches
+    cut = craft(model, loaded.input_shape)
+    assert 0 < len(cut.x) < len(normal.x) and any("costly" in n for n in cut.notes)
+
+
 def test_crafted_roles_are_measured_not_assumed(load_sample):
     loaded = load_sample("snn_mlp")
     model = harden(loaded.module).model
