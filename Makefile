@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
-	$(VENV)/bin/pip install --quiet -e ".[cpu,tflite,distributed,qonnx,nir,reference,dev]"
+	$(VENV)/bin/pip install --quiet -e ".[cpu,tflite,micro,distributed,qonnx,nir,reference,dev]"
 	touch $(STAMP)
 
 .PHONY: install demo test bench

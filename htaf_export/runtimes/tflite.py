@@ -136,7 +136,7 @@ def uses_lce(data: bytes) -> bool:
 
 def tflite_runners(info: ArtifactInfo, device: str = "all") -> list[_TfliteRunner]:
     """CPU only. The LCE interpreter with both kernels for the bit-packed target (and any file with LCE ops);
-    the stock TFLite interpreter for every file without LCE ops."""
+    the stock TFLite interpreter for every file without LCE ops, and TFLite Micro's where it is installed."""
     if device == "cuda":
         return []
     lce = uses_lce(Path(info.path).read_bytes())
@@ -145,6 +145,10 @@ def tflite_runners(info: ArtifactInfo, device: str = "all") -> list[_TfliteRunne
         runners += [LceRunner(info, kernel) for kernel in LCE_KERNELS]
     if not lce:
         runners.append(StockTfliteRunner(info))
+        from .tflite_micro import MicroRunner, available
+
+        if available():
+            runners.append(MicroRunner(info))
     return runners
 
 

@@ -1,0 +1,46 @@
+"""TensorFlow Lite for Microcontrollers' interpreter (its reference kernels, run here on the host) as a validation
+backend for files that use builtin ops only (``tflite-float``, ``tflite-int8``): the file a microcontroller would
+run, checked tensor by tensor like on every other runtime. Optional: ``pip install -e .[micro]``."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+
+from ..errors import BadInput
+from ..tflite_file import read_model
+from . import ArtifactInfo
+from .tflite import _TfliteRunner
+
+NAME = "tflite-micro"
+ARENA_FLOOR = 4 << 20  # bytes: TFLM plans every tensor into one arena, fixed when the interpreter is made
+
+
+def available() -> bool:
+    return importlib.util.find_spec("tflite_micro") is not None
+
+
+class MicroRunner(_TfliteRunner):
+    """One sample at a time, as on the device; the arena is sized from the file (activations, not weights)."""
+
+    name = NAME
+
+    def __init__(self, info: ArtifactInfo) -> None:
+        super().__init__(info)
+        from tflite_micro.python.tflite_micro import runtime
+
+        arena = max(ARENA_FLOOR, 8 * len(self.data))
+        try:
+            self.interpreter = runtime.Interpreter.from_bytes(self.data, arena_size=arena)
+        except (RuntimeError, ValueError) as e:
+            raise BadInput(f"TFLite Micro cannot load {info.path}: {str(e).splitlines()[0][:200]}") from None
+        subgraph = read_model(self.data).subgraphs[0]
+        self.input_positions = {int(index): k for k, index in enumerate(subgraph.inputs)}
+        self.outputs = [int(i) for i in subgraph.outputs]
+
+    def _invoke(self, sample: list[np.ndarray]) -> dict[int, np.ndarray]:
+        for slot, x in zip(self.inputs, sample):
+            self.interpreter.set_input(np.ascontiguousarray(x), self.input_positions[slot.index])
+        self.interpreter.invoke()
+        return {index: self.interpreter.get_output(k).copy() for k, index in enumerate(self.outputs)}
