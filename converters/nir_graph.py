@@ -244,10 +244,9 @@ class SliceGraph:
             raise UnsupportedLayer(layer_of(node.inputs[1].name), "asymmetric padding has no NIR Conv2d form")
         bias = const_array(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
         bias = np.zeros(weight.shape[0], np.float32) if bias is None else bias
-        return nir.Conv2d(input_shape=self.shape(node.inputs[0])[1:], weight=weight.astype(np.float32),
+        return nir.Conv2d(input_shape=self.shape(node.inputs[0])[1:], weight=_ungrouped(weight, int(attr(node, "group", 1))),
                           stride=tuple(attr(node, "strides", [1, 1])), padding=tuple(pads[:2]),
-                          dilation=tuple(attr(node, "dilations", [1, 1])), groups=int(attr(node, "group", 1)),
-                          bias=bias.astype(np.float32))
+                          dilation=tuple(attr(node, "dilations", [1, 1])), groups=1, bias=bias.astype(np.float32))
 
     def _pool(self, node: ir.Node):
         import nir
@@ -295,3 +294,18 @@ def _shape_text(made) -> str:
 def _describe(neuron: Neuron) -> str:
     theta = np.unique(neuron.threshold)
     return f"θ {float(theta[0]):g}" if theta.size == 1 else f"θ per neuron ({theta.size} values)"
+
+
+def _ungrouped(weight: np.ndarray, groups: int) -> np.ndarray:
+    """A grouped (or depthwise) conv's weight as the block-diagonal weight of one ungrouped conv: the same sums
+    (the other groups' terms are exact zeros). NIR readers differ in how they treat ``groups`` (nir 1.0.8's own
+    type check ignores it), an ungrouped Conv2d every one reads alike."""
+    weight = weight.astype(np.float32)
+    if groups == 1:
+        return weight
+    out_c, per_group = weight.shape[:2]
+    dense = np.zeros((out_c, per_group * groups, *weight.shape[2:]), np.float32)
+    step = out_c // groups
+    for g in range(groups):
+        dense[g * step:(g + 1) * step, g * per_group:(g + 1) * per_group] = weight[g * step:(g + 1) * step]
+    return dense

@@ -333,3 +333,26 @@ def test_a_refusal_of_an_exporters_node_names_the_users_source_line(tmp_path, ca
     assert err.count("\n") == 1 and "Traceback" not in err
     assert "(from test_nir.py:" in err and "self.s2(self.fc2(a) + a)" in err, err
     assert not (tmp_path / "r.nir").exists()
+
+
+class DepthwiseHeaviside(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.s1 = torch.nn.Conv2d(1, 4, 3, padding=1), HTAF()
+        self.dw, self.s2 = torch.nn.Conv2d(4, 4, 3, padding=1, groups=4), HTAF()
+        self.fc = torch.nn.Linear(4 * 64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.s2(self.dw(self.s1(self.c1(x)))).flatten(1))
+
+
+def test_a_depthwise_conv_becomes_one_block_diagonal_nir_conv(tmp_path):
+    torch.manual_seed(0)
+    path = tmp_path / "dw.pt2"
+    torch.export.save(torch.export.export(DepthwiseHeaviside().eval(), (torch.randn(2, 1, 8, 8),),
+                                          dynamic_shapes=({0: torch.export.Dim("batch")},)), path)
+    result = _export(path, tmp_path / "dw.nir")
+    assert result.report.passed, result.report.failure_line()
+    convs = [n for n in nir.read(result.artifact).nodes.values() if type(n).__name__ == "Conv2d"]
+    dw = next(n for n in convs if n.weight.shape[0] == 4 and n.weight.shape[1] == 4)
+    assert int(np.asarray(dw.groups)) == 1 and np.count_nonzero(dw.weight) == 4 * 9  # the other groups' zeros
