@@ -277,6 +277,7 @@ def _load_exported_program(path: Path, digest: str) -> LoadedModel:
         if not shapes or len(shapes) != len(placeholders):
             raise BadInput(f".pt2 file {path}: its inputs are not tensors with known shapes")
         spec = {"input_shape": shapes[0], "extra": shapes[1:], "names": [n.name for n in placeholders]}
+    _refuse_training_mode(program, path)
     module = program.module()
     batch = _static_batch(program)
     if batch is not None:
@@ -286,6 +287,22 @@ def _load_exported_program(path: Path, digest: str) -> LoadedModel:
                        output_names=spec.get("output_names"), meta=spec.get("meta", {}),
                        exported_program=program, extra_input_shapes=spec.get("extra", []),
                        input_names=spec.get("names"))
+
+
+TRAINING_OPS = {"batch_norm": 5, "dropout": 2, "_native_batch_norm_legit_functional": None,
+                "_native_batch_norm_legit": None}  # op → position of its ``training`` flag (None: always training)
+
+
+def _refuse_training_mode(program: Any, path: Path) -> None:
+    """A program exported before ``model.eval()`` normalizes with each batch's statistics (and drops at random):
+    a different function from the trained model's, which no artifact should reproduce."""
+    for node in program.graph.nodes:
+        name = getattr(getattr(node.target, "_overloadpacket", None), "__name__", "")
+        flag = TRAINING_OPS.get(name, -1)
+        if node.op == "call_function" and flag != -1 and (flag is None or (len(node.args) > flag and node.args[flag] is True)):
+            what = "a dropout drops at random" if name == "dropout" else "a batch norm uses each batch's statistics"
+            raise BadInput(f".pt2 file {path} was exported in training mode ({what}); call model.eval() before "
+                           f"torch.export.export")
 
 
 def _static_batch(program: Any) -> int | None:

@@ -401,3 +401,18 @@ def test_pt2_save_is_quiet(tmp_path, caplog):
     htaf_export.save(m, tmp_path / "m.pt2", format="pt2")
     assert not [r for r in caplog.records if "Expect archive file" in r.getMessage()]
     assert [p.name for p in tmp_path.iterdir()] == ["m.pt2"]
+
+
+@pytest.mark.parametrize("layer", ["batch_norm", "dropout"])
+def test_a_program_exported_in_training_mode_is_refused_in_one_line(tmp_path, layer):
+    body = torch.nn.BatchNorm1d(5) if layer == "batch_norm" else torch.nn.Dropout(0.5)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 5), body, torch.nn.Linear(5, 2)).train()  # model.eval() forgotten
+    path = tmp_path / "train.pt2"
+    torch.export.save(torch.export.export(model, (torch.randn(3, 4),),
+                                          dynamic_shapes=({0: torch.export.Dim("batch")},)), path)
+    with pytest.raises(BadInput, match="training mode .*call model.eval"):
+        htaf_export.load(path)
+    model.eval()
+    torch.export.save(torch.export.export(model, (torch.randn(3, 4),),
+                                          dynamic_shapes=({0: torch.export.Dim("batch")},)), path)
+    assert htaf_export.load(path).input_shape == [4]
