@@ -172,11 +172,15 @@ def export(model: str | Path | LoadedModel, target: str, output: str | Path | No
     report, recommendation = None, _recommend(cap, chosen, conversion, seconds) if recommend else None
     if dataset is not None:
         t = time.perf_counter()
-        report = validate_file(hardening, read_artifact(out), dataset, str(loaded.path), device, tolerance,
-                               progress=progress, input_shape=loaded.input_shape if not loaded.extra_input_shapes
-                               else loaded.input_shapes, workers=workers,
-                               recipe=recipe_of(loaded, tie, sites) if (workers or 1) != 1 else None,
-                               graph_steps=_graph_steps(hardening.model, cap))
+        try:
+            report = validate_file(hardening, read_artifact(out), dataset, str(loaded.path), device, tolerance,
+                                   progress=progress, input_shape=loaded.input_shape if not loaded.extra_input_shapes
+                                   else loaded.input_shapes, workers=workers,
+                                   recipe=recipe_of(loaded, tie, sites) if (workers or 1) != 1 else None,
+                                   graph_steps=_graph_steps(hardening.model, cap))
+        except BaseException:  # bad data found while streaming it, an interrupt: no unvalidated file stays behind
+            out.unlink(missing_ok=True)
+            raise
         seconds["validate"] = time.perf_counter() - t
     return ExportResult(out, chosen.name, hardening, conversion, report, seconds, recommendation)
 

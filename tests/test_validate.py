@@ -440,3 +440,18 @@ def test_a_torchscript_reference_takes_its_steps_from_its_captured_graph(tmp_pat
     onnx.save(proto, str(bad))
     report = validate_file(result.hardening, read_artifact(bad), digits("all"), "m", "cpu", input_shape=[64])
     assert not report.passed and report.first_failure[1] == steps[0].name
+
+
+def test_bad_data_found_while_validating_leaves_no_file(tmp_path, capsys):
+    """A NaN deep in the user's data is found only while validation streams it: the file written just before
+    is removed, so exit 2 never leaves an unvalidated artifact behind."""
+    x = digits("all", [64]).x[:40].copy()
+    x[37, 5] = np.nan
+    data = tmp_path / "d.npz"
+    np.savez(data, x=x)
+    out = tmp_path / "m.onnx"
+    sample = Path(__file__).resolve().parent.parent / "sample_models" / "dhn_mlp.pt"
+    assert cli.main([str(sample), "--target", "onnx", "-o", str(out), "--data", str(data)]) == 2
+    err = capsys.readouterr().err
+    assert "NaN" in err and err.count("\n") == 1
+    assert not out.exists()
