@@ -168,6 +168,8 @@ def run_inspect(argv: Sequence[str]) -> int:
 
 def run_export(argv: Sequence[str]) -> int:
     args = _export_parser().parse_args(argv)
+    if args.no_validate and args.report:
+        raise BadInput("--report writes the parity report, and --no-validate skips parity: drop one of them")
     _check_report_arg(args.report)
     tolerance = _tolerance(args)
     from rich.console import Console

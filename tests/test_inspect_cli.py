@@ -293,3 +293,11 @@ def test_inspect_a_bad_exported_file_is_one_line(case, tmp_path, capsys):
     code, out, err = _run(capsys, "inspect", path)
     line = _one_error_line(code, err)
     assert out == "" and str(path.name) in line
+
+
+def test_a_report_without_validation_is_refused_before_anything_is_written(sample_paths, tmp_path, capsys):
+    out, report = tmp_path / "m.onnx", tmp_path / "r.json"
+    code, printed, err = _run(capsys, sample_paths["dhn_mlp"], "--target", "onnx", "-o", out, "--no-validate",
+                              "--report", report)
+    assert "--no-validate" in _one_error_line(code, err) and printed == ""
+    assert not out.exists() and not report.exists()
