@@ -131,7 +131,7 @@ def _recordedas_shapes(value: Any) -> tuple[list[int] | None, list[list[int]]]:
 
 
 def save(model: nn.Module, path: str | Path, meta: dict[str, Any] | None = None,
-         format: Literal["checkpoint", "torchscript", "pt2"] = "checkpoint",
+         format: Literal["checkpoint", "torchscript", "pt2"] | None = None,
          input_shape: Sequence[int] | Sequence[Sequence[int]] | None = None) -> Path:
     """Write ``model`` atomically.
 
@@ -140,15 +140,17 @@ def save(model: nn.Module, path: str | Path, meta: dict[str, Any] | None = None,
     be a registered architecture (``htaf_export.models.register``; its ``config`` attribute, if any, holds
     the constructor's arguments). ``torchscript`` and ``pt2`` embed the input spec as an extra file.
     ``input_shape`` (per sample; one per input) is needed when the model has no ``input_shape`` attribute.
+    Without ``format``, a ``.pt2`` path gets ``pt2`` and any other a checkpoint.
     """
     path = Path(path)
+    format = format or ("pt2" if path.suffix == ".pt2" else "checkpoint")
     spec = _spec_of(model, input_shape)
     examples = tuple(torch.zeros(2, *shape) for shape in spec.pop("shapes"))
     if format == "checkpoint":
         arch = getattr(model, "arch", None)
         if arch is None or arch not in models.architectures():
             raise BadInput(f"{type(model).__name__} is not a registered architecture (htaf_export.models.register); "
-                           f"save it as format='torchscript' or 'pt2' instead")
+                           f"save it as a .pt2 program instead: htaf_export.save(model, 'model.pt2')")
         payload = {
             "format": CHECKPOINT_FORMAT,
             "version": CHECKPOINT_VERSION,
@@ -360,7 +362,8 @@ def _load_pickled(path: Path, digest: str, trust_pickle: bool) -> LoadedModel:
 def _from_checkpoint(obj: Any, path: Path, digest: str) -> LoadedModel:
     if not isinstance(obj, dict) or obj.get("format") != CHECKPOINT_FORMAT:
         what = "a state dict or other dictionary" if isinstance(obj, dict) else f"a {type(obj).__name__}"
-        raise BadInput(f"{path} holds {what}, not an htaf-export checkpoint; write one with htaf_export.save")
+        raise BadInput(f"{path} holds {what}, not a model: save the model itself as a torch.export program, "
+                       f"e.g. htaf_export.save(model.eval(), 'model.pt2', input_shape=[...])")
     if obj.get("version") != CHECKPOINT_VERSION:
         raise BadInput(f"{path} is checkpoint version {obj.get('version')!r}; this htaf-export reads version "
                        f"{CHECKPOINT_VERSION}")
@@ -370,7 +373,8 @@ def _from_checkpoint(obj: Any, path: Path, digest: str) -> LoadedModel:
     try:
         module = models.build(obj["arch"], obj["config"])
     except models.UnknownArchitecture as e:
-        raise BadInput(f"checkpoint {path} names {e.args[0]}") from None
+        raise BadInput(f"checkpoint {path} names {e.args[0]} (an architecture registered by your own code is not "
+                       f"known here: save the model as a .pt2 program, htaf_export.save(model, 'model.pt2'))") from None
     except TypeError as e:
         raise BadInput(f"checkpoint {path} has a config that {obj['arch']} does not accept: {e}") from None
     state = obj["state_dict"]

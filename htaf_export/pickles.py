@@ -55,5 +55,5 @@ def _missing_class_message(path: Path, what: str) -> str:
     main = "'__main__'" in what
     fix = ("it was defined in the training script itself (__main__): move the class to a module of its own"
            if main else "make that module importable (run from its directory, or add it to PYTHONPATH)")
-    return (f"{path} is a pickled model whose {what} cannot be imported; {fix}, or save a checkpoint "
-            f"(htaf_export.save) or a torch.export program (.pt2), which need no Python class")
+    return (f"{path} is a pickled model whose {what} cannot be imported; {fix}, or save it as a torch.export "
+            f"program, which needs no Python class: htaf_export.save(model.eval(), 'model.pt2')")

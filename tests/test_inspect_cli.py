@@ -177,7 +177,7 @@ def test_inspect_bad_model(case, sample_paths, tmp_path, capsys):
     line = _one_error_line(code, err)
     assert out == ""
     expected = {"missing": "does not exist", "empty": "empty", "directory": "directory",
-                "truncated": "corrupt", "unknown_arch": "mystery_net", "state_dict": "not an htaf-export checkpoint",
+                "truncated": "corrupt", "unknown_arch": "mystery_net", "state_dict": "not a model: save the model itself",
                 "pickle": "--trust-pickle"}
     if case in expected:
         assert expected[case] in line

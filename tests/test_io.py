@@ -275,12 +275,12 @@ def test_flipped_weight_byte_in_saved_checkpoint(tmp_path):
 
 def test_plain_state_dict(tmp_path):
     torch.save(models.build("dhn_mlp").state_dict(), tmp_path / "sd.pt")
-    assert "not an htaf-export checkpoint" in _bad(tmp_path / "sd.pt")
+    assert "not a model: save the model itself" in _bad(tmp_path / "sd.pt")
 
 
 def test_tensor_file(tmp_path):
     torch.save(torch.zeros(3), tmp_path / "t.pt")
-    assert "not an htaf-export checkpoint" in _bad(tmp_path / "t.pt")
+    assert "not a model" in _bad(tmp_path / "t.pt")
 
 
 @pytest.mark.parametrize("text", ["hello\n", '{"format": "htaf-export/checkpoint"}', "PK but not a zip"])
@@ -416,3 +416,22 @@ def test_a_program_exported_in_training_mode_is_refused_in_one_line(tmp_path, la
     torch.export.save(torch.export.export(model, (torch.randn(3, 4),),
                                           dynamic_shapes=({0: torch.export.Dim("batch")},)), path)
     assert htaf_export.load(path).input_shape == [4]
+
+
+def test_the_advice_for_a_users_own_class_works(tmp_path, capsys):
+    """What the refusals of a state dict and of an unimportable pickle tell a user to do: save a .pt2."""
+
+    class OwnNet(torch.nn.Module):  # a user's class, registered nowhere
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1, self.fc2 = torch.nn.Linear(6, 5), torch.nn.Linear(5, 3)
+            self.step = HTAF()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc2(self.step(self.fc1(x)))
+
+    path = htaf_export.save(OwnNet().eval(), tmp_path / "model.pt2", input_shape=[6])
+    assert htaf_export.load(path).source_format == "exported_program"
+    from htaf_export import cli
+
+    assert cli.main([str(path), "--target", "onnx", "-o", str(tmp_path / "m.onnx")]) == 0
