@@ -222,6 +222,18 @@ def _same(fn: Callable) -> Callable:
     return rule
 
 
+def _dropout(x: Bounded, p: float, train: bool) -> Bounded:
+    if train:
+        raise NoBound("dropout in training mode")
+    return x  # eval: the identity
+
+
+def _leaky_relu(x: Bounded, slope: float = 0.01) -> Bounded:
+    """Lipschitz max(1, |slope|); one rounded product on the negative side (it may underflow)."""
+    value = F.leaky_relu(x.value, slope)
+    return Bounded(value, max(1.0, abs(slope)) * x.error + U * value.abs() + ETA)
+
+
 def value_of(t: Any) -> Any:
     if isinstance(t, Bounded):
         return t.value
@@ -284,6 +296,7 @@ RULES: dict[Any, Callable] = {
     aten.sigmoid.default: _smooth(torch.sigmoid, 0.25), aten.tanh.default: _smooth(torch.tanh, 1.0),
     aten.ones_like.default: _filled(aten.ones_like.default), aten.zeros_like.default: _filled(aten.zeros_like.default),
     aten.full_like.default: _filled(aten.full_like.default),
+    aten.dropout.default: _dropout, aten.leaky_relu.default: _leaky_relu,
     aten.where.self: _where, aten.sign.default: _sign, aten.to.dtype: _to, aten._to_copy.default: _to,
     aten.ge.Scalar: _compare(torch.ge), aten.gt.Scalar: _compare(torch.gt),
     aten.ge.Tensor: _compare(torch.ge), aten.gt.Tensor: _compare(torch.gt),

@@ -47,7 +47,7 @@ does not grow with the number of samples.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import numpy as np
@@ -381,3 +381,4 @@ def _finish(report: ParityReport, run: Validation) -> None:
     if report.tolerance.derived and run.no_bound and run.needed_bounds:
         report.notes.append(f"rounding bounds are not available for this model ({run.no_bound}); "
                             f"the fixed tolerances were used")
+        report.tolerance = replace(report.tolerance, derived=False)  # the report says what was applied

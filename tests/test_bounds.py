@@ -83,6 +83,24 @@ def test_one_dimensional_pools_have_rules():
     assert 0 < outs["out"].max() <= 1e-4
 
 
+def test_eval_dropout_and_leaky_relu_have_rules():
+    """Common float layers of users' heads: an eval-mode Dropout (the identity) and LeakyReLU keep the derived
+    bounds on (without rules the whole model fell back to fixed tolerances), and the bounds hold."""
+    nn = torch.nn
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(20, 16), nn.LeakyReLU(0.2), nn.Dropout(0.3), nn.Linear(16, 12),
+                          HTAF(levels="01"), nn.Linear(12, 5)).eval()
+    model = harden(model).model.eval()
+    program = bounds.traced_program(model, [[20]])
+    x = torch.randn(64, 20)
+    outs, _ = bounds.batch_bounds(program, (x,), ["out"])
+    ref32, ref64 = evaluations(model, x, ["out"])
+    rows = agreeing_rows(ref32, ref64)
+    gap = np.abs(ref32.outputs["out"].astype(np.float64) - ref64.outputs["out"])
+    assert rows.sum() >= 48 and (gap[rows] <= outs["out"][rows]).all()
+    assert 0 < outs["out"].max() <= 1e-4
+
+
 def test_binary_layer_sums_are_exact():
     """±1 inputs times ±1 weights sum to integers, in any order: no rounding allowance at all there, so a
     threshold or weight moved by one integer step cannot hide in it."""
@@ -126,3 +144,13 @@ def test_fixed_tolerances_override_the_derived_ones(nudged, capsys):
     code, out = run_cli(capsys, "validate", model, artifact, "--device", "cpu", "--flip-margin", "0.01",
                         "--atol", "1")
     assert code == 0, out
+
+
+def test_a_model_without_rules_reports_the_fixed_tolerances_it_used(tmp_path):
+    nn = torch.nn
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(10, 8), nn.GELU(), nn.Linear(8, 6), HTAF(levels="01"), nn.Linear(6, 3)).eval()
+    path = htaf_export.save(model, tmp_path / "gelu.pt2", input_shape=[10])
+    report = export(path, "onnx", tmp_path / "gelu.onnx", device="cpu").report
+    assert report.passed and any("no rounding rule" in n for n in report.notes), report.notes
+    assert report.tolerance.derived is False
