@@ -137,8 +137,11 @@ def _softmax(b: KerasBuilder, node: ir.Node) -> list[Val]:
 def _conv(b: KerasBuilder, node: ir.Node) -> list[Val]:
     name = layer_name(node)
     weight = const_array(node.inputs[1])
-    if weight is None or weight.ndim != 4:
-        raise UnsupportedLayer(name, "only 2-D convolutions with constant weights are supported")
+    if weight is None:
+        raise UnsupportedLayer(name, "its weights are computed at run time; the TFLite targets need constant weights")
+    if weight.ndim != 4:
+        raise UnsupportedLayer(name, f"a {weight.ndim - 2}-D convolution: the TFLite targets convert 2-D ones only "
+                               f"(not yet written: a height-1 Conv2D); --target onnx or onnx-int8 take it")
     if attr(node, "auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
         raise UnsupportedLayer(name, "auto_pad is not supported")
     bias = const_array(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None

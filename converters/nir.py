@@ -84,7 +84,7 @@ def time_slices(model: ir.Model, capture: Capture
     graph = model.graph
     for spec in capture.steps:
         if spec.op != "Heaviside":
-            raise UnsupportedLayer(spec.site, "it is a ±1 sign; NIR neurons fire 0 or 1")
+            raise UnsupportedLayer(spec.site, "it is a ±1 sign; NIR neurons fire 0 or 1 (an HTAF with levels='01')")
     shapes = inferred_shapes(model)
     spiking_refusal: UnsupportedLayer | None = None
     for grouping in _groupings(graph, capture.steps):

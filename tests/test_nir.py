@@ -356,3 +356,22 @@ def test_a_depthwise_conv_becomes_one_block_diagonal_nir_conv(tmp_path):
     convs = [n for n in nir.read(result.artifact).nodes.values() if type(n).__name__ == "Conv2d"]
     dw = next(n for n in convs if n.weight.shape[0] == 4 and n.weight.shape[1] == 4)
     assert int(np.asarray(dw.groups)) == 1 and np.count_nonzero(dw.weight) == 4 * 9  # the other groups' zeros
+
+
+def test_a_refusal_inside_a_sequential_names_the_module(tmp_path, capsys):
+    class Pooled(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.enc = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.MaxPool2d(2),
+                                           torch.nn.Flatten())
+            self.s, self.fc = HTAF(), torch.nn.Linear(64, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.s(self.enc(x)))
+
+    path = tmp_path / "pooled.pt2"
+    torch.export.save(torch.export.export(Pooled().eval(), (torch.randn(2, 1, 8, 8),),
+                                          dynamic_shapes=({0: torch.export.Dim("batch")},)), path)
+    assert cli.main([str(path), "--target", "nir", "-o", str(tmp_path / "p.nir")]) == 2
+    err = capsys.readouterr().err
+    assert "MaxPool" in err and "(from module enc.1, test_nir.py:" in err, err
