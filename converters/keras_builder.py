@@ -318,22 +318,22 @@ class KerasBuilder:
 
     def conv2d(self, x, weight: np.ndarray, bias: np.ndarray | None, stride, group: int, hint: str,
                dilation=(1, 1)):
-        """A float conv, VALID padding, OIHW ``weight``; depthwise when every group has one input channel."""
+        """A float conv, VALID padding, OIHW ``weight``; depthwise when every group has one input channel, else
+        grouped (TFLite's CONV_2D reads a filter with fewer input channels than its input as groups)."""
         out_ch, in_per_group, kh, kw = weight.shape
         use_bias = bias is not None
-        if group == 1:
+        if group == 1 or in_per_group > 1:
             kind, kernel = "Conv2D", weight.transpose(2, 3, 1, 0)
             make = lambda: keras.layers.Conv2D(out_ch, (kh, kw), strides=stride, padding="valid",  # noqa: E731
-                                               dilation_rate=dilation, use_bias=use_bias, name=self.name(hint))
-        elif in_per_group == 1:
+                                               dilation_rate=dilation, groups=group, use_bias=use_bias,
+                                               name=self.name(hint))
+        else:
             mult = out_ch // group
             kind, kernel = "DepthwiseConv2D", weight.reshape(group, mult, kh, kw).transpose(2, 3, 0, 1)
             make = lambda: keras.layers.DepthwiseConv2D((kh, kw), strides=stride, padding="valid",  # noqa: E731
                                                         depth_multiplier=mult, dilation_rate=dilation,
                                                         use_bias=use_bias, name=self.name(hint))
-        else:
-            raise UnsupportedLayer(hint, f"grouped conv with {group} groups of {in_per_group} channels")
-        y = self.apply(make, x, [kernel] + ([bias] if use_bias else []), f"{kind}:{hint}:{stride}:{dilation}")
+        y = self.apply(make, x, [kernel] + ([bias] if use_bias else []), f"{kind}:{hint}:{stride}:{dilation}:{group}")
         return y, kind
 
     def pad_nhwc(self, x, top: int, bottom: int, left: int, right: int, value: float, hint: str):

@@ -1,4 +1,5 @@
-"""A crop written as tensor slicing (``y[:, :, 1:-1, 2:]``) reaches every TFLite target as a strided slice."""
+"""Layers users write that the TFLite targets build: a crop written as tensor slicing (``y[:, :, 1:-1, 2:]``)
+becomes a strided slice; a grouped (not depthwise) conv becomes one grouped CONV_2D, int8 in tflite-int8."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")  # before anything imports TensorFlow: larq needs Keras 2
@@ -61,3 +63,37 @@ def test_a_crop_exports_to_tflite_with_parity(tmp_path, fmt, target):
     ops = tfl.op_names(tfl.read_model(result.artifact.read_bytes()))
     assert "STRIDED_SLICE" in ops, ops
     assert target != "tflite" or any("Lce" in op for op in ops), ops
+
+
+class GroupedNet(nn.Module):
+    """A grouped ±1 conv (2 groups of 4 channels) between {±1} steps, written with a straight-through sign."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.s1 = nn.Conv2d(1, 8, 3, padding=1), HTAF(levels="pm1")
+        self.gc, self.gc_bn, self.s2 = nn.Conv2d(8, 8, 3, padding=1, groups=2, bias=False), nn.BatchNorm2d(8), \
+            HTAF(levels="pm1")
+        self.fc = nn.Linear(8 * 6 * 7, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.gc.weight + (self.gc.weight.sign() - self.gc.weight).detach()
+        h = self.s2(self.gc_bn(F.conv2d(self.s1(self.c1(x)), w, padding=1, groups=2)))
+        return self.fc(h.flatten(1))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", ["tflite", "tflite-float", "tflite-int8"])
+def test_a_grouped_conv_exports_to_tflite_with_parity(tmp_path, target):
+    torch.manual_seed(4)
+    model = GroupedNet().eval()
+    with torch.no_grad():
+        model.gc_bn.running_mean.uniform_(-2, 2)
+        model.gc_bn.running_var.uniform_(0.5, 2)
+    path = tmp_path / "grouped.pt2"
+    torch.export.save(torch.export.export(model, (torch.randn(2, 1, 6, 7),),
+                                          dynamic_shapes=({0: torch.export.Dim("batch")},)), path)
+    with contextlib.redirect_stdout(io.StringIO()):
+        result = htaf_export.export(path, target, tmp_path / "g.tflite", device="cpu")
+    assert result.report.passed, result.report.failure_line()
+    row = next(r for r in result.conversion.rows if r.layer == "gc")
+    assert "CONV_2D" in row.became and (target != "tflite-int8" or "int8" in row.became), row
