@@ -35,6 +35,20 @@ class Site:
     how: str = "module"  # "HTAF module", "Step module", "HTAF composite", "exact step in a traced graph"
 
 
+def unrecorded_tie_note(sites: list[Site], tie: str | None) -> str | None:
+    """What to say when a traced graph's smooth HTAF sites lost their tie rule (the file records only the
+    sigmoid–tanh formula), and the advice that works for this model."""
+    smooth = [s.name for s in sites if s.how == "HTAF composite"]
+    if tie is not None or not smooth:
+        return None
+    recorded = sorted({s.name for s in sites if s.how != "HTAF composite" and s.tie == "ge"})
+    advice = (f"--tie gt would conflict with the ge rule recorded at {', '.join(recorded)}: to keep a gt rule "
+              f"there, export a checkpoint or a pickle of the model, which keep each site's rule" if recorded
+              else "pass --tie gt if the model was trained to")
+    return (f"a traced graph does not record the tie rule of a smooth HTAF: {', '.join(smooth)} step with ge at "
+            f"the threshold; {advice}")
+
+
 @dataclass
 class SiteGap:
     """How far a site's HTAF is from its step on calibration data."""

@@ -12,7 +12,7 @@ from rich.table import Table
 from .capture import capture
 from .data import Dataset
 from .errors import BadInput, UnsupportedLayer
-from .harden import HardenResult, Site, harden
+from .harden import HardenResult, Site, harden, unrecorded_tie_note
 from .io import LoadedModel
 from .nn.binary import BinaryWeights
 from .recommend import Recommendation, recommend
@@ -78,9 +78,9 @@ def summarize(loaded: LoadedModel, data: Dataset | None = None, tie: str | None 
     summary = ModelSummary(loaded, result.sites, layer_table(loaded.module), result if data is not None else None)
     if loaded.source_format in ("torchscript", "exported_program"):
         summary.notes.append("binary layers are not recognisable inside a traced graph; bits assume float weights")
-    if tie is None and any(s.how == "HTAF composite" for s in result.sites):
-        summary.notes.append("a traced graph does not record the tie rule of a smooth HTAF: its sites step with ge "
-                             "at the threshold; pass --tie gt if the model was trained to")
+    note = unrecorded_tie_note(result.sites, tie)
+    if note:
+        summary.notes.append(note)
     if recommend_target:
         try:
             cap = capture(result.model, loaded.input_shapes, loaded.output_names, input_names=loaded.input_names)

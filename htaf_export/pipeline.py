@@ -24,7 +24,7 @@ from .data import Batches, Dataset, NpzBatches, digits
 from .errors import BadInput, UnsupportedLayer
 from .origins import located
 from .files import atomic_write_bytes, check_writable
-from .harden import HardenResult, harden, record_every_step
+from .harden import HardenResult, harden, record_every_step, unrecorded_tie_note
 from .io import LoadedModel, load, resolve
 from .nn.modules import step_modules
 from .reference import run_reference
@@ -166,6 +166,9 @@ def export(model: str | Path | LoadedModel, target: str, output: str | Path | No
 
     t = time.perf_counter()
     conversion = convert(cap, chosen, provenance(loaded, chosen, options), options, hardening.model)
+    tie_note = unrecorded_tie_note(hardening.sites, tie)
+    if tie_note:
+        conversion = replace(conversion, notes=(*conversion.notes, tie_note))
     seconds["convert"] = time.perf_counter() - t
 
     atomic_write_bytes(out, conversion.data)

@@ -235,3 +235,27 @@ def test_sample_reproduces_recorded_gap_and_accuracy(name, load_sample, digits_t
     unsaturated = sum(g.unsaturated for g in result.gaps) / sum(g.count for g in result.gaps)
     assert unsaturated == pytest.approx(ld.meta["unsaturated"], abs=1e-9)
     assert result.smooth_accuracy == pytest.approx(ld.meta["smooth_accuracy"], abs=1e-9)
+
+
+def test_a_lost_smooth_tie_is_said_at_export_with_advice_that_works(tmp_path):
+    """A .pt2 keeps a smooth HTAF only as its formula (no tie rule); when another site records ge, --tie gt
+    would be refused, so the note must not advise it."""
+    from htaf_export.nn import HTAF
+
+    class Mixed(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1, self.s1 = torch.nn.Linear(8, 6), HTAF(tie="gt")
+            self.fc2, self.s2 = torch.nn.Linear(6, 6), HTAF(levels="pm1", mode="surrogate", tie="ge")
+            self.fc3 = torch.nn.Linear(6, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc3(self.s2(self.fc2(self.s1(self.fc1(x)))))
+
+    path = tmp_path / "mixed.pt2"
+    torch.export.save(torch.export.export(Mixed().eval(), (torch.randn(2, 8),),
+                                          dynamic_shapes=({0: torch.export.Dim("batch")},)), path)
+    result = htaf_export.export(path, "onnx", tmp_path / "m.onnx", validate_artifact=False)
+    note = next(n for n in result.conversion.notes if "tie rule of a smooth HTAF" in n)
+    assert "s1 step with ge" in note and "conflict with the ge rule recorded at s2" in note
+    assert "pass --tie gt" not in note
