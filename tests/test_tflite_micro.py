@@ -51,3 +51,13 @@ def test_a_wrong_int8_weight_fails_on_tflite_micro(tmp_path):
         report = htaf_export.validate(SAMPLE_DIR / "bnn_cnn.pt", bad)
     micro = next(b for b in report.backends if b.backend == "tflite-micro")
     assert not report.passed and not micro.passed
+
+
+def test_a_file_no_microcontroller_holds_is_not_run_there_and_the_report_says_why(tmp_path, monkeypatch):
+    from htaf_export.runtimes import tflite_micro
+
+    monkeypatch.setattr(tflite_micro, "LARGEST", 1000)  # bytes: every sample file is larger
+    report = _export("bnn_cnn", "tflite-int8", tmp_path / "m.tflite").report
+    assert report.passed and "tflite-micro" not in [b.backend for b in report.backends]
+    assert any(s["backend"] == "tflite-micro" and "larger than a microcontroller holds" in s["reason"]
+               for s in report.skipped), report.skipped

@@ -116,6 +116,12 @@ def backends_for(info: ArtifactInfo, device: str = "all", model=None, threads: i
             skipped.append(("nir", "the NIR simulators here run on the CPU"))
     if info.kind == "tflite" and device == "cuda":
         skipped.append(("tflite", "the TFLite interpreters run on the CPU only"))
+    if info.kind == "tflite" and device != "cuda" and info.metadata.get(md.TARGET) in ("tflite-float", "tflite-int8"):
+        from .tflite_micro import NAME, why_not
+
+        reason = why_not(info.path.stat().st_size)
+        if reason:
+            skipped.append((NAME, reason))
     if model is not None and device in ("cuda", "all"):
         from .torch_cuda import torch_cuda_runners
 

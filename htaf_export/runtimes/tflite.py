@@ -139,15 +139,16 @@ def tflite_runners(info: ArtifactInfo, device: str = "all") -> list[_TfliteRunne
     the stock TFLite interpreter for every file without LCE ops, and TFLite Micro's where it is installed."""
     if device == "cuda":
         return []
-    lce = uses_lce(Path(info.path).read_bytes())
+    data = Path(info.path).read_bytes()
+    lce = uses_lce(data)
     runners: list[_TfliteRunner] = []
     if lce or info.metadata.get(md.TARGET) == "tflite":
         runners += [LceRunner(info, kernel) for kernel in LCE_KERNELS]
     if not lce:
         runners.append(StockTfliteRunner(info))
-        from .tflite_micro import MicroRunner, available
+        from .tflite_micro import MicroRunner, available, why_not
 
-        if available():
+        if available() and why_not(len(data)) is None:
             runners.append(MicroRunner(info))
     return runners
 

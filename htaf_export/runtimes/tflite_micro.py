@@ -17,8 +17,21 @@ NAME = "tflite-micro"
 ARENA_FLOOR = 4 << 20  # bytes: TFLM plans every tensor into one arena, fixed when the interpreter is made
 
 
+LARGEST = 4 << 20  # bytes: past this a file is no microcontroller's, and TFLM's reference kernels take minutes
+
+
 def available() -> bool:
     return importlib.util.find_spec("tflite_micro") is not None
+
+
+def why_not(size: int) -> str | None:
+    """Why TFLite Micro does not validate a builtin-op file of ``size`` bytes here, or None when it does."""
+    if not available():
+        return None  # an optional extra: not installed is not worth a line in every report
+    if size > LARGEST:
+        return (f"the file ({size / 2**20:.1f} MiB) is larger than a microcontroller holds "
+                f"(TFLite Micro validates files up to {LARGEST >> 20} MiB)")
+    return None
 
 
 class MicroRunner(_TfliteRunner):
