@@ -255,7 +255,7 @@ def test_threshold_dense_layers_run_as_int8_fully_connected(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("name", "convs"), [("firing", 1)])  # its dilated conv stays float (TFLite splits it)
+@pytest.mark.parametrize(("name", "convs"), [("firing", 2)])  # its dilated conv too: one CONV_2D with dilation
 def test_user_models_on_tflite_int8(saved, name, convs, tmp_path):
     with contextlib.redirect_stdout(io.StringIO()):
         result = htaf_export.export(saved[(name, "pt2")], "tflite-int8", tmp_path / "m.int8.tflite",
