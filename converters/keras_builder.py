@@ -30,8 +30,7 @@ from htaf_export.errors import BadInput, UnsupportedLayer
 from htaf_export.passes.util import const_array
 from htaf_export.tflite_file import IoSlot, StepForm, tensorflow
 
-from .tflite_binary import FLOAT_PLAN
-from .tflite_binary import BinaryLayer, LcePlan
+from .tflite_binary import FLOAT_PLAN, BinaryLayer, LcePlan
 
 # This module is imported only by the TFLite converter, so TensorFlow loads only for TFLite targets.
 tf = tensorflow()
@@ -43,10 +42,7 @@ keras = tf.keras
 
 
 class DilatedConv2D(keras.layers.Conv2D):
-    """A dilated conv as one ``tf.nn.conv2d`` with dilations, which the converter writes as one CONV_2D with
-    dilation factors. Keras' own layer goes through space-to-batch, which with a free batch dimension stays three
-    ops (SPACE_TO_BATCH_ND, CONV_2D, BATCH_TO_SPACE_ND) that TFLite Micro computes differently (measured: 10 %
-    of a step's bits flipped on a user model)."""
+    """One CONV_2D with dilation factors (Keras' own layer: space-to-batch ops, which TFLite Micro gets wrong)."""
 
     def call(self, inputs):
         y = tf.nn.conv2d(inputs, self.kernel, strides=self.strides, padding="VALID", dilations=self.dilation_rate)

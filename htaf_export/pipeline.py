@@ -154,14 +154,7 @@ def export(model: str | Path | LoadedModel, target: str, output: str | Path | No
     seconds["harden"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    cap = capture(hardening.model, loaded.input_shapes, loaded.output_names, streaming=options.streaming,
-                  input_names=loaded.input_names)
-    sites = None if options.streaming else [s.site for s in cap.steps]
-    if sites is not None:
-        traced = record_every_step(hardening, loaded.input_shapes, sites)
-        if traced is not hardening:  # hand-written steps: capture the program whose steps are all Step calls
-            hardening = traced
-            cap = capture(hardening.model, loaded.input_shapes, loaded.output_names, input_names=loaded.input_names)
+    hardening, cap, sites = _captured(hardening, loaded, options)
     seconds["capture"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -186,6 +179,21 @@ def export(model: str | Path | LoadedModel, target: str, output: str | Path | No
             raise
         seconds["validate"] = time.perf_counter() - t
     return ExportResult(out, chosen.name, hardening, conversion, report, seconds, recommendation)
+
+
+def _captured(hardening: HardenResult, loaded: LoadedModel, options: ExportOptions
+              ) -> tuple[HardenResult, Capture, list[str] | None]:
+    """The IR of the hardened model, and its step sites (None when streaming). Hand-written steps are captured
+    again from the program whose steps are all Step calls (``record_every_step``)."""
+    cap = capture(hardening.model, loaded.input_shapes, loaded.output_names, streaming=options.streaming,
+                  input_names=loaded.input_names)
+    sites = None if options.streaming else [s.site for s in cap.steps]
+    if sites is not None:
+        traced = record_every_step(hardening, loaded.input_shapes, sites)
+        if traced is not hardening:
+            hardening = traced
+            cap = capture(hardening.model, loaded.input_shapes, loaded.output_names, input_names=loaded.input_names)
+    return hardening, cap, sites
 
 
 def _recommend(cap: Capture, chosen: Target, conversion: Conversion, seconds: dict[str, float]) -> Recommendation | None:

@@ -79,8 +79,10 @@ def runners_for(info: ArtifactInfo, device: str = "all", threads: int = 0) -> li
 
         return onnx_runners(info, device, threads)
     from .tflite import tflite_runners  # imports TensorFlow: only for .tflite artifacts
+    from .tflite_micro import micro_runners
 
-    return tflite_runners(info, device)
+    runners: list[Runner] = list(tflite_runners(info, device))
+    return runners + micro_runners(info, device)
 
 
 def backends_for(info: ArtifactInfo, device: str = "all", model=None, threads: int = 0
@@ -116,10 +118,10 @@ def backends_for(info: ArtifactInfo, device: str = "all", model=None, threads: i
             skipped.append(("nir", "the NIR simulators here run on the CPU"))
     if info.kind == "tflite" and device == "cuda":
         skipped.append(("tflite", "the TFLite interpreters run on the CPU only"))
-    if info.kind == "tflite" and device != "cuda" and info.metadata.get(md.TARGET) in ("tflite-float", "tflite-int8"):
-        from .tflite_micro import NAME, why_not
+    if info.kind == "tflite" and device != "cuda":
+        from .tflite_micro import BUILTIN_TARGETS, NAME, why_not
 
-        reason = why_not(info.path.stat().st_size)
+        reason = why_not(info.path.stat().st_size) if info.metadata.get(md.TARGET) in BUILTIN_TARGETS else None
         if reason:
             skipped.append((NAME, reason))
     if model is not None and device in ("cuda", "all"):

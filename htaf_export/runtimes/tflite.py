@@ -136,20 +136,15 @@ def uses_lce(data: bytes) -> bool:
 
 def tflite_runners(info: ArtifactInfo, device: str = "all") -> list[_TfliteRunner]:
     """CPU only. The LCE interpreter with both kernels for the bit-packed target (and any file with LCE ops);
-    the stock TFLite interpreter for every file without LCE ops, and TFLite Micro's where it is installed."""
+    the stock TFLite interpreter for every file without LCE ops (``tflite_micro`` adds TFLite Micro's)."""
     if device == "cuda":
         return []
-    data = Path(info.path).read_bytes()
-    lce = uses_lce(data)
+    lce = uses_lce(Path(info.path).read_bytes())
     runners: list[_TfliteRunner] = []
     if lce or info.metadata.get(md.TARGET) == "tflite":
         runners += [LceRunner(info, kernel) for kernel in LCE_KERNELS]
     if not lce:
         runners.append(StockTfliteRunner(info))
-        from .tflite_micro import MicroRunner, available, why_not
-
-        if available() and why_not(len(data)) is None:
-            runners.append(MicroRunner(info))
     return runners
 
 

@@ -5,15 +5,18 @@ run, checked tensor by tensor like on every other runtime. Optional: ``pip insta
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
 
 import numpy as np
 
+from .. import metadata as md
 from ..errors import BadInput
 from ..tflite_file import read_model
 from . import ArtifactInfo
 from .tflite import _TfliteRunner
 
 NAME = "tflite-micro"
+BUILTIN_TARGETS = ("tflite-float", "tflite-int8")  # the TFLite targets without LCE ops
 ARENA_FLOOR = 4 << 20  # bytes: TFLM plans every tensor into one arena, fixed when the interpreter is made
 
 
@@ -32,6 +35,13 @@ def why_not(size: int) -> str | None:
         return (f"the file ({size / 2**20:.1f} MiB) is larger than a microcontroller holds "
                 f"(TFLite Micro validates files up to {LARGEST >> 20} MiB)")
     return None
+
+
+def micro_runners(info: ArtifactInfo, device: str = "all") -> list["MicroRunner"]:
+    """TFLite Micro for a file without LCE ops that a microcontroller could hold, where the extra is installed."""
+    if device == "cuda" or not available() or info.metadata.get(md.TARGET) not in BUILTIN_TARGETS:
+        return []
+    return [MicroRunner(info)] if why_not(Path(info.path).stat().st_size) is None else []
 
 
 class MicroRunner(_TfliteRunner):
