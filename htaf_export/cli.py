@@ -14,6 +14,7 @@ import warnings
 from pathlib import Path
 from typing import Sequence
 
+from . import metadata as md
 from .errors import BadInput, HtafExportError
 from .targets import LCE_KERNEL_CHOICES, SNN_MODES, TARGETS
 
@@ -222,6 +223,10 @@ def run_validate(argv: Sequence[str]) -> int:
                                input_shape=loaded.input_shape if not loaded.extra_input_shapes
                                else loaded.input_shapes, workers=args.workers, ray=args.ray,
                                recipe=recipe_of(loaded, args.tie, [s.site for s in info.steps]))
+    source = info.metadata.get(md.SOURCE_SHA256)
+    if source and loaded.sha256 and source != loaded.sha256:
+        report.notes.append(f"the artifact was exported from another file (sha256 {source[:12]}…) than this model "
+                            f"({loaded.sha256[:12]}…): a failure may only mean that the two do not belong together")
     out.print_report(report, console)
     if args.report is not None:
         write_report(report, args.report)

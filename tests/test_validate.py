@@ -455,3 +455,19 @@ def test_bad_data_found_while_validating_leaves_no_file(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "NaN" in err and err.count("\n") == 1
     assert not out.exists()
+
+
+def test_validating_against_another_model_file_says_so(tmp_path, capsys):
+    """Same architecture, other weights: parity fails, and the report says the artifact came from another file."""
+    samples = Path(__file__).resolve().parent.parent / "sample_models"
+    artifact = tmp_path / "dhn.onnx"
+    assert cli.main([str(samples / "dhn_mlp.pt"), "--target", "onnx", "-o", str(artifact), "--no-validate"]) == 0
+    other = htaf_export.load(samples / "dhn_mlp.pt").module
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(-1.0)
+    path = htaf_export.save(other, tmp_path / "other.pt")
+    capsys.readouterr()
+    assert cli.main(["validate", str(path), str(artifact)]) == 1
+    out = capsys.readouterr().out.replace("\n", " ")
+    assert "exported from another file" in " ".join(out.split()), out
