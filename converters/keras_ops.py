@@ -13,7 +13,7 @@ import onnx_ir as ir
 
 from htaf_export.errors import UnsupportedLayer
 from htaf_export.ops import HTAF_DOMAIN
-from htaf_export.passes.util import attr, const_array
+from htaf_export.passes.util import attr, const_array, zeros_among_signs
 
 from .keras_binary import binary, step
 from .keras_builder import SHAPE_OPS, EmittedLayer, KerasBuilder, Val, keras, tf, torch_shape
@@ -140,8 +140,9 @@ def _conv(b: KerasBuilder, node: ir.Node) -> list[Val]:
     if weight is None:
         raise UnsupportedLayer(name, "its weights are computed at run time; the TFLite targets need constant weights")
     if weight.ndim != 4:
-        raise UnsupportedLayer(name, f"a {weight.ndim - 2}-D convolution: the TFLite targets convert 2-D ones only "
-                               f"(not yet written: a height-1 Conv2D); --target onnx or onnx-int8 take it")
+        later = " (not yet written: a height-1 Conv2D)" if weight.ndim == 3 else ""
+        raise UnsupportedLayer(name, f"a {weight.ndim - 2}-D convolution: the TFLite targets convert 2-D ones "
+                               f"only{later}; --target onnx or onnx-int8 take it")
     if attr(node, "auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
         raise UnsupportedLayer(name, "auto_pad is not supported")
     bias = const_array(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
@@ -155,9 +156,10 @@ def _conv(b: KerasBuilder, node: ir.Node) -> list[Val]:
     if top or left or bottom or right:
         t = keras.layers.ZeroPadding2D(((top, bottom), (left, right)), name=b.name(f"{name}_pad"))(t)
     y, kind = b.conv2d(t, weight, bias, stride, int(attr(node, "group", 1)), name, dilation)
-    binary = is_binary_weight(weight)
-    b.layers.append(EmittedLayer(name, kind, binary, int(weight.size),
-                                 "input is real-valued; LCE packs ±1 inputs only" if binary and b.bitpacked else ""))
+    binary, zeros = is_binary_weight(weight), zeros_among_signs(weight)
+    note = "input is real-valued; LCE packs ±1 inputs only" if binary and b.bitpacked else (
+        f"{zeros:,} weights are exactly 0 (sign(0) = 0): not binary; binarize with where(w >= 0, 1, -1)" if zeros else "")
+    b.layers.append(EmittedLayer(name, kind, binary, int(weight.size), note))
     return [Val(y, torch_shape(y, "nhwc"), "nhwc")]
 
 

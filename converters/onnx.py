@@ -20,6 +20,7 @@ from htaf_export.capture import Capture, cleanup
 from htaf_export.contracts import Conversion, LayerRow
 from htaf_export.ops import HTAF_DOMAIN, attach_step_functions
 from htaf_export.passes import FoldBatchNormIntoSteps, PackBinaryWeights, PackedWeight
+from htaf_export.passes.util import layer_of
 from htaf_export.targets import ExportOptions
 
 from .integer_steps import IntegerThresholdSteps
@@ -31,6 +32,7 @@ class OnnxBuild:
 
     proto: onnx.ModelProto
     packed: tuple[PackedWeight, ...] = ()
+    unpacked: tuple[tuple[str, str], ...] = ()  # (weight, why it stays float) for ±1-like weights not packed
 
     @property
     def binary_floor_bytes(self) -> float:
@@ -58,7 +60,8 @@ def build(capture: Capture, provenance: Mapping[str, str], *, portable: bool = F
     if fold_batchnorm:
         IntegerThresholdSteps()(model)
         FoldBatchNormIntoSteps()(model)
-    packed: tuple[PackedWeight, ...] = PackBinaryWeights()(model).records if pack_weights else ()
+    packing = PackBinaryWeights()(model) if pack_weights else None
+    packed: tuple[PackedWeight, ...] = packing.records if packing else ()
     cleanup(model, fold=False)
     proto = ir.to_proto(model)
     attach_step_functions(proto)
@@ -70,7 +73,7 @@ def build(capture: Capture, provenance: Mapping[str, str], *, portable: bool = F
         proto.opset_import.extend(kept)
     stamp(proto, capture, provenance, "portable" if portable else "htaf-functions", packed)
     onnx.checker.check_model(proto, full_check=True)
-    return OnnxBuild(proto, packed)
+    return OnnxBuild(proto, packed, packing.refusals if packing else ())
 
 
 def stamp(proto: onnx.ModelProto, capture: Capture, provenance: Mapping[str, str], mode: str,
@@ -96,7 +99,7 @@ def packed_rows(packed: Sequence[PackedWeight]) -> list[LayerRow]:
 def convert(capture: Capture, provenance: Mapping[str, str], options: ExportOptions) -> Conversion:
     """The target's contract: IR + provenance + options → the .onnx bytes and the export summary."""
     built = build(capture, provenance, portable=options.portable)
-    rows = packed_rows(built.packed)
+    rows = packed_rows(built.packed) + [LayerRow(layer_of(w), "float weights", why) for w, why in built.unpacked]
     rows += [LayerRow(s.tensor, f"{s.op} (standard ops)" if options.portable else f"htaf.{s.op}", f"tie {s.tie}")
              for s in capture.steps]
     return Conversion(built.serialized(), tuple(rows), built.binary_floor_bytes, built.binary_stored_bytes)

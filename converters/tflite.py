@@ -185,6 +185,8 @@ def _layer_row(layer: EmittedLayer, calls: int, why: dict[str, str], bitpacked: 
         reason = why.get(layer.name, layer.note)
         if bitpacked and layer.binary_weights and reason:
             notes.append(reason)
+        elif not layer.binary_weights and layer.note:  # ±1 weights but for a few zeros: say why not binary
+            notes.append(layer.note)
     if calls > 1:
         notes.append(f"called {calls} times, weights stored once")
     return LayerRow(layer.name, became, "; ".join(notes))

@@ -222,6 +222,13 @@ def _same(fn: Callable) -> Callable:
     return rule
 
 
+def _mean_all(x: Bounded, dtype=None) -> Bounded:
+    """The mean of every element (a per-layer XNOR scale, |w|.mean()): one rounded sum and a division."""
+    if not isinstance(x, Bounded):
+        return aten.mean.default(value_of(x))
+    return _averaged(lambda t: aten.mean.default(t), x, int(x.value.numel()))
+
+
 def _dropout(x: Bounded, p: float, train: bool) -> Bounded:
     if train:
         raise NoBound("dropout in training mode")
@@ -296,7 +303,7 @@ RULES: dict[Any, Callable] = {
     aten.sigmoid.default: _smooth(torch.sigmoid, 0.25), aten.tanh.default: _smooth(torch.tanh, 1.0),
     aten.ones_like.default: _filled(aten.ones_like.default), aten.zeros_like.default: _filled(aten.zeros_like.default),
     aten.full_like.default: _filled(aten.full_like.default),
-    aten.dropout.default: _dropout, aten.leaky_relu.default: _leaky_relu,
+    aten.dropout.default: _dropout, aten.leaky_relu.default: _leaky_relu, aten.mean.default: _mean_all,
     aten.where.self: _where, aten.sign.default: _sign, aten.to.dtype: _to, aten._to_copy.default: _to,
     aten.ge.Scalar: _compare(torch.ge), aten.gt.Scalar: _compare(torch.gt),
     aten.ge.Tensor: _compare(torch.ge), aten.gt.Tensor: _compare(torch.gt),

@@ -154,3 +154,29 @@ def test_a_model_without_rules_reports_the_fixed_tolerances_it_used(tmp_path):
     report = export(path, "onnx", tmp_path / "gelu.onnx", device="cpu").report
     assert report.passed and any("no rounding rule" in n for n in report.notes), report.notes
     assert report.tolerance.derived is False
+
+
+def test_a_per_layer_xnor_scale_has_a_rule():
+    """w.sign() * w.abs().mean() (one scale for the whole layer): the mean of every element has a rule, and the
+    bounds of the scaled product hold against float64."""
+    nn = torch.nn
+
+    class Xnor(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(12, 20))
+            self.step, self.head = HTAF(levels="pm1"), nn.Linear(12, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            w = self.w.sign() * self.w.abs().mean()
+            return self.head(self.step(x @ w.t()))
+
+    torch.manual_seed(4)
+    model = harden(Xnor().eval()).model.eval()
+    program = bounds.traced_program(model, [[20]])
+    x = torch.randn(64, 20)
+    outs, _ = bounds.batch_bounds(program, (x,), ["out"])
+    ref32, ref64 = evaluations(model, x, ["out"])
+    rows = agreeing_rows(ref32, ref64)
+    gap = np.abs(ref32.outputs["out"].astype(np.float64) - ref64.outputs["out"])
+    assert rows.sum() >= 48 and (gap[rows] <= outs["out"][rows]).all()

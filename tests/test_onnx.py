@@ -314,3 +314,28 @@ def test_same_model_and_flags_give_the_same_bytes(target, tmp_path):
         export(SAMPLES / ("dhn_mlp.pt" if target == "nir" else "bnn_mlp.pt"), target, out, validate_artifact=False)
         hashes.add(hashlib.sha256(out.read_bytes()).hexdigest())
     assert len(hashes) == 1
+
+
+class ZeroSigns(torch.nn.Module):
+    """A conv binarized inline with torch.sign, where 8 weights are exactly 0: three values, not binary."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2 = torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.fc = torch.nn.Linear(8 * 8 * 8, 4)
+        with torch.no_grad():
+            self.c2.weight[:, 0, 1, 1] = 0.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.where(self.c1(x) >= 0, 1.0, -1.0)
+        x = torch.where(torch.nn.functional.conv2d(x, torch.sign(self.c2.weight), padding=1) >= 0, 1.0, -1.0)
+        return self.fc(x.flatten(1))
+
+
+def test_weights_with_exact_zeros_say_so_in_the_summary(tmp_path):
+    path = tmp_path / "zeros.pt2"
+    torch.export.save(torch.export.export(ZeroSigns().eval(), (torch.randn(2, 1, 8, 8),),
+                                          dynamic_shapes=({0: torch.export.Dim("batch")},)), path)
+    result = htaf_export.export(path, "onnx", tmp_path / "z.onnx", validate_artifact=False)
+    row = next(r for r in result.conversion.rows if "exactly 0" in r.note)
+    assert row.layer == "c2" and row.became == "float weights" and "8 weights" in row.note
