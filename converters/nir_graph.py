@@ -228,7 +228,9 @@ class SliceGraph:
         if op == "Mul" and weight is not None:
             shape = self.shape(node.outputs[0])
             scale = np.broadcast_to(weight.astype(np.float32).reshape(_broadcastable(weight, shape)), shape)
-            return nir.Scale(np.ascontiguousarray(scale)), f"{node.name or 'scale'}", x
+            constant = next((v.name for v in node.inputs if v is not None and v.const_value is not None), None)
+            # named by its constant, which every time step shares (the node's own name differs per step)
+            return nir.Scale(np.ascontiguousarray(scale)), f"scale_{constant or node.name or 'x'}", x
         if op == "Add" and all(const_array(v) is None for v in node.inputs):
             raise UnsupportedLayer(node.name or op, "it adds two computed tensors: NIR has no node for a residual "
                                    "sum, and a membrane carried between time steps is recognised only in the forms "

@@ -257,5 +257,5 @@ def test_a_lost_smooth_tie_is_said_at_export_with_advice_that_works(tmp_path):
                                           dynamic_shapes=({0: torch.export.Dim("batch")},)), path)
     result = htaf_export.export(path, "onnx", tmp_path / "m.onnx", validate_artifact=False)
     note = next(n for n in result.conversion.notes if "tie rule of a smooth HTAF" in n)
-    assert "s1 step with ge" in note and "conflict with the ge rule recorded at s2" in note
+    assert "at s1 the step fires at the threshold itself (ge)" in note and "conflict with the ge rule recorded at s2" in note
     assert "pass --tie gt" not in note

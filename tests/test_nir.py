@@ -375,3 +375,27 @@ def test_a_refusal_inside_a_sequential_names_the_module(tmp_path, capsys):
     assert cli.main([str(path), "--target", "nir", "-o", str(tmp_path / "p.nir")]) == 2
     err = capsys.readouterr().err
     assert "MaxPool" in err and "(from module enc.1, test_nir.py:" in err, err
+
+
+def test_a_constant_scale_inside_the_time_loop_becomes_one_scale_node(tmp_path):
+    from htaf_export.nn import LIF
+
+    class Scaled(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1, self.lif1, self.out = torch.nn.Linear(16, 12), LIF(0.8, 1.0, "zero"), torch.nn.Linear(12, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            v1, acc = torch.zeros(x.shape[0], 12), torch.zeros(x.shape[0], 4)
+            for _ in range(3):
+                s1, v1 = self.lif1(self.fc1(x) * 3, v1)
+                acc = acc + self.out(s1)
+            return acc / 3
+
+    torch.manual_seed(0)
+    path = tmp_path / "scaled.pt2"
+    torch.export.save(torch.export.export(Scaled().eval(), (torch.randn(4, 16),),
+                                          dynamic_shapes=({0: torch.export.Dim("batch")},)), path)
+    result = _export(path, tmp_path / "scaled.nir")
+    assert result.report.passed, result.report.failure_line()
+    assert sorted(_nodes(result.artifact).values()).count("Scale") == 1
