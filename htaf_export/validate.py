@@ -293,7 +293,7 @@ class Validation:
                 result.crafted.add(n, int(agree.sum()), explained)
                 continue
             result.data.add(n, int(agree.sum()), explained)
-            if y is not None:
+            if y is not None and len(y) and int(y.max()) < ref_logits.shape[1]:  # labels that name its classes
                 result.labelled += n
                 result.reference_correct += int((ref_logits.argmax(1) == y).sum())
                 result.artifact_correct += int((got.argmax(1) == y).sum())

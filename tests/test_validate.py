@@ -471,3 +471,13 @@ def test_validating_against_another_model_file_says_so(tmp_path, capsys):
     assert cli.main(["validate", str(path), str(artifact)]) == 1
     out = capsys.readouterr().out.replace("\n", " ")
     assert "exported from another file" in " ".join(out.split()), out
+
+
+def test_labels_that_are_not_classes_of_the_output_give_no_accuracy(tmp_path):
+    """A 4-class model on the bundled digits (labels 0..9): no "accuracy" of 10 % is reported."""
+    from htaf_export.nn import HTAF
+
+    model = torch.nn.Sequential(torch.nn.Linear(64, 16), HTAF(levels="01"), torch.nn.Linear(16, 4)).eval()
+    path = htaf_export.save(model, tmp_path / "four.pt2", input_shape=[64])
+    report = htaf_export.export(path, "onnx", tmp_path / "four.onnx", device="cpu").report
+    assert report.passed and all(b.labelled == 0 for b in report.backends)
