@@ -4,6 +4,7 @@ a ``Bounded`` value in, a ``Bounded`` value out."""
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -229,6 +230,14 @@ def _mean_all(x: Bounded, dtype=None) -> Bounded:
     return _averaged(lambda t: aten.mean.default(t), x, int(x.value.numel()))
 
 
+def _adaptive_max_pool(op: Callable) -> Callable:
+    """(values, indices): the same pooling on the error (|max a − max b| ≤ max |a − b| over each window)."""
+    def rule(x: Bounded, size) -> tuple[Bounded, torch.Tensor]:
+        values, indices = op(x.value, size)
+        return Bounded(values, op(x.error, size)[0], x.integer), indices
+    return rule
+
+
 def _dropout(x: Bounded, p: float, train: bool) -> Bounded:
     if train:
         raise NoBound("dropout in training mode")
@@ -304,6 +313,9 @@ RULES: dict[Any, Callable] = {
     aten.ones_like.default: _filled(aten.ones_like.default), aten.zeros_like.default: _filled(aten.zeros_like.default),
     aten.full_like.default: _filled(aten.full_like.default),
     aten.dropout.default: _dropout, aten.leaky_relu.default: _leaky_relu, aten.mean.default: _mean_all,
+    aten.adaptive_max_pool2d.default: _adaptive_max_pool(aten.adaptive_max_pool2d.default),
+    aten.adaptive_max_pool1d.default: _adaptive_max_pool(aten.adaptive_max_pool1d.default),
+    operator.getitem: lambda items, i: items[i],  # one result of a multi-result op (values, indices)
     aten.where.self: _where, aten.sign.default: _sign, aten.to.dtype: _to, aten._to_copy.default: _to,
     aten.ge.Scalar: _compare(torch.ge), aten.gt.Scalar: _compare(torch.gt),
     aten.ge.Tensor: _compare(torch.ge), aten.gt.Tensor: _compare(torch.gt),

@@ -180,3 +180,20 @@ def test_a_per_layer_xnor_scale_has_a_rule():
     rows = agreeing_rows(ref32, ref64)
     gap = np.abs(ref32.outputs["out"].astype(np.float64) - ref64.outputs["out"])
     assert rows.sum() >= 48 and (gap[rows] <= outs["out"][rows]).all()
+
+
+def test_a_global_max_pool_has_a_rule():
+    """nn.AdaptiveMaxPool2d returns (values, indices): the rule pools the error the same way, and the bounds hold."""
+    nn = torch.nn
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Conv2d(2, 6, 3, padding=1), nn.BatchNorm2d(6), HTAF(levels="pm1"),
+                          nn.Conv2d(6, 8, 3), nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(8, 3)).eval()
+    model = harden(model).model.eval()
+    program = bounds.traced_program(model, [[2, 7, 9]])
+    x = torch.randn(48, 2, 7, 9)
+    outs, _ = bounds.batch_bounds(program, (x,), ["out"])
+    ref32, ref64 = evaluations(model, x, ["out"])
+    rows = agreeing_rows(ref32, ref64)
+    gap = np.abs(ref32.outputs["out"].astype(np.float64) - ref64.outputs["out"])
+    assert rows.sum() >= 40 and (gap[rows] <= outs["out"][rows]).all()
+    assert 0 < outs["out"].max() <= 1e-4
