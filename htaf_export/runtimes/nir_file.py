@@ -8,6 +8,7 @@ as the model's own loop does).
 
 from __future__ import annotations
 
+import abc
 import io
 import json
 import time
@@ -101,7 +102,7 @@ class TimeLoop:
         return {**totals, **found}
 
 
-class NirRunner:
+class NirRunner(abc.ABC):
     """What both NIR backends share: the file's graph, the time loop, and the runner interface. A backend sets
     ``name`` and defines ``_reset()`` and ``_step(feed)`` (see ``TimeLoop.run``)."""
 
@@ -117,11 +118,13 @@ class NirRunner:
     def inference_seconds(self) -> float:
         return self.loop.inference_seconds
 
+    @abc.abstractmethod
     def _reset(self) -> None:
-        raise NotImplementedError
+        """Start every neuron's state afresh (a new batch of samples)."""
 
+    @abc.abstractmethod
     def _step(self, feed: dict[str, np.ndarray]):
-        raise NotImplementedError
+        """One time step on ``feed``: ({output node: array}, {neuron node: spikes})."""
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return self.loop.run(inputs, self._reset, self._step)
