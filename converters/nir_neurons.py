@@ -50,15 +50,22 @@ def _producer(value: ir.Value | None, op: str) -> ir.Node | None:
     return node if node is not None and node.domain == "" and node.op_type == op else None
 
 
-def is_constant(value: ir.Value | None, number: float) -> bool:
-    """A constant that is ``number`` everywhere, or an ``Expand`` / ``ConstantOfShape`` of one (``zeros_like``)."""
+def filled(value: ir.Value | None) -> np.ndarray | None:
+    """The contents of a constant, or of an ``Expand`` / ``ConstantOfShape`` of one (``zeros_like``, ``full``), as
+    far as they are known without the run-time shape; None for a computed tensor."""
     array = const_array(value)
     if array is None and _producer(value, "Expand") is not None:
         array = const_array(value.producer().inputs[0])  # type: ignore[union-attr]
-    filled = _producer(value, "ConstantOfShape")
-    if array is None and filled is not None:
-        given = filled.attributes.get("value")
+    fill = _producer(value, "ConstantOfShape")
+    if array is None and fill is not None:
+        given = fill.attributes.get("value")
         array = given.as_tensor().numpy() if given is not None else np.zeros(1, np.float32)
+    return array
+
+
+def is_constant(value: ir.Value | None, number: float) -> bool:
+    """A constant that is ``number`` everywhere (``filled``)."""
+    array = filled(value)
     return array is not None and array.size > 0 and bool(np.all(array == number))
 
 
@@ -153,12 +160,8 @@ def lif_at(step: ir.Node, previous: ir.Node, spec: StepSpec) -> Neuron:
 
 def _constant_state(value: ir.Value | None) -> float | None:
     """The value everywhere of a state computed from constants alone (``zeros``, ``full``, times a leak), else None."""
-    array = const_array(value)
+    array = filled(value)
     node = value.producer() if value is not None else None
-    if array is None and node is not None and node.op_type in ("Expand", "ConstantOfShape"):
-        given = node.attributes.get("value") if node.op_type == "ConstantOfShape" else None
-        array = const_array(node.inputs[0]) if node.op_type == "Expand" else \
-            given.as_tensor().numpy() if given is not None else np.zeros(1)
     if array is not None:
         return float(array.reshape(-1)[0]) if array.size and np.all(array == array.reshape(-1)[0]) else np.nan
     if node is not None and node.op_type == "Mul":

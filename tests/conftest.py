@@ -88,3 +88,10 @@ def tie_twin(name: str, tie: str, directory: Path) -> Path:
     model = htaf_export.models.build(loaded.arch, {**loaded.config, "tie": tie})
     model.load_state_dict(loaded.module.state_dict())
     return htaf_export.save(model, directory / f"{name}_{tie}.pt")
+
+
+def save_pt2(model: torch.nn.Module, example: torch.Tensor, path: Path) -> Path:
+    """``model`` saved the way a user saves it: torch.export with a free batch dimension."""
+    program = torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    torch.export.save(program, path)
+    return path

@@ -37,6 +37,18 @@ def agreeing_rows(ref32, ref64) -> np.ndarray:
     return rows
 
 
+def output_bounds_hold(model: torch.nn.Module, x: torch.Tensor, min_rows: int) -> np.ndarray:
+    """The output bounds of ``model`` (hardened) on ``x``, after checking that they cover the float64 evaluation
+    on at least ``min_rows`` rows whose step decisions agree in both precisions."""
+    program = bounds.traced_program(model, [list(x.shape[1:])])
+    outs, _ = bounds.batch_bounds(program, (x,), ["out"])
+    ref32, ref64 = evaluations(model, x, ["out"])
+    rows = agreeing_rows(ref32, ref64)
+    gap = np.abs(ref32.outputs["out"].astype(np.float64) - ref64.outputs["out"])
+    assert rows.sum() >= min_rows and (gap[rows] <= outs["out"][rows]).all()
+    return outs["out"]
+
+
 @pytest.mark.parametrize("name", ["bnn_mlp", "bnn_cnn", "dhn_mlp", "icbm_cnn", "bireal_style", "icbm_dict"])
 def test_bounds_cover_the_float64_evaluation(name):
     if name in REGISTRY:  # user-style models: plain torch layers, float residual paths, dict outputs
@@ -72,15 +84,8 @@ def test_one_dimensional_pools_have_rules():
     model = nn.Sequential(nn.Conv1d(13, 24, 3), nn.BatchNorm1d(24), HTAF(levels="pm1"), nn.AvgPool1d(2),
                           nn.Conv1d(24, 20, 3), nn.MaxPool1d(2), HTAF(levels="01"), nn.AdaptiveAvgPool1d(1),
                           nn.Flatten(), nn.Linear(20, 7))
-    model = harden(model).model.eval()
-    program = bounds.traced_program(model, [[13, 37]])
-    x = torch.randn(32, 13, 37)
-    outs, steps = bounds.batch_bounds(program, (x,), ["out"])
-    ref32, ref64 = evaluations(model, x, ["out"])
-    rows = agreeing_rows(ref32, ref64)
-    gap = np.abs(ref32.outputs["out"].astype(np.float64) - ref64.outputs["out"])
-    assert (gap[rows] <= outs["out"][rows]).all()
-    assert 0 < outs["out"].max() <= 1e-4
+    bound = output_bounds_hold(harden(model).model.eval(), torch.randn(32, 13, 37), min_rows=0)
+    assert 0 < bound.max() <= 1e-4
 
 
 def test_eval_dropout_and_leaky_relu_have_rules():
@@ -90,15 +95,8 @@ def test_eval_dropout_and_leaky_relu_have_rules():
     torch.manual_seed(2)
     model = nn.Sequential(nn.Linear(20, 16), nn.LeakyReLU(0.2), nn.Dropout(0.3), nn.Linear(16, 12),
                           HTAF(levels="01"), nn.Linear(12, 5)).eval()
-    model = harden(model).model.eval()
-    program = bounds.traced_program(model, [[20]])
-    x = torch.randn(64, 20)
-    outs, _ = bounds.batch_bounds(program, (x,), ["out"])
-    ref32, ref64 = evaluations(model, x, ["out"])
-    rows = agreeing_rows(ref32, ref64)
-    gap = np.abs(ref32.outputs["out"].astype(np.float64) - ref64.outputs["out"])
-    assert rows.sum() >= 48 and (gap[rows] <= outs["out"][rows]).all()
-    assert 0 < outs["out"].max() <= 1e-4
+    bound = output_bounds_hold(harden(model).model.eval(), torch.randn(64, 20), min_rows=48)
+    assert 0 < bound.max() <= 1e-4
 
 
 def test_binary_layer_sums_are_exact():
@@ -172,14 +170,7 @@ def test_a_per_layer_xnor_scale_has_a_rule():
             return self.head(self.step(x @ w.t()))
 
     torch.manual_seed(4)
-    model = harden(Xnor().eval()).model.eval()
-    program = bounds.traced_program(model, [[20]])
-    x = torch.randn(64, 20)
-    outs, _ = bounds.batch_bounds(program, (x,), ["out"])
-    ref32, ref64 = evaluations(model, x, ["out"])
-    rows = agreeing_rows(ref32, ref64)
-    gap = np.abs(ref32.outputs["out"].astype(np.float64) - ref64.outputs["out"])
-    assert rows.sum() >= 48 and (gap[rows] <= outs["out"][rows]).all()
+    output_bounds_hold(harden(Xnor().eval()).model.eval(), torch.randn(64, 20), min_rows=48)
 
 
 def test_a_global_max_pool_has_a_rule():
@@ -188,12 +179,5 @@ def test_a_global_max_pool_has_a_rule():
     torch.manual_seed(5)
     model = nn.Sequential(nn.Conv2d(2, 6, 3, padding=1), nn.BatchNorm2d(6), HTAF(levels="pm1"),
                           nn.Conv2d(6, 8, 3), nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(8, 3)).eval()
-    model = harden(model).model.eval()
-    program = bounds.traced_program(model, [[2, 7, 9]])
-    x = torch.randn(48, 2, 7, 9)
-    outs, _ = bounds.batch_bounds(program, (x,), ["out"])
-    ref32, ref64 = evaluations(model, x, ["out"])
-    rows = agreeing_rows(ref32, ref64)
-    gap = np.abs(ref32.outputs["out"].astype(np.float64) - ref64.outputs["out"])
-    assert rows.sum() >= 40 and (gap[rows] <= outs["out"][rows]).all()
-    assert 0 < outs["out"].max() <= 1e-4
+    bound = output_bounds_hold(harden(model).model.eval(), torch.randn(48, 2, 7, 9), min_rows=40)
+    assert 0 < bound.max() <= 1e-4

@@ -12,7 +12,7 @@ from htaf_export.errors import BadInput
 from htaf_export.harden import GAP_TOLERANCE, measure_gap
 from htaf_export.nn import HTAF, BinaryConv2d, BinaryLinear, Step, htaf_function
 
-from conftest import SAMPLE_NAMES, outputs_equal
+from conftest import SAMPLE_NAMES, outputs_equal, save_pt2
 
 
 def _htaf_sites(model):
@@ -253,8 +253,7 @@ def test_a_lost_smooth_tie_is_said_at_export_with_advice_that_works(tmp_path):
             return self.fc3(self.s2(self.fc2(self.s1(self.fc1(x)))))
 
     path = tmp_path / "mixed.pt2"
-    torch.export.save(torch.export.export(Mixed().eval(), (torch.randn(2, 8),),
-                                          dynamic_shapes=({0: torch.export.Dim("batch")},)), path)
+    save_pt2(Mixed().eval(), torch.randn(2, 8), path)
     result = htaf_export.export(path, "onnx", tmp_path / "m.onnx", validate_artifact=False)
     note = next(n for n in result.conversion.notes if "tie rule of a smooth HTAF" in n)
     assert "at s1 the step fires at the threshold itself (ge)" in note and "conflict with the ge rule recorded at s2" in note

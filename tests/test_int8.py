@@ -22,6 +22,8 @@ import htaf_export
 from htaf_export import cli
 from htaf_export.nn import HTAF
 
+from conftest import save_pt2
+
 
 def _binary(w: torch.Tensor) -> torch.Tensor:
     return w + (torch.where(w >= 0, 1.0, -1.0) - w).detach()
@@ -322,8 +324,7 @@ class ReluBetween(nn.Module):
 def test_layers_left_float_stay_exact(model, target, became, tmp_path):
     torch.manual_seed(0)
     path = tmp_path / "m.pt2"
-    torch.export.save(torch.export.export(model.eval(), (torch.randn(2, 2, 8, 8),),
-                                          dynamic_shapes=({0: torch.export.Dim("batch")},)), path)
+    save_pt2(model.eval(), torch.randn(2, 2, 8, 8), path)
     with contextlib.redirect_stdout(io.StringIO()):
         result = htaf_export.export(path, target, tmp_path / f"m{'.int8.onnx' if 'onnx' in target else '.int8.tflite'}",
                                     input_shape=[2, 8, 8], device="cpu")

@@ -18,7 +18,7 @@ from htaf_export import models
 from htaf_export.errors import BadInput
 from htaf_export.nn import HTAF, BinaryConv2d, BinaryLinear
 
-from conftest import SAMPLE_NAMES, outputs_equal
+from conftest import SAMPLE_NAMES, outputs_equal, save_pt2
 
 CHECKPOINT_KEYS = {"format", "version", "arch", "config", "state_dict", "input_shape", "meta"}
 
@@ -408,13 +408,11 @@ def test_a_program_exported_in_training_mode_is_refused_in_one_line(tmp_path, la
     body = torch.nn.BatchNorm1d(5) if layer == "batch_norm" else torch.nn.Dropout(0.5)
     model = torch.nn.Sequential(torch.nn.Linear(4, 5), body, torch.nn.Linear(5, 2)).train()  # model.eval() forgotten
     path = tmp_path / "train.pt2"
-    torch.export.save(torch.export.export(model, (torch.randn(3, 4),),
-                                          dynamic_shapes=({0: torch.export.Dim("batch")},)), path)
+    save_pt2(model, torch.randn(3, 4), path)
     with pytest.raises(BadInput, match="training mode .*call model.eval"):
         htaf_export.load(path)
     model.eval()
-    torch.export.save(torch.export.export(model, (torch.randn(3, 4),),
-                                          dynamic_shapes=({0: torch.export.Dim("batch")},)), path)
+    save_pt2(model, torch.randn(3, 4), path)
     assert htaf_export.load(path).input_shape == [4]
 
 

@@ -17,6 +17,8 @@ from htaf_export.converters.nir_graph import DT, lif_parameters
 from htaf_export.models.snn import SnnMLP
 from htaf_export.nn import HTAF
 
+from conftest import save_pt2
+
 nir = pytest.importorskip("nir")
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
@@ -87,8 +89,7 @@ def test_a_leaky_readout_becomes_a_nir_li_node(tmp_path):
     torch.manual_seed(1)
     model = LeakyReadoutSNN().eval()
     path = tmp_path / "leaky.pt2"
-    torch.export.save(torch.export.export(model, (torch.zeros(2, 64),),
-                                          dynamic_shapes=({0: torch.export.Dim("batch")},)), path)
+    save_pt2(model, torch.zeros(2, 64), path)
     result = _export(path, tmp_path / "leaky.nir")
     assert result.report.passed, result.report.failure_line()
     kinds = _nodes(result.artifact)
@@ -124,8 +125,7 @@ class EventStreamSNN(torch.nn.Module):
 def test_an_event_stream_input_is_fed_one_step_at_a_time(tmp_path, capsys):
     torch.manual_seed(0)
     path = tmp_path / "events.pt2"
-    torch.export.save(torch.export.export(EventStreamSNN().eval(), (torch.zeros(2, 7, 20),),
-                                          dynamic_shapes=({0: torch.export.Dim("batch")},)), path)
+    save_pt2(EventStreamSNN().eval(), torch.zeros(2, 7, 20), path)
     result = _export(path, tmp_path / "events.nir")
     assert result.report.passed, result.report.failure_line()
     assert [b.backend for b in result.report.backends] == ["nir-sim", "snntorch"]
@@ -163,8 +163,7 @@ class WarmStartSNN(torch.nn.Module):
 
 def test_a_membrane_that_does_not_start_at_zero_is_refused(tmp_path, capsys):
     path = tmp_path / "warm.pt2"
-    torch.export.save(torch.export.export(WarmStartSNN().eval(), (torch.zeros(2, 64),),
-                                          dynamic_shapes=({0: torch.export.Dim("batch")},)), path)
+    save_pt2(WarmStartSNN().eval(), torch.zeros(2, 64), path)
     out = tmp_path / "warm.nir"
     assert cli.main([str(path), "--target", "nir", "-o", str(out), "--no-validate"]) == 2
     err = capsys.readouterr().err.strip()
@@ -304,7 +303,7 @@ def test_a_hand_written_two_layer_loop_becomes_two_lif_layers(tmp_path, fmt):
     model, x = TwoLayerLoop().eval(), torch.randn(2, 12)
     path = tmp_path / f"loop.{'pt2' if fmt == 'pt2' else 'ts.pt'}"
     if fmt == "pt2":
-        torch.export.save(torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim("batch")},)), path)
+        save_pt2(model, x, path)
     else:
         torch.jit.save(torch.jit.trace(model, x), str(path))
     result = _export(path, tmp_path / "loop.nir", input_shape=[12])
@@ -349,8 +348,7 @@ class DepthwiseHeaviside(torch.nn.Module):
 def test_a_depthwise_conv_becomes_one_block_diagonal_nir_conv(tmp_path):
     torch.manual_seed(0)
     path = tmp_path / "dw.pt2"
-    torch.export.save(torch.export.export(DepthwiseHeaviside().eval(), (torch.randn(2, 1, 8, 8),),
-                                          dynamic_shapes=({0: torch.export.Dim("batch")},)), path)
+    save_pt2(DepthwiseHeaviside().eval(), torch.randn(2, 1, 8, 8), path)
     result = _export(path, tmp_path / "dw.nir")
     assert result.report.passed, result.report.failure_line()
     convs = [n for n in nir.read(result.artifact).nodes.values() if type(n).__name__ == "Conv2d"]
@@ -370,8 +368,7 @@ def test_a_refusal_inside_a_sequential_names_the_module(tmp_path, capsys):
             return self.fc(self.s(self.enc(x)))
 
     path = tmp_path / "pooled.pt2"
-    torch.export.save(torch.export.export(Pooled().eval(), (torch.randn(2, 1, 8, 8),),
-                                          dynamic_shapes=({0: torch.export.Dim("batch")},)), path)
+    save_pt2(Pooled().eval(), torch.randn(2, 1, 8, 8), path)
     assert cli.main([str(path), "--target", "nir", "-o", str(tmp_path / "p.nir")]) == 2
     err = capsys.readouterr().err
     assert "MaxPool" in err and "(from module enc.1, test_nir.py:" in err, err
@@ -394,8 +391,7 @@ def test_a_constant_scale_inside_the_time_loop_becomes_one_scale_node(tmp_path):
 
     torch.manual_seed(0)
     path = tmp_path / "scaled.pt2"
-    torch.export.save(torch.export.export(Scaled().eval(), (torch.randn(4, 16),),
-                                          dynamic_shapes=({0: torch.export.Dim("batch")},)), path)
+    save_pt2(Scaled().eval(), torch.randn(4, 16), path)
     result = _export(path, tmp_path / "scaled.nir")
     assert result.report.passed, result.report.failure_line()
     assert sorted(_nodes(result.artifact).values()).count("Scale") == 1

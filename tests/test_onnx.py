@@ -18,7 +18,7 @@ from htaf_export import cli
 from htaf_export.capture import capture
 from htaf_export.converters.onnx import build
 from htaf_export.ops import HTAF_DOMAIN
-from conftest import tie_twin
+from conftest import tie_twin, save_pt2
 from htaf_export.data import digits
 from htaf_export.errors import BadInput, UnsupportedLayer
 from htaf_export.models.registry import ReferenceModel
@@ -334,8 +334,7 @@ class ZeroSigns(torch.nn.Module):
 
 def test_weights_with_exact_zeros_say_so_in_the_summary(tmp_path):
     path = tmp_path / "zeros.pt2"
-    torch.export.save(torch.export.export(ZeroSigns().eval(), (torch.randn(2, 1, 8, 8),),
-                                          dynamic_shapes=({0: torch.export.Dim("batch")},)), path)
+    save_pt2(ZeroSigns().eval(), torch.randn(2, 1, 8, 8), path)
     result = htaf_export.export(path, "onnx", tmp_path / "z.onnx", validate_artifact=False)
     row = next(r for r in result.conversion.rows if "exactly 0" in r.note)
     assert row.layer == "c2" and row.became == "float weights" and "8 weights" in row.note

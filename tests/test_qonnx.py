@@ -18,6 +18,8 @@ import htaf_export
 from htaf_export import cli
 from htaf_export.nn import HTAF
 
+from conftest import save_pt2
+
 pytest.importorskip("qonnx")
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
@@ -100,8 +102,7 @@ def test_gt_sites_keep_their_rule_at_exact_ties(tmp_path):
     data = tmp_path / "ties.npz"
     np.savez(data, x=x)
     path = tmp_path / "gt.pt2"
-    torch.export.save(torch.export.export(model, (torch.zeros(2, 6),),
-                                          dynamic_shapes=({0: torch.export.Dim("batch")},)), path)
+    save_pt2(model, torch.zeros(2, 6), path)
     result = _export(path, tmp_path / "gt.qonnx.onnx", data=data, tie="gt")
     assert result.report.passed, result.report.failure_line()
     moved = [r for r in result.conversion.rows if "next float32 up" in r.became]
@@ -197,8 +198,7 @@ def test_the_graph_matches_a_brevitas_export_node_for_node(kind, tmp_path):
         warnings.simplefilter("ignore")
         export_qonnx(theirs, torch.randn(1, *shape), str(reference))
     path = tmp_path / "ours.pt2"
-    torch.export.save(torch.export.export(ours, (torch.zeros(2, *shape),),
-                                          dynamic_shapes=({0: torch.export.Dim("batch")},)), path)
+    save_pt2(ours, torch.zeros(2, *shape), path)
     artifact = _export(path, tmp_path / "ours.qonnx.onnx", input_shape=list(shape)).artifact
     graphs = [onnx.load(str(p)).graph for p in (reference, artifact)]
     assert [(n.domain, n.op_type) for n in graphs[0].node] == [(n.domain, n.op_type) for n in graphs[1].node]
@@ -240,8 +240,7 @@ def test_negative_batch_norm_scales_before_a_step_export(tmp_path, fmt):
         model.bn.weight.copy_(torch.tensor([1.0, -1.0, 0.5, -2.0, 1.0]))
     path = tmp_path / f"flipped.{'pt2' if fmt == 'pt2' else 'pt'}"
     if fmt == "pt2":
-        torch.export.save(torch.export.export(model, (torch.zeros(2, 6),),
-                                              dynamic_shapes=({0: torch.export.Dim("batch")},)), path)
+        save_pt2(model, torch.zeros(2, 6), path)
     else:
         torch.save(model, path)
     result = _export(path, tmp_path / "flipped.qonnx.onnx", input_shape=[6], trust_pickle=fmt == "pickle")

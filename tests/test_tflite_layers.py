@@ -22,6 +22,8 @@ import htaf_export  # noqa: E402
 from htaf_export import tflite_file as tfl  # noqa: E402
 from htaf_export.nn import HTAF, BinaryConv2d  # noqa: E402
 
+from conftest import save_pt2  # noqa: E402
+
 SHAPE = (2, 9, 12)
 
 
@@ -53,7 +55,7 @@ def test_a_crop_exports_to_tflite_with_parity(tmp_path, fmt, target):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if fmt == "pt2":
-            torch.export.save(torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim("batch")},)), path)
+            save_pt2(model, x, path)
         else:
             model.body.freeze()  # a trace cannot record the binary layer's autograd function
             torch.jit.save(torch.jit.trace(model, x), str(path))
@@ -90,8 +92,7 @@ def test_a_grouped_conv_exports_to_tflite_with_parity(tmp_path, target):
         model.gc_bn.running_mean.uniform_(-2, 2)
         model.gc_bn.running_var.uniform_(0.5, 2)
     path = tmp_path / "grouped.pt2"
-    torch.export.save(torch.export.export(model, (torch.randn(2, 1, 6, 7),),
-                                          dynamic_shapes=({0: torch.export.Dim("batch")},)), path)
+    save_pt2(model, torch.randn(2, 1, 6, 7), path)
     with contextlib.redirect_stdout(io.StringIO()):
         result = htaf_export.export(path, target, tmp_path / "g.tflite", device="cpu")
     assert result.report.passed, result.report.failure_line()

@@ -119,9 +119,9 @@ def backends_for(info: ArtifactInfo, device: str = "all", model=None, threads: i
     if info.kind == "tflite" and device == "cuda":
         skipped.append(("tflite", "the TFLite interpreters run on the CPU only"))
     if info.kind == "tflite" and device != "cuda":
-        from .tflite_micro import BUILTIN_TARGETS, NAME, why_not
+        from .tflite_micro import NAME, why_not
 
-        reason = why_not(info.path.stat().st_size) if info.metadata.get(md.TARGET) in BUILTIN_TARGETS else None
+        reason = why_not(info)
         if reason:
             skipped.append((NAME, reason))
     if model is not None and device in ("cuda", "all"):

@@ -1,8 +1,8 @@
 """Reading a ``.nir`` file written by htaf-export, and the time loop its validation backends share.
 
 A backend simulates one time step at a time (``step``); :class:`TimeLoop` feeds it the input as the model reads
-it (the whole input at every step, or step t of an event stream at time step t), names each neuron's spikes after the step tensor of the same site and call,
-and combines each output over the steps as the file's readout says (sum, then divide, in float32 and in time order,
+it (the whole input at every step, or step t of an event stream at time step t), names each neuron's spikes after
+the step tensor of the same site and call, and combines each output over the steps as the file's readout says (sum, then divide, in float32 and in time order,
 as the model's own loop does).
 """
 
@@ -55,7 +55,8 @@ def read_nir_artifact(path: Path) -> ArtifactInfo:
     steps = read_steps(path, meta)
     inputs = tuple(json.loads(meta[md.NIR_INPUTS]) if md.NIR_INPUTS in meta
                    else sorted(n for n, node in graph.nodes.items() if type(node).__name__ == "Input"))
-    outputs = tuple(json.loads(meta[md.NIR_OUTPUTS]) if md.NIR_OUTPUTS in meta else sorted(json.loads(meta[md.NIR_READOUT])))
+    outputs = tuple(json.loads(meta[md.NIR_OUTPUTS]) if md.NIR_OUTPUTS in meta
+                    else sorted(json.loads(meta[md.NIR_READOUT])))
     spikes = json.loads(meta[md.NIR_SPIKES])
     feeding = {dst: src for src, dst in graph.edges}
     layers = {tensor: feeding.get(node, node) for node, tensors in spikes.items() for tensor in tensors if tensor}

@@ -157,14 +157,8 @@ def time_stock(data: bytes, threads: int = 1, budget_s: float = KERNEL_TIMING_BU
     interpreter.allocate_tensors()
     for detail in interpreter.get_input_details():
         interpreter.set_tensor(detail["index"], np.zeros(detail["shape"], dtype=detail["dtype"]))
-    interpreter.invoke()
-    runs: list[float] = []
-    start = time.perf_counter()
-    while len(runs) < 50 and (len(runs) < 3 or time.perf_counter() - start < budget_s):
-        t = time.perf_counter()
-        interpreter.invoke()
-        runs.append(time.perf_counter() - t)
-    return 1000 * float(np.median(runs))
+    interpreter.invoke()  # warm-up
+    return _median_ms(interpreter.invoke, budget_s)
 
 
 def time_kernels(data: bytes, threads: int = 1) -> dict[str, float]:
@@ -174,11 +168,16 @@ def time_kernels(data: bytes, threads: int = 1) -> dict[str, float]:
         interpreter = lce_interpreter(data, kernel, threads)
         x = [np.zeros(shape, dtype=np.float32) for shape in interpreter.input_shapes]
         interpreter.interpreter.predict(x)  # warm-up: allocation, packing
-        runs: list[float] = []
-        start = time.perf_counter()
-        while len(runs) < 50 and (len(runs) < 3 or time.perf_counter() - start < KERNEL_TIMING_BUDGET_S / 2):
-            t = time.perf_counter()
-            interpreter.interpreter.predict(x)
-            runs.append(time.perf_counter() - t)
-        timings[kernel] = 1000 * float(np.median(runs))
+        timings[kernel] = _median_ms(lambda: interpreter.interpreter.predict(x), KERNEL_TIMING_BUDGET_S / 2)
     return timings
+
+
+def _median_ms(invoke, budget_s: float) -> float:
+    """Median milliseconds of ``invoke()`` over 3 to 50 calls, stopping once ``budget_s`` is spent."""
+    runs: list[float] = []
+    start = time.perf_counter()
+    while len(runs) < 50 and (len(runs) < 3 or time.perf_counter() - start < budget_s):
+        t = time.perf_counter()
+        invoke()
+        runs.append(time.perf_counter() - t)
+    return 1000 * float(np.median(runs))

@@ -18,8 +18,6 @@ from .tflite import _TfliteRunner
 NAME = "tflite-micro"
 BUILTIN_TARGETS = ("tflite-float", "tflite-int8")  # the TFLite targets without LCE ops
 ARENA_FLOOR = 4 << 20  # bytes: TFLM plans every tensor into one arena, fixed when the interpreter is made
-
-
 LARGEST = 4 << 20  # bytes: past this a file is no microcontroller's, and TFLM's reference kernels take minutes
 
 
@@ -27,10 +25,12 @@ def available() -> bool:
     return importlib.util.find_spec("tflite_micro") is not None
 
 
-def why_not(size: int) -> str | None:
-    """Why TFLite Micro does not validate a builtin-op file of ``size`` bytes here, or None when it does."""
-    if not available():
-        return None  # an optional extra: not installed is not worth a line in every report
+def why_not(info: ArtifactInfo) -> str | None:
+    """Why TFLite Micro, installed here, does not validate a builtin-op file; None when it does (or when the file
+    is not one it reads, or the optional extra is missing: neither is worth a line in every report)."""
+    if not available() or info.metadata.get(md.TARGET) not in BUILTIN_TARGETS:
+        return None
+    size = Path(info.path).stat().st_size
     if size > LARGEST:
         return (f"the file ({size / 2**20:.1f} MiB) is larger than a microcontroller holds "
                 f"(TFLite Micro validates files up to {LARGEST >> 20} MiB)")
@@ -39,9 +39,9 @@ def why_not(size: int) -> str | None:
 
 def micro_runners(info: ArtifactInfo, device: str = "all") -> list["MicroRunner"]:
     """TFLite Micro for a file without LCE ops that a microcontroller could hold, where the extra is installed."""
-    if device == "cuda" or not available() or info.metadata.get(md.TARGET) not in BUILTIN_TARGETS:
+    if device == "cuda" or not available() or info.metadata.get(md.TARGET) not in BUILTIN_TARGETS or why_not(info):
         return []
-    return [MicroRunner(info)] if why_not(Path(info.path).stat().st_size) is None else []
+    return [MicroRunner(info)]
 
 
 class MicroRunner(_TfliteRunner):
