@@ -30,6 +30,7 @@ here ends the analysis (``NoBound``), and validation falls back to the fixed tol
 from __future__ import annotations
 
 import weakref
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -38,10 +39,11 @@ from torch import fx
 from torch.utils import _pytree as pytree
 
 from .nn import Step
-from .rounding_rules import ETA, LAMBDA, RULES, SLACK, U, Bounded, NoBound, is_integral, value_of, gamma
+from .rounding_rules import (ETA, LAMBDA, RULES, SLACK, U, Bounded, NoBound, gamma, is_integral, no_error,
+                             value_of)
 
 __all__ = ["U", "ETA", "SLACK", "LAMBDA", "gamma", "Bounded", "NoBound", "rounding_bounds", "batch_bounds",
-           "traced_program"]
+           "traced_program", "interpret", "Interpretation"]
 aten = torch.ops.aten
 
 
@@ -67,13 +69,26 @@ def _constant(program: fx.GraphModule, target: str) -> Any:
     return cache[key]
 
 
+@dataclass
+class Interpretation:
+    """One bounded evaluation: the flat outputs, and each step call's bounded input, output bits and module."""
+
+    leaves: list[Bounded]
+    steps: dict[tuple[str, int], tuple[Bounded, torch.Tensor, Step]]
+
+    def step_bound(self, key: tuple[str, int]) -> torch.Tensor:
+        """The bound of a step call's pre-activation: a runtime that treats subnormal inputs as zero (DAZ, as
+        LCE's quantizer does) puts them on the tie, whatever their sign: they are a rounding, not a wrong rule."""
+        x = self.steps[key][0]
+        subnormal = (x.value != 0) & (x.value.abs() < 2.0 ** -126)
+        return SLACK * (x.error + ETA * subnormal)
+
+
 @torch.no_grad()
-def rounding_bounds(program: fx.GraphModule, inputs: tuple[torch.Tensor, ...]
-                    ) -> tuple[list[torch.Tensor], dict[tuple[str, int], torch.Tensor]]:
-    """(bound of each flat output, bound of each step call's pre-activation by (site, call)) for ``inputs``,
-    on a graph module whose steps are ``Step`` calls (``harden_traced``)."""
+def interpret(program: fx.GraphModule, inputs: tuple[torch.Tensor, ...]) -> Interpretation:
+    """Evaluate a graph module whose steps are ``Step`` calls (``harden_traced``), every float tensor bounded."""
     env: dict[fx.Node, Any] = {}
-    steps: dict[tuple[str, int], torch.Tensor] = {}
+    steps: dict[tuple[str, int], tuple[Bounded, torch.Tensor, Step]] = {}
     calls: dict[str, int] = {}
     placeholders = iter(inputs)
     out: Any = None
@@ -88,21 +103,25 @@ def rounding_bounds(program: fx.GraphModule, inputs: tuple[torch.Tensor, ...]
             if isinstance(module, Step) and isinstance(x, Bounded):
                 k = calls.get(str(node.target), 0)
                 calls[str(node.target)] = k + 1
-                # a runtime that treats subnormal inputs as zero (DAZ, as LCE's quantizer does) puts them on
-                # the tie, whatever their sign: they are a rounding, not a wrong rule
-                subnormal = (x.value != 0) & (x.value.abs() < 2.0 ** -126)
-                steps[(str(node.target), k)] = SLACK * (x.error + ETA * subnormal)
                 y = module(x.value)
-                env[node] = Bounded(y, torch.zeros_like(y), integer=True)
+                steps[(str(node.target), k)] = (x, y, module)
+                env[node] = Bounded(y, no_error(y), integer=True, largest=1.0)
             else:
                 env[node] = None  # the guards of an exported program
         elif node.op == "call_function":
             env[node] = _call(node, env)
         elif node.op == "output":
             out = pytree.tree_map(lambda n: env[n] if isinstance(n, fx.Node) else n, node.args[0])
-    leaves = [SLACK * b.error for b in pytree.tree_leaves(out, is_leaf=lambda a: isinstance(a, Bounded))
-              if isinstance(b, Bounded)]
-    return leaves, steps
+    leaves = [b for b in pytree.tree_leaves(out, is_leaf=lambda a: isinstance(a, Bounded)) if isinstance(b, Bounded)]
+    return Interpretation(leaves, steps)
+
+
+def rounding_bounds(program: fx.GraphModule, inputs: tuple[torch.Tensor, ...]
+                    ) -> tuple[list[torch.Tensor], dict[tuple[str, int], torch.Tensor]]:
+    """(bound of each flat output, bound of each step call's pre-activation by (site, call)) for ``inputs``,
+    on a graph module whose steps are ``Step`` calls (``harden_traced``)."""
+    it = interpret(program, inputs)
+    return [SLACK * b.error for b in it.leaves], {key: it.step_bound(key) for key in it.steps}
 
 
 def batch_bounds(program: fx.GraphModule, inputs: tuple[torch.Tensor, ...], output_names: list[str], chunk: int = 32

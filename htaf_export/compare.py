@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, Union
 
 import numpy as np
 
@@ -27,8 +28,10 @@ def _example(t: TensorResult, part: str, offset: int, mask: np.ndarray, ref: np.
 
 
 def compare_binary(t: TensorResult, ref: np.ndarray, got: np.ndarray, pre: np.ndarray | None,
-                    certified: np.ndarray | None, excused: np.ndarray, margin: float | np.ndarray, part: str,
-                    offset: int) -> None:
+                    certified: np.ndarray | None, excused: np.ndarray,
+                    margin: float | np.ndarray | Callable[[], np.ndarray], part: str, offset: int) -> None:
+    """``margin``: how far from its threshold a flipped bit is still rounding (an array, or a function
+    that computes it, called only when a bit flipped)."""
     n = len(ref)
     ref2, got2 = ref.reshape(n, -1), np.asarray(got).reshape(n, -1)
     if ref2.shape != got2.shape:
@@ -56,6 +59,8 @@ def compare_binary(t: TensorResult, ref: np.ndarray, got: np.ndarray, pre: np.nd
     if not flips.any():
         return
     t.tie_flips += int((flips & at_tie).sum())
+    if callable(margin):
+        margin = margin()
     close = flips & (apre <= (margin.reshape(n, -1) if isinstance(margin, np.ndarray) else margin))
     if cert is not None:
         violations = flips & cert
@@ -122,7 +127,14 @@ class BatchBounds:
     (0 for step inputs, whose bits all agree; 2u·|ref| for float outputs within 4u·|ref|)."""
 
     outputs: dict[str, np.ndarray]
-    steps: dict[tuple[str, int], np.ndarray]
+    steps: dict[tuple[str, int], Union[np.ndarray, Callable[[], np.ndarray]]]  # a function: computed on demand
+
+    def step_margin(self, key: tuple[str, int]) -> np.ndarray | Callable[[], np.ndarray] | None:
+        """Twice the bound of a step's input (two implementations each within it), or how to compute it."""
+        bound = self.steps.get(key)
+        if bound is None or not callable(bound):
+            return None if bound is None else 2 * bound
+        return lambda: 2 * bound()
 
     @classmethod
     def scatter(cls, rows: np.ndarray, outs: dict[str, np.ndarray], steps: dict[tuple[str, int], np.ndarray],

@@ -54,15 +54,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import bounds
-from .compare import (BatchBounds, argmax_explained, compare_binary, compare_float, ordered_tensors,
-                      rows_needing_bounds)
+from .compare import (BatchBounds, argmax_explained, compare_binary, compare_float, ordered_tensors)
 from .crafted import CraftedSet
 from .data import Batches, Dataset, Inputs, as_batches, count
 from .errors import BadInput
 from .nn.modules import step_modules
 from .parts import crafted_inputs, validation_parts
-from .reference import run_reference
+from .references import Chunk, References, rows
 from .parity import BackendResult, MarginHistogram, ParityReport, Tolerance
 from .runtimes import ArtifactInfo, Runner
 
@@ -113,10 +111,7 @@ class Validation:
                  reference_device: str, crafted: CraftedSet | None, graph_steps=None) -> None:
         self.model, self.info, self.runners, self.tol = model, info, list(runners), tol
         self.graph_steps = graph_steps
-        self.bounds_program: torch.fx.GraphModule | None = None
-        self.no_bound = "a streaming SNN is checked one step at a time" if info.streaming else ""
-        self.needed_bounds = False
-        self.reference_device = reference_device
+        self.references = References(model, info, tol, reference_device, graph_steps)
         self.results = [BackendResult(r.name, r.device, ordered_tensors(info)) for r in self.runners]
         self.step_of = {s.tensor: s for s in info.steps}
         self.margins = {s.tensor: MarginHistogram(s.tensor) for s in info.steps}
@@ -136,7 +131,8 @@ class Validation:
                         self.certified.setdefault((s.tensor, 0), []).append((p.sample, p.unit))
 
     def shard(self) -> Shard:
-        return Shard(self.results, self.margins, self.unobserved, self.ties, self.no_bound, self.needed_bounds)
+        refs = self.references
+        return Shard(self.results, self.margins, self.unobserved, self.ties, refs.no_bound, refs.needed_bounds)
 
     def absorb(self, shard: Shard) -> None:
         # by name: a worker on another machine may see other runtimes (a Ray actor is given no GPU)
@@ -150,8 +146,9 @@ class Validation:
             self.margins[name].absorb(histogram)
         self.unobserved |= shard.unobserved
         self.ties |= shard.ties
-        self.no_bound = self.no_bound or shard.no_bound
-        self.needed_bounds = self.needed_bounds or shard.needed_bounds
+        refs = self.references
+        refs.no_bound = refs.no_bound or shard.no_bound
+        refs.needed_bounds = refs.needed_bounds or shard.needed_bounds
 
     def _certified_mask(self, tensor: str, t: int, offset: int, n: int, units: int) -> np.ndarray | None:
         marks = self.certified.get((tensor, t))
@@ -170,34 +167,34 @@ class Validation:
         info = self.info
         excused = [np.zeros(n, dtype=bool) for _ in self.runners]
         state = [v.numpy() for v in self.model.initial_state(n)] if info.streaming else []
-        ref = None
-        arts: list[dict[str, np.ndarray]] = [{} for _ in self.runners]
         for t in range(self.steps_per_run):
             inputs = (*(torch.from_numpy(np.ascontiguousarray(a)) for a in xs), *(torch.from_numpy(v) for v in state))
-            ref = self._reference(inputs)
             feed = dict(zip(info.input_names, [*xs, *state]))
-            for i, (runner, result) in enumerate(zip(self.runners, self.results)):
+            arts = []
+            for runner, result in zip(self.runners, self.results):
                 started, inside = time.perf_counter(), runner.inference_seconds
-                arts[i] = runner.run(feed)
+                arts.append(runner.run(feed))
                 result.seconds += time.perf_counter() - started
                 result.inference_seconds += runner.inference_seconds - inside
-            self._compare(inputs, ref, arts, excused, part, offset, t, n)
+            # chunk by chunk: each chunk's reference is compared and dropped before the next one is computed
+            for chunk in self.references.chunks(inputs, self._note):
+                self._chunk(inputs, chunk, arts, excused, y, part, offset, t, n,
+                            argmax=t == self.steps_per_run - 1)
             # Streaming is checked one step at a time from the reference state, so errors do not compound.
-            state = [ref.outputs[name] for name in info.output_names[1:]] if info.streaming else []
-        assert ref is not None
-        self._argmax(ref, arts, excused, y, part, n)
+            state = [chunk[2].outputs[name] for name in info.output_names[1:]] if info.streaming else []
 
     def feed(self, x: Inputs) -> dict[str, np.ndarray]:
         """What the runtimes are given for a batch (not streaming)."""
         return dict(zip(self.info.input_names, list(x) if isinstance(x, tuple) else [x]))
 
-    def reference_of(self, x: Inputs) -> tuple[tuple[torch.Tensor, ...], object]:
-        """The first half of ``batch`` when another process runs the runtimes: (inputs, reference run)."""
+    def reference_of(self, x: Inputs) -> tuple[tuple[torch.Tensor, ...], list[Chunk]]:
+        """The first half of ``batch`` when another process runs the runtimes: (inputs, reference chunks)."""
         inputs = tuple(torch.from_numpy(np.ascontiguousarray(a)) for a in (list(x) if isinstance(x, tuple) else [x]))
-        return inputs, self._reference(inputs)
+        return inputs, list(self.references.chunks(inputs, self._note))
 
-    def compare_with(self, inputs: tuple[torch.Tensor, ...], ref, answers: Sequence[tuple[dict[str, np.ndarray], Any]],
-                     y: np.ndarray | None, part: str, offset: int) -> None:
+    def compare_with(self, inputs: tuple[torch.Tensor, ...], refs: list[Chunk],
+                     answers: Sequence[tuple[dict[str, np.ndarray], Any]], y: np.ndarray | None, part: str,
+                     offset: int) -> None:
         """The second half: the runtimes' tensors and times (``overlap.RunnerTimes``) against the reference."""
         n = int(inputs[0].shape[0])
         for result, (_, times) in zip(self.results, answers):
@@ -205,22 +202,33 @@ class Validation:
             result.inference_seconds += times.inference_seconds
         arts = [tensors for tensors, _ in answers]
         excused = [np.zeros(n, dtype=bool) for _ in self.runners]
-        self._compare(inputs, ref, arts, excused, part, offset, 0, n)
-        self._argmax(ref, arts, excused, y, part, n)
+        for chunk in refs:
+            self._chunk(inputs, chunk, arts, excused, y, part, offset, 0, n, argmax=True)
 
-    def _reference(self, inputs: tuple[torch.Tensor, ...]):
-        ref = run_reference(self.model, inputs, self.info.output_names, self.reference_device,
-                            streaming=self.info.streaming, graph_steps=self.graph_steps)
+    def _chunk(self, inputs: tuple[torch.Tensor, ...], chunk: Chunk, arts: list[dict[str, np.ndarray]],
+               excused: list[np.ndarray], y: np.ndarray | None, part: str, offset: int, t: int, n: int,
+               argmax: bool) -> None:
+        """Rows [start, stop) of a batch of n: the tensors, then (at the last time step) the argmax."""
+        start, stop, ref, found = chunk
+        mine = [rows(a, start, stop, n) for a in arts]
+        theirs = [e[start:stop] for e in excused]  # views: what the comparison excuses, the batch excuses
+        self._compare(rows(inputs, start, stop, n), ref, mine, theirs, part, offset + start, t, stop - start, found)
+        if argmax:
+            self._argmax(ref, mine, theirs, y[start:stop] if y is not None and len(y) == n else y, part, stop - start)
+
+    def _note(self, ref) -> None:
+        """What the report keeps of a reference run: the tie rules applied, the margins' histogram."""
         self.ties |= ref.ties
         for s in self.info.steps:
             pre = ref.preactivations.get((s.site, s.call))
             if pre is not None:
                 self.margins[s.tensor].add(pre)
-        return ref
 
     def _compare(self, inputs: tuple[torch.Tensor, ...], ref, arts: list[dict[str, np.ndarray]],
-                 excused: list[np.ndarray], part: str, offset: int, t: int, n: int) -> None:
-        found = self._bounds(inputs, ref, arts, n)
+                 excused: list[np.ndarray], part: str, offset: int, t: int, n: int,
+                 found: BatchBounds | None = None) -> None:
+        if found is None:
+            found = self.references.bounds_for(inputs, ref, arts, n)
         for i, (runner, result) in enumerate(zip(self.runners, self.results)):
             self._tensors(runner.name, result, ref, arts[i], excused[i], part, offset, t, n, found)
 
@@ -243,41 +251,13 @@ class Validation:
                 cert = self._certified_mask(tr.name, t, offset, n, int(pre[0].size)) if part == "crafted" else None
                 # a flipped bit may be this far from its threshold and still be rounding: twice the step
                 # input's bound (derived tolerances), else the fixed flip margin
-                margin = 2 * found.steps[key] if found is not None and key in found.steps else self.tol.flip_margin
+                margin = found.step_margin(key) if found is not None else None
+                if margin is None:
+                    margin = self.tol.flip_margin
                 compare_binary(tr, ref.steps[key], art[tr.name], pre, cert, excused, margin, part, offset)
             else:
                 bound = found.outputs.get(tr.name) if found is not None else None
                 compare_float(tr, ref.outputs[tr.name], art[tr.name], excused, self.tol, part, offset, bound)
-
-    def _bounds(self, inputs: tuple[torch.Tensor, ...], ref, arts: list[dict[str, np.ndarray]], n: int
-                ) -> BatchBounds | None:
-        """The rounding bounds of the samples that need them: those with a flipped bit or a float output
-        beyond its last bits, on any backend. Computed once per batch, for those rows only."""
-        if not self.tol.derived or (self.no_bound and self.needed_bounds):
-            return None
-        rows = rows_needing_bounds(self.info, ref, arts, n)
-        if not rows.any():
-            return None
-        self.needed_bounds = True
-        if self.no_bound:
-            return None
-        if self.bounds_program is None:
-            self.bounds_program = bounds.traced_program(self.model, [list(x.shape[1:]) for x in inputs])
-            if self.bounds_program is None:
-                self.no_bound = "a TorchScript model, or one torch.export cannot trace"
-                return None
-        index = torch.from_numpy(np.nonzero(rows)[0])
-        try:
-            outs, steps = bounds.batch_bounds(self.bounds_program, tuple(x[index] for x in inputs),
-                                              self.info.output_names)
-        except bounds.NoBound as e:
-            self.no_bound = str(e)
-            return None
-        except (RuntimeError, ValueError, TypeError, IndexError, KeyError) as e:
-            # a rule meeting arguments it was not written for must not stop the comparison: fixed tolerances
-            self.no_bound = f"the analysis failed: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
-            return None
-        return BatchBounds.scatter(rows, outs, steps, ref)
 
     def _argmax(self, ref, arts: list[dict[str, np.ndarray]], excused: list[np.ndarray], y: np.ndarray | None,
                 part: str, n: int) -> None:
@@ -378,7 +358,7 @@ def _finish(report: ParityReport, run: Validation) -> None:
     if run.unobserved:
         report.notes.append(f"the reference cannot record step tensors {', '.join(sorted(run.unobserved))} "
                             f"(a traced model has no Step modules to hook); they are checked through the outputs only")
-    if report.tolerance.derived and run.no_bound and run.needed_bounds:
-        report.notes.append(f"rounding bounds are not available for this model ({run.no_bound}); "
+    if report.tolerance.derived and run.references.no_bound and run.references.needed_bounds:
+        report.notes.append(f"rounding bounds are not available for this model ({run.references.no_bound}); "
                             f"the fixed tolerances were used")
         report.tolerance = replace(report.tolerance, derived=False)  # the report says what was applied
