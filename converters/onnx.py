@@ -82,8 +82,12 @@ def stamp(proto: onnx.ModelProto, capture: Capture, provenance: Mapping[str, str
     ONNX file."""
     proto.ir_version = 10
     proto.producer_name = "htaf-export"
+    # A converter's own clean-up (common-subexpression elimination after batch norms or thresholds are
+    # folded) can merge two step calls that were distinct at capture: list only the steps the file computes.
+    produced = {o for n in proto.graph.node for o in n.output}
+    steps = [s for s in capture.steps if s.tensor in produced]
     meta = {**md.encode(provenance), md.TIE: _tie_of(capture), md.ONNX_MODE: mode,
-            md.STEPS: json.dumps([s.to_dict() for s in capture.steps], sort_keys=True)}
+            md.STEPS: json.dumps([s.to_dict() for s in steps], sort_keys=True)}
     if packed is not None:
         meta[md.BINARY_WEIGHTS] = json.dumps([asdict(p) for p in packed], sort_keys=True)
     meta.update(extra or {})

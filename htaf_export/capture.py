@@ -26,6 +26,7 @@ from torch import nn
 from . import outputs
 from .contracts import StepSpec
 from .errors import BadInput, UnsupportedLayer
+from .files import silenced
 from .nn.modules import set_eval
 from .origins import origins
 from .ops import HTAF_DOMAIN, OPSET, STEP_OPS
@@ -119,8 +120,9 @@ def _legacy_export(module: nn.Module, args: tuple, input_names: list[str], outpu
     buf = io.BytesIO()
     axes = {name: {0: "batch"} for name in [*input_names, *output_names]}
     try:
-        torch.onnx.export(module, args, buf, dynamo=False, opset_version=OPSET, input_names=input_names,
-                          output_names=output_names, dynamic_axes=axes)
+        with silenced(1):  # on failure the exporter dumps the whole TorchScript graph to standard output
+            torch.onnx.export(module, args, buf, dynamo=False, opset_version=OPSET, input_names=input_names,
+                              output_names=output_names, dynamic_axes=axes)
     except RuntimeError as e:  # the TorchScript exporter's errors (OnnxExporterError among them)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise BadInput(f"cannot capture the TorchScript model to ONNX: {first[:300]}") from None

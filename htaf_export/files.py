@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from .errors import BadInput
 
@@ -46,3 +47,20 @@ def atomic_write(path: Path | str, write: Callable[[Path], None]) -> Path:
 
 def atomic_write_bytes(path: Path | str, data: bytes) -> Path:
     return atomic_write(Path(path), lambda tmp: tmp.write_bytes(data))
+
+
+@contextlib.contextmanager
+def silenced(fd: int) -> Iterator[None]:
+    """Silence what native code writes straight to file descriptor ``fd`` (1 or 2), past Python's streams."""
+    try:
+        saved = os.dup(fd)
+    except OSError:
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), fd)
+            yield
+    finally:
+        os.dup2(saved, fd)
+        os.close(saved)

@@ -160,11 +160,42 @@ def _where_step(cmp: fx.Node, theta: float) -> _Match | None:
                                                                  COMPARISONS[cmp.target], "exact step in a traced graph"))
 
 
-def _comparison(cmp: fx.Node) -> _Match | None:
-    """(x ≥ θ) or (x > θ) cast to float [·2 − 1], or chosen between 1 and −1 (or 0) by where."""
-    theta = _number(cmp.args[1]) if len(cmp.args) > 1 else None
-    if theta is None or not isinstance(cmp.args[0], fx.Node):
+def _comparison(cmp: fx.Node, constant: set[fx.Node]) -> _Match | None:
+    """(x ≥ θ) or (x > θ) cast to float [·2 − 1], or chosen between 1 and −1 (or 0) by where; θ a number, or
+    a constant tensor (a per-unit threshold, often a parameter): then the step is (x − θ) ⋛ 0, which decides
+    exactly as x ⋛ θ in IEEE arithmetic (x − θ rounds to 0 only when x = θ, and keeps its sign)."""
+    if len(cmp.args) < 2 or not isinstance(cmp.args[0], fx.Node):
         return None
+    theta = _number(cmp.args[1])
+    per_unit = theta is None and isinstance(cmp.args[1], fx.Node) and cmp.args[1] in constant
+    if theta is None and not per_unit:
+        return None
+    match = _compared(cmp, 0.0 if per_unit else theta)
+    if match is None or not per_unit:
+        return match
+    with cmp.graph.inserting_before(cmp):
+        u = cmp.graph.call_function(aten.sub.Tensor, (cmp.args[0], cmp.args[1]))
+    u.meta.update({k: v for k, v in cmp.meta.items() if k != "val"})
+    how = f"exact step of x − {cmp.args[1].target} (a per-unit threshold) in a traced graph"
+    return replace(match, x=u, site=replace(match.site, how=how))
+
+
+def _heaviside(node: fx.Node, gm: fx.GraphModule) -> _Match | None:
+    """torch.heaviside(x, v): a {0, 1} step at 0 whose value at the tie is v, 1 (ge) or 0 (gt)."""
+    values = node.args[1] if len(node.args) > 1 else None
+    # torch.tensor(1.) written in forward is a constant copied by lift_fresh_copy
+    while isinstance(values, fx.Node) and values.target in (aten.lift_fresh_copy.default, aten.detach_.default,
+                                                            aten.detach.default, aten.clone.default):
+        values = values.args[0]
+    if isinstance(values, fx.Node) and values.op == "get_attr":
+        values = getattr(gm, str(values.target), None)
+    tie = {1.0: "ge", 0.0: "gt"}.get(_number(values))  # type: ignore[arg-type]
+    if tie is None or not isinstance(node.args[0], fx.Node):
+        return None
+    return _Match(node.args[0], [node], TracedSite("", 0.0, "01", tie, "torch.heaviside in a traced graph"))
+
+
+def _compared(cmp: fx.Node, theta: float) -> _Match | None:
     cast = _only_user(cmp)
     if cast is not None and cast.target not in CASTS:
         return _where_step(cmp, theta)
@@ -247,8 +278,8 @@ def harden_graph_module(gm: fx.GraphModule, tie: str | None) -> tuple[fx.GraphMo
         match = None
         if node.target is aten.sigmoid.default:
             match = _composite(node, tie or "ge")
-        elif node.target in COMPARISONS:
-            match = _comparison(node)
+        elif node.target in COMPARISONS or node.target is aten.heaviside.default:
+            match = _comparison(node, constant) if node.target in COMPARISONS else _heaviside(node, hard)
             if match is not None and tie is not None and match.site.tie != tie:
                 raise BadInput(f"site {_scope(node)[0]!r} of the program steps with tie {match.site.tie!r}; --tie {tie} "
                                f"conflicts with it (drop --tie)")

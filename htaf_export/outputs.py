@@ -35,6 +35,7 @@ def _key(k: Any) -> str:
 
 def names(out: Any, declared: Sequence[str] | None = None) -> list[str]:
     """One name per flat output (see the module docstring); ``declared`` wins when it has the right count."""
+    leaves(out)  # a None or a number among the outputs: refused here in one line, before capture trips on it
     paths = [p for p, _ in pytree.tree_flatten_with_path(out)[0]]
     if declared and len(declared) == len(paths):
         return [str(n) for n in declared]
@@ -46,3 +47,14 @@ def names(out: Any, declared: Sequence[str] | None = None) -> list[str]:
     if len(set(joined)) != len(joined):
         raise BadInput(f"the model's outputs cannot be named uniquely ({', '.join(joined)})")
     return joined
+
+
+def require_batch_first(shapes: Sequence[Sequence[int]], n: int, names: Sequence[str]) -> None:
+    """Refuse, in one line, an output whose axis 0 is not the batch of ``n`` samples (every target and
+    validation read it so): a spiking model that stacks its time steps first is the usual case."""
+    for name, shape in zip(names, shapes):
+        if len(shape) == 0 or shape[0] != n:
+            where = f" (the batch of {n} is on axis {list(shape).index(n)})" if n in list(shape) else ""
+            raise BadInput(f"output {name!r} has shape {list(shape)} for a batch of {n}{where}: return every "
+                           f"output batch first (time steps stacked with torch.stack(steps, dim=1))")
+

@@ -366,6 +366,7 @@ RULES: dict[Any, Callable] = {
     aten._native_batch_norm_legit_no_training.default: lambda x, w, b, m, v, mom, eps: (
         _batch_norm(x, w, b, m, v, False, mom, eps), None, None),
     aten.add.Tensor: _add, aten.sub.Tensor: _sub, aten.mul.Tensor: _mul, aten.div.Tensor: _div,
+    aten.rsub.Scalar: lambda x, c, alpha=1: _add(c, x, -alpha),  # c − α·x (a LIF's 1 − spike)
     aten.avg_pool2d.default: _avg_pool(aten.avg_pool2d.default), aten.avg_pool1d.default: _avg_pool(aten.avg_pool1d.default),
     aten.adaptive_avg_pool2d.default: _adaptive_avg_pool(aten.adaptive_avg_pool2d.default),
     aten.adaptive_avg_pool1d.default: _adaptive_avg_pool(aten.adaptive_avg_pool1d.default), aten.mean.dim: _mean,
@@ -383,6 +384,6 @@ RULES: dict[Any, Callable] = {
     **{op: _same(op) for op in (
         aten.relu.default, aten.max_pool2d.default, aten.max_pool1d.default, aten.flatten.using_ints, aten.view.default, aten.reshape.default, aten.permute.default,
         aten.transpose.int, aten.t.default, aten.unsqueeze.default, aten.squeeze.dim, aten.cat.default, aten.clone.default,
-        aten.contiguous.default, aten.detach.default, aten.expand.default, aten.select.int, aten.slice.Tensor,
+        aten.contiguous.default, aten.detach.default, aten.detach_.default, aten.lift_fresh_copy.default, aten.expand.default, aten.select.int, aten.slice.Tensor,
         aten.hardtanh.default, aten.clamp.default, aten.neg.default, aten.alias.default, aten.abs.default)},
 }

@@ -17,17 +17,17 @@ a function needs it, never at import time.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import struct
 from dataclasses import asdict, dataclass
-from typing import Any, Mapping
+from typing import Any, ContextManager, Mapping
 
 import numpy as np
 
 from . import metadata as md
 from .errors import BadInput
+from .files import silenced
 
 METADATA_NAME = "htaf_export"
 LAYOUTS = ("plain", "nhwc", "nhwc_flat", "pixel")
@@ -36,21 +36,9 @@ ENCODINGS = ("float", "bitpacked", "presign")
 FLATBUFFER_ERRORS = (struct.error, IndexError, ValueError, TypeError, AttributeError, UnicodeDecodeError)
 
 
-@contextlib.contextmanager
-def quiet_stderr():
+def quiet_stderr() -> ContextManager[None]:
     """Silence C++ logging written straight to file descriptor 2 (TFLite prints an INFO line per delegate)."""
-    try:
-        saved = os.dup(2)
-    except OSError:
-        yield
-        return
-    try:
-        with open(os.devnull, "w") as null:
-            os.dup2(null.fileno(), 2)
-            yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
+    return silenced(2)
 
 
 def tensorflow():

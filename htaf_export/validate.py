@@ -60,6 +60,7 @@ from .data import Batches, Dataset, Inputs, as_batches, count
 from .errors import BadInput
 from .nn.modules import step_modules
 from .parts import crafted_inputs, validation_parts
+from .outputs import require_batch_first
 from .references import Chunk, References, rows
 from .parity import BackendResult, MarginHistogram, ParityReport, Tolerance
 from .runtimes import ArtifactInfo, Runner
@@ -210,6 +211,7 @@ class Validation:
                argmax: bool) -> None:
         """Rows [start, stop) of a batch of n: the tensors, then (at the last time step) the argmax."""
         start, stop, ref, found = chunk
+        require_batch_first([v.shape for v in ref.outputs.values()], stop - start, list(ref.outputs))
         mine = [rows(a, start, stop, n) for a in arts]
         theirs = [e[start:stop] for e in excused]  # views: what the comparison excuses, the batch excuses
         self._compare(rows(inputs, start, stop, n), ref, mine, theirs, part, offset + start, t, stop - start, found)

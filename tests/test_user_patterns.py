@@ -1,0 +1,175 @@
+"""Patterns users write that earlier rounds refused or broke: per-unit thresholds held in parameters,
+torch.heaviside, time-first stacked outputs, a None among the outputs, snnTorch's zero reset (which
+computes the previous spike twice), a TorchScript capture failure, and the project's own LIF with a
+zero reset under derived tolerances."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from htaf_export import cli
+from htaf_export.nn import LIF
+
+from conftest import save_pt2
+
+
+class PerUnitThresholds(nn.Module):
+    """A deep Heaviside network whose thresholds are learned, one per unit, and a heaviside step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1, self.l2, self.l3, self.l4 = nn.Linear(20, 12), nn.Linear(12, 9), nn.Linear(9, 7), nn.Linear(7, 4)
+        self.t1 = nn.Parameter(torch.linspace(-0.3, 0.3, 12))
+        self.t2 = nn.Parameter(torch.linspace(-0.2, 0.2, 9))
+        self.t3 = nn.Parameter(torch.zeros(7))
+
+    def forward(self, x):
+        h = (self.l1(x) >= self.t1).float()
+        h = (self.l2(h) > self.t2).float()
+        h = torch.heaviside(self.l3(h) - self.t3, torch.tensor(1.0))
+        return self.l4(h)
+
+
+@pytest.fixture(scope="module")
+def per_unit(tmp_path_factory):
+    torch.manual_seed(3)
+    model = PerUnitThresholds().eval()
+    folder = tmp_path_factory.mktemp("per_unit")
+    return save_pt2(model, torch.randn(2, 20), folder / "dhn.pt2"), model
+
+
+def test_per_unit_thresholds_and_heaviside_are_step_sites(per_unit, capsys):
+    path, _ = per_unit
+    assert cli.main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("per-unit") == 2 and "x − t1" in out and "x − t2" in out, out
+
+
+@pytest.mark.parametrize("target", ["onnx", "tflite-float", "tflite-int8"])
+def test_per_unit_thresholds_export_with_their_steps_checked(per_unit, target, tmp_path, capsys):
+    path, _ = per_unit
+    out = tmp_path / f"dhn.{'onnx' if target == 'onnx' else 'tflite'}"
+    report = tmp_path / "r.json"
+    rc = cli.main([str(path), "--target", target, "-o", str(out), "--device", "cpu", "--report", str(report)])
+    capsys.readouterr()
+    assert rc == 0
+    steps = [t for t in json.loads(report.read_text())["backends"][0]["tensors"] if t["kind"] == "binary"]
+    assert len(steps) == 3 and all(t["elements"] > 0 for t in steps)
+
+
+def test_a_moved_per_unit_threshold_fails_at_its_step(per_unit, tmp_path, capsys):
+    path, model = per_unit
+    artifact = tmp_path / "dhn.onnx"
+    assert cli.main([str(path), "--target", "onnx", "-o", str(artifact), "--no-validate"]) == 0
+    moved = PerUnitThresholds()
+    moved.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        moved.t2 += 0.5
+    capsys.readouterr()
+    rc = cli.main(["validate", str(save_pt2(moved.eval(), torch.randn(2, 20), tmp_path / "moved.pt2")), str(artifact),
+                   "--device", "cpu"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert rc == 1 and "first failing tensor step1" in out, out
+
+
+class TimeFirst(nn.Module):
+    """Spikes of every time step stacked first, [T, batch, classes], as snnTorch tutorials write them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(16, 6)
+
+    def forward(self, x):
+        v, spikes = torch.zeros(x.shape[0], 6), []
+        for _ in range(3):
+            v = 0.9 * v + self.fc(x)
+            s = (v > 1.0).float()
+            v = v * (1 - s)
+            spikes.append(s)
+        return torch.stack(spikes)
+
+
+class NoneAmongOutputs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(16, 6)
+
+    def forward(self, x):
+        return (self.fc(x) >= 0).float(), None
+
+
+@pytest.mark.parametrize("model, words", [(TimeFirst(), "(the batch of 256 is on axis 1): return every output batch first"),
+                                          (NoneAmongOutputs(), "returns NoneType values besides tensors")])
+def test_outputs_validation_cannot_read_are_refused_in_one_line(model, words, tmp_path, capsys):
+    path = save_pt2(model.eval(), torch.randn(2, 16), tmp_path / "m.pt2")
+    out = tmp_path / "m.onnx"
+    rc = cli.main([str(path), "--target", "onnx", "-o", str(out), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert rc == 2 and words in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists()
+
+
+def test_snntorch_zero_reset_exports_a_valid_onnx_file(tmp_path, capsys):
+    snn = pytest.importorskip("snntorch")
+
+    class Leaky(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(16, 12), nn.Linear(12, 5)
+            self.lif1 = snn.Leaky(beta=0.8, reset_mechanism="zero")
+            self.lif2 = snn.Leaky(beta=0.8, reset_mechanism="zero")
+
+        def forward(self, x):
+            m1, m2, count = self.lif1.init_leaky(), self.lif2.init_leaky(), 0
+            for _ in range(4):
+                s1, m1 = self.lif1(self.fc1(x), m1)
+                s2, m2 = self.lif2(self.fc2(s1), m2)
+                count = count + s2
+            return count
+
+    torch.manual_seed(0)
+    path = tmp_path / "leaky.pt2"
+    torch.export.save(torch.export.export(Leaky().eval(), (torch.randn(1, 16),)), path)
+    rc = cli.main([str(path), "--target", "onnx", "-o", str(tmp_path / "leaky.onnx"), "--device", "cpu"])
+    assert rc == 0, capsys.readouterr().err
+
+
+def test_a_failed_torchscript_capture_prints_one_line(tmp_path, capfd):
+    class Heavi(nn.Module):
+        def forward(self, x):
+            return torch.heaviside(x, torch.tensor(1.0))
+
+    path = tmp_path / "h.pt"
+    torch.jit.save(torch.jit.trace(Heavi(), torch.randn(2, 5)), path)
+    capfd.readouterr()
+    rc = cli.main([str(path), "--target", "onnx", "-o", str(tmp_path / "h.onnx"), "--input-shape", "5"])
+    out, err = capfd.readouterr()
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "Torch IR graph" not in out + err, out + err
+
+
+def test_a_zero_reset_lif_gets_derived_tolerances(tmp_path, capsys):
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(10, 6)
+            self.lif = LIF(leak=0.75, threshold=0.5, reset="zero")
+
+        def forward(self, x):
+            v, count = torch.zeros(x.shape[0], 6), 0
+            for _ in range(3):
+                s, v = self.lif(self.fc(x), v)
+                count = count + s
+            return count
+
+    torch.manual_seed(1)
+    path = save_pt2(Net().eval(), torch.randn(2, 10), tmp_path / "lif.pt2")
+    report = tmp_path / "r.json"
+    rc = cli.main([str(path), "--target", "onnx", "-o", str(tmp_path / "lif.onnx"), "--device", "cpu",
+                   "--report", str(report)])
+    capsys.readouterr()
+    data = json.loads(report.read_text())
+    assert rc == 0 and data["tolerance"]["derived"] is True, data["notes"]
