@@ -49,7 +49,28 @@ def shape_only(b: KerasBuilder, node: ir.Node) -> list[Val]:
         return concat(b, node)
     if node.op_type == "Slice":
         return crop(b, node)
+    if node.op_type == "Gather":
+        return select(b, node)
     raise UnsupportedLayer(node.name, f"{node.op_type} on tensors is not supported")
+
+
+def select(b: KerasBuilder, node: ir.Node) -> list[Val]:
+    """A Gather of one constant index on a per-sample axis (``x[:, t]``: a spiking loop reading its input one
+    time step at a time): a STRIDED_SLICE that drops the axis, exact."""
+    x = b.get(node.inputs[0])
+    index = b.get(node.inputs[1]).const
+    if x.tensor is None or index is None or np.size(index) != 1:
+        raise UnsupportedLayer(node.name, "Gather of a computed index, or of several indices")
+    x = b.to_plain(b.real(node.inputs[0]))
+    rank = len(x.shape) + 1
+    axis = int(attr(node, "axis", 0)) % rank
+    if axis == 0:
+        raise UnsupportedLayer(node.name, "Gather on the batch axis")
+    k = int(np.asarray(index).reshape(())) % x.shape[axis - 1]
+    taken = (slice(None),) * axis + (k,)
+    shape = tuple(d for i, d in enumerate(x.shape) if i != axis - 1)
+    t = b.lam(lambda z: z[taken], x.tensor, node.name or "select")
+    return [b.to_canonical(Val(t, shape, "plain", presign=x.presign))]
 
 
 def crop(b: KerasBuilder, node: ir.Node) -> list[Val]:

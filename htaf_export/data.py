@@ -162,10 +162,11 @@ class NpzBatches:
         self.dtypes = [h[1] for h in headers]
         self.fortran = [h[2] for h in headers]
         if y is not None:
-            y = np.asarray(y).reshape(-1)
+            given = np.asarray(y)
+            y = given.reshape(-1)
             if len(y) != self.count or not np.issubdtype(y.dtype, np.integer):
                 raise BadInput(f"data file {self.path}: labels 'y' must be {self.count} integers, got "
-                               f"{list(y.shape)} of {y.dtype}")
+                               f"{list(given.shape)} of {y.dtype}")
             y = y.astype(np.int64)
         self.y = y
 

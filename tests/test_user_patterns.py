@@ -173,3 +173,33 @@ def test_a_zero_reset_lif_gets_derived_tolerances(tmp_path, capsys):
     capsys.readouterr()
     data = json.loads(report.read_text())
     assert rc == 0 and data["tolerance"]["derived"] is True, data["notes"]
+
+
+class TimeSteps(nn.Module):
+    """A spiking loop over its input's time axis, x[:, t] for an input [time, features] per sample."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.head = nn.Linear(9, 7), nn.Linear(7, 3)
+
+    def forward(self, x):
+        v, count = torch.zeros(x.shape[0], 7), 0
+        for t in range(x.shape[1]):
+            v = 0.8 * v + self.fc(x[:, t])
+            s = (v >= 0.5).float()
+            v = v * (1 - s)
+            count = count + s
+        return self.head(count)
+
+
+@pytest.mark.parametrize("target", ["tflite", "tflite-float"])
+def test_a_loop_over_the_input_time_axis_exports_to_tflite(target, tmp_path, capsys):
+    torch.manual_seed(2)
+    path = save_pt2(TimeSteps().eval(), torch.randn(2, 5, 9), tmp_path / "seq.pt2")
+    report = tmp_path / "r.json"
+    rc = cli.main([str(path), "--target", target, "-o", str(tmp_path / "seq.tflite"), "--device", "cpu",
+                   "--report", str(report)])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    steps = [t for t in json.loads(report.read_text())["backends"][0]["tensors"] if t["kind"] == "binary"]
+    assert len(steps) == 5 and all(t["elements"] > 0 and t["mismatched"] == t["explained"] for t in steps)
