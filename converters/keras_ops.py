@@ -180,6 +180,11 @@ def _gemm(b: KerasBuilder, node: ir.Node) -> list[Val]:
         bias = bias * np.float32(attr(node, "beta", 1.0))
     if bias is not None and bias.size != weight.shape[0]:
         raise UnsupportedLayer(name, f"bias of shape {bias.shape} for {weight.shape[0]} outputs")
+    held = b.get(node.inputs[0])
+    if held.tensor is None and held.const is not None and np.ndim(held.const) == 2:
+        # on a batch-broadcast constant (a recurrent layer reading its zero initial state): folded here
+        product = np.asarray(held.const, np.float32) @ weight.T.astype(np.float32)
+        return [Val(const=product + bias.astype(np.float32) if bias is not None else product)]
     x = b.real(node.inputs[0])
     if len(x.shape) != 1:
         raise UnsupportedLayer(name, f"dense layer over a {len(x.shape) + 1}-D input")

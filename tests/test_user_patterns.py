@@ -176,16 +176,17 @@ def test_a_zero_reset_lif_gets_derived_tolerances(tmp_path, capsys):
 
 
 class TimeSteps(nn.Module):
-    """A spiking loop over its input's time axis, x[:, t] for an input [time, features] per sample."""
+    """A recurrent spiking loop over its input's time axis, x[:, t] for an input [time, features] per sample;
+    the recurrent layer first reads the zero initial spikes."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.fc, self.head = nn.Linear(9, 7), nn.Linear(7, 3)
+        self.fc, self.rec, self.head = nn.Linear(9, 7), nn.Linear(7, 7, bias=False), nn.Linear(7, 3)
 
     def forward(self, x):
-        v, count = torch.zeros(x.shape[0], 7), 0
+        v, s, count = torch.zeros(x.shape[0], 7), torch.zeros(x.shape[0], 7), 0
         for t in range(x.shape[1]):
-            v = 0.8 * v + self.fc(x[:, t])
+            v = 0.8 * v + self.fc(x[:, t]) + self.rec(s)
             s = (v >= 0.5).float()
             v = v * (1 - s)
             count = count + s
@@ -193,7 +194,7 @@ class TimeSteps(nn.Module):
 
 
 @pytest.mark.parametrize("target", ["tflite", "tflite-float"])
-def test_a_loop_over_the_input_time_axis_exports_to_tflite(target, tmp_path, capsys):
+def test_a_recurrent_loop_over_the_input_time_axis_exports_to_tflite(target, tmp_path, capsys):
     torch.manual_seed(2)
     path = save_pt2(TimeSteps().eval(), torch.randn(2, 5, 9), tmp_path / "seq.pt2")
     report = tmp_path / "r.json"
