@@ -20,10 +20,14 @@ def step(b: KerasBuilder, node: ir.Node) -> list[Val]:
     y = x − t, for the next binary layer's quantizer: x − t ≥ 0 ⇔ x ≥ t exactly in IEEE arithmetic."""
     x = b.materialize(b.get(node.inputs[0]))
     threshold = const_array(node.inputs[1])
-    if x.tensor is None or threshold is None:
-        raise UnsupportedLayer(node.name, "step of a constant or with a computed threshold")
     tie = node.attributes["tie"].as_string()
     levels = "pm1" if node.op_type == "Sign" else "01"
+    if x.tensor is None and x.const is not None and threshold is not None:
+        # a step of a constant (snnTorch's reset reads the zero initial membrane): a constant, folded here
+        fired = np.asarray(x.const > threshold if tie == "gt" else x.const >= threshold, np.float32)
+        return [Val(const=fired if levels == "01" else 2 * fired - 1)]
+    if x.tensor is None or threshold is None:
+        raise UnsupportedLayer(node.name, "step with a computed threshold")
     t = b.const_like(threshold, x)
     name = node.outputs[0].name or node.name
     if b.bitpacked and levels == "pm1":

@@ -166,7 +166,10 @@ def _conv(b: KerasBuilder, node: ir.Node) -> list[Val]:
 def _gemm(b: KerasBuilder, node: ir.Node) -> list[Val]:
     name = layer_name(node)
     weight = const_array(node.inputs[1])
-    if weight is None or weight.ndim != 2:
+    if weight is None:
+        raise UnsupportedLayer(name, "a product of two computed tensors (matmul or bmm of activations, as in "
+                                     "attention) has no TFLite translation here")
+    if weight.ndim != 2:
         raise UnsupportedLayer(name, "only dense layers with constant 2-D weights are supported")
     if node.op_type == "Gemm":
         if int(attr(node, "transA", 0)):

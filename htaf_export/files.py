@@ -50,15 +50,16 @@ def atomic_write_bytes(path: Path | str, data: bytes) -> Path:
 
 
 @contextlib.contextmanager
-def silenced(fd: int) -> Iterator[None]:
-    """Silence what native code writes straight to file descriptor ``fd`` (1 or 2), past Python's streams."""
+def silenced(fd: int, into: str = os.devnull) -> Iterator[None]:
+    """Send what native code writes straight to file descriptor ``fd`` (1 or 2), past Python's streams, to the
+    file ``into`` (by default nowhere)."""
     try:
         saved = os.dup(fd)
     except OSError:
         yield
         return
     try:
-        with open(os.devnull, "w") as null:
+        with open(into, "w") as null:
             os.dup2(null.fileno(), fd)
             yield
     finally:

@@ -91,6 +91,10 @@ def resolve(loaded: LoadedModel, input_shape: Sequence[int] | Sequence[Sequence[
             out = loaded.module(*(torch.zeros(2, *shape) for shape in shapes))
     except (RuntimeError, ValueError, TypeError, IndexError, AssertionError) as e:
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        if re.search(r"'indices' to have one of the following scalar types|expected scalar type (Long|Int)", str(e)):
+            raise BadInput(f"{loaded.path}: the model takes integer inputs (token ids for an nn.Embedding?); "
+                           f"htaf-export feeds float inputs only: export the layers after the embedding, and "
+                           f"feed them its output") from None
         given = "; ".join(f"[batch, {', '.join(map(str, shape))}]" for shape in shapes)
         raise BadInput(f"{loaded.path}: the model does not run on inputs of shape {given} ({first}); "
                        f"{SHAPE_HELP}") from None

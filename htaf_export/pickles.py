@@ -56,4 +56,5 @@ def _missing_class_message(path: Path, what: str) -> str:
     fix = ("it was defined in the training script itself (__main__): move the class to a module of its own"
            if main else "make that module importable (run from its directory, or add it to PYTHONPATH)")
     return (f"{path} is a pickled model whose {what} cannot be imported; {fix}, or save it as a torch.export "
-            f"program, which needs no Python class: htaf_export.save(model.eval(), 'model.pt2')")
+            f"program, which needs no Python class: htaf_export.save(model.eval(), 'model.pt2', "
+            f"input_shape=(...))  (one sample's shape, no batch)")

@@ -204,3 +204,90 @@ def test_a_recurrent_loop_over_the_input_time_axis_exports_to_tflite(target, tmp
     assert rc == 0, err
     steps = [t for t in json.loads(report.read_text())["backends"][0]["tensors"] if t["kind"] == "binary"]
     assert len(steps) == 5 and all(t["elements"] > 0 and t["mismatched"] == t["explained"] for t in steps)
+
+
+class SignMlp(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(12, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.l2(torch.sign(self.l1(x)))
+
+
+def test_an_op_tflite_micro_lacks_skips_that_runtime_with_its_reason(tmp_path, capfd):
+    pytest.importorskip("tflite_micro")
+    torch.manual_seed(4)
+    path = save_pt2(SignMlp().eval(), torch.randn(2, 12), tmp_path / "sign.pt2")
+    rc = cli.main([str(path), "--target", "tflite-float", "-o", str(tmp_path / "sign.tflite")])
+    out, err = capfd.readouterr()
+    assert rc == 0 and "not run: tflite-micro (TFLite Micro has no kernel for SIGN)" in " ".join(out.split()), out
+    assert "Didn't find op" not in out + err
+
+
+class OnesLikeSignMlp(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(12, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.l1(x)
+        return self.l2(torch.where(h >= 0, torch.ones_like(h), -torch.ones_like(h)))
+
+
+def test_a_torchscript_ones_like_sign_is_a_step_on_tflite(tmp_path, capsys):
+    torch.manual_seed(4)
+    path = tmp_path / "m.pt"
+    torch.jit.save(torch.jit.trace(OnesLikeSignMlp().eval(), torch.randn(2, 12)), path)
+    report = tmp_path / "r.json"
+    rc = cli.main([str(path), "--target", "tflite", "-o", str(tmp_path / "m.tflite"), "--input-shape", "12",
+                   "--device", "cpu", "--report", str(report)])
+    assert rc == 0, capsys.readouterr().err
+    steps = [t for t in json.loads(report.read_text())["backends"][0]["tensors"] if t["kind"] == "binary"]
+    assert len(steps) == 1 and steps[0]["elements"] > 0
+
+
+def test_the_projects_binary_layers_trace_and_save_as_torchscript(tmp_path, capsys):
+    from htaf_export.nn import BinaryLinear, HTAF
+
+    model = nn.Sequential(nn.Linear(12, 16), HTAF(levels="pm1"), BinaryLinear(16, 5)).eval()
+    path = tmp_path / "bin.pt"
+    with torch.no_grad():
+        torch.jit.save(torch.jit.trace(model, torch.randn(2, 12)), path)
+    rc = cli.main([str(path), "--target", "onnx", "-o", str(tmp_path / "bin.onnx"), "--input-shape", "12",
+                   "--device", "cpu"])
+    assert rc == 0, capsys.readouterr().err
+
+
+class Tokens(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.fc = nn.Embedding(20, 6), nn.Linear(6, 3)
+
+    def forward(self, ids):
+        return self.fc((self.embed(ids).mean(1) >= 0).float())
+
+
+class SelfProduct(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        s = (self.fc(x) >= 0).float().reshape(-1, 4, 2)
+        return torch.bmm(s, s.transpose(1, 2)).flatten(1)
+
+
+@pytest.mark.parametrize("model, example, target, words", [
+    (Tokens(), torch.randint(0, 20, (2, 5)), "onnx", "takes integer inputs (token ids for an nn.Embedding?)"),
+    (SelfProduct(), torch.randn(2, 8), "tflite-float", "a product of two computed tensors"),
+])
+def test_refusals_name_what_the_user_wrote(model, example, target, words, tmp_path, capsys):
+    path = tmp_path / "m.pt2"
+    program = torch.export.export(model.eval(), (example,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    torch.export.save(program, path)
+    out = tmp_path / f"m.{'onnx' if target == 'onnx' else 'tflite'}"
+    rc = cli.main([str(path), "--target", target, "-o", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and words in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists()

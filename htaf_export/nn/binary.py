@@ -37,7 +37,14 @@ class BinaryWeights(nn.Module):
         return tuple(range(1, self.weight.dim()))
 
     def binary_weight(self) -> torch.Tensor:
-        return self.weight if self.frozen else _SignSTE.apply(self.weight)
+        if self.frozen:
+            return self.weight
+        if not (self.training and torch.is_grad_enabled()):
+            # no gradient to shape: the forward alone, which torch.jit.trace can save (an autograd.Function
+            # cannot be saved as TorchScript)
+            w = self.weight
+            return torch.where(w >= 0, torch.ones_like(w), -torch.ones_like(w))
+        return _SignSTE.apply(self.weight)
 
     def channel_scale(self) -> torch.Tensor | None:
         if not self.scaled:

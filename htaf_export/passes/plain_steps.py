@@ -50,6 +50,14 @@ def _fill(value: ir.Value, x: ir.Value) -> float | None:
         return -inner if inner is not None else None
     if node.op_type == "Expand" and node.domain == "" and _shape_of(node.inputs[1], x):
         return _fill(node.inputs[0], x) if const_array(node.inputs[0]) is not None else None
+    if node.op_type == "ConstantOfShape" and node.domain == "" and _shape_of(node.inputs[0], x):
+        # what TorchScript's exporter makes of ones_like(x) / zeros_like(x): the fill is the `value` attribute
+        # (a one-element tensor; 0.0 when absent)
+        attr = node.attributes.get("value")
+        if attr is None:
+            return 0.0
+        array = attr.as_tensor().numpy()
+        return float(array.reshape(())) if array.size == 1 else None
     return None
 
 

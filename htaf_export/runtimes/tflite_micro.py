@@ -5,12 +5,16 @@ run, checked tensor by tensor like on every other runtime. Optional: ``pip insta
 from __future__ import annotations
 
 import importlib.util
+import re
+import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from .. import metadata as md
 from ..errors import BadInput
+from ..files import silenced
 from ..tflite_file import read_model
 from . import ArtifactInfo
 from .tflite import _TfliteRunner
@@ -34,7 +38,26 @@ def why_not(info: ArtifactInfo) -> str | None:
     if size > LARGEST:
         return (f"the file ({size / 2**20:.1f} MiB) is larger than a microcontroller holds "
                 f"(TFLite Micro validates files up to {LARGEST >> 20} MiB)")
-    return None
+    return _unloadable(Path(info.path).read_bytes())
+
+
+def _unloadable(data: bytes) -> str | None:
+    """Why TFLite Micro cannot open the file (an op it has no kernel for: SIGN, for one), else None. TFLM says
+    which op on standard error, from C++; read it there."""
+    from tflite_micro.python.tflite_micro import runtime
+
+    with tempfile.TemporaryDirectory() as folder:
+        said = Path(folder) / "said.txt"
+        try:
+            sys.stderr.flush()
+            with silenced(2, str(said)):
+                runtime.Interpreter.from_bytes(data, arena_size=max(ARENA_FLOOR, 8 * len(data)))
+            return None
+        except (RuntimeError, ValueError) as e:
+            missing = re.findall(r"Didn't find op for builtin opcode '(\w+)'", said.read_text(errors="replace"))
+            if missing:
+                return f"TFLite Micro has no kernel for {', '.join(sorted(set(missing)))}"
+            return f"TFLite Micro cannot load the file: {str(e).splitlines()[0][:200] if str(e) else type(e).__name__}"
 
 
 def micro_runners(info: ArtifactInfo, device: str = "all") -> list["MicroRunner"]:
