@@ -19,6 +19,7 @@ from . import models
 from .errors import BadInput
 from .files import atomic_write
 from .pickles import unpickle
+from .programs import free_batch, refuse_training_mode, static_batch
 from .signature import as_shapes, forward_arguments
 
 CHECKPOINT_FORMAT = "htaf-export/checkpoint"
@@ -283,68 +284,16 @@ def _load_exported_program(path: Path, digest: str) -> LoadedModel:
         if not shapes or len(shapes) != len(placeholders):
             raise BadInput(f".pt2 file {path}: its inputs are not tensors with known shapes")
         spec = {"input_shape": shapes[0], "extra": shapes[1:], "names": [n.name for n in placeholders]}
-    _refuse_training_mode(program, path)
+    refuse_training_mode(program, path)
     module = program.module()
-    batch = _static_batch(program)
+    batch = static_batch(program)
     if batch is not None:
-        _free_batch(module, path, batch, [spec["input_shape"], *spec.get("extra", [])])
+        free_batch(module, path, batch, [spec["input_shape"], *spec.get("extra", [])])
     return LoadedModel(module=module, input_shape=spec["input_shape"], source_format="exported_program",
                        path=path, sha256=digest, family=spec.get("family", "unknown"),
                        output_names=spec.get("output_names"), meta=spec.get("meta", {}),
                        exported_program=program, extra_input_shapes=spec.get("extra", []),
                        input_names=spec.get("names"))
-
-
-TRAINING_OPS = {"batch_norm": 5, "dropout": 2, "_native_batch_norm_legit_functional": None,
-                "_native_batch_norm_legit": None}  # op → position of its ``training`` flag (None: always training)
-
-
-def _refuse_training_mode(program: Any, path: Path) -> None:
-    """A program exported before ``model.eval()`` normalizes with each batch's statistics (and drops at random):
-    a different function from the trained model's, which no artifact should reproduce."""
-    for node in program.graph.nodes:
-        name = getattr(getattr(node.target, "_overloadpacket", None), "__name__", "")
-        flag = TRAINING_OPS.get(name, -1)
-        if node.op == "call_function" and flag != -1 and (flag is None or (len(node.args) > flag and node.args[flag] is True)):
-            what = "a dropout drops at random" if name == "dropout" else "a batch norm uses each batch's statistics"
-            raise BadInput(f".pt2 file {path} was exported in training mode ({what}); call model.eval() before "
-                           f"torch.export.export")
-
-
-def _static_batch(program: Any) -> int | None:
-    """The batch size a program was exported for, when it was exported without a dynamic batch dimension."""
-    user = [n for n in program.graph.nodes if n.op == "placeholder" and n.name in program.graph_signature.user_inputs]
-    dims = [n.meta["val"].shape[0] for n in user if "val" in n.meta and len(n.meta["val"].shape)]
-    return int(dims[0]) if dims and all(isinstance(d, int) for d in dims) else None
-
-
-def _free_batch(module: nn.Module, path: Path, batch: int, shapes: list[list[int]]) -> None:
-    """Let a program exported for one batch size run on any: drop its batch guard, then check that each
-    sample's result is what it is alone (a program that folded the batch into a reshape mixes samples)."""
-    graph = module.graph  # type: ignore[attr-defined]
-    for node in list(graph.nodes):
-        if node.op == "call_module" and str(node.target) == "_guards_fn":
-            graph.erase_node(node)
-    module.recompile()  # type: ignore[operator]
-    from . import outputs
-
-    gen = torch.Generator().manual_seed(0)
-    xs = [torch.randn(3, *shape, generator=gen) for shape in shapes]
-    try:
-        with torch.no_grad():
-            together = outputs.leaves(module(*xs))
-            alone = [outputs.leaves(module(*(x[i:i + 1] for x in xs))) for i in range(3)]
-        # it ran at batch 3: an output without the batch on axis 0 is a layout to fix, not a fixed batch
-        outputs.require_batch_first([t.shape for t in together], 3, [f"#{k}" for k in range(len(together))])
-        ok = all(t.shape[:1] == (3,) and all(torch.allclose(t[i:i + 1], a[k], rtol=1e-4, atol=1e-5)
-                                             for i, a in enumerate(alone))
-                 for k, t in enumerate(together))
-    except (RuntimeError, AssertionError, IndexError, ValueError):
-        ok = False
-    if not ok:
-        raise BadInput(f".pt2 file {path} was exported for batch size {batch} only and cannot run on other batch "
-                       f"sizes; export it with a dynamic batch dimension: torch.export.export(model, (x,), "
-                       f"dynamic_shapes=({{0: torch.export.Dim('batch')}},))")
 
 
 def _load_pickled(path: Path, digest: str, trust_pickle: bool) -> LoadedModel:
