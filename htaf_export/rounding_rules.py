@@ -327,7 +327,10 @@ def _ve(t: Any) -> tuple[torch.Tensor, torch.Tensor]:
 def _where(cond, a, b) -> Bounded:
     c = value_of(cond)
     av, ae, bv, be = _ve(a) + _ve(b)
-    return Bounded(torch.where(c, av, bv), torch.where(c, ae, be))
+    value = torch.where(c, av, bv)
+    if _integers(a, b):  # a sign written as where(w >= 0, 1, -1): exact integers
+        return Bounded(value, no_error(value), True)
+    return Bounded(value, torch.where(c, ae, be))
 
 
 def _to(x, *args, **kwargs):
@@ -343,7 +346,7 @@ def _sign(x: Bounded) -> Bounded:
     if bool(torch.any(x.error != 0)):
         raise NoBound("sign of a computed tensor outside a step")
     value = torch.sign(x.value)
-    return Bounded(value, torch.zeros_like(value))
+    return Bounded(value, no_error(value), True, 1.0)
 
 
 def _compare(fn: Callable) -> Callable:
