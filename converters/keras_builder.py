@@ -328,6 +328,13 @@ class KerasBuilder:
         """A float conv, VALID padding, OIHW ``weight``; depthwise when every group has one input channel, else
         grouped (TFLite's CONV_2D reads a filter with fewer input channels than its input as groups)."""
         out_ch, in_per_group, kh, kw = weight.shape
+        if group > 1 and tuple(dilation) != (1, 1):
+            # Keras' grouped/depthwise layers lower dilation to SPACE_TO_BATCH_ND + BATCH_TO_SPACE_ND, which TFLite
+            # Micro gets wrong (see DilatedConv2D): spread the kernel with zeros instead (exact: adds only +0·x)
+            dh, dw = (int(d) for d in dilation)
+            spread = np.zeros((out_ch, in_per_group, (kh - 1) * dh + 1, (kw - 1) * dw + 1), weight.dtype)
+            spread[:, :, ::dh, ::dw] = weight
+            weight, dilation, (kh, kw) = spread, (1, 1), spread.shape[2:]
         use_bias = bias is not None
         if group == 1 or in_per_group > 1:
             kind, kernel = "Conv2D", weight.transpose(2, 3, 1, 0)

@@ -122,6 +122,16 @@ def _leaky_relu(b: KerasBuilder, node: ir.Node) -> list[Val]:
     return [replace(x, tensor=b.lam(lambda z: tf.nn.leaky_relu(z, alpha), x.tensor, node.name or "leaky_relu"))]
 
 
+def _prelu(b: KerasBuilder, node: ir.Node) -> list[Val]:
+    """nn.PReLU (one slope, or one per channel; RPReLU in ReActNet): x where x ≥ 0, else slope·x (exact)."""
+    x = b.to_canonical(b.real(node.inputs[0]))
+    slope = const_array(node.inputs[1])
+    if slope is None:
+        raise UnsupportedLayer(node.name, "PRelu with a slope computed at run time")
+    s = b.const_like(slope, x)
+    return [replace(x, tensor=b.lam(lambda z: tf.where(z >= 0, z, z * s), x.tensor, node.name or "prelu"))]
+
+
 def _softmax(b: KerasBuilder, node: ir.Node) -> list[Val]:
     """Softmax / LogSoftmax over one axis of the PyTorch tensor, applied where that axis is stored."""
     x = b.to_canonical(b.real(node.inputs[0]))
@@ -219,27 +229,59 @@ def _batchnorm(b: KerasBuilder, node: ir.Node) -> list[Val]:
     return [replace(x, tensor=y)]
 
 
+def _pool_geometry(node: ir.Node, hw: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int], list[int], tuple[int, int]]:
+    """(kernel, strides, [top, bottom, left, right] padding, output size) of a pooling node, PyTorch's rules: with
+    ceil_mode the last window may hang past the end (the extra rows padded here), but must start inside the
+    input or its left padding."""
+    kernel = tuple(int(k) for k in attr(node, "kernel_shape", [1, 1]))
+    strides = tuple(int(v) for v in attr(node, "strides", kernel))
+    top, left, bottom, right = (int(p) for p in attr(node, "pads", [0, 0, 0, 0]))
+    pads, out = [top, bottom, left, right], []
+    for axis, (size, k, st, before) in enumerate(zip(hw, kernel, strides, (top, left))):
+        after = pads[2 * axis + 1]
+        span = size + before + after - k
+        n = (-(-span // st) if int(attr(node, "ceil_mode", 0)) else span // st) + 1
+        if (n - 1) * st >= size + before:
+            n -= 1
+        pads[2 * axis + 1] = max(after, (n - 1) * st + k - size - before)
+        out.append(n)
+    return kernel, strides, pads, (out[0], out[1])  # type: ignore[return-value]
+
+
 def _maxpool(b: KerasBuilder, node: ir.Node) -> list[Val]:
     x = b.to_canonical(b.get(node.inputs[0]))  # pre-sign values pass: max commutes with sign
-    if len(x.shape) != 3 or int(attr(node, "ceil_mode", 0)) or any(d != 1 for d in attr(node, "dilations", [1, 1])):
-        raise UnsupportedLayer(node.name, "only 2-D max pooling without ceil_mode or dilation is supported")
-    top, left, bottom, right = (int(p) for p in attr(node, "pads", [0, 0, 0, 0]))
+    if len(x.shape) != 3 or any(d != 1 for d in attr(node, "dilations", [1, 1])):
+        raise UnsupportedLayer(node.name, "only 2-D max pooling without dilation is supported")
+    kernel, strides, (top, bottom, left, right), _ = _pool_geometry(node, x.shape[1:3])
     t = x.tensor
     if top or left or bottom or right:
         t = b.pad_nhwc(t, top, bottom, left, right, float("-inf"), f"{node.name}_pad")
-    kernel = tuple(attr(node, "kernel_shape", [1, 1]))
-    y = keras.layers.MaxPool2D(kernel, strides=tuple(attr(node, "strides", kernel)), padding="valid",
-                               name=b.name(node.name or "maxpool"))(t)
+    y = keras.layers.MaxPool2D(kernel, strides=strides, padding="valid", name=b.name(node.name or "maxpool"))(t)
     return [replace(x, tensor=y, shape=torch_shape(y, "nhwc"))]
 
 
 def _averagepool(b: KerasBuilder, node: ir.Node) -> list[Val]:
+    """Average pooling; with padding or ceil_mode, zeros padded and each window's sum divided by PyTorch's count
+    (the padding inside the input's padded extent counts with count_include_pad, the ceil_mode overhang never)."""
     x = b.to_canonical(b.real(node.inputs[0]))
-    if any(attr(node, "pads", [0, 0, 0, 0])) or int(attr(node, "ceil_mode", 0)):
-        raise UnsupportedLayer(node.name, "average pooling with padding or ceil_mode is not supported")
-    kernel = tuple(attr(node, "kernel_shape", [1, 1]))
-    y = keras.layers.AveragePooling2D(kernel, strides=tuple(attr(node, "strides", kernel)), padding="valid",
-                                      name=b.name(node.name or "avgpool"))(x.tensor)
+    h, w = x.shape[1:3]
+    kernel, strides, (top, bottom, left, right), (oh, ow) = _pool_geometry(node, (h, w))
+    if not (top or bottom or left or right):
+        y = keras.layers.AveragePooling2D(kernel, strides=strides, padding="valid",
+                                          name=b.name(node.name or "avgpool"))(x.tensor)
+        return [replace(x, tensor=y, shape=torch_shape(y, "nhwc"))]
+    given = [int(p) for p in attr(node, "pads", [0, 0, 0, 0])]  # ONNX order: top, left, bottom, right
+    counted = np.zeros((h + top + bottom, w + left + right), np.float32)
+    if int(attr(node, "count_include_pad", 0)):
+        counted[:h + given[0] + given[2], :w + given[1] + given[3]] = 1
+    else:
+        counted[top:top + h, left:left + w] = 1
+    count = np.array([[counted[i * strides[0]:i * strides[0] + kernel[0], j * strides[1]:j * strides[1] + kernel[1]].sum()
+                       for j in range(ow)] for i in range(oh)], np.float32)
+    scale = (kernel[0] * kernel[1] / count)[None, :, :, None].astype(np.float32)
+    t = b.pad_nhwc(x.tensor, top, bottom, left, right, 0.0, f"{node.name}_pad")
+    y = keras.layers.AveragePooling2D(kernel, strides=strides, padding="valid", name=b.name(node.name or "avgpool"))(t)
+    y = b.lam(lambda z: z * scale, y, f"{node.name or 'avgpool'}_count")
     return [replace(x, tensor=y, shape=torch_shape(y, "nhwc"))]
 
 
@@ -323,6 +365,7 @@ EMITTERS: dict[tuple[str, str], Callable[[KerasBuilder, ir.Node], list[Val]]] = 
     ("", "Expand"): expand,
     ("", "Clip"): _clip,
     ("", "LeakyRelu"): _leaky_relu,
+    ("", "PRelu"): _prelu,
     ("", "Softmax"): _softmax,
     ("", "LogSoftmax"): _softmax,
     ("", "Transpose"): transpose,

@@ -194,6 +194,8 @@ def run_export(argv: Sequence[str]) -> int:
     if args.report is not None:
         write_report(result.report, args.report, result)
         console.print(f"report written to {args.report}")
+    if result.report.failure_line() is not None:  # complete, but it computes something else: kept, to inspect
+        console.print(f"the artifact is kept for inspection: {result.artifact}", soft_wrap=True)
     return out.verdict(result.report, console)
 
 

@@ -242,6 +242,33 @@ def _replace(gm: fx.GraphModule, match: _Match, path: str) -> None:
     out.replace_all_uses_with(call)
     for node in reversed(match.nodes):
         gm.graph.erase_node(node)
+    _fold_straight_through(gm, call, match.x)
+
+
+_ALIASES = (aten.detach.default, aten.alias.default, aten.clone.default)
+
+
+def _skip_aliases(node: fx.Node) -> fx.Node:
+    """``node``'s single alias/detach user chain, followed to its end (``(s - x).detach()`` in eval)."""
+    while True:
+        user = _only_user(node)
+        if user is None or user.target not in _ALIASES:
+            return node
+        node = user
+
+
+def _fold_straight_through(gm: fx.GraphModule, call: fx.Node, x: fx.Node) -> None:
+    """x + (step(x) − x).detach(), the straight-through estimator written around a step: in eval it is the
+    step up to the rounding of x + (s − x) (which for |x| ≥ 2 is not ±1, and for |x| ≥ 2^24 not even
+    close), so every use of the sum becomes a use of the step itself (as the weight form is snapped)."""
+    for sub in list(call.users):
+        if sub.target is not aten.sub.Tensor or tuple(sub.args[:2]) != (call, x):
+            continue
+        end = _skip_aliases(sub)
+        add = _only_user(end)
+        if add is None or add.target is not aten.add.Tensor or len(add.args) != 2 or set(add.args) != {x, end}:
+            continue
+        add.replace_all_uses_with(call)  # sub, aliases and add are then dead: eliminate_dead_code drops them
 
 
 def _constants(graph: fx.Graph) -> set[fx.Node]:

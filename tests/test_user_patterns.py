@@ -291,3 +291,81 @@ def test_refusals_name_what_the_user_wrote(model, example, target, words, tmp_pa
     err = capsys.readouterr().err
     assert rc == 2 and words in err and len(err.strip().splitlines()) == 1, err
     assert not out.exists()
+
+
+class OddPools(nn.Module):
+    """Bi-Real / ReActNet downsampling on odd sizes: pools with ceil_mode, padding, and both counting rules."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3, padding=1)
+        self.pools = nn.ModuleList([nn.MaxPool2d(2, ceil_mode=True), nn.AvgPool2d(3, 2, 1, count_include_pad=False),
+                                    nn.AvgPool2d(2, ceil_mode=True, count_include_pad=False), nn.AvgPool2d(3, 2, 1),
+                                    nn.AvgPool2d(2, ceil_mode=True), nn.MaxPool2d(3, 2, 1, ceil_mode=True)])
+        self.head = nn.Linear(6 * 4 * 4 * 5, 3)
+
+    def forward(self, x):
+        h = torch.where(self.conv(x) >= 0, 1.0, -1.0)
+        return self.head(torch.cat([p(h).flatten(1) for p in self.pools], 1))
+
+
+@pytest.mark.parametrize("target", ["tflite", "tflite-float"])
+def test_pools_with_ceil_mode_and_padding_convert_to_tflite(target, tmp_path, capsys):
+    torch.manual_seed(6)
+    model = OddPools().eval()
+    path = save_pt2(model, torch.randn(2, 2, 7, 9), tmp_path / "pools.pt2")
+    rc = cli.main([str(path), "--target", target, "-o", str(tmp_path / "pools.tflite"), "--device", "cpu"])
+    assert rc == 0, capsys.readouterr().out[-2000:]
+
+
+def sign_ste(x):
+    return x + (torch.where(x >= 0, 1.0, -1.0) - x).detach()
+
+
+class ReActStyle(nn.Module):
+    """ReActNet-style: RSign (a learned per-channel shift, then a straight-through sign written by hand), a binary
+    conv on it, RPReLU, and a dilated depthwise conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, 8, 3, padding=1)
+        self.shift = nn.Parameter(torch.linspace(-0.2, 0.2, 8).reshape(1, 8, 1, 1))
+        self.conv = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.prelu = nn.PReLU(8)
+        self.dw = nn.Conv2d(8, 8, 3, padding=2, dilation=2, groups=8)
+        self.head = nn.Linear(8 * 9 * 11, 3)
+
+    def forward(self, x):
+        h = sign_ste(self.stem(x) - self.shift)
+        h = self.prelu(self.bn(nn.functional.conv2d(h, sign_ste(self.conv.weight), None, padding=1)))
+        return self.head(self.dw(h).flatten(1))
+
+
+@pytest.fixture(scope="module")
+def react(tmp_path_factory):
+    torch.manual_seed(8)
+    model = ReActStyle()
+    model.bn.running_mean.uniform_(-2, 2)
+    model.bn.running_var.uniform_(0.5, 2)
+    folder = tmp_path_factory.mktemp("react")
+    return save_pt2(model.eval(), torch.randn(2, 1, 9, 11) * 30, folder / "react.pt2")
+
+
+@pytest.mark.parametrize("target, binary_kernel", [("onnx", ""), ("onnx-int8", "MatMulInteger"), ("tflite", "LceBconv2d"),
+                                                   ("tflite-float", "")])
+def test_a_straight_through_sign_is_the_step_it_rounds_to(react, target, binary_kernel, tmp_path, capsys):
+    out = tmp_path / f"react.{'tflite' if 'tflite' in target else 'onnx'}"
+    rc = cli.main([str(react), "--target", target, "-o", str(out), "--device", "cpu", "--data",
+                   str(_large_inputs(tmp_path))])
+    text = capsys.readouterr().out
+    assert rc == 0 and binary_kernel in text, text[-3000:]
+
+
+def _large_inputs(folder):
+    # inputs up to ~100: x + (sign(x) − x) is then ±1 only up to the rounding of x, which the step is not
+    import numpy as np
+
+    path = folder / "large.npz"
+    np.savez(path, x=(np.random.default_rng(0).standard_normal((64, 1, 9, 11)) * 30).astype(np.float32))
+    return path
