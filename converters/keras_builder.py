@@ -30,6 +30,8 @@ from htaf_export.errors import BadInput, UnsupportedLayer
 from htaf_export.passes.util import const_array
 from htaf_export.tflite_file import IoSlot, StepForm, tensorflow
 
+from .kernels import spread
+from .layouts import static_shape
 from .tflite_binary import FLOAT_PLAN, BinaryLayer, LcePlan
 
 # This module is imported only by the TFLite converter, so TensorFlow loads only for TFLite targets.
@@ -115,26 +117,6 @@ class Built:
     outputs: tuple[IoSlot, ...]
     steps: dict[str, StepForm]
     layers: tuple[EmittedLayer, ...] = ()
-
-
-def static_shape(value: ir.Value) -> tuple[int, ...]:
-    """PyTorch shape of ``value`` without the batch, from the IR; every dimension but the batch must be known."""
-    shape = value.shape
-    dims = list(shape)[1:] if shape is not None else None
-    if dims is None or len(shape) == 0 or not all(isinstance(d, int) for d in dims):  # type: ignore[arg-type]
-        raise UnsupportedLayer(value.name or "?", f"the IR does not know the shape of this tensor ({shape})")
-    return tuple(int(d) for d in dims)
-
-
-def torch_shape(tensor, layout: str) -> tuple[int, ...]:
-    """PyTorch shape (without the batch) of a Keras tensor stored in ``layout`` (not nhwc_flat)."""
-    dims = tuple(int(d) for d in tensor.shape[1:])
-    if layout == "nhwc":
-        h, w, c = dims
-        return (c, h, w)
-    if layout == "pixel":
-        return (dims[-1],)
-    return dims
 
 
 def _keras_layer_name(tensor) -> str:
@@ -327,14 +309,11 @@ class KerasBuilder:
                dilation=(1, 1)):
         """A float conv, VALID padding, OIHW ``weight``; depthwise when every group has one input channel, else
         grouped (TFLite's CONV_2D reads a filter with fewer input channels than its input as groups)."""
-        out_ch, in_per_group, kh, kw = weight.shape
         if group > 1 and tuple(dilation) != (1, 1):
             # Keras' grouped/depthwise layers lower dilation to SPACE_TO_BATCH_ND + BATCH_TO_SPACE_ND, which TFLite
-            # Micro gets wrong (see DilatedConv2D): spread the kernel with zeros instead (exact: adds only +0·x)
-            dh, dw = (int(d) for d in dilation)
-            spread = np.zeros((out_ch, in_per_group, (kh - 1) * dh + 1, (kw - 1) * dw + 1), weight.dtype)
-            spread[:, :, ::dh, ::dw] = weight
-            weight, dilation, (kh, kw) = spread, (1, 1), spread.shape[2:]
+            # Micro gets wrong (see DilatedConv2D): the taps spread out with zeros instead
+            weight, dilation = spread(weight, dilation), (1, 1)
+        out_ch, in_per_group, kh, kw = weight.shape
         use_bias = bias is not None
         if group == 1 or in_per_group > 1:
             kind, kernel = "Conv2D", weight.transpose(2, 3, 1, 0)

@@ -16,7 +16,8 @@ from htaf_export.ops import HTAF_DOMAIN
 from htaf_export.passes.util import attr, const_array, zeros_among_signs
 
 from .keras_binary import binary, step
-from .keras_builder import SHAPE_OPS, EmittedLayer, KerasBuilder, Val, keras, tf, torch_shape
+from .keras_builder import SHAPE_OPS, EmittedLayer, KerasBuilder, Val, keras, tf
+from .layouts import torch_shape
 from .keras_shapes import expand, identity, reshape, shape_only, transpose
 from .tflite_binary import DOMAIN as BINARY_DOMAIN
 from .tflite_binary import OP as BINARY_OP

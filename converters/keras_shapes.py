@@ -11,7 +11,8 @@ import onnx_ir as ir
 from htaf_export.errors import UnsupportedLayer
 from htaf_export.passes.util import attr
 
-from .keras_builder import KerasBuilder, Val, keras, static_shape, tf, torch_shape
+from .keras_builder import KerasBuilder, Val, keras, tf
+from .layouts import static_shape, torch_shape
 
 
 def transpose(b: KerasBuilder, node: ir.Node) -> list[Val]:

@@ -12,7 +12,8 @@ from torch import nn
 from . import outputs
 from .errors import BadInput
 from .nn import HTAF, Step, htaf_function
-from .harden_traced import export_batched, harden_graph_module, harden_torchscript
+from .harden_torchscript import harden_torchscript
+from .harden_traced import export_batched, harden_graph_module
 from .nn.binary import BinaryWeights
 from .nn.modules import step_modules
 

@@ -13,14 +13,12 @@ what they compute:
 In a graph module each site becomes a call of a ``Step`` submodule at the site's module path, so the
 reference records it like any Step and the exporter emits the ``htaf`` op. A site inside a module that is
 not an HTAF gets a child ``<path>.step`` (``step`` at the root). TorchScript modules are rewritten in
-place, on a fresh copy, with TorchScript's own subgraph rewriter; their steps become plain comparisons that
-capture lifts to ``htaf`` ops.
+place (``harden_torchscript``).
 """
 
 from __future__ import annotations
 
 import copy
-import io
 from dataclasses import dataclass, replace
 
 import torch
@@ -48,7 +46,7 @@ class TracedSite:
     beta: float | None = None
 
 
-def _number(value) -> float | None:
+def as_number(value) -> float | None:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if isinstance(value, torch.Tensor) and value.numel() == 1:
@@ -74,7 +72,7 @@ def _only_user(node: fx.Node) -> fx.Node | None:
 def _scalar_arg(node: fx.Node, tensor: fx.Node) -> float | None:
     """The constant other operand of a binary op whose tensor operand is ``tensor``."""
     others = [a for a in node.args[:2] if a is not tensor]
-    return _number(others[0]) if len(others) == 1 else None
+    return as_number(others[0]) if len(others) == 1 else None
 
 
 def _pm1_tail(out: fx.Node) -> list[fx.Node]:
@@ -83,7 +81,7 @@ def _pm1_tail(out: fx.Node) -> list[fx.Node]:
     if mul is None or mul.target is not aten.mul.Tensor or _scalar_arg(mul, out) != 2.0:
         return []
     sub = _only_user(mul)
-    if sub is None or sub.target is not aten.sub.Tensor or sub.args[0] is not mul or _number(sub.args[1]) != 1.0:
+    if sub is None or sub.target is not aten.sub.Tensor or sub.args[0] is not mul or as_number(sub.args[1]) != 1.0:
         return []
     return [mul, sub]
 
@@ -116,8 +114,8 @@ def _composite(sig: fx.Node, tie: str) -> _Match | None:
     if alpha is None or beta is None or not (alpha > 0 and beta >= 0):
         return None
     x, theta, nodes = u, 0.0, [mul_a, tanh, mul_b, add, sig]
-    if u.target is aten.sub.Tensor and _number(u.args[1]) is not None and isinstance(u.args[0], fx.Node):
-        x, theta, nodes = u.args[0], _number(u.args[1]), [u, *nodes]
+    if u.target is aten.sub.Tensor and as_number(u.args[1]) is not None and isinstance(u.args[0], fx.Node):
+        x, theta, nodes = u.args[0], as_number(u.args[1]), [u, *nodes]
     inside = set(nodes)
     if any(user not in inside for n in nodes[:-1] for user in n.users):
         return None  # an inner value is used elsewhere: not a self-contained step
@@ -130,12 +128,12 @@ def _fill_value(a) -> float | None:
     """A number, or a tensor filled with one number (ones_like, zeros_like, full_like; negated or not), as
     users write the two branches of a hand-made sign: where(x ≥ 0, ones_like(x), −ones_like(x))."""
     if not isinstance(a, fx.Node):
-        return _number(a)
+        return as_number(a)
     if a.target is aten.neg.default:
         inner = _fill_value(a.args[0])
         return -inner if inner is not None else None
     if a.target is aten.full_like.default:
-        return _number(a.args[1])
+        return as_number(a.args[1])
     return {aten.ones_like.default: 1.0, aten.zeros_like.default: 0.0}.get(a.target)
 
 
@@ -166,7 +164,7 @@ def _comparison(cmp: fx.Node, constant: set[fx.Node]) -> _Match | None:
     exactly as x ⋛ θ in IEEE arithmetic (x − θ rounds to 0 only when x = θ, and keeps its sign)."""
     if len(cmp.args) < 2 or not isinstance(cmp.args[0], fx.Node):
         return None
-    theta = _number(cmp.args[1])
+    theta = as_number(cmp.args[1])
     per_unit = theta is None and isinstance(cmp.args[1], fx.Node) and cmp.args[1] in constant
     if theta is None and not per_unit:
         return None
@@ -189,7 +187,7 @@ def _heaviside(node: fx.Node, gm: fx.GraphModule) -> _Match | None:
         values = values.args[0]
     if isinstance(values, fx.Node) and values.op == "get_attr":
         values = getattr(gm, str(values.target), None)
-    tie = {1.0: "ge", 0.0: "gt"}.get(_number(values))  # type: ignore[arg-type]
+    tie = {1.0: "ge", 0.0: "gt"}.get(as_number(values))  # type: ignore[arg-type]
     if tie is None or not isinstance(node.args[0], fx.Node):
         return None
     return _Match(node.args[0], [node], TracedSite("", 0.0, "01", tie, "torch.heaviside in a traced graph"))
@@ -324,102 +322,4 @@ def harden_graph_module(gm: fx.GraphModule, tie: str | None) -> tuple[fx.GraphMo
     return hard, found
 
 
-# ---- TorchScript ---------------------------------------------------------------------------------
-
-_HTAF01 = """
-graph(%x, %t, %k1, %a, %b, %k2):
-  %u = aten::sub(%x, %t, %k1)
-  %m = aten::mul(%u, %a)
-  %th = aten::tanh(%u)
-  %m2 = aten::mul(%th, %b)
-  %z = aten::add(%m, %m2, %k2)
-  %s = aten::sigmoid(%z)
-  return (%s)"""
-_STEP01 = """
-graph(%x, %t, %k1, %a, %b, %k2):
-  %g = aten::{op}(%x, %t)
-  %f = aten::type_as(%g, %x)
-  return (%f)"""
-_TAIL = "%d = aten::mul({v}, %two)\n  %r = aten::sub(%d, %one, %k3)\n  return (%r)"
-
-
-def _pm1(pattern: str, value: str) -> str:
-    return pattern.replace("%k2):", "%k2, %two, %one, %k3):").replace(f"return ({value})", _TAIL.format(v=value))
-
-
-def _constant(value) -> float | None:
-    node = value.node()
-    return _number(node.output().toIValue()) if node.kind() == "prim::Constant" else None
-
-
-def _ts_composites(graph) -> list[tuple[float, float, float, str]]:
-    """(θ, α, β, levels) of each HTAF composite in a TorchScript graph (the ``_HTAF01`` shape)."""
-    found = []
-    for node in graph.nodes():
-        if node.kind() != "aten::sigmoid":
-            continue
-        add = node.inputsAt(0).node()
-        if add.kind() != "aten::add":
-            continue
-        muls = [add.inputsAt(i).node() for i in range(2)]
-        tanh_mul = next((m for m in muls if m.kind() == "aten::mul" and m.inputsAt(0).node().kind() == "aten::tanh"), None)
-        lin_mul = next((m for m in muls if m is not tanh_mul and m.kind() == "aten::mul"), None)
-        if tanh_mul is None or lin_mul is None or lin_mul.inputsAt(0).node().kind() != "aten::sub":
-            continue
-        sub = lin_mul.inputsAt(0).node()
-        theta, alpha, beta = _constant(sub.inputsAt(1)), _constant(lin_mul.inputsAt(1)), _constant(tanh_mul.inputsAt(1))
-        if None in (theta, alpha, beta) or not (alpha > 0 and beta >= 0):  # type: ignore[operator]
-            continue
-        uses = [u.user for u in node.output().uses()]
-        pm1 = len(uses) == 1 and uses[0].kind() == "aten::mul"
-        found.append((float(theta), float(alpha), float(beta), "pm1" if pm1 else "01"))  # type: ignore[arg-type]
-    return found
-
-
-def _ts_exact_steps(module: torch.jit.ScriptModule) -> list[TracedSite]:
-    """The Step submodules of a TorchScript module (a model hardened before tracing), read off their graphs."""
-    sites = []
-    for path, sub in module.named_modules():
-        if getattr(sub, "original_name", "") != "Step" or not hasattr(sub, "forward"):
-            continue
-        nodes = list(sub.forward.graph.nodes())
-        cmp = next((n for n in nodes if n.kind() in ("aten::ge", "aten::gt")), None)
-        theta = _constant(cmp.inputsAt(1)) if cmp is not None else None
-        if cmp is None or theta is None:
-            continue
-        levels = "pm1" if any(n.kind() == "aten::mul" for n in nodes) else "01"
-        sites.append(TracedSite(path, theta, levels, cmp.kind()[-2:], "Step module (TorchScript)"))
-    return sites
-
-
-def harden_torchscript(module: torch.jit.ScriptModule, tie: str | None) -> tuple[torch.jit.ScriptModule, list[TracedSite]]:
-    """A fresh copy of a TorchScript module whose HTAF composites compute the exact step, and the sites."""
-    buf = io.BytesIO()
-    torch.jit.save(module, buf)
-    buf.seek(0)
-    hard = torch.jit.load(buf, map_location="cpu")  # its own compilation unit: the original stays smooth
-    op = "gt" if tie == "gt" else "ge"
-    step01 = _STEP01.replace("{op}", op)
-    sites: list[TracedSite] = []
-    for path, sub in hard.named_modules():
-        if not hasattr(sub, "forward") or not hasattr(sub.forward, "graph"):
-            continue
-        graph = sub.forward.graph
-        found = _ts_composites(graph)
-        for k, (theta, alpha, beta, levels) in enumerate(found):
-            name = path if len(found) == 1 else f"{path}@{k}"
-            sites.append(TracedSite(name or "(root)", theta, levels, op, "HTAF composite", alpha, beta))
-        if found:
-            torch._C._jit_pass_custom_pattern_based_rewrite_graph(_pm1(_HTAF01, "%s"), _pm1(step01, "%f"), graph)
-            torch._C._jit_pass_custom_pattern_based_rewrite_graph(_HTAF01, step01, graph)
-            torch._C._jit_pass_dce(graph)
-    sites += _ts_exact_steps(hard)
-    leftover = [p for p, s in hard.named_modules() if hasattr(s, "forward") and hasattr(s.forward, "graph")
-                and any(n.kind() == "aten::sigmoid" for n in s.forward.graph.nodes()) and _ts_composites(s.forward.graph)]
-    if leftover:
-        raise BadInput(f"TorchScript module {leftover[0]!r} computes an HTAF whose form this tool cannot rewrite; "
-                       f"harden before tracing, or save a torch.export program (.pt2)")
-    return hard, sites
-
-
-__all__ = ["TracedSite", "harden_graph_module", "harden_torchscript"]
+__all__ = ["TracedSite", "harden_graph_module", "export_batched"]

@@ -1,0 +1,108 @@
+"""Hardening a TorchScript module: its HTAF composites are rewritten in place, on a fresh copy, with TorchScript's
+own subgraph rewriter; their steps become plain comparisons that capture lifts to ``htaf`` ops. Step modules of a
+model hardened before tracing are read off their graphs."""
+
+from __future__ import annotations
+
+import io
+
+import torch
+
+from .errors import BadInput
+from .harden_traced import TracedSite, as_number
+
+_HTAF01 = """
+graph(%x, %t, %k1, %a, %b, %k2):
+  %u = aten::sub(%x, %t, %k1)
+  %m = aten::mul(%u, %a)
+  %th = aten::tanh(%u)
+  %m2 = aten::mul(%th, %b)
+  %z = aten::add(%m, %m2, %k2)
+  %s = aten::sigmoid(%z)
+  return (%s)"""
+_STEP01 = """
+graph(%x, %t, %k1, %a, %b, %k2):
+  %g = aten::{op}(%x, %t)
+  %f = aten::type_as(%g, %x)
+  return (%f)"""
+_TAIL = "%d = aten::mul({v}, %two)\n  %r = aten::sub(%d, %one, %k3)\n  return (%r)"
+
+
+def _pm1(pattern: str, value: str) -> str:
+    return pattern.replace("%k2):", "%k2, %two, %one, %k3):").replace(f"return ({value})", _TAIL.format(v=value))
+
+
+def _constant(value) -> float | None:
+    node = value.node()
+    return as_number(node.output().toIValue()) if node.kind() == "prim::Constant" else None
+
+
+def _ts_composites(graph) -> list[tuple[float, float, float, str]]:
+    """(θ, α, β, levels) of each HTAF composite in a TorchScript graph (the ``_HTAF01`` shape)."""
+    found = []
+    for node in graph.nodes():
+        if node.kind() != "aten::sigmoid":
+            continue
+        add = node.inputsAt(0).node()
+        if add.kind() != "aten::add":
+            continue
+        muls = [add.inputsAt(i).node() for i in range(2)]
+        tanh_mul = next((m for m in muls if m.kind() == "aten::mul" and m.inputsAt(0).node().kind() == "aten::tanh"), None)
+        lin_mul = next((m for m in muls if m is not tanh_mul and m.kind() == "aten::mul"), None)
+        if tanh_mul is None or lin_mul is None or lin_mul.inputsAt(0).node().kind() != "aten::sub":
+            continue
+        sub = lin_mul.inputsAt(0).node()
+        theta, alpha, beta = _constant(sub.inputsAt(1)), _constant(lin_mul.inputsAt(1)), _constant(tanh_mul.inputsAt(1))
+        if None in (theta, alpha, beta) or not (alpha > 0 and beta >= 0):  # type: ignore[operator]
+            continue
+        uses = [u.user for u in node.output().uses()]
+        pm1 = len(uses) == 1 and uses[0].kind() == "aten::mul"
+        found.append((float(theta), float(alpha), float(beta), "pm1" if pm1 else "01"))  # type: ignore[arg-type]
+    return found
+
+
+def _ts_exact_steps(module: torch.jit.ScriptModule) -> list[TracedSite]:
+    """The Step submodules of a TorchScript module (a model hardened before tracing), read off their graphs."""
+    sites = []
+    for path, sub in module.named_modules():
+        if getattr(sub, "original_name", "") != "Step" or not hasattr(sub, "forward"):
+            continue
+        nodes = list(sub.forward.graph.nodes())
+        cmp = next((n for n in nodes if n.kind() in ("aten::ge", "aten::gt")), None)
+        theta = _constant(cmp.inputsAt(1)) if cmp is not None else None
+        if cmp is None or theta is None:
+            continue
+        levels = "pm1" if any(n.kind() == "aten::mul" for n in nodes) else "01"
+        sites.append(TracedSite(path, theta, levels, cmp.kind()[-2:], "Step module (TorchScript)"))
+    return sites
+
+
+def harden_torchscript(module: torch.jit.ScriptModule, tie: str | None) -> tuple[torch.jit.ScriptModule, list[TracedSite]]:
+    """A fresh copy of a TorchScript module whose HTAF composites compute the exact step, and the sites."""
+    buf = io.BytesIO()
+    torch.jit.save(module, buf)
+    buf.seek(0)
+    hard = torch.jit.load(buf, map_location="cpu")  # its own compilation unit: the original stays smooth
+    op = "gt" if tie == "gt" else "ge"
+    step01 = _STEP01.replace("{op}", op)
+    sites: list[TracedSite] = []
+    for path, sub in hard.named_modules():
+        if not hasattr(sub, "forward") or not hasattr(sub.forward, "graph"):
+            continue
+        graph = sub.forward.graph
+        found = _ts_composites(graph)
+        for k, (theta, alpha, beta, levels) in enumerate(found):
+            name = path if len(found) == 1 else f"{path}@{k}"
+            sites.append(TracedSite(name or "(root)", theta, levels, op, "HTAF composite", alpha, beta))
+        if found:
+            torch._C._jit_pass_custom_pattern_based_rewrite_graph(_pm1(_HTAF01, "%s"), _pm1(step01, "%f"), graph)
+            torch._C._jit_pass_custom_pattern_based_rewrite_graph(_HTAF01, step01, graph)
+            torch._C._jit_pass_dce(graph)
+    sites += _ts_exact_steps(hard)
+    leftover = [p for p, s in hard.named_modules() if hasattr(s, "forward") and hasattr(s.forward, "graph")
+                and any(n.kind() == "aten::sigmoid" for n in s.forward.graph.nodes()) and _ts_composites(s.forward.graph)]
+    if leftover:
+        raise BadInput(f"TorchScript module {leftover[0]!r} computes an HTAF whose form this tool cannot rewrite; "
+                       f"harden before tracing, or save a torch.export program (.pt2)")
+    return hard, sites
+
