@@ -92,7 +92,7 @@ def _members(path: Path, names: Sequence[str]) -> list[str]:
     if len(names) == 1:
         if "x" in found:
             return ["x.npy"]
-        if len(found) == 1:
+        if len(found) == 1 and found[0] != "y":  # 'y' is labels, never the inputs
             return [found[0] + ".npy"]
         raise BadInput(f"data file {path} must hold the inputs under key 'x' (found {', '.join(found) or 'nothing'})")
     members = []

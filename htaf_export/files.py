@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import tempfile
 from pathlib import Path
@@ -29,7 +30,10 @@ def atomic_write(path: Path | str, write: Callable[[Path], None]) -> Path:
     """
     path = Path(path)
     check_writable(path)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=path.parent or Path("."))
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=path.parent or Path("."))
+    except OSError as e:
+        raise BadInput(f"cannot write {path}: {e.strerror or e}") from None
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -39,10 +43,18 @@ def atomic_write(path: Path | str, write: Callable[[Path], None]) -> Path:
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if e.errno in _FILE_SYSTEM_ERRORS:  # disk full, quota, read-only or failing file system: not our bug
+            raise BadInput(f"cannot write {path}: {e.strerror}") from None
+        raise
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+_FILE_SYSTEM_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EACCES, errno.EPERM, errno.EFBIG}
 
 
 def atomic_write_bytes(path: Path | str, data: bytes) -> Path:

@@ -77,6 +77,17 @@ def _ts_exact_steps(module: torch.jit.ScriptModule) -> list[TracedSite]:
     return sites
 
 
+def _ts_graphs(module: torch.jit.ScriptModule):
+    """(path, method name, graph) of every method of every submodule: a submodule called several times (a shared
+    activation, an SNN's spike at every time step) is traced into one method per call (forward, forward1, ...)."""
+    for path, sub in module.named_modules():
+        c = getattr(sub, "_c", None)
+        for method in c._method_names() if c is not None and hasattr(c, "_method_names") else []:
+            graph = getattr(c._get_method(method), "graph", None)
+            if graph is not None:
+                yield path, method, graph
+
+
 def harden_torchscript(module: torch.jit.ScriptModule, tie: str | None) -> tuple[torch.jit.ScriptModule, list[TracedSite]]:
     """A fresh copy of a TorchScript module whose HTAF composites compute the exact step, and the sites."""
     buf = io.BytesIO()
@@ -86,21 +97,19 @@ def harden_torchscript(module: torch.jit.ScriptModule, tie: str | None) -> tuple
     op = "gt" if tie == "gt" else "ge"
     step01 = _STEP01.replace("{op}", op)
     sites: list[TracedSite] = []
-    for path, sub in hard.named_modules():
-        if not hasattr(sub, "forward") or not hasattr(sub.forward, "graph"):
-            continue
-        graph = sub.forward.graph
+    for path, method, graph in _ts_graphs(hard):
         found = _ts_composites(graph)
+        where = path if method == "forward" else f"{path}.{method}" if path else method
         for k, (theta, alpha, beta, levels) in enumerate(found):
-            name = path if len(found) == 1 else f"{path}@{k}"
+            name = where if len(found) == 1 else f"{where}@{k}"
             sites.append(TracedSite(name or "(root)", theta, levels, op, "HTAF composite", alpha, beta))
         if found:
             torch._C._jit_pass_custom_pattern_based_rewrite_graph(_pm1(_HTAF01, "%s"), _pm1(step01, "%f"), graph)
             torch._C._jit_pass_custom_pattern_based_rewrite_graph(_HTAF01, step01, graph)
             torch._C._jit_pass_dce(graph)
     sites += _ts_exact_steps(hard)
-    leftover = [p for p, s in hard.named_modules() if hasattr(s, "forward") and hasattr(s.forward, "graph")
-                and any(n.kind() == "aten::sigmoid" for n in s.forward.graph.nodes()) and _ts_composites(s.forward.graph)]
+    leftover = [f"{p}.{m}" for p, m, g in _ts_graphs(hard)
+                if any(n.kind() == "aten::sigmoid" for n in g.nodes()) and _ts_composites(g)]
     if leftover:
         raise BadInput(f"TorchScript module {leftover[0]!r} computes an HTAF whose form this tool cannot rewrite; "
                        f"harden before tracing, or save a torch.export program (.pt2)")

@@ -15,7 +15,7 @@ from .errors import BadInput
 
 
 @contextlib.contextmanager
-def _current_directory_importable() -> Iterator[None]:
+def current_directory_importable() -> Iterator[None]:
     """Class lookup as in ``python`` run from here: the current directory is importable (a console script
     puts its own bin directory first instead). Appended, so local files never shadow installed packages."""
     cwd = os.getcwd()
@@ -35,7 +35,7 @@ _MISSING_CLASS = re.compile(r"Can't get attribute '([\w.]+)' on <module '([\w.]+
 def unpickle(path: Path) -> Any:
     """``torch.load`` of a trusted pickle; a class that cannot be imported is one clear line, not "corrupt"."""
     try:
-        with _current_directory_importable():
+        with current_directory_importable():
             return torch.load(path, map_location="cpu", weights_only=False)
     except ModuleNotFoundError as e:
         where = f"module {e.name!r}"

@@ -63,7 +63,12 @@ class ModelRecipe:
 
     def build(self) -> nn.Module:
         if self.pickled is not None:
-            return torch.load(io.BytesIO(self.pickled), weights_only=False)
+            # the parent unpickled the user's classes with the current directory importable (pickles.py); a
+            # spawned worker has the same working directory but not that sys.path entry
+            from .pickles import current_directory_importable
+
+            with current_directory_importable():
+                return torch.load(io.BytesIO(self.pickled), weights_only=False)
         from .harden import harden, record_every_step
         from .io import load
 

@@ -6,6 +6,9 @@ zero reset under derived tolerances."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -369,3 +372,77 @@ def _large_inputs(folder):
     path = folder / "large.npz"
     np.savez(path, x=(np.random.default_rng(0).standard_normal((64, 1, 9, 11)) * 30).astype(np.float32))
     return path
+
+
+class SharedSmoothHtaf(nn.Module):
+    """One smooth HTAF module called after two layers: TorchScript traces it into two methods."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from htaf_export.nn import HTAF
+
+        self.l1, self.l2, self.l3 = nn.Linear(10, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+        self.act = HTAF(mode="smooth")
+
+    def forward(self, x):
+        return self.l3(self.act(self.l2(self.act(self.l1(x)))))
+
+
+def test_every_call_of_a_shared_torchscript_htaf_is_hardened(tmp_path, capsys):
+    import onnx
+
+    path = tmp_path / "shared.pt"
+    torch.jit.save(torch.jit.trace(SharedSmoothHtaf().eval(), torch.randn(2, 10)), path)
+    out = tmp_path / "shared.onnx"
+    rc = cli.main([str(path), "--target", "onnx", "-o", str(out), "--input-shape", "10", "--device", "cpu",
+                   "--portable"])
+    assert rc == 0, capsys.readouterr().err
+    ops = [n.op_type for n in onnx.load(out).graph.node]
+    assert "Sigmoid" not in ops and "Tanh" not in ops, ops
+
+
+def test_workers_import_a_pickled_models_class_from_the_current_directory(tmp_path, monkeypatch, capsys):
+    (tmp_path / "user_net.py").write_text(
+        "from torch import nn\nfrom htaf_export.nn import HTAF\n\n\nclass UserNet(nn.Module):\n"
+        "    def __init__(self):\n        super().__init__()\n"
+        "        self.fc, self.act, self.out = nn.Linear(6, 5), HTAF(), nn.Linear(5, 2)\n\n"
+        "    def forward(self, x):\n        return self.out(self.act(self.fc(x)))\n")
+    monkeypatch.chdir(tmp_path)
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import user_net  # noqa: E402 - written just above
+
+        torch.save(user_net.UserNet().eval(), tmp_path / "net.pt")
+    finally:  # as in a fresh shell: the class importable only from the current directory
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("user_net", None)
+    # the installed command, as a user runs it (``python -m`` or pytest would put the directory on the path)
+    command = [str(Path(sys.executable).parent / "htaf-export"), "net.pt", "--trust-pickle", "--input-shape", "6",
+               "--target", "onnx", "-o", "net.onnx", "--device", "cpu", "--workers", "2"]
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+
+
+def test_a_full_disk_is_a_one_line_error_and_leaves_nothing(tmp_path):
+    import errno
+
+    from htaf_export.errors import BadInput
+    from htaf_export.files import atomic_write
+
+    def full(tmp):
+        tmp.write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(BadInput, match="cannot write .*No space left on device"):
+        atomic_write(tmp_path / "m.onnx", full)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_labels_alone_are_not_taken_for_inputs(tmp_path, capsys):
+    import numpy as np
+
+    np.savez(tmp_path / "labels.npz", y=np.arange(10))
+    path = save_pt2(TimeSteps().eval(), torch.randn(2, 5, 9), tmp_path / "m.pt2")
+    rc = cli.main([str(path), "--target", "onnx", "-o", str(tmp_path / "m.onnx"), "--data", str(tmp_path / "labels.npz")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "must hold the inputs under key 'x'" in err, err
