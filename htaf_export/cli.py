@@ -171,6 +171,9 @@ def run_export(argv: Sequence[str]) -> int:
     args = _export_parser().parse_args(argv)
     if args.no_validate and args.report:
         raise BadInput("--report writes the parity report, and --no-validate skips parity: drop one of them")
+    if args.portable and args.target != "onnx":
+        raise BadInput(f"--portable is for --target onnx (standard ops instead of htaf functions); {args.target} "
+                       f"files have their own ops: drop --portable")
     _check_report_arg(args.report)
     tolerance = _tolerance(args)
     from rich.console import Console

@@ -18,7 +18,8 @@ def check_writable(path: Path) -> None:
     if path.is_dir():
         raise BadInput(f"output path {path} is a directory")
     if not parent.is_dir():
-        raise BadInput(f"cannot write {path}: directory {parent} does not exist")
+        what = "is a file, not a directory" if parent.exists() else "does not exist"
+        raise BadInput(f"cannot write {path}: {parent} {what}")
     if not os.access(parent, os.W_OK):
         raise BadInput(f"cannot write {path}: directory {parent} is not writable")
 

@@ -24,7 +24,10 @@ def crafted_inputs(model: nn.Module, batches: Batches, crafted: CraftedSet | boo
                      "inputs, so it was validated on the data only")
         return None
     try:
-        return craft(model, list(head.shape[1:]), head)
+        found = craft(model, list(head.shape[1:]), head)
+        if not len(found):  # say why there are none (a TorchScript model records no step to aim at)
+            notes.extend(found.notes)
+        return found
     except (RuntimeError, ValueError, TypeError, IndexError, NotImplementedError) as e:
         # an exotic model must not stop the ordinary comparison
         notes.append(f"crafted threshold inputs could not be built ({type(e).__name__}: "
