@@ -360,7 +360,7 @@ def _failing_writer(real):
 def test_failed_write_leaves_no_file(fmt, target, tmp_path, monkeypatch):
     m = htaf_export.harden(models.build("dhn_mlp", dict(hidden=[8]))).model
     monkeypatch.setattr(*target, _failing_writer(getattr(*target)))
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(BadInput, match="cannot write .*No space left"):  # one line for the user, exit 2
         htaf_export.save(m, tmp_path / "out.bin", format=fmt)
     assert list(tmp_path.iterdir()) == []
 
@@ -370,7 +370,7 @@ def test_failed_write_keeps_existing_file(tmp_path, monkeypatch):
     path = htaf_export.save(m, tmp_path / "m.pt")
     before = path.read_bytes()
     monkeypatch.setattr(torch, "save", _failing_writer(torch.save))
-    with pytest.raises(OSError):
+    with pytest.raises(BadInput, match="No space left"):
         htaf_export.save(models.build("dhn_mlp", dict(hidden=[16])), path)
     assert [p.name for p in tmp_path.iterdir()] == ["m.pt"]
     assert path.read_bytes() == before
