@@ -84,6 +84,7 @@ class Shard:
     ties: set[str]
     no_bound: str
     needed_bounds: bool
+    foreign_labels: str = ""  # why no accuracy: labels beyond the model's classes
 
 
 @dataclass(frozen=True)
@@ -113,6 +114,7 @@ class Validation:
         self.model, self.info, self.runners, self.tol = model, info, list(runners), tol
         self.graph_steps = graph_steps
         self.references = References(model, info, tol, reference_device, graph_steps)
+        self.foreign_labels = ""
         self.results = [BackendResult(r.name, r.device, ordered_tensors(info)) for r in self.runners]
         self.step_of = {s.tensor: s for s in info.steps}
         self.margins = {s.tensor: MarginHistogram(s.tensor) for s in info.steps}
@@ -133,7 +135,8 @@ class Validation:
 
     def shard(self) -> Shard:
         refs = self.references
-        return Shard(self.results, self.margins, self.unobserved, self.ties, refs.no_bound, refs.needed_bounds)
+        return Shard(self.results, self.margins, self.unobserved, self.ties, refs.no_bound, refs.needed_bounds,
+                     self.foreign_labels)
 
     def absorb(self, shard: Shard) -> None:
         # by name: a worker on another machine may see other runtimes (a Ray actor is given no GPU)
@@ -150,6 +153,7 @@ class Validation:
         refs = self.references
         refs.no_bound = refs.no_bound or shard.no_bound
         refs.needed_bounds = refs.needed_bounds or shard.needed_bounds
+        self.foreign_labels = self.foreign_labels or shard.foreign_labels
 
     def _certified_mask(self, tensor: str, t: int, offset: int, n: int, units: int) -> np.ndarray | None:
         marks = self.certified.get((tensor, t))
@@ -275,7 +279,10 @@ class Validation:
                 result.crafted.add(n, int(agree.sum()), explained)
                 continue
             result.data.add(n, int(agree.sum()), explained)
-            if y is not None and len(y) and int(y.max()) < ref_logits.shape[1]:  # labels that name its classes
+            if y is not None and len(y) and int(y.max()) >= ref_logits.shape[1]:
+                self.foreign_labels = (f"the labels go up to {int(y.max())}, but output {first!r} has "
+                                       f"{ref_logits.shape[1]} values: no accuracy is reported")
+            elif y is not None and len(y):  # labels that name its classes
                 result.labelled += n
                 result.reference_correct += int((ref_logits.argmax(1) == y).sum())
                 result.artifact_correct += int((got.argmax(1) == y).sum())
@@ -357,6 +364,8 @@ def _finish(report: ParityReport, run: Validation) -> None:
         report.notes.append("the model (TorchScript) exposes no intermediate tensors: its step tensors and "
                             "pre-activations come from its captured graph run in ONNX Runtime (so they check the "
                             "conversion, not the capture); outputs from the model itself")
+    if run.foreign_labels:
+        report.notes.append(run.foreign_labels)
     if run.unobserved:
         report.notes.append(f"the reference cannot record step tensors {', '.join(sorted(run.unobserved))} "
                             f"(a traced model has no Step modules to hook); they are checked through the outputs only")

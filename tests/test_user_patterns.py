@@ -446,3 +446,15 @@ def test_labels_alone_are_not_taken_for_inputs(tmp_path, capsys):
     rc = cli.main([str(path), "--target", "onnx", "-o", str(tmp_path / "m.onnx"), "--data", str(tmp_path / "labels.npz")])
     err = capsys.readouterr().err
     assert rc == 2 and "must hold the inputs under key 'x'" in err, err
+
+
+def test_labels_beyond_the_models_classes_are_said(tmp_path, capsys):
+    import numpy as np
+
+    path = save_pt2(TimeSteps().eval(), torch.randn(2, 5, 9), tmp_path / "m.pt2")  # 3 classes
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", x=rng.standard_normal((20, 5, 9)).astype(np.float32), y=np.arange(20) % 10)
+    rc = cli.main([str(path), "--target", "onnx", "-o", str(tmp_path / "m.onnx"), "--data", str(tmp_path / "d.npz"),
+                   "--device", "cpu"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert rc == 0 and "the labels go up to 9, but output 'logits' has 3 values: no accuracy is reported" in out, out
