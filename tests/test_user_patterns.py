@@ -458,3 +458,13 @@ def test_labels_beyond_the_models_classes_are_said(tmp_path, capsys):
                    "--device", "cpu"])
     out = " ".join(capsys.readouterr().out.split())
     assert rc == 0 and "the labels go up to 9, but output 'logits' has 3 values: no accuracy is reported" in out, out
+
+
+def test_a_torchscript_straight_through_sign_is_the_step_too(tmp_path, capsys):
+    torch.manual_seed(8)
+    path = tmp_path / "react.pt"
+    torch.jit.save(torch.jit.trace(ReActStyle().eval(), torch.randn(2, 1, 9, 11)), path)
+    rc = cli.main([str(path), "--target", "tflite", "-o", str(tmp_path / "react.tflite"), "--input-shape", "1,9,11",
+                   "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "LceBconv2d" in out, out[-3000:]

@@ -133,7 +133,25 @@ class WhereStep(_StepRule):
         return _step(op, "Sign" if _fill(off, x) == -1.0 else "Heaviside", x, t, self.tie, cmp)
 
 
+class StraightThrough(RewriteRuleClassBase):
+    """Add(X, Sub(S, X)) with S a step of X → S: the straight-through estimator x + (step(x) − x).detach()
+    written by hand (the detach leaves no node). In eval it is the step up to the rounding of x + (s − x), which
+    for |x| ≥ 2 is not ±1: the step it stands for is what gets exported (as a traced program's is)."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__(name=f"StraightThrough[{kind}]")
+        self.kind = kind
+
+    def pattern(self, op, x, t):
+        step = getattr(op, self.kind)(x, t, _domain=HTAF_DOMAIN, _outputs=["s"])
+        return op.Add(x, op.Sub(step, x))
+
+    def rewrite(self, op, x, t, s, **_):
+        return _step(op, self.kind, x, t, s.producer().attributes["tie"].as_string(), s)
+
+
 SIGN_RULES = [PlainSign.rule(tie) for tie in COMPARISONS] + [WhereStep.rule(tie) for tie in COMPARISONS]
+STRAIGHT_THROUGH_RULES = [StraightThrough.rule("Sign"), StraightThrough.rule("Heaviside")]
 HEAVISIDE_RULES = [PlainHeaviside.rule(tie) for tie in COMPARISONS]
 
 
@@ -144,4 +162,5 @@ class RecognisePlainSteps(ir.passes.InPlacePass):
         signs, refused_signs = apply_rules(model, SIGN_RULES, commute=True)
         steps, refused = apply_rules(model, HEAVISIDE_RULES)
         del refused_signs  # what the sign rules refused, the Heaviside rules see again
-        return report(model, modified=bool(signs + steps), refusals=refused)
+        folded, _ = apply_rules(model, STRAIGHT_THROUGH_RULES, commute=True)
+        return report(model, modified=bool(signs + steps + folded), refusals=refused)
