@@ -142,6 +142,10 @@ def harden(model: nn.Module, data: torch.Tensor | None = None, labels: torch.Ten
     smooth site of a traced program); a site that declares another rule is an error. With ``data``,
     the hardening gap of each site is measured, and with ``labels`` the accuracy before and after.
     """
+    if not isinstance(model, nn.Module):
+        hint = " (pass loaded.module, or a path to htaf_export.load first)" if hasattr(model, "module") or \
+            isinstance(model, (str, bytes)) or hasattr(model, "__fspath__") else ""
+        raise BadInput(f"harden takes an nn.Module, not {type(model).__name__}{hint}")
     if tie not in (None, "ge", "gt"):
         raise BadInput(f"tie must be 'ge' or 'gt', got {tie!r}")
     if isinstance(model, torch.jit.ScriptModule):

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import inspect
+from collections import abc
 from typing import Sequence
 
 import numpy as np
 import torch
 from torch import nn
+
+from .errors import BadInput
 
 
 def forward_arguments(module: nn.Module) -> list[str]:
@@ -30,6 +33,9 @@ def as_shapes(value: Sequence[int] | Sequence[Sequence[int]] | None) -> list[lis
     """One shape ([1, 8, 8]) or one per input ([[1, 8, 8], [4]]) as a list of shapes."""
     if value is None:
         return None
+    if isinstance(value, (int, np.integer, str, bytes)) or not isinstance(value, (abc.Sequence, np.ndarray)):
+        raise BadInput(f"input_shape must be a sequence of ints per sample, e.g. (1, 8, 8), or one per input; "
+                       f"got {value!r}")
     items = list(value)
     if items and all(isinstance(d, (int, np.integer)) for d in items):
         return [[int(d) for d in items]]

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .data import Batches, Dataset, NpzBatches
+from .errors import BadInput
 from .harden import harden, record_every_step
 from .io import LoadedModel, load, resolve
 from .parity import ParityReport, Tolerance
@@ -39,7 +40,7 @@ def _shape_of(data: Any) -> list[int] | None:
 
 
 def _loaded(model: str | Path | nn.Module | LoadedModel, trust_pickle: bool, data: Any,
-            input_shape: Sequence[int] | None) -> tuple[nn.Module, list[int], str]:
+            input_shape: Sequence[int] | Sequence[Sequence[int]] | None) -> tuple[nn.Module, list[list[int]], list[str], str]:
     npz = Path(data) if isinstance(data, (str, Path)) else None
     shape = list(input_shape) if input_shape is not None else _shape_of(data)
     if isinstance(model, (str, Path)):
@@ -51,7 +52,7 @@ def _loaded(model: str | Path | nn.Module | LoadedModel, trust_pickle: bool, dat
     if not isinstance(model, LoadedModel):
         raise TypeError(f"model must be a path, an nn.Module or a LoadedModel, not {type(model).__name__}")
     ld = resolve(model, shape, npz)
-    return ld.module, list(ld.input_shape or []), str(ld.path)
+    return ld.module, ld.input_shapes, list(ld.input_names or ["input"]), str(ld.path)
 
 
 def _data(data: Any, input_shape: list[int]) -> Dataset | Batches | None:
@@ -88,12 +89,18 @@ def check_parity(model: str | Path | nn.Module | LoadedModel, artifact: str | Pa
     unknown = set(tolerances) - {"atol", "rtol", "flip_margin"}
     if unknown:
         raise TypeError(f"unknown tolerance {', '.join(sorted(unknown))}; use atol, rtol or flip_margin")
-    module, shape, name = _loaded(model, trust_pickle, data, input_shape)
+    negative = sorted(k for k, v in tolerances.items() if not float(v) >= 0)
+    if negative:
+        raise BadInput(f"tolerance {', '.join(negative)} must be a number ≥ 0")
+    module, shapes, names, name = _loaded(model, trust_pickle, data, input_shape)
+    shape = shapes[0] if len(shapes) == 1 else shapes
     info = read_artifact(Path(artifact))
-    hardening = record_every_step(harden(module, tie=tie), [shape], [s.site for s in info.steps])
-    batches = _data(data, shape)
+    hardening = record_every_step(harden(module, tie=tie), shapes, [s.site for s in info.steps])
+    if data is not None and len(shapes) > 1 and not isinstance(data, (str, Path, Dataset, NpzBatches)):
+        raise BadInput(f"{name} takes {len(shapes)} inputs: pass data as an .npz path or a Dataset")
+    batches = _data(data, shapes[0])
     if batches is None:
-        batches = default_data(shape, None)
+        batches = default_data(shapes, None, names)
     return validate_file(hardening, info, batches, name, device, Tolerance(**tolerances, derived=not tolerances),
                          crafted=crafted,
                          input_shape=shape)

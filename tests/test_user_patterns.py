@@ -6,6 +6,7 @@ zero reset under derived tolerances."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -468,3 +469,35 @@ def test_a_torchscript_straight_through_sign_is_the_step_too(tmp_path, capsys):
                    "--device", "cpu"])
     out = capsys.readouterr().out
     assert rc == 0 and "LceBconv2d" in out, out[-3000:]
+
+
+class TwoInputs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.img, self.side, self.head = nn.Linear(12, 6), nn.Linear(4, 6), nn.Linear(6, 3)
+
+    def forward(self, img, side):
+        return self.head((self.img(img) + self.side(side) >= 0).float())
+
+
+def test_assert_parity_takes_a_model_with_two_inputs(tmp_path):
+    import htaf_export
+    from htaf_export.testing import assert_parity
+
+    torch.manual_seed(9)
+    path = htaf_export.save(TwoInputs().eval(), tmp_path / "two.pt2", input_shape=[[12], [4]])
+    htaf_export.export(path, "onnx", tmp_path / "two.onnx")
+    assert_parity(path, tmp_path / "two.onnx")
+
+
+@pytest.mark.parametrize("call, words", [
+    (lambda h, p: h.harden(h.load(p)), "harden takes an nn.Module, not LoadedModel (pass loaded.module"),
+    (lambda h, p: h.export(p, "onnx", p.with_suffix(".onnx"), input_shape=64), "input_shape must be a sequence"),
+])
+def test_api_mistakes_raise_the_tools_own_errors(call, words, tmp_path):
+    import htaf_export
+    from htaf_export.errors import BadInput
+
+    path = save_pt2(TimeSteps().eval(), torch.randn(2, 5, 9), tmp_path / "m.pt2")
+    with pytest.raises(BadInput, match=re.escape(words)):
+        call(htaf_export, path)
