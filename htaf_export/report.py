@@ -73,7 +73,8 @@ def write_report(report: ParityReport, path: Path, export: ExportResult | None =
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;max-width:1100px;color:#222;
 padding:0 1em}h1{font-size:1.5em}h2{font-size:1.2em;margin-top:1.8em;border-bottom:1px solid #ddd}
-table{border-collapse:collapse;margin:.6em 0;font-size:.9em}td,th{border:1px solid #ddd;padding:.3em .6em;
+.wide{overflow-x:auto}table{border-collapse:collapse;margin:.6em 0;font-size:.85em}td,th{border:1px solid #ddd;
+padding:.25em .45em;
 text-align:left;vertical-align:top}th{background:#f4f4f4}td.num{text-align:right;font-variant-numeric:tabular-nums}
 .pass{color:#19692c;font-weight:600}.fail{color:#b3261e;font-weight:600}
 .banner{padding:.8em 1em;border-radius:6px;margin:1em 0;font-size:1.05em}
@@ -97,7 +98,7 @@ def _table(headers: list[str], rows: list[list[Any]], numeric: set[int] | None =
     for i, row in enumerate(rows):
         cells = "".join(f"<td class='num'>{c}</td>" if j in numeric else f"<td>{c}</td>" for j, c in enumerate(row))
         body.append(f"<tr class='bad'>{cells}</tr>" if i in bad_rows else f"<tr>{cells}</tr>")
-    return f"<table>{head_row}{''.join(body)}</table>"
+    return f"<div class='wide'><table>{head_row}{''.join(body)}</table></div>"
 
 
 def _fmt(v: Any, digits: int = 3) -> str:
