@@ -258,8 +258,9 @@ class KerasBuilder:
         if like.layout == "nhwc_flat":
             full_a = np.broadcast_to(a, like.shape).reshape(like.source)  # type: ignore[arg-type]
             return np.ascontiguousarray(full_a.transpose(1, 2, 0))
-        if like.layout == "pixel":
-            return np.broadcast_to(a, like.shape).reshape(1, 1, -1).copy()
+        if like.layout == "pixel":  # (C,) broadcasts over the last axis of [batch, 1, 1, C] alike, and LCE
+            # fuses an add after a binary conv into its post_activation_bias, which must be 1-D
+            return np.broadcast_to(a, like.shape).reshape(-1).copy()
         return a
 
     # ---- the walk ----------------------------------------------------------------------------

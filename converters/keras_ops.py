@@ -43,6 +43,20 @@ BINARY_OPS: dict[str, Callable[[Any, Any], Any]] = {
     "Max": lambda a, c: tf.maximum(a, c), "Min": lambda a, c: tf.minimum(a, c)}
 
 
+def _broadcast(a: Val, c: Val) -> tuple[int, ...] | None:
+    """The common shape of two computed tensors of one layout: equal shapes, or (nhwc) one of them per channel
+    (C, 1, 1), as squeeze-and-excite gating writes it: NHWC's (N, 1, 1, C) broadcasts the same way."""
+    if a.layout != c.layout:
+        return None
+    if a.shape == c.shape:
+        return a.shape
+    if a.layout == "nhwc" and len(a.shape) == len(c.shape) == 3:
+        for x, y in ((a, c), (c, a)):
+            if y.shape == (x.shape[0], 1, 1):
+                return x.shape
+    return None
+
+
 def _elementwise(b: KerasBuilder, node: ir.Node) -> list[Val]:
     op = BINARY_OPS[node.op_type]
     if len(node.inputs) != 2:
@@ -55,10 +69,12 @@ def _elementwise(b: KerasBuilder, node: ir.Node) -> list[Val]:
         return [Val(const=result, shape=result.shape)]
     if a.tensor is not None and c.tensor is not None:
         a, c = b.to_canonical(b.materialize(a)), b.to_canonical(b.materialize(c))
-        if a.layout != c.layout or a.shape != c.shape:
+        shape = _broadcast(a, c)
+        if shape is None:
             raise UnsupportedLayer(node.name, f"{node.op_type} of tensors shaped {a.shape} and {c.shape}")
         t = b.lam(lambda zs: op(zs[0], zs[1]), [a.tensor, c.tensor], node.name or node.op_type)
-        return [Val(t, a.shape, a.layout, source=a.source)]
+        big = a if a.shape == shape else c
+        return [Val(t, big.shape, big.layout, source=big.source)]
     tensor_first = a.tensor is not None
     x = b.materialize(a if tensor_first else c)
     k = (c if tensor_first else a).const

@@ -221,7 +221,8 @@ def run_validate(argv: Sequence[str]) -> int:
     dataset = default_data(loaded.input_shapes, args.data, loaded.input_names or ("input",))
     # The reference follows the declared rule (--tie, else the model's own), never the artifact's:
     # an artifact built with another rule must fail on inputs that land on a threshold.
-    hardening = record_every_step(harden(loaded.module, tie=args.tie), loaded.input_shapes,
+    hardened = harden(loaded.module, tie=args.tie, input_shapes=loaded.input_shapes)
+    hardening = record_every_step(hardened, loaded.input_shapes,
                                   [s.site for s in info.steps])
     with out.progress_bar() as progress:
         report = validate_file(hardening, info, dataset, str(loaded.path), args.device, tolerance, progress=progress,

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from . import outputs
 from .errors import BadInput
@@ -133,7 +134,7 @@ def _harden_modules(model: nn.Module, tie: str | None) -> tuple[nn.Module, list[
 
 
 def harden(model: nn.Module, data: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-           tie: str | None = None, batch_size: int = 512) -> HardenResult:
+           tie: str | None = None, batch_size: int = 512, input_shapes: list[list[int]] | None = None) -> HardenResult:
     """Return a hardened copy of ``model`` (the input is not modified) and a record of its sites.
 
     Every HTAF becomes ``Step`` with the same threshold and levels; binary layers are frozen to
@@ -141,6 +142,8 @@ def harden(model: nn.Module, data: torch.Tensor | None = None, labels: torch.Ten
     (``harden_traced``). ``tie`` applies to sites that declare no rule (an ``HTAF(tie=None)``, or any
     smooth site of a traced program); a site that declares another rule is an error. With ``data``,
     the hardening gap of each site is measured, and with ``labels`` the accuracy before and after.
+    With ``input_shapes``, a module that computes the HTAF composite by hand in ``forward`` (no HTAF module
+    to swap) is hardened through its traced program, as a .pt2 is.
     """
     if not isinstance(model, nn.Module):
         hint = " (pass loaded.module, or a path to htaf_export.load first)" if hasattr(model, "module") or \
@@ -156,6 +159,8 @@ def harden(model: nn.Module, data: torch.Tensor | None = None, labels: torch.Ten
         sites = _traced_sites(found)
     else:
         hard, sites = _harden_modules(model, tie)
+        if input_shapes is not None and _computes_htaf_by_hand(hard, input_shapes):
+            hard, sites = _through_program(hard, sites, tie, input_shapes)
     result = HardenResult(model=hard, sites=sites, tie=tie)
     if data is not None:
         result.gaps = measure_gap(model, data, batch_size)
@@ -163,6 +168,43 @@ def harden(model: nn.Module, data: torch.Tensor | None = None, labels: torch.Ten
             result.smooth_accuracy = accuracy(model, data, labels, batch_size)
             result.hardened_accuracy = accuracy(hard, data, labels, batch_size)
     return result
+
+
+class _Calls(TorchFunctionMode):
+    """The names of the torch functions a forward pass calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.seen.add(getattr(func, "__name__", ""))
+        return func(*args, **(kwargs or {}))
+
+
+def _computes_htaf_by_hand(model: nn.Module, input_shapes: list[list[int]]) -> bool:
+    """Whether a forward pass still calls both sigmoid and tanh once every HTAF module is a Step (one small pass,
+    so that only such models pay for a trace)."""
+    calls = _Calls()
+    try:
+        with torch.no_grad(), calls:
+            model(*(torch.zeros(2, *shape) for shape in input_shapes))
+    except Exception:  # noqa: BLE001 - a model that cannot run here is refused later, with its own message
+        return False
+    return {"sigmoid", "tanh"} <= calls.seen
+
+
+def _through_program(hard: nn.Module, sites: list[Site], tie: str | None,
+                     input_shapes: list[list[int]]) -> tuple[nn.Module, list[Site]]:
+    """The traced program of ``hard`` with its hand-written HTAF composites hardened (kept as is when it has none)."""
+    program = export_batched(hard, input_shapes)
+    if program is None:
+        return hard, sites
+    traced, found = harden_graph_module(program, tie)
+    if not any(t.how == "HTAF composite" for t in found):
+        return hard, sites
+    recorded = {s.name for s in sites}
+    return traced, sites + [s for s in _traced_sites(found) if s.name not in recorded]
 
 
 def primary_output(out: Any) -> torch.Tensor:
@@ -209,19 +251,21 @@ def measure_gap(model: nn.Module, data: torch.Tensor, batch_size: int = 512) -> 
     return list(gaps.values())
 
 
-def record_every_step(result: HardenResult, input_shapes: list[list[int]], sites: list[str]) -> HardenResult:
+def record_every_step(result: HardenResult, input_shapes: list[list[int]], sites: list[str],
+                      every: bool = False) -> HardenResult:
     """``result`` with a model whose every step in ``sites`` is a Step call, so the reference records it.
 
     A module model may compute steps by hand in ``forward`` ((x > t).float(), where(x >= 0, 1, -1), an
     autograd.Function): the capture lifts them to ``htaf`` ops, but no Step module computes them. Such a
     model is traced with torch.export and its steps made Step calls (``harden_graph_module``); the program
     computes the same function, and every step can be checked bit for bit. TorchScript and graph modules
-    are returned as they are (they have no module tree to extend)."""
+    are returned as they are (they have no module tree to extend). ``every``: trace even when every site named
+    is recorded (``inspect``, which has no artifact to name them)."""
     model = result.model
     if isinstance(model, (torch.jit.ScriptModule, torch.fx.GraphModule)):
         return result
     recorded = set(step_modules(model))
-    if all(site in recorded for site in sites):
+    if all(site in recorded for site in sites) and not every:
         return result
     program = export_batched(model, input_shapes)
     if program is None:  # the capture succeeded through another route: validate through the outputs then

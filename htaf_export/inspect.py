@@ -12,7 +12,7 @@ from rich.table import Table
 from .capture import capture
 from .data import Dataset
 from .errors import BadInput, UnsupportedLayer
-from .harden import HardenResult, Site, harden, unrecorded_tie_note
+from .harden import HardenResult, Site, harden, record_every_step, unrecorded_tie_note
 from .io import LoadedModel
 from .nn.binary import BinaryWeights
 from .recommend import Recommendation, recommend
@@ -74,7 +74,10 @@ def summarize(loaded: LoadedModel, data: Dataset | None = None, tie: str | None 
     ``recommend_target`` (a resolved model): time its ONNX files here and recommend a target."""
     x = torch.from_numpy(data.x) if data is not None else None
     y = torch.from_numpy(data.y) if data is not None and data.y is not None else None
-    result = harden(loaded.module, x, y, tie=tie)
+    shapes = loaded.input_shapes or None
+    result = harden(loaded.module, x, y, tie=tie, input_shapes=shapes)
+    if loaded.source_format == "pickle" and shapes:  # steps written by hand show only in its traced program
+        result = record_every_step(result, shapes, [], every=True)
     summary = ModelSummary(loaded, result.sites, layer_table(loaded.module), result if data is not None else None)
     if loaded.source_format in ("torchscript", "exported_program"):
         summary.notes.append("binary layers are not recognisable inside a traced graph; bits assume float weights")

@@ -150,7 +150,7 @@ def export(model: str | Path | LoadedModel, target: str, output: str | Path | No
     seconds["load"] = time.perf_counter() - start
 
     t = time.perf_counter()
-    hardening = harden(loaded.module, tie=tie)
+    hardening = harden(loaded.module, tie=tie, input_shapes=loaded.input_shapes)
     seconds["harden"] = time.perf_counter() - t
 
     t = time.perf_counter()

@@ -284,6 +284,17 @@ def _same(fn: Callable) -> Callable:
     return rule
 
 
+def _log_softmax(x: Bounded, dim: int, *_) -> Bounded:
+    """x − logsumexp(x): |Δ| ≤ 2·max|Δx| along dim (logsumexp is 1-Lipschitz in the max norm), plus the rounding of
+    the exponentials, their n-term sum, its log (an absolute error: the + 1) and the subtraction."""
+    if not isinstance(x, Bounded):
+        return aten.log_softmax.int(value_of(x), dim)
+    value = aten.log_softmax.int(x.value, dim)
+    carried = 2 * x.error.amax(dim=dim, keepdim=True) if x.error.dim() else 2 * x.error
+    lse, n = (x.value - value).abs(), x.value.shape[dim] if x.value.dim() else 1
+    return Bounded(value, carried + gamma(n + 4) * (x.value.abs() + lse + 1) + ETA)
+
+
 def _mean_all(x: Bounded, dtype=None) -> Bounded:
     """The mean of every element (a per-layer XNOR scale, |w|.mean()): one rounded sum and a division."""
     if not isinstance(x, Bounded):
@@ -366,27 +377,24 @@ def _filled(fn: Callable) -> Callable:
 RULES: dict[Any, Callable] = {
     aten.linear.default: _linear, aten.mm.default: _matmul, aten.matmul.default: _matmul, aten.conv2d.default: _conv, aten.conv1d.default: _conv,
     aten.batch_norm.default: _batch_norm,
-    aten._native_batch_norm_legit_no_training.default: lambda x, w, b, m, v, mom, eps: (
-        _batch_norm(x, w, b, m, v, False, mom, eps), None, None),
+    aten._native_batch_norm_legit_no_training.default: lambda x, w, b, m, v, mom, eps: (_batch_norm(x, w, b, m, v, False, mom, eps), None, None),
     aten.add.Tensor: _add, aten.sub.Tensor: _sub, aten.mul.Tensor: _mul, aten.div.Tensor: _div,
     aten.rsub.Scalar: lambda x, c, alpha=1: _add(c, x, -alpha),  # c − α·x (a LIF's 1 − spike)
     aten.avg_pool2d.default: _avg_pool(aten.avg_pool2d.default), aten.avg_pool1d.default: _avg_pool(aten.avg_pool1d.default),
-    aten.adaptive_avg_pool2d.default: _adaptive_avg_pool(aten.adaptive_avg_pool2d.default),
-    aten.adaptive_avg_pool1d.default: _adaptive_avg_pool(aten.adaptive_avg_pool1d.default), aten.mean.dim: _mean,
-    aten.pad.default: _pad, aten.constant_pad_nd.default: _constant_pad,
-    aten.sigmoid.default: _smooth(torch.sigmoid, 0.25), aten.tanh.default: _smooth(torch.tanh, 1.0),
-    aten.ones_like.default: _filled(aten.ones_like.default), aten.zeros_like.default: _filled(aten.zeros_like.default),
-    aten.full_like.default: _filled(aten.full_like.default),
+    **{op: _adaptive_avg_pool(op) for op in (aten.adaptive_avg_pool2d.default, aten.adaptive_avg_pool1d.default)}, aten.mean.dim: _mean,
+    aten.pad.default: _pad, aten.constant_pad_nd.default: _constant_pad, aten.sigmoid.default: _smooth(torch.sigmoid, 0.25),
+    aten.tanh.default: _smooth(torch.tanh, 1.0),
+    **{op: _filled(op) for op in (aten.ones_like.default, aten.zeros_like.default, aten.full_like.default)},
     aten.dropout.default: _dropout, aten.leaky_relu.default: _leaky_relu, aten.mean.default: _mean_all,
-    aten.adaptive_max_pool2d.default: _adaptive_max_pool(aten.adaptive_max_pool2d.default),
-    aten.adaptive_max_pool1d.default: _adaptive_max_pool(aten.adaptive_max_pool1d.default),
+    **{op: _adaptive_max_pool(op) for op in (aten.adaptive_max_pool2d.default, aten.adaptive_max_pool1d.default)},
     operator.getitem: lambda items, i: items[i],  # one result of a multi-result op (values, indices)
+    aten.log_softmax.int: _log_softmax, aten._log_softmax.default: lambda x, dim, half: _log_softmax(x, dim),
     aten.where.self: _where, aten.sign.default: _sign, aten.to.dtype: _to, aten._to_copy.default: _to,
-    aten.ge.Scalar: _compare(torch.ge), aten.gt.Scalar: _compare(torch.gt),
-    aten.ge.Tensor: _compare(torch.ge), aten.gt.Tensor: _compare(torch.gt),
+    **{op: _compare(fn) for op, fn in ((aten.ge.Scalar, torch.ge), (aten.gt.Scalar, torch.gt), (aten.ge.Tensor, torch.ge), (aten.gt.Tensor, torch.gt))},
     **{op: _same(op) for op in (
-        aten.relu.default, aten.max_pool2d.default, aten.max_pool1d.default, aten.flatten.using_ints, aten.view.default, aten.reshape.default, aten.permute.default,
-        aten.transpose.int, aten.t.default, aten.unsqueeze.default, aten.squeeze.dim, aten.cat.default, aten.clone.default,
-        aten.contiguous.default, aten.detach.default, aten.detach_.default, aten.lift_fresh_copy.default, aten.expand.default, aten.select.int, aten.slice.Tensor,
+        aten.relu.default, aten.max_pool2d.default, aten.max_pool1d.default, aten.flatten.using_ints, aten.view.default,
+        aten.reshape.default, aten.permute.default, aten.transpose.int, aten.t.default, aten.unsqueeze.default, aten.squeeze.dim,
+        aten.cat.default, aten.clone.default, aten.contiguous.default, aten.detach.default, aten.detach_.default,
+        aten.lift_fresh_copy.default, aten.expand.default, aten.expand_as.default, aten.select.int, aten.slice.Tensor,
         aten.hardtanh.default, aten.clamp.default, aten.neg.default, aten.alias.default, aten.abs.default)},
 }

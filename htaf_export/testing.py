@@ -95,7 +95,7 @@ def check_parity(model: str | Path | nn.Module | LoadedModel, artifact: str | Pa
     module, shapes, names, name = _loaded(model, trust_pickle, data, input_shape)
     shape = shapes[0] if len(shapes) == 1 else shapes
     info = read_artifact(Path(artifact))
-    hardening = record_every_step(harden(module, tie=tie), shapes, [s.site for s in info.steps])
+    hardening = record_every_step(harden(module, tie=tie, input_shapes=shapes), shapes, [s.site for s in info.steps])
     if data is not None and len(shapes) > 1 and not isinstance(data, (str, Path, Dataset, NpzBatches)):
         raise BadInput(f"{name} takes {len(shapes)} inputs: pass data as an .npz path or a Dataset")
     batches = _data(data, shapes[0])

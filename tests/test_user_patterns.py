@@ -501,3 +501,65 @@ def test_api_mistakes_raise_the_tools_own_errors(call, words, tmp_path):
     path = save_pt2(TimeSteps().eval(), torch.randn(2, 5, 9), tmp_path / "m.pt2")
     with pytest.raises(BadInput, match=re.escape(words)):
         call(htaf_export, path)
+
+
+def test_a_pickled_model_with_a_hand_written_htaf_is_hardened(tmp_path, capsys):
+    import onnx
+
+    (tmp_path / "icbm_net.py").write_text(
+        "import torch\nfrom torch import nn\n\n\nclass Concepts(nn.Module):\n"
+        "    def __init__(self):\n        super().__init__()\n        self.enc, self.head = nn.Linear(64, 6), nn.Linear(6, 3)\n\n"
+        "    def forward(self, x):\n        u = self.enc(x)\n"
+        "        c = torch.sigmoid(2.0 * u + 4.0 * torch.tanh(u))\n        return self.head(c), c\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import icbm_net  # noqa: E402 - written just above
+
+        torch.manual_seed(3)
+        torch.save(icbm_net.Concepts().eval(), tmp_path / "icbm.pt")
+        out = tmp_path / "icbm.onnx"
+        rc = cli.main([str(tmp_path / "icbm.pt"), "--trust-pickle", "--input-shape", "64", "--target", "onnx",
+                       "-o", str(out), "--device", "cpu", "--portable"])
+        err = capsys.readouterr().err
+        assert rc == 0, err
+        ops = [n.op_type for n in onnx.load(out).graph.node]
+        assert "Sigmoid" not in ops and "Tanh" not in ops, ops
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("icbm_net", None)
+
+
+class BinaryNetStyle(nn.Module):
+    """BinaryNet's reference code: a bias added with expand_as after a binary dense layer, batch norm, Hardtanh,
+    sign, and LogSoftmax at the end; a squeeze-and-excite gate on a conv branch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.gate = nn.Conv2d(1, 4, 3, padding=1), nn.Linear(4, 4)
+        self.fc1, self.fc2 = nn.Linear(256, 32, bias=False), nn.Linear(32, 10, bias=False)
+        self.bias1 = nn.Parameter(torch.linspace(-1, 1, 32))
+        self.bn1 = nn.BatchNorm1d(32)
+
+    def forward(self, x):
+        y = torch.relu(self.conv(x))
+        y = y * torch.sigmoid(self.gate(y.mean((2, 3))))[:, :, None, None]  # squeeze and excite
+        h = torch.where(y.flatten(1) >= 0.5, 1.0, -1.0)
+        w = torch.where(self.fc1.weight >= 0, 1.0, -1.0)
+        out = h @ w.t()
+        out = out + self.bias1.view(1, -1).expand_as(out)
+        h = torch.where(nn.functional.hardtanh(self.bn1(out)) >= 0, 1.0, -1.0)
+        return torch.log_softmax(self.fc2(h), 1)
+
+
+@pytest.mark.parametrize("target", ["tflite", "tflite-float"])
+def test_binarynet_reference_code_exports_with_derived_tolerances(target, tmp_path, capsys):
+    torch.manual_seed(10)
+    model = BinaryNetStyle()
+    model.bn1.running_mean.uniform_(-3, 3)
+    path = save_pt2(model.eval(), torch.randn(2, 1, 8, 8), tmp_path / "bn.pt2")
+    report = tmp_path / "r.json"
+    rc = cli.main([str(path), "--target", target, "-o", str(tmp_path / "bn.tflite"), "--device", "cpu",
+                   "--report", str(report)])
+    out = capsys.readouterr().out
+    assert rc == 0, out[-3000:]
+    assert json.loads(report.read_text())["tolerance"]["derived"] is True
