@@ -563,3 +563,28 @@ def test_binarynet_reference_code_exports_with_derived_tolerances(target, tmp_pa
     out = capsys.readouterr().out
     assert rc == 0, out[-3000:]
     assert json.loads(report.read_text())["tolerance"]["derived"] is True
+
+
+class HardtanhBeforeSign(nn.Module):
+    """BinaryNet's order: binary conv → batch norm → Hardtanh → sign."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, 8, 3, padding=1)
+        self.conv, self.bn = nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.head = nn.Linear(8 * 8 * 8, 3)
+
+    def forward(self, x):
+        h = torch.where(nn.functional.hardtanh(self.stem(x)) >= 0, 1.0, -1.0)
+        h = nn.functional.conv2d(h, torch.where(self.conv.weight >= 0, 1.0, -1.0), None, padding=1)
+        return self.head(torch.where(nn.functional.hardtanh(self.bn(h)) >= 0, 1.0, -1.0).flatten(1))
+
+
+def test_a_hardtanh_before_a_sign_lets_the_batch_norm_fold_into_an_integer_threshold(tmp_path, capsys):
+    torch.manual_seed(11)
+    model = HardtanhBeforeSign()
+    model.bn.running_mean.uniform_(-4, 4)
+    path = save_pt2(model.eval(), torch.randn(2, 1, 8, 8), tmp_path / "ht.pt2")
+    rc = cli.main([str(path), "--target", "onnx-int8", "-o", str(tmp_path / "ht.onnx"), "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "QLinearConv (threshold)" in out, out[-3000:]

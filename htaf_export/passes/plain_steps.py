@@ -150,7 +150,32 @@ class StraightThrough(RewriteRuleClassBase):
         return _step(op, self.kind, x, t, s.producer().attributes["tie"].as_string(), s)
 
 
+class ClippedStep(RewriteRuleClassBase):
+    """Step(Clip(X, lo, hi), T) with lo < T < hi everywhere → Step(X, T): a clamp (BinaryNet's Hardtanh before
+    its sign) changes no decision of a step strictly inside its range, and without it a batch norm before it folds
+    into the step's threshold."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__(name=f"ClippedStep[{kind}]")
+        self.kind = kind
+
+    def pattern(self, op, x, lo, hi, t):
+        return getattr(op, self.kind)(op.Clip(x, lo, hi), t, _domain=HTAF_DOMAIN, _outputs=["s"])
+
+    def check(self, context, x, lo, hi, t, **_) -> MatchResult:
+        low, high, theta = const_array(lo), const_array(hi), const_array(t)
+        if low is None or high is None or theta is None or low.size != 1 or high.size != 1:
+            return MatchResult().fail("a clip without constant bounds, or a computed threshold", lo)
+        if not (float(low.reshape(())) < float(theta.min()) and float(theta.max()) < float(high.reshape(()))):
+            return MatchResult().fail("a threshold on or outside the clip's range", t)
+        return MatchResult()
+
+    def rewrite(self, op, x, lo, hi, t, s, **_):
+        return _step(op, self.kind, x, t, s.producer().attributes["tie"].as_string(), s)
+
+
 SIGN_RULES = [PlainSign.rule(tie) for tie in COMPARISONS] + [WhereStep.rule(tie) for tie in COMPARISONS]
+CLIPPED_RULES = [ClippedStep.rule("Sign"), ClippedStep.rule("Heaviside")]
 STRAIGHT_THROUGH_RULES = [StraightThrough.rule("Sign"), StraightThrough.rule("Heaviside")]
 HEAVISIDE_RULES = [PlainHeaviside.rule(tie) for tie in COMPARISONS]
 
@@ -163,4 +188,5 @@ class RecognisePlainSteps(ir.passes.InPlacePass):
         steps, refused = apply_rules(model, HEAVISIDE_RULES)
         del refused_signs  # what the sign rules refused, the Heaviside rules see again
         folded, _ = apply_rules(model, STRAIGHT_THROUGH_RULES, commute=True)
-        return report(model, modified=bool(signs + steps + folded), refusals=refused)
+        unclipped, _ = apply_rules(model, CLIPPED_RULES)
+        return report(model, modified=bool(signs + steps + folded + unclipped), refusals=refused)
