@@ -39,8 +39,8 @@ from torch import fx
 from torch.utils import _pytree as pytree
 
 from .nn import Step
-from .rounding_rules import (ETA, LAMBDA, RULES, SLACK, U, Bounded, NoBound, gamma, is_integral, no_error,
-                             value_of)
+from .bounded import ETA, LAMBDA, SLACK, U, Bounded, NoBound, gamma, is_integral
+from .rounding_rules import RULES, value_of
 
 __all__ = ["U", "ETA", "SLACK", "LAMBDA", "gamma", "Bounded", "NoBound", "rounding_bounds", "batch_bounds",
            "traced_program", "interpret", "Interpretation"]
@@ -105,7 +105,7 @@ def interpret(program: fx.GraphModule, inputs: tuple[torch.Tensor, ...]) -> Inte
                 calls[str(node.target)] = k + 1
                 y = module(x.value)
                 steps[(str(node.target), k)] = (x, y, module)
-                env[node] = Bounded(y, no_error(y), integer=True, largest=1.0)
+                env[node] = Bounded.exact(y, 1.0)
             else:
                 env[node] = None  # the guards of an exported program
         elif node.op == "call_function":

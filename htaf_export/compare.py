@@ -132,9 +132,9 @@ class BatchBounds:
     def step_margin(self, key: tuple[str, int]) -> np.ndarray | Callable[[], np.ndarray] | None:
         """Twice the bound of a step's input (two implementations each within it), or how to compute it."""
         bound = self.steps.get(key)
-        if bound is None or not callable(bound):
-            return None if bound is None else 2 * bound
-        return lambda: 2 * bound()
+        if callable(bound):
+            return lambda: 2 * bound()
+        return None if bound is None else 2 * bound
 
     @classmethod
     def scatter(cls, rows: np.ndarray, outs: dict[str, np.ndarray], steps: dict[tuple[str, int], np.ndarray],

@@ -1,70 +1,20 @@
-"""The rounding rule of each operation, for ``htaf_export.bounds`` (whose docstring states them and why):
+"""The rounding rule of each operation, for ``htaf_export.bounds`` (whose docstring states them and why; the
+value type and the constants are in ``bounded``):
 a ``Bounded`` value in, a ``Bounded`` value out."""
 
 from __future__ import annotations
 
 import math
 import operator
-from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch.utils import _pytree as pytree
 
+from .bounded import ETA, LAMBDA, U, Bounded, NoBound, gamma, is_integral, largest
+
 aten = torch.ops.aten
-
-U = 2.0 ** -24
-# Below 2⁻¹²⁶ a float32 result is subnormal, or zero where a runtime flushes subnormals (FTZ/DAZ):
-# each rounded operation may then lose this much absolutely, whatever its relative bound says.
-ETA = 2.0 ** -126
-# The bounds are computed in float32 (float64 convolutions are 7x slower on CPUs): sums of non-negative
-# terms, each off by at most γₙ relative, through a few dozen layers; 5 % covers that with room.
-SLACK = 1.05
-
-
-LAMBDA = 7.0  # Higham–Mary: the probabilistic bound fails with probability below 2n·exp(−λ²/2) ≈ n·5e-11
-
-
-def gamma(n: int) -> float:
-    """Relative rounding bound of a sum of n terms: worst case n·u for a few terms, Higham and Mary's
-    probabilistic λ·√n·u for long sums (rounding errors that all add up in the worst direction never
-    happen on real data; the worst case would explain away real defects in deep float paths)."""
-    worst = n * U / (1 - n * U)
-    return worst if n <= 16 else min(worst, math.expm1(LAMBDA * math.sqrt(n) * U + n * U * U / (1 - U)))
-
-
-class NoBound(Exception):
-    """The model uses an operation this analysis has no rule for."""
-
-
-@dataclass
-class Bounded:
-    """A tensor's float32 value and the bound on any float32 evaluation's distance from the exact value
-    (|value| + error bounds the exact value's magnitude, which is what the rules use)."""
-
-    value: torch.Tensor
-    error: torch.Tensor
-    # True when the value is known to hold exact integers (below 2²⁴) with no error: step outputs, ±1 weights,
-    # binary layers' sums. Lets a binary layer skip its magnitude convolution and integrality checks.
-    integer: bool = False
-    largest: float | None = None  # a known bound on max |value| (a step's outputs: 1), saving a pass to find it
-    # what a rule derived from a constant (a weight's |w|, w²): the same object serves every chunk
-    derived: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
-
-    def once(self, what: str, make: Callable[[], Any]) -> Any:
-        if what not in self.derived:
-            self.derived[what] = make()
-        return self.derived[what]
-
-
-def no_error(value: torch.Tensor) -> torch.Tensor:
-    """The error of an exact tensor: one zero broadcast to its shape (no memory, no pass to fill it)."""
-    return torch.zeros((), dtype=torch.float32).expand(value.shape)
-
-
-def _largest(t: torch.Tensor) -> float:
-    return float(t.abs().max()) if t.numel() else 0.0
 
 
 def _underflow(value: torch.Tensor, *errors: torch.Tensor) -> torch.Tensor:
@@ -75,10 +25,6 @@ def _underflow(value: torch.Tensor, *errors: torch.Tensor) -> torch.Tensor:
     return ETA * inexact
 
 
-def is_integral(t: torch.Tensor) -> bool:
-    return bool(torch.all(t == torch.round(t))) and _largest(t) < 2.0 ** 24
-
-
 def _exact_sum(x: Bounded, weight: Any, b: torch.Tensor | None, value: torch.Tensor) -> Bounded | None:
     """An integer layer on integer inputs (a binary layer): every partial sum is an integer below 2²⁴,
     so every summation order gives the same float32 value. Bounded without a second convolution:
@@ -87,9 +33,9 @@ def _exact_sum(x: Bounded, weight: Any, b: torch.Tensor | None, value: torch.Ten
         return None
     w = weight.value
     row_sum = weight.once("row_sum", lambda: float(w.abs().reshape(len(w), -1).sum(1).max()))
-    top = x.largest if x.largest is not None else _largest(x.value)
-    largest = top * row_sum + (_largest(b) if b is not None else 0.0)
-    return Bounded(value, no_error(value), integer=True) if largest < 2.0 ** 24 else None
+    top = x.largest if x.largest is not None else largest(x.value)
+    top_sum = top * row_sum + (largest(b) if b is not None else 0.0)
+    return Bounded.exact(value) if top_sum < 2.0 ** 24 else None
 
 
 def _dot(x: Bounded, weight: Any, b: torch.Tensor | None, op: Callable, n: int) -> Bounded:
@@ -103,20 +49,21 @@ def _dot(x: Bounded, weight: Any, b: torch.Tensor | None, op: Callable, n: int) 
     once = weight.once if isinstance(weight, Bounded) else (lambda _, make: make())
     aw = once("abs", w.abs)
     # errors coming in: worst case Σ|w|·e, and (independent roundings, as in γ) λ·√(Σ w²·e²)
-    top = _largest(x.error)  # scaled, so that squares of small errors do not underflow
+    top = largest(x.error)  # scaled, so that squares of small errors do not underflow
     w2 = once("square", lambda: w * w)
     carried = torch.minimum(op(x.error, aw, None), LAMBDA * top * torch.sqrt(op((x.error / top) ** 2, w2, None))) \
         if top > 0 else torch.zeros_like(value)
     magnitude = op(x.value.abs() + x.error, aw, None)
     if b is not None:
         magnitude = magnitude + _broadcast_bias(b.abs(), value)
-    if bool(torch.any(w_error != 0)):
+    exact_weight = once("exact", lambda: bool(torch.all(w_error == 0)))
+    if not exact_weight:
         carried = carried + op(x.value.abs() + x.error, w_error, None)
-    exact = once("integral", lambda: bool(torch.all(w_error == 0)) and is_integral(w)) and \
+    exact = exact_weight and once("integral", lambda: is_integral(w)) and \
         bool(torch.all(x.error == 0)) and is_integral(x.value) and (b is None or is_integral(b)) and \
-        _largest(magnitude) < 2.0 ** 24
+        largest(magnitude) < 2.0 ** 24
     rounding = torch.zeros_like(value) if exact else \
-        gamma(n + 1) * magnitude + (n + 1) * (1 + once("largest", lambda: _largest(w))) * ETA
+        gamma(n + 1) * magnitude + (n + 1) * (1 + once("largest", lambda: largest(w))) * ETA
     return Bounded(value, carried + rounding)
 
 
@@ -165,7 +112,7 @@ def _integers(*args: Any) -> bool:
 
 def _exact(value: torch.Tensor) -> Bounded | None:
     """An operation on exact integers whose result stays below 2²⁴: exact, whatever the order."""
-    return Bounded(value, no_error(value), integer=True) if _largest(value) < 2.0 ** 24 else None
+    return Bounded.exact(value) if largest(value) < 2.0 ** 24 else None
 
 
 def _rounded(value: torch.Tensor, carried: torch.Tensor, inputs: tuple[Any, ...]) -> Bounded:
@@ -242,7 +189,7 @@ def _padded(x: Bounded, value: torch.Tensor, error: Callable[[], torch.Tensor], 
     if not _padded_integer(x, fill):
         return Bounded(value, error())
     top = max(x.largest, abs(float(fill or 0.0))) if x.largest is not None else None
-    return Bounded(value, no_error(value), True, top)
+    return Bounded.exact(value, top)
 
 
 def _pad(x: Bounded, pad, mode="constant", value=None) -> Bounded:
@@ -279,7 +226,7 @@ def _same(fn: Callable) -> Callable:
         value = fn(*values[0], **values[1])
         if integer and bounded and isinstance(value, torch.Tensor):  # exact in, exact out: no pass over zeros
             tops = [a.largest for a in bounded]
-            return Bounded(value, no_error(value), True, max(tops) if None not in tops else None)
+            return Bounded.exact(value, max(tops) if None not in tops else None)
         return Bounded(value, fn(*errors[0], **errors[1]), integer)
     return rule
 
@@ -340,7 +287,7 @@ def _where(cond, a, b) -> Bounded:
     av, ae, bv, be = _ve(a) + _ve(b)
     value = torch.where(c, av, bv)
     if _integers(a, b):  # a sign written as where(w >= 0, 1, -1): exact integers
-        return Bounded(value, no_error(value), True)
+        return Bounded.exact(value)
     return Bounded(value, torch.where(c, ae, be))
 
 
@@ -357,7 +304,7 @@ def _sign(x: Bounded) -> Bounded:
     if bool(torch.any(x.error != 0)):
         raise NoBound("sign of a computed tensor outside a step")
     value = torch.sign(x.value)
-    return Bounded(value, no_error(value), True, 1.0)
+    return Bounded.exact(value, 1.0)
 
 
 def _compare(fn: Callable) -> Callable:
@@ -375,26 +322,35 @@ def _filled(fn: Callable) -> Callable:
 
 
 RULES: dict[Any, Callable] = {
-    aten.linear.default: _linear, aten.mm.default: _matmul, aten.matmul.default: _matmul, aten.conv2d.default: _conv, aten.conv1d.default: _conv,
+    aten.linear.default: _linear, aten.mm.default: _matmul, aten.matmul.default: _matmul,
+    aten.conv2d.default: _conv, aten.conv1d.default: _conv,
     aten.batch_norm.default: _batch_norm,
-    aten._native_batch_norm_legit_no_training.default: lambda x, w, b, m, v, mom, eps: (_batch_norm(x, w, b, m, v, False, mom, eps), None, None),
+    aten._native_batch_norm_legit_no_training.default: lambda x, w, b, m, v, mom, eps: (
+        _batch_norm(x, w, b, m, v, False, mom, eps), None, None),
     aten.add.Tensor: _add, aten.sub.Tensor: _sub, aten.mul.Tensor: _mul, aten.div.Tensor: _div,
     aten.rsub.Scalar: lambda x, c, alpha=1: _add(c, x, -alpha),  # c − α·x (a LIF's 1 − spike)
-    aten.avg_pool2d.default: _avg_pool(aten.avg_pool2d.default), aten.avg_pool1d.default: _avg_pool(aten.avg_pool1d.default),
-    **{op: _adaptive_avg_pool(op) for op in (aten.adaptive_avg_pool2d.default, aten.adaptive_avg_pool1d.default)}, aten.mean.dim: _mean,
-    aten.pad.default: _pad, aten.constant_pad_nd.default: _constant_pad, aten.sigmoid.default: _smooth(torch.sigmoid, 0.25),
-    aten.tanh.default: _smooth(torch.tanh, 1.0),
-    **{op: _filled(op) for op in (aten.ones_like.default, aten.zeros_like.default, aten.full_like.default)},
-    aten.dropout.default: _dropout, aten.leaky_relu.default: _leaky_relu, aten.mean.default: _mean_all,
-    **{op: _adaptive_max_pool(op) for op in (aten.adaptive_max_pool2d.default, aten.adaptive_max_pool1d.default)},
-    operator.getitem: lambda items, i: items[i],  # one result of a multi-result op (values, indices)
+    aten.avg_pool2d.default: _avg_pool(aten.avg_pool2d.default),
+    aten.avg_pool1d.default: _avg_pool(aten.avg_pool1d.default),
+    aten.adaptive_avg_pool2d.default: _adaptive_avg_pool(aten.adaptive_avg_pool2d.default),
+    aten.adaptive_avg_pool1d.default: _adaptive_avg_pool(aten.adaptive_avg_pool1d.default),
+    aten.mean.dim: _mean, aten.mean.default: _mean_all,
+    aten.pad.default: _pad, aten.constant_pad_nd.default: _constant_pad,
+    aten.sigmoid.default: _smooth(torch.sigmoid, 0.25), aten.tanh.default: _smooth(torch.tanh, 1.0),
+    aten.ones_like.default: _filled(aten.ones_like.default), aten.zeros_like.default: _filled(aten.zeros_like.default),
+    aten.full_like.default: _filled(aten.full_like.default),
+    aten.dropout.default: _dropout, aten.leaky_relu.default: _leaky_relu,
     aten.log_softmax.int: _log_softmax, aten._log_softmax.default: lambda x, dim, half: _log_softmax(x, dim),
+    aten.adaptive_max_pool2d.default: _adaptive_max_pool(aten.adaptive_max_pool2d.default),
+    aten.adaptive_max_pool1d.default: _adaptive_max_pool(aten.adaptive_max_pool1d.default),
+    operator.getitem: lambda items, i: items[i],  # one result of a multi-result op (values, indices)
     aten.where.self: _where, aten.sign.default: _sign, aten.to.dtype: _to, aten._to_copy.default: _to,
-    **{op: _compare(fn) for op, fn in ((aten.ge.Scalar, torch.ge), (aten.gt.Scalar, torch.gt), (aten.ge.Tensor, torch.ge), (aten.gt.Tensor, torch.gt))},
+    aten.ge.Scalar: _compare(torch.ge), aten.gt.Scalar: _compare(torch.gt),
+    aten.ge.Tensor: _compare(torch.ge), aten.gt.Tensor: _compare(torch.gt),
     **{op: _same(op) for op in (
-        aten.relu.default, aten.max_pool2d.default, aten.max_pool1d.default, aten.flatten.using_ints, aten.view.default,
-        aten.reshape.default, aten.permute.default, aten.transpose.int, aten.t.default, aten.unsqueeze.default, aten.squeeze.dim,
-        aten.cat.default, aten.clone.default, aten.contiguous.default, aten.detach.default, aten.detach_.default,
-        aten.lift_fresh_copy.default, aten.expand.default, aten.expand_as.default, aten.select.int, aten.slice.Tensor,
-        aten.hardtanh.default, aten.clamp.default, aten.neg.default, aten.alias.default, aten.abs.default)},
+        aten.relu.default, aten.max_pool2d.default, aten.max_pool1d.default, aten.flatten.using_ints,
+        aten.view.default, aten.reshape.default, aten.permute.default, aten.transpose.int, aten.t.default,
+        aten.unsqueeze.default, aten.squeeze.dim, aten.cat.default, aten.clone.default, aten.contiguous.default,
+        aten.detach.default, aten.detach_.default, aten.lift_fresh_copy.default, aten.expand.default,
+        aten.expand_as.default, aten.select.int, aten.slice.Tensor, aten.hardtanh.default, aten.clamp.default,
+        aten.neg.default, aten.alias.default, aten.abs.default)},
 }
