@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -194,17 +194,26 @@ def _computes_htaf_by_hand(model: nn.Module, input_shapes: list[list[int]]) -> b
     return {"sigmoid", "tanh"} <= calls.seen
 
 
+def _traced(model: nn.Module, sites: list[Site], tie: str | None, input_shapes: list[list[int]]
+            ) -> tuple[torch.fx.GraphModule, list[Site], list[Site]] | None:
+    """``model`` traced with torch.export, every site in it a Step call: (program, ``sites`` plus the sites only
+    the program shows, those new sites); None when torch.export cannot trace it."""
+    program = export_batched(model, input_shapes)
+    if program is None:
+        return None
+    traced, found = harden_graph_module(program, tie)
+    known = {s.name for s in sites} | set(step_modules(model))
+    more = [s for s in _traced_sites(found) if s.name not in known]
+    return traced, sites + more, more
+
+
 def _through_program(hard: nn.Module, sites: list[Site], tie: str | None,
                      input_shapes: list[list[int]]) -> tuple[nn.Module, list[Site]]:
     """The traced program of ``hard`` with its hand-written HTAF composites hardened (kept as is when it has none)."""
-    program = export_batched(hard, input_shapes)
-    if program is None:
+    got = _traced(hard, sites, tie, input_shapes)
+    if got is None or not any(s.how == "HTAF composite" for s in got[2]):
         return hard, sites
-    traced, found = harden_graph_module(program, tie)
-    if not any(t.how == "HTAF composite" for t in found):
-        return hard, sites
-    recorded = {s.name for s in sites}
-    return traced, sites + [s for s in _traced_sites(found) if s.name not in recorded]
+    return got[0], got[1]
 
 
 def primary_output(out: Any) -> torch.Tensor:
@@ -267,10 +276,7 @@ def record_every_step(result: HardenResult, input_shapes: list[list[int]], sites
     recorded = set(step_modules(model))
     if all(site in recorded for site in sites) and not every:
         return result
-    program = export_batched(model, input_shapes)
-    if program is None:  # the capture succeeded through another route: validate through the outputs then
+    got = _traced(model, result.sites, result.tie, input_shapes)
+    if got is None:  # the capture succeeded through another route: validate through the outputs then
         return result
-    traced, found = harden_graph_module(program, result.tie)
-    more = [s for s in _traced_sites(found) if s.name not in recorded]
-    return HardenResult(traced, result.sites + more, result.tie, result.gaps, result.smooth_accuracy,
-                        result.hardened_accuracy)
+    return replace(result, model=got[0], sites=got[1])
