@@ -4,6 +4,7 @@ run, checked tensor by tensor like on every other runtime. Optional: ``pip insta
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import re
 import sys
@@ -34,18 +35,21 @@ def why_not(info: ArtifactInfo) -> str | None:
     is not one it reads, or the optional extra is missing: neither is worth a line in every report)."""
     if not available() or info.metadata.get(md.TARGET) not in BUILTIN_TARGETS:
         return None
-    size = Path(info.path).stat().st_size
-    if size > LARGEST:
-        return (f"the file ({size / 2**20:.1f} MiB) is larger than a microcontroller holds "
+    stat = Path(info.path).stat()
+    if stat.st_size > LARGEST:
+        return (f"the file ({stat.st_size / 2**20:.1f} MiB) is larger than a microcontroller holds "
                 f"(TFLite Micro validates files up to {LARGEST >> 20} MiB)")
-    return _unloadable(Path(info.path).read_bytes())
+    return _unloadable(str(info.path), stat.st_size, stat.st_mtime_ns)
 
 
-def _unloadable(data: bytes) -> str | None:
-    """Why TFLite Micro cannot open the file (an op it has no kernel for: SIGN, for one), else None. TFLM says
-    which op on standard error, from C++; read it there."""
+@functools.lru_cache(maxsize=16)
+def _unloadable(path: str, size: int, mtime_ns: int) -> str | None:
+    """Why TFLite Micro cannot open the file (an op it has no kernel for: SIGN, for one), else None; once per
+    file version (``why_not`` is asked when the runners are made and again for the report). TFLM says which
+    op on standard error, from C++; read it there."""
     from tflite_micro.python.tflite_micro import runtime
 
+    data = Path(path).read_bytes()
     with tempfile.TemporaryDirectory() as folder:
         said = Path(folder) / "said.txt"
         try:
