@@ -293,8 +293,8 @@ def _averagepool(b: KerasBuilder, node: ir.Node) -> list[Val]:
         counted[:h + given[0] + given[2], :w + given[1] + given[3]] = 1
     else:
         counted[top:top + h, left:left + w] = 1
-    count = np.array([[counted[i * strides[0]:i * strides[0] + kernel[0], j * strides[1]:j * strides[1] + kernel[1]].sum()
-                       for j in range(ow)] for i in range(oh)], np.float32)
+    windows = np.lib.stride_tricks.sliding_window_view(counted, kernel)[::strides[0], ::strides[1]]
+    count = windows.sum(axis=(2, 3))[:oh, :ow]
     scale = (kernel[0] * kernel[1] / count)[None, :, :, None].astype(np.float32)
     t = b.pad_nhwc(x.tensor, top, bottom, left, right, 0.0, f"{node.name}_pad")
     y = keras.layers.AveragePooling2D(kernel, strides=strides, padding="valid", name=b.name(node.name or "avgpool"))(t)
