@@ -31,6 +31,9 @@ aten = torch.ops.aten
 CASTS = (aten.to.dtype, aten._to_copy.default, aten.type_as.default)
 COMPARISONS = {aten.ge.Scalar: "ge", aten.gt.Scalar: "gt", aten.ge.Tensor: "ge", aten.gt.Tensor: "gt"}
 SCOPES = ("HTAF", "Step")
+# ops that pass a tensor on unchanged (a copy or a detach)
+ALIASES = (aten.detach.default, aten.detach_.default, aten.alias.default, aten.clone.default,
+           aten.lift_fresh_copy.default)
 
 
 @dataclass(frozen=True)
@@ -181,9 +184,8 @@ def _comparison(cmp: fx.Node, constant: set[fx.Node]) -> _Match | None:
 def _heaviside(node: fx.Node, gm: fx.GraphModule) -> _Match | None:
     """torch.heaviside(x, v): a {0, 1} step at 0 whose value at the tie is v, 1 (ge) or 0 (gt)."""
     values = node.args[1] if len(node.args) > 1 else None
-    # torch.tensor(1.) written in forward is a constant copied by lift_fresh_copy
-    while isinstance(values, fx.Node) and values.target in (aten.lift_fresh_copy.default, aten.detach_.default,
-                                                            aten.detach.default, aten.clone.default):
+    # torch.tensor(1.) written in forward is a constant copied by lift_fresh_copy (and detached)
+    while isinstance(values, fx.Node) and values.target in ALIASES:
         values = values.args[0]
     if isinstance(values, fx.Node) and values.op == "get_attr":
         values = getattr(gm, str(values.target), None)
@@ -243,14 +245,13 @@ def _replace(gm: fx.GraphModule, match: _Match, path: str) -> None:
     _fold_straight_through(gm, call, match.x)
 
 
-_ALIASES = (aten.detach.default, aten.alias.default, aten.clone.default)
 
 
 def _skip_aliases(node: fx.Node) -> fx.Node:
     """``node``'s single alias/detach user chain, followed to its end (``(s - x).detach()`` in eval)."""
     while True:
         user = _only_user(node)
-        if user is None or user.target not in _ALIASES:
+        if user is None or user.target not in ALIASES:
             return node
         node = user
 
