@@ -133,31 +133,31 @@ class WhereStep(_StepRule):
         return _step(op, "Sign" if _fill(off, x) == -1.0 else "Heaviside", x, t, self.tie, cmp)
 
 
-class StraightThrough(RewriteRuleClassBase):
-    """Add(X, Sub(S, X)) with S a step of X → S: the straight-through estimator x + (step(x) − x).detach()
-    written by hand (the detach leaves no node). In eval it is the step up to the rounding of x + (s − x), which
-    for |x| ≥ 2 is not ±1: the step it stands for is what gets exported (as a traced program's is)."""
+class _AroundStep(RewriteRuleClassBase):
+    """A rule that rewrites what surrounds an htaf step ``S`` (Sign or Heaviside) into the step of X itself."""
 
     def __init__(self, kind: str) -> None:
-        super().__init__(name=f"StraightThrough[{kind}]")
+        super().__init__(name=f"{type(self).__name__}[{kind}]")
         self.kind = kind
-
-    def pattern(self, op, x, t):
-        step = getattr(op, self.kind)(x, t, _domain=HTAF_DOMAIN, _outputs=["s"])
-        return op.Add(x, op.Sub(step, x))
 
     def rewrite(self, op, x, t, s, **_):
         return _step(op, self.kind, x, t, s.producer().attributes["tie"].as_string(), s)
 
 
-class ClippedStep(RewriteRuleClassBase):
+class StraightThrough(_AroundStep):
+    """Add(X, Sub(S, X)) with S a step of X → S: the straight-through estimator x + (step(x) − x).detach()
+    written by hand (the detach leaves no node). In eval it is the step up to the rounding of x + (s − x), which
+    for |x| ≥ 2 is not ±1: the step it stands for is what gets exported (as a traced program's is)."""
+
+    def pattern(self, op, x, t):
+        step = getattr(op, self.kind)(x, t, _domain=HTAF_DOMAIN, _outputs=["s"])
+        return op.Add(x, op.Sub(step, x))
+
+
+class ClippedStep(_AroundStep):
     """Step(Clip(X, lo, hi), T) with lo < T < hi everywhere → Step(X, T): a clamp (BinaryNet's Hardtanh before
     its sign) changes no decision of a step strictly inside its range, and without it a batch norm before it folds
     into the step's threshold."""
-
-    def __init__(self, kind: str) -> None:
-        super().__init__(name=f"ClippedStep[{kind}]")
-        self.kind = kind
 
     def pattern(self, op, x, lo, hi, t):
         return getattr(op, self.kind)(op.Clip(x, lo, hi), t, _domain=HTAF_DOMAIN, _outputs=["s"])
@@ -169,9 +169,6 @@ class ClippedStep(RewriteRuleClassBase):
         if not (float(low.reshape(())) < float(theta.min()) and float(theta.max()) < float(high.reshape(()))):
             return MatchResult().fail("a threshold on or outside the clip's range", t)
         return MatchResult()
-
-    def rewrite(self, op, x, lo, hi, t, s, **_):
-        return _step(op, self.kind, x, t, s.producer().attributes["tie"].as_string(), s)
 
 
 SIGN_RULES = [PlainSign.rule(tie) for tie in COMPARISONS] + [WhereStep.rule(tie) for tie in COMPARISONS]
