@@ -32,6 +32,7 @@ from htaf_export.tflite_file import IoSlot, StepForm, tensorflow
 
 from .kernels import spread
 from .layouts import static_shape
+from .lift_1d import LIFTED
 from .tflite_binary import FLOAT_PLAN, BinaryLayer, LcePlan
 
 # This module is imported only by the TFLite converter, so TensorFlow loads only for TFLite targets.
@@ -291,12 +292,14 @@ class KerasBuilder:
             out_specs.append(IoSlot(value.name, -1, v.layout, v.shape, keras=f"out_{k}"))
         model = keras.Model(inputs, outputs, name="htaf_export")
         steps = {}
+        lifted = graph.meta.get(LIFTED, set())
         for s in cap.steps:
             v = self.step_vals.get(s.tensor)
             if v is None:
                 continue
             presign = v.presign or Presign("pm1" if s.op == "Sign" else "01", s.tie)
-            steps[s.tensor] = StepForm(s.tensor, v.layout, tuple(v.shape), tuple(v.stored_shape), presign.levels,
+            shape = (v.shape[0], *v.shape[2:]) if s.tensor in lifted else v.shape  # a 1-D map as PyTorch has it
+            steps[s.tensor] = StepForm(s.tensor, v.layout, tuple(shape), tuple(v.stored_shape), presign.levels,
                                        presign.tie, _keras_layer_name(v.tensor))
         return Built(model, tuple(in_specs), tuple(out_specs), steps, tuple(self.layers))
 

@@ -166,10 +166,12 @@ def _conv(b: KerasBuilder, node: ir.Node) -> list[Val]:
     weight = const_array(node.inputs[1])
     if weight is None:
         raise UnsupportedLayer(name, "its weights are computed at run time; the TFLite targets need constant weights")
+    if weight.ndim == 3:  # lift_1d made every other 1-D convolution a height-1 2-D one
+        raise UnsupportedLayer(name, "a 1-D convolution with auto_pad: export it with explicit padding, or use "
+                               "--target onnx")
     if weight.ndim != 4:
-        later = " (not yet written: a height-1 Conv2D)" if weight.ndim == 3 else ""
-        raise UnsupportedLayer(name, f"a {weight.ndim - 2}-D convolution: the TFLite targets convert 2-D ones "
-                               f"only{later}; --target onnx or onnx-int8 take it")
+        raise UnsupportedLayer(name, f"a {weight.ndim - 2}-D convolution: the TFLite targets convert 1-D and 2-D ones "
+                               "only; --target onnx or onnx-int8 take it")
     if attr(node, "auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
         raise UnsupportedLayer(name, "auto_pad is not supported")
     bias = const_array(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None

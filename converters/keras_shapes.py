@@ -9,7 +9,7 @@ import numpy as np
 import onnx_ir as ir
 
 from htaf_export.errors import UnsupportedLayer
-from htaf_export.passes.util import attr
+from htaf_export.passes.util import attr, const_array
 
 from .keras_builder import KerasBuilder, Val, keras, tf
 from .layouts import static_shape, torch_shape
@@ -136,6 +136,8 @@ def _reshape_target(b: KerasBuilder, node: ir.Node, x: Val) -> tuple[int, ...]:
     shape = node.outputs[0].shape
     if shape is not None and len(shape) and all(isinstance(d, int) for d in list(shape)[1:]):
         return static_shape(node.outputs[0])
+    if node.op_type in ("Squeeze", "Unsqueeze"):
+        return _squeezed(node, x.shape)
     target = b.get(node.inputs[1]).const if node.op_type == "Reshape" and len(node.inputs) > 1 else None
     if target is None and node.op_type == "Reshape" and len(node.inputs) > 1:
         target = _batch_then_constants(b, node.inputs[1])
@@ -146,6 +148,23 @@ def _reshape_target(b: KerasBuilder, node: ir.Node, x: Val) -> tuple[int, ...]:
         known = int(np.prod([d for d in dims if d != -1]))
         dims[dims.index(-1)] = size // known
     return tuple(dims)
+
+
+def _squeezed(node: ir.Node, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """What Squeeze/Unsqueeze over constant axes makes of ``shape`` (a TorchScript capture leaves it unshaped)."""
+    axes = const_array(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1] is not None else None
+    if axes is None:
+        raise UnsupportedLayer(node.name, f"{node.op_type} over axes the IR does not know")
+    dims = [0, *shape]  # the batch at 0, as ONNX counts axes
+    rank = len(dims) + (axes.size if node.op_type == "Unsqueeze" else 0)
+    wanted = sorted(int(a) % rank for a in axes.reshape(-1))
+    if 0 in wanted:
+        raise UnsupportedLayer(node.name, f"{node.op_type} of the batch axis")
+    if node.op_type == "Squeeze":
+        return tuple(d for i, d in enumerate(dims) if i not in wanted)[1:]
+    for axis in wanted:
+        dims.insert(axis, 1)
+    return tuple(dims[1:])
 
 
 def _batch_then_constants(b: KerasBuilder, value: ir.Value | None) -> np.ndarray | None:

@@ -10,6 +10,7 @@ from htaf_export.capture import Capture
 from htaf_export.passes import FoldBatchNormIntoSteps
 from htaf_export.passes.util import replacing_initializer
 
+from .lift_1d import lift_one_dimensional
 from .tflite_binary import LCE_LEVELS, BinaryLayer, FuseBinaryLayers
 
 SHAPE_ARITHMETIC = ("ConstantOfShape", "Concat", "Reshape", "Slice", "Transpose", "Cast", "Gather", "Squeeze",
@@ -22,12 +23,15 @@ def fold_shape_arithmetic(model: ir.Model) -> None:
     fold_constants(model, should_fold=lambda n: True if n.domain == "" and n.op_type in SHAPE_ARITHMETIC else None)
 
 
-def fused_ir(capture: Capture, bitpacked: bool = True, levels: tuple[str, ...] = LCE_LEVELS
+def fused_ir(capture: Capture, bitpacked: bool = True, levels: tuple[str, ...] = LCE_LEVELS, two_d: bool = False
              ) -> tuple[ir.Model, tuple[tuple[str, str], ...]]:
     """A copy of the IR with its binary layers fused (``tflite_binary``) and the other batch norms folded into step
-    thresholds, and the ±1 layers left as they were with why: what every target with binary layers starts from."""
+    thresholds, and the ±1 layers left as they were with why: what every target with binary layers starts from.
+    ``two_d``: 1-D convolutions and pools as height-1 2-D ones first (``lift_1d``), for targets with 2-D ops only."""
     model = capture.ir_copy()  # converters never modify the shared IR
     fold_shape_arithmetic(model)
+    if two_d:
+        lift_one_dimensional(model)
     refusals = FuseBinaryLayers(bitpacked, levels)(model).refusals
     FoldBatchNormIntoSteps()(model)
     return model, refusals

@@ -51,7 +51,7 @@ def convert(cap: Capture, provenance: Mapping[str, str], bitpacked: bool) -> Con
     """IR → .tflite bytes with ``provenance`` and the layout of every tensor in the file's metadata."""
     if cap.streaming:
         raise UnsupportedLayer("model", "TFLite targets export unrolled models only (no streaming state)")
-    model, rejected = fused_ir(cap, bitpacked)
+    model, rejected = fused_ir(cap, bitpacked, two_d=True)
     built = KerasBuilder(bitpacked).build(cap, model.graph, EMITTERS)
     data = _to_tflite(built.model, bitpacked)
     flat = tfl.read_model(data)

@@ -98,3 +98,80 @@ def test_a_grouped_conv_exports_to_tflite_with_parity(tmp_path, target):
     assert result.report.passed, result.report.failure_line()
     row = next(r for r in result.conversion.rows if r.layer == "gc")
     assert "CONV_2D" in row.became and (target != "tflite-int8" or "int8" in row.became), row
+
+
+class SignConv1d(nn.Conv1d):
+    """A user's binary Conv1d: ±1 weights through a straight-through sign of their own."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight + (torch.where(self.weight >= 0, 1.0, -1.0) - self.weight).detach()
+        return F.conv1d(x, w, None, self.stride, self.padding)
+
+
+class KeywordNet(nn.Module):
+    """Keyword spotting on 13 MFCCs × 49 frames: a float Conv1d stem, two binary Conv1d, a pooled linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.stem_bn, self.act0 = nn.Conv1d(13, 32, 3, padding=1), nn.BatchNorm1d(32), HTAF(levels="pm1")
+        self.body, self.body_bn, self.act1 = SignConv1d(32, 32, 3, padding=1, bias=False), nn.BatchNorm1d(32), \
+            HTAF(levels="pm1")
+        self.down, self.down_bn, self.act2 = SignConv1d(32, 24, 5, stride=2, bias=False), nn.BatchNorm1d(24), \
+            HTAF(levels="pm1")
+        self.pool, self.head = nn.MaxPool1d(2), nn.Linear(24, 7)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.pool(self.act1(self.body_bn(self.body(self.act0(self.stem_bn(self.stem(x)))))))
+        h = self.act2(self.down_bn(self.down(h)))
+        return self.head(F.adaptive_avg_pool1d(h, 1).flatten(1))
+
+
+class FrameHead(nn.Module):
+    """Per-frame scores: the model ends in a 1×1 Conv1d, so the graph's output is a 1-D map."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.fire, self.frames = nn.Conv1d(5, 8, 3, padding=2, dilation=2), HTAF(), nn.Conv1d(8, 3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.frames(F.avg_pool1d(self.fire(self.conv(x)), 3, 1, 1))
+
+
+def _randomised(model: nn.Module) -> nn.Module:
+    with torch.no_grad():
+        for bn in (m for m in model.modules() if isinstance(m, nn.BatchNorm1d)):
+            bn.running_mean.uniform_(-1, 1)
+            bn.running_var.uniform_(0.5, 2)
+    return model.eval()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt, target", [("pt2", "tflite"), ("torchscript", "tflite-int8")])
+def test_a_binary_conv1d_keyword_net_exports_to_tflite_with_parity(tmp_path, fmt, target):
+    torch.manual_seed(5)
+    model, x = _randomised(KeywordNet()), torch.randn(2, 13, 49)
+    path = tmp_path / f"kws.{'pt2' if fmt == 'pt2' else 'ts.pt'}"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        save_pt2(model, x, path) if fmt == "pt2" else torch.jit.save(torch.jit.trace(model, x), str(path))
+    with contextlib.redirect_stdout(io.StringIO()):
+        result = htaf_export.export(path, target, tmp_path / "kws.tflite", input_shape=[13, 49], device="cpu")
+    assert result.report.passed, result.report.failure_line()
+    ops = tfl.op_names(tfl.read_model(result.artifact.read_bytes()))
+    assert "CONV_2D" in ops, ops  # the stem, as a height-1 2-D conv
+    assert target != "tflite" or ops.count("LceBconv2d") == 2, ops
+    binary = [r.became for r in result.conversion.rows if r.layer in ("body", "down")]
+    assert target != "tflite-int8" or binary == ["int8 CONV_2D (threshold)"] * 2, binary
+    steps = {t.name for b in result.report.backends for t in b.tensors if t.kind == "binary"}
+    assert {"act0", "act1", "act2"} <= {name.split("/")[-1] for name in steps}, steps
+
+
+@pytest.mark.slow
+def test_a_conv1d_as_the_last_layer_exports_to_tflite_float_with_parity(tmp_path):
+    torch.manual_seed(6)
+    path = save_pt2(FrameHead().eval(), torch.randn(2, 5, 17), tmp_path / "frames.pt2")
+    with contextlib.redirect_stdout(io.StringIO()):
+        result = htaf_export.export(path, "tflite-float", tmp_path / "f.tflite", device="cpu")
+    assert result.report.passed, result.report.failure_line()
+    ops = tfl.op_names(tfl.read_model(result.artifact.read_bytes()))
+    assert ops.count("CONV_2D") == 2 and "AVERAGE_POOL_2D" in ops, ops
