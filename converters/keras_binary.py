@@ -12,6 +12,7 @@ from htaf_export.errors import UnsupportedLayer
 from htaf_export.passes.util import const_array
 
 from .keras_builder import EmittedLayer, KerasBuilder, Presign, Val, keras, larq_module, tf
+from .keras_shapes import per_position, positions
 from .tflite_binary import FLOAT_PLAN, BinaryLayer, LcePlan, plan_lce, with_input_size
 
 
@@ -47,12 +48,13 @@ def binary(b: KerasBuilder, node: ir.Node) -> list[Val]:
     layer: BinaryLayer = node.meta["binary"]
     x = b.get(node.inputs[0])
     weight, bias = layer.folded_weight(), layer.folded_bias()
+    rows = positions(b, x) if layer.kind == "dense" else None
     if layer.kind == "dense":
         plan = plan_lce(layer) if b.bitpacked else FLOAT_PLAN
         if plan.packed:
-            y, kind = b.dense_as_conv(x, weight, bias, layer.name, quantizer=b.quantizer(x))
-        elif layer.scale is not None:  # as a conv, so that the depthwise op below applies to its output
-            y, kind = b.dense_as_conv(b.materialize(x), weight, bias, layer.name)
+            y, kind = b.dense_as_conv(rows or x, weight, bias, layer.name, quantizer=b.quantizer(x))
+        elif layer.scale is not None or rows:  # as a conv, so that the depthwise op below applies to its output
+            y, kind = b.dense_as_conv(b.materialize(rows or x), weight, bias, layer.name)
         else:
             y, kind = b.dense(b.materialize(x), weight, bias, layer.name)
     else:
@@ -63,16 +65,16 @@ def binary(b: KerasBuilder, node: ir.Node) -> list[Val]:
         y, kind = _binary_conv(b, layer, plan, x, weight, bias)
     b.layers.append(EmittedLayer(layer.name, kind, True, int(layer.weight.size), binary=layer, lce=plan))
     if layer.mode != "threshold":
-        if layer.scale is None:
-            return [y]
-        # y = scale·v + shift as a 1×1 depthwise conv: LCE does not fold it into the binary op (see tflite_binary)
-        make = lambda: keras.layers.DepthwiseConv2D(1, use_bias=True, name=b.name(f"{layer.name}_affine"))  # noqa: E731
-        t = b.apply(make, y.tensor, [layer.scale.reshape(1, 1, -1, 1), layer.shift], f"affine:{layer.name}")
-        return [replace(y, tensor=t)]
+        if layer.scale is not None:
+            # y = scale·v + shift as a 1×1 depthwise conv: LCE does not fold it into the binary op (see tflite_binary)
+            make = lambda: keras.layers.DepthwiseConv2D(1, use_bias=True, name=b.name(f"{layer.name}_affine"))  # noqa: E731
+            y = replace(y, tensor=b.apply(make, y.tensor, [layer.scale.reshape(1, 1, -1, 1), layer.shift],
+                                          f"affine:{layer.name}"))
+        return [per_position(b, y, x) if rows else y]
     # y = flip·v − T + ½ is never 0 and its sign is the step (see tflite_binary).
     presign = replace(y, presign=Presign(layer.levels or "pm1", "ge"))
     out = presign if (b.bitpacked and layer.levels == "pm1") else b.materialize(presign)
-    return [b.record_step(layer.step or node.outputs[0].name, out)]
+    return [b.record_step(layer.step or node.outputs[0].name, per_position(b, out, x) if rows else out)]
 
 
 def _binary_conv(b: KerasBuilder, layer: BinaryLayer, plan: LcePlan, x: Val, weight: np.ndarray,

@@ -70,6 +70,10 @@ class Presign:
     tie: str  # "ge" or "gt"
 
 
+# What a user wrote that the exporter lowers to an op of another name (GroupNorm: reshapes around InstanceNorm).
+WRITTEN_AS = {"InstanceNormalization": "GroupNorm or InstanceNorm", "ConvTranspose": "ConvTranspose2d"}
+
+
 @dataclass
 class Val:
     """Where one IR value lives in the Keras graph (see the module docstring)."""
@@ -281,7 +285,9 @@ class KerasBuilder:
         for node in graph:
             emit = emitters.get((node.domain, node.op_type))
             if emit is None:
-                raise UnsupportedLayer(node.name or node.op_type, f"no TFLite translation for op {node.op_type!r}")
+                written = f" ({WRITTEN_AS[node.op_type]})" if node.op_type in WRITTEN_AS else ""
+                raise UnsupportedLayer(node.name or node.op_type,
+                                       f"no TFLite translation for op {node.op_type!r}{written}")
             results = emit(self, node)
             for value, val in zip(node.outputs, results):
                 self.set(value, val)
@@ -353,11 +359,14 @@ class KerasBuilder:
 
     def dense_as_conv(self, v: Val, weight: np.ndarray, bias: np.ndarray | None, hint: str,
                       quantizer=None) -> tuple[Val, str]:
-        """A dense layer as a conv over a [1,1,F] pixel (1×1 kernel) or over the H×W map it flattens (H×W
-        kernel): binary when ``quantizer`` is given (larq QuantConv2D), else a float Conv2D."""
+        """A dense layer as a conv over a [1,1,F] pixel or each pixel of an nhwc map (1×1 kernel), or over the H×W map
+        it flattens (H×W kernel): binary when ``quantizer`` is given (larq QuantConv2D), else a float Conv2D."""
         if v.layout == "nhwc_flat":
             c, h, w = v.source  # type: ignore[misc]
             kernel = weight.reshape(-1, c, h, w).transpose(2, 3, 1, 0)
+            t = v.tensor
+        elif v.layout == "nhwc":  # at each pixel of a map, over its channels
+            kernel = weight.T.reshape(1, 1, weight.shape[1], weight.shape[0])
             t = v.tensor
         else:
             p = self.to_pixel(v)
@@ -375,7 +384,8 @@ class KerasBuilder:
                                                    input_quantizer=quantizer, kernel_quantizer=None,
                                                    use_bias=use_bias, name=self.name(hint))
         y = self.apply(make, t, [kernel] + ([bias] if use_bias else []), f"{kind}:{hint}:{v.layout}:{quantizer}")
-        return Val(y, (weight.shape[0],), "pixel"), kind
+        out = (weight.shape[0], *v.shape[1:]) if v.layout == "nhwc" else (weight.shape[0],)
+        return Val(y, out, "nhwc" if v.layout == "nhwc" else "pixel"), kind
 
     def quantizer(self, v: Val):
         """larq input quantizer binarizing ``v`` exactly: ste_sign (x < 0 → −1) or, for tie gt, x > 0 → +1."""

@@ -17,11 +17,10 @@ from htaf_export.passes.util import attr, const_array, zeros_among_signs
 
 from .keras_binary import binary, step
 from .keras_builder import SHAPE_OPS, EmittedLayer, KerasBuilder, Val, keras, tf
+from .keras_norms import layer_norm
+from .keras_shapes import expand, identity, per_position, positions, reshape, resize, shape_only, transpose
 from .layouts import torch_shape
-from .keras_shapes import expand, identity, reshape, shape_only, transpose
-from .tflite_binary import DOMAIN as BINARY_DOMAIN
-from .tflite_binary import OP as BINARY_OP
-from .tflite_binary import is_binary_weight, layer_name, trim_padding
+from .tflite_binary import DOMAIN as BINARY_DOMAIN, OP as BINARY_OP, is_binary_weight, layer_name, trim_padding
 
 
 # ---- one function per IR op ----------------------------------------------------------------------
@@ -218,15 +217,16 @@ def _gemm(b: KerasBuilder, node: ir.Node) -> list[Val]:
         product = np.asarray(held.const, np.float32) @ weight.T.astype(np.float32)
         return [Val(const=product + bias.astype(np.float32) if bias is not None else product)]
     x = b.real(node.inputs[0])
-    if len(x.shape) != 1:
-        raise UnsupportedLayer(name, f"dense layer over a {len(x.shape) + 1}-D input")
     binary = is_binary_weight(weight)
-    if b.bitpacked and binary:  # keep BNN graphs free of FULLY_CONNECTED; a float 1×1 conv holds the same weights
+    rows, note = positions(b, x), ""  # [N, L, F]: a layer at each position (a per-time-step head), as a 1×1 conv
+    if rows is not None:
+        y, kind = b.dense_as_conv(rows, weight, bias, name)
+        y = per_position(b, y, x)
+    elif b.bitpacked and binary:  # keep BNN graphs free of FULLY_CONNECTED; a float 1×1 conv holds the same weights
         y, kind = b.dense_as_conv(x, weight, bias, name)
         note = "input is real-valued; LCE packs ±1 inputs only (a float conv, no FULLY_CONNECTED)"
     else:
         y, kind = b.dense(x, weight, bias, name)
-        note = ""
     b.layers.append(EmittedLayer(name, kind, binary, int(weight.size), note))
     return [y]
 
@@ -372,13 +372,14 @@ EMITTERS: dict[tuple[str, str], Callable[[KerasBuilder, ir.Node], list[Val]]] = 
     ("", "Gemm"): _gemm,
     ("", "MatMul"): _gemm,
     ("", "BatchNormalization"): _batchnorm,
+    ("", "LayerNormalization"): layer_norm,
+    ("", "Resize"): resize,
     ("", "MaxPool"): _maxpool,
     ("", "AveragePool"): _averagepool,
     ("", "GlobalAveragePool"): _global_pool,
     ("", "GlobalMaxPool"): _global_pool,
     ("", "Pad"): _pad,
-    ("", "ReduceMean"): _reduce,
-    ("", "ReduceMax"): _reduce,
+    **{("", op): _reduce for op in ("ReduceMean", "ReduceMax")},
     ("", "Flatten"): reshape,
     ("", "Identity"): identity,
     ("", "Expand"): expand,

@@ -212,3 +212,52 @@ def expand(b: KerasBuilder, node: ir.Node) -> list[Val]:
     if x.shape == out_shape:
         return [x]
     raise UnsupportedLayer(node.name, f"Expand of a computed tensor to {out_shape}")
+
+
+def positions(b: KerasBuilder, x: Val) -> Val | None:
+    """A dense layer's input of more than one dimension ([N, L, F]: a layer at each position) as an [N, L, 1, F] map,
+    whose 1×1 conv is the layer (bit-packed like any other); None for one vector per sample."""
+    if len(x.shape) == 1:
+        return None
+    plain = b.to_plain(x)
+    lead, features = plain.shape[:-1], plain.shape[-1]
+    t = b.reshape(plain.tensor, (int(np.prod(lead)), 1, features), "positions")
+    return Val(t, (features, int(np.prod(lead)), 1), "nhwc", presign=x.presign)
+
+
+def per_position(b: KerasBuilder, y: Val, x: Val) -> Val:
+    """The [N, L, 1, O] map of a dense layer at each position, as the PyTorch tensor [N, L, O]."""
+    shape = (*x.shape[:-1], y.shape[0])
+    return Val(b.reshape(y.tensor, shape, "per_position"), shape, "plain", presign=y.presign)
+
+
+def resize(b: KerasBuilder, node: ir.Node) -> list[Val]:
+    """Nearest resizing of an [N, C, H, W] map as PyTorch computes it (``nn.Upsample``, ``F.interpolate``):
+    output pixel i reads input pixel floor(i · in / out), which is TFLite's nearest resize without half pixels."""
+    x = b.to_canonical(b.real(node.inputs[0]))
+    how = (attr(node, "mode", "nearest"), attr(node, "coordinate_transformation_mode", "half_pixel"),
+           attr(node, "nearest_mode", "round_prefer_floor"))
+    if len(x.shape) != 3 or how != ("nearest", "asymmetric", "floor"):
+        raise UnsupportedLayer(node.name, f"resizing ({', '.join(map(str, how))}) of a {len(x.shape) + 1}-D tensor: "
+                                          "the TFLite targets take nearest resizing of [N, C, H, W] maps only")
+    c, h, w = x.shape
+    size = _resized_size(b, node, h, w)
+    t = b.lam(lambda z: tf.compat.v1.image.resize_nearest_neighbor(z, size, align_corners=False,
+                                                                   half_pixel_centers=False), x.tensor, "resize")
+    return [Val(t, (c, *size), "nhwc")]
+
+
+def _resized_size(b: KerasBuilder, node: ir.Node, h: int, w: int) -> tuple[int, int]:
+    """Resize's output height and width: from constant sizes or scales, or a traced size (the batch and channels
+    read off the input, then constants)."""
+    scales, sizes = (const_array(node.inputs[i]) if len(node.inputs) > i and node.inputs[i] is not None else None
+                     for i in (2, 3))
+    if sizes is not None and sizes.size == 4:
+        return int(sizes[2]), int(sizes[3])
+    if scales is not None and scales.size == 4 and scales[0] == scales[1] == 1:
+        return int(np.floor(h * scales[2])), int(np.floor(w * scales[3]))
+    producer = node.inputs[3].producer() if len(node.inputs) > 3 and node.inputs[3] is not None else None
+    last = b.get(producer.inputs[-1]).const if producer is not None and producer.op_type == "Concat" else None
+    if last is not None and np.size(last) >= 2:
+        return tuple(int(v) for v in np.reshape(last, -1)[-2:])  # type: ignore[return-value]
+    raise UnsupportedLayer(node.name, "resizing to a size computed at run time, or of the batch or channels")

@@ -69,6 +69,9 @@ class _Lift:
             return False
         if node.domain == "" and node.op_type in WINDOWED:
             return _one_d_window(node)
+        if node.domain == "" and node.op_type == "Pad":  # an even kernel's 'same' padding, before its conv
+            return _one_d_pads(node) and (id(node.inputs[0]) in self.lifted or all(
+                use.op_type in WINDOWED and _one_d_window(use) for use, _ in node.outputs[0].uses()))
         if node.outputs[0].is_graph_output():
             return False  # a step or a head the report names: it keeps its value
         maps = [v for v in node.inputs if v is not None and v.const_value is None]
@@ -116,6 +119,10 @@ class _Lift:
             node.replace_input_with(1, self._constant(node.inputs[1], weight[:, :, None, :]))
         if node.op_type in WINDOWED:
             _two_d_window(node)
+        if node.op_type == "Pad":
+            begin, end = np.split(const_array(node.inputs[1]).astype(np.int64), 2)
+            pads = np.concatenate([begin[:2], [0], begin[2:], end[:2], [0], end[2:]])
+            node.replace_input_with(1, new_initializer(self.graph, f"{node.name}.pads_2d", pads))
         if node.op_type in ("ReduceMean", "ReduceMax"):
             _reduce_over_map(self.graph, node)
         out = node.outputs[0]
@@ -183,6 +190,14 @@ def _one_d_window(node: ir.Node) -> bool:
     else:
         one_d = len(attr(node, "kernel_shape", [])) == 1
     return one_d and attr(node, "auto_pad", "NOTSET") in ("NOTSET", "VALID")
+
+
+def _one_d_pads(node: ir.Node) -> bool:
+    """A constant-mode Pad of [N, C, L] with constant pads over all three axes."""
+    pads = const_array(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1] is not None else None
+    axes_given = len(node.inputs) > 3 and node.inputs[3] is not None
+    return (attr(node, "mode", "constant") == "constant" and pads is not None and pads.size == 6
+            and not axes_given)
 
 
 def _with_unit_axis(shape: ir.Shape | None) -> ir.Shape | None:

@@ -40,7 +40,7 @@ def convert(capture: Capture, provenance: Mapping[str, str], options: ExportOpti
         raise UnsupportedLayer("model", "onnx-int8 exports unrolled models only; use --target onnx for streaming")
     if options.portable:
         raise UnsupportedLayer("model", "--portable is for the onnx target; onnx-int8 uses standard ops only")
-    model, refusals = fused_ir(capture, levels=INTEGER_LEVELS)
+    model, refusals = fused_ir(capture, levels=INTEGER_LEVELS, two_d=True)
     lowering = IntegerGraph(model.graph)
     lowering.lower()
     twins = to_channels_last(model)

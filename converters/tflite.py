@@ -177,8 +177,8 @@ def _layer_row(layer: EmittedLayer, calls: int, why: dict[str, str], bitpacked: 
         if bitpacked and not layer.lce.packed:
             notes.append(f"fell back to float: {layer.lce.reason}")
         if b.scale is not None and b.mode != "threshold":
-            notes.append("exact integer sums, then batch norm as a 1x1 DEPTHWISE_CONV_2D (not folded into the "
-                         "layer: that would round the sums)")
+            notes.append("exact integer sums, then the per-channel scale and shift as a 1x1 DEPTHWISE_CONV_2D (not "
+                         "folded into the layer: that would round the sums)")
         notes += list(b.notes) + ([layer.lce.note] if layer.lce.packed and layer.lce.note else [])
     else:
         became = f"{op} (float{', ±1 weights as float32' if layer.binary_weights else ''})"

@@ -36,13 +36,13 @@ import numpy as np
 import onnx_ir as ir
 
 from htaf_export.passes.base import PassReport, report
-from htaf_export.passes.util import attr, const_array, is_step, layer_of, sign_factor
+from htaf_export.passes.util import attr, const_array, is_step, layer_of, layer_of_node, sign_factor
 
 from .integer_thresholds import compose_affine, follow_chain, integer_thresholds
 
 DOMAIN = "htaf.tflite"
 OP = "BinaryConv"
-PASSTHROUGH = ("MaxPool", "Reshape", "Flatten", "Identity")
+PASSTHROUGH = ("MaxPool", "Reshape", "Flatten", "Identity", "Transpose", "Squeeze", "Unsqueeze")  # same values
 
 
 @dataclass(frozen=True)
@@ -139,7 +139,10 @@ class Rejected:
 def layer_name(node: ir.Node) -> str:
     """The module path of a conv/dense node, read off its weight initializer (``layers.conv2.weight``)."""
     weight = node.inputs[1] if len(node.inputs) > 1 else None
-    return layer_of(weight.name) if weight is not None and weight.name else str(node.name)
+    if weight is not None and weight.name and not weight.name.startswith("onnx::"):
+        return layer_of(weight.name)
+    return layer_of_node(str(node.name or "")) or (weight.name if weight is not None and weight.name else "") \
+        or str(node.name)
 
 
 def is_binary_weight(array: np.ndarray | None) -> bool:
@@ -176,7 +179,8 @@ def input_levels(value: ir.Value | None) -> str | None:
             layer: BinaryLayer = node.meta["binary"]
             return layer.levels if layer.mode == "threshold" else None
         pad = _pad_spec(node)
-        if node.domain == "" and node.op_type in PASSTHROUGH:
+        if node.domain == "" and (node.op_type in PASSTHROUGH or node.op_type == "Resize" and
+                                  attr(node, "mode", "nearest") == "nearest"):  # copies of values
             value = node.inputs[0]
             continue
         if pad is not None:
@@ -304,6 +308,11 @@ def match(node: ir.Node, bitpacked: bool, levels: tuple[str, ...] = LCE_LEVELS
     layer, absorbed, source = made
     layer = replace(layer, weight=factor[0], weight_scale=factor[1])
     if input_levels(source) not in levels:
+        padded = source.producer() is not None and _pad_spec(source.producer()) is not None \
+            and input_levels(source.producer().inputs[0]) is not None
+        if padded:  # PyTorch writes padding='same' with an even kernel as a Pad before the conv
+            return Rejected(layer.name, "its input is padded by a separate Pad op (padding='same' with an even "
+                                        "kernel) with a value that is not one of its steps' levels")
         return Rejected(layer.name, "input is real-valued; LCE packs ±1 inputs only" if levels == LCE_LEVELS
                         else "input is real-valued, not step activations")
     bias = const_array(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
@@ -314,7 +323,9 @@ def match(node: ir.Node, bitpacked: bool, levels: tuple[str, ...] = LCE_LEVELS
         found = integer_thresholds(chain, step, bias, layer.fan_in, layer.out_channels, rank, layer.weight_scale)
         if not isinstance(found, str):
             written, tie = ("pm1" if step.op_type == "Sign" else "01"), step.attributes["tie"].as_string()
-            note = (f"batch norm + {'sign' if written == 'pm1' else 'step'} → integer thresholds (tie {tie}, exact)")
+            before = "batch norm + " if any(n.op_type == "BatchNormalization" for n, _ in chain) else \
+                "affine + " if chain or layer.weight_scale is not None else ""
+            note = f"{before}{'sign' if written == 'pm1' else 'step'} → integer thresholds (tie {tie}, exact)"
             layer = replace(layer, mode="threshold", flip=found[0], threshold=found[1], step=step.outputs[0].name,
                             levels=written, tie=tie, notes=(note,))
             return _noted(layer, bitpacked, levels), absorbed + [n for n, _ in chain] + [step], step.outputs[0]

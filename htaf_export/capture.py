@@ -208,6 +208,14 @@ def _name_steps(model: ir.Model) -> list[StepSpec]:
     return steps
 
 
+FOLD_LIMIT = 1 << 26  # elements: onnxscript's default (8192) left XNOR-Net's |w|.mean() of a 3x3x32x32 conv computed
+
+
+def fold_all_constants(model: ir.Model) -> None:
+    """Evaluate every subgraph of constants, whatever its size: converters need constant weights and scales."""
+    fold_constants(model, input_size_limit=FOLD_LIMIT, output_size_limit=FOLD_LIMIT)
+
+
 def cleanup(model: ir.Model, fold: bool = True) -> ir.Model:
     """Fold constants (unless ``fold`` is False) and remove what the exporter leaves behind.
 
@@ -215,7 +223,7 @@ def cleanup(model: ir.Model, fold: bool = True) -> ir.Model:
     stay in the file, such as weight unpacking, clean up with ``fold=False``.
     """
     if fold:
-        fold_constants(model)
+        fold_all_constants(model)
     ir.passes.Sequential(
         common_passes.IdentityEliminationPass(),
         common_passes.RemoveUnusedNodesPass(),
@@ -242,7 +250,7 @@ def capture(hardened: nn.Module, input_shape: Sequence[int] | Sequence[Sequence[
     lines = origins(model)
     # Traced programs (TorchScript, .pt2) hold their steps as plain comparisons: lift them to htaf ops.
     folded = FoldWeightExpressions()(model).records
-    fold_constants(model)
+    fold_all_constants(model)
     RecognisePlainSteps()(model)
     steps = _name_steps(model)
     cleanup(model)

@@ -96,6 +96,13 @@ def resolve(loaded: LoadedModel, input_shape: Sequence[int] | Sequence[Sequence[
             raise BadInput(f"{loaded.path}: the model takes integer inputs (token ids for an nn.Embedding?); "
                            f"htaf-export feeds float inputs only: export the layers after the embedding, and "
                            f"feed them its output") from None
+        integer = re.search(r"dtype mismatch! Expected: (Byte|Char|Short|Int|Long|Bool)", str(e))
+        if integer:
+            kind = {"Byte": "uint8", "Char": "int8", "Short": "int16", "Int": "int32", "Long": "int64"}.get(
+                integer.group(1), "bool")
+            raise BadInput(f"{loaded.path}: the model takes {kind} inputs; htaf-export feeds float32 inputs only: "
+                           f"move the conversion (e.g. img.float() / 255) out of forward, into the data pipeline, "
+                           f"and save the model that takes its result") from None
         given = "; ".join(f"[batch, {', '.join(map(str, shape))}]" for shape in shapes)
         raise BadInput(f"{loaded.path}: the model does not run on inputs of shape {given} ({first}); "
                        f"{SHAPE_HELP}") from None

@@ -38,9 +38,10 @@ def _exact_sum(x: Bounded, weight: Any, b: torch.Tensor | None, value: torch.Ten
     return Bounded.exact(value) if top_sum < 2.0 ** 24 else None
 
 
-def _dot(x: Bounded, weight: Any, b: torch.Tensor | None, op: Callable, n: int) -> Bounded:
+def _dot(x: Bounded, weight: Any, b: torch.Tensor | None, op: Callable, n: int, bias_last: bool = False) -> Bounded:
     """A linear layer (``op`` = linear or conv with its geometry): value, propagated and rounding error.
-    A computed weight (a scaled sign written as a straight-through expression) brings its own error."""
+    A computed weight (a scaled sign written as a straight-through expression) brings its own error.
+    ``bias_last``: the bias lies on the last axis (a linear layer at each position of [N, L, F]), not on axis 1."""
     w, w_error = _ve(weight)
     value = op(x.value, w, b)
     exact = _exact_sum(x, weight, b, value)
@@ -55,7 +56,7 @@ def _dot(x: Bounded, weight: Any, b: torch.Tensor | None, op: Callable, n: int) 
         if top > 0 else torch.zeros_like(value)
     magnitude = op(x.value.abs() + x.error, aw, None)
     if b is not None:
-        magnitude = magnitude + _broadcast_bias(b.abs(), value)
+        magnitude = magnitude + (b.abs() if bias_last else _broadcast_bias(b.abs(), value))
     exact_weight = once("exact", lambda: bool(torch.all(w_error == 0)))
     if not exact_weight:
         carried = carried + op(x.value.abs() + x.error, w_error, None)
@@ -72,7 +73,7 @@ def _broadcast_bias(b: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def _linear(x: Bounded, w, b=None) -> Bounded:
-    return _dot(x, w, value_of(b), F.linear, int(value_of(w).shape[-1]))
+    return _dot(x, w, value_of(b), F.linear, int(value_of(w).shape[-1]), bias_last=True)
 
 
 def _matmul(x: Bounded, w) -> Bounded:

@@ -137,26 +137,28 @@ class FrameHead(nn.Module):
         return self.frames(F.avg_pool1d(self.fire(self.conv(x)), 3, 1, 1))
 
 
-def _randomised(model: nn.Module) -> nn.Module:
+def _exported(model: nn.Module, shape: tuple[int, ...], fmt: str, target: str, tmp_path):
+    """``model`` with random batch-norm statistics, saved as a user would (``fmt``), exported to ``target``."""
     with torch.no_grad():
         for bn in (m for m in model.modules() if isinstance(m, nn.BatchNorm1d)):
             bn.running_mean.uniform_(-1, 1)
             bn.running_var.uniform_(0.5, 2)
-    return model.eval()
+    model, x = model.eval(), torch.randn(2, *shape)
+    path = tmp_path / f"m.{'pt2' if fmt == 'pt2' else 'ts.pt'}"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        save_pt2(model, x, path) if fmt == "pt2" else torch.jit.save(torch.jit.trace(model, x), str(path))
+    with contextlib.redirect_stdout(io.StringIO()):
+        result = htaf_export.export(path, target, tmp_path / "m.tflite", input_shape=list(shape), device="cpu")
+    assert result.report.passed, result.report.failure_line()
+    return result
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("fmt, target", [("pt2", "tflite"), ("torchscript", "tflite-int8")])
 def test_a_binary_conv1d_keyword_net_exports_to_tflite_with_parity(tmp_path, fmt, target):
     torch.manual_seed(5)
-    model, x = _randomised(KeywordNet()), torch.randn(2, 13, 49)
-    path = tmp_path / f"kws.{'pt2' if fmt == 'pt2' else 'ts.pt'}"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        save_pt2(model, x, path) if fmt == "pt2" else torch.jit.save(torch.jit.trace(model, x), str(path))
-    with contextlib.redirect_stdout(io.StringIO()):
-        result = htaf_export.export(path, target, tmp_path / "kws.tflite", input_shape=[13, 49], device="cpu")
-    assert result.report.passed, result.report.failure_line()
+    result = _exported(KeywordNet(), (13, 49), fmt, target, tmp_path)
     ops = tfl.op_names(tfl.read_model(result.artifact.read_bytes()))
     assert "CONV_2D" in ops, ops  # the stem, as a height-1 2-D conv
     assert target != "tflite" or ops.count("LceBconv2d") == 2, ops
@@ -169,9 +171,29 @@ def test_a_binary_conv1d_keyword_net_exports_to_tflite_with_parity(tmp_path, fmt
 @pytest.mark.slow
 def test_a_conv1d_as_the_last_layer_exports_to_tflite_float_with_parity(tmp_path):
     torch.manual_seed(6)
-    path = save_pt2(FrameHead().eval(), torch.randn(2, 5, 17), tmp_path / "frames.pt2")
-    with contextlib.redirect_stdout(io.StringIO()):
-        result = htaf_export.export(path, "tflite-float", tmp_path / "f.tflite", device="cpu")
-    assert result.report.passed, result.report.failure_line()
+    result = _exported(FrameHead(), (5, 17), "pt2", "tflite-float", tmp_path)
     ops = tfl.op_names(tfl.read_model(result.artifact.read_bytes()))
     assert ops.count("CONV_2D") == 2 and "AVERAGE_POOL_2D" in ops, ops
+
+
+class FrameClassifier(nn.Module):
+    """A dilated Conv1d, its batch norm and a sign, then a Linear at each time step ([N, L, C] after a transpose)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn, self.act = nn.Conv1d(6, 16, 3, padding=2, dilation=2), nn.BatchNorm1d(16), \
+            HTAF(levels="pm1")
+        self.proj = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.act(self.bn(self.conv(x))).transpose(1, 2))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt, target", [("torchscript", "tflite"), ("pt2", "tflite-int8")])
+def test_a_linear_at_each_time_step_exports_to_tflite_with_parity(tmp_path, fmt, target):
+    torch.manual_seed(7)
+    result = _exported(FrameClassifier(), (6, 21), fmt, target, tmp_path)
+    rows = {r.layer: r.became for r in result.conversion.rows}
+    assert rows.get("proj") == "CONV_2D (float)", rows  # a 1×1 conv at each step; named after its module
+    assert "conv" in rows, rows

@@ -117,10 +117,13 @@ class FoldWeightExpressions(ir.passes.InPlacePass):
             stale = graph.initializers.get(source) if source else None
             if stale is not None and stale is not weight and not stale.uses():
                 graph.initializers.pop(source)  # the latent parameter, used by nothing now
-            if source and source not in graph.initializers and weight.name in graph.initializers:
-                graph.initializers.pop(weight.name)
-                weight.name = source
-                graph.register_initializer(weight)
+            if source and weight.name in graph.initializers and weight.name != source:
+                # still read elsewhere (XNOR-Net's mean |w| after the conv): the folded weight is the parameter's too
+                name = source if source not in graph.initializers else f"{source}.folded"
+                if name not in graph.initializers:
+                    graph.initializers.pop(weight.name)
+                    weight.name = name
+                    graph.register_initializer(weight)
             array = const_array(weight)
             snap = snapped(array, channel_axis(node, array.ndim)) if array is not None else None
             if snap is not None:

@@ -85,16 +85,25 @@ def zeros_among_signs(array: np.ndarray, axis: int = 0) -> int:
 
 
 MODULE_PARAMETERS = ("weight", "bias", "latent")  # what torch's and this package's layers call their parameters
-DERIVED_SUFFIXES = (".packed", ".unpacked", ".shape", ".numel", ".scale", ".bipolar")
+DERIVED_SUFFIXES = (".packed", ".unpacked", ".shape", ".numel", ".scale", ".bipolar", ".folded")
 
 
 def layer_of(weight_name: str) -> str:
     """The layer a weight tensor belongs to: its parameter name without the parameter itself
     (``layers.conv2.weight`` → ``layers.conv2``, ``bconv.latent.packed`` → ``bconv``). A parameter a user
     named (``body.k1``, or ``kernels.0`` of a ParameterList) is its own layer: two of them in one module are
-    two layers."""
+    two layers. A parametrized weight (``body.parametrizations.weight.original``) is its module's."""
     name = weight_name
     for suffix in DERIVED_SUFFIXES:
         name = name.removesuffix(suffix)
+    owner, parametrized, _ = name.partition(".parametrizations.")  # torch.nn.utils.parametrize's own path
+    if parametrized and owner:
+        return owner
     owner, _, parameter = name.rpartition(".")
     return owner if owner and parameter in MODULE_PARAMETERS else name
+
+
+def layer_of_node(node_name: str) -> str:
+    """The module path the ONNX exporter writes into a node's name (``/layers/0/Conv`` → ``layers.0``), for a
+    weight the exporter made itself (``onnx::Conv_29``: a batch norm folded into it, a transposed matrix)."""
+    return ".".join(part for part in node_name.split("/")[1:-1] if part)

@@ -1,0 +1,201 @@
+"""Layers users write that were refused, crashed or were named wrongly: binary layers at each token of [N, L, F]
+(bit-packed on TFLite, a MatMul in ONNX), LayerNorm on TFLite, an even kernel's 'same' padding before a binary
+Conv1d, binary Conv1d on integer kernels (onnx-int8), nearest upsampling on TFLite, XNOR-Net's scale after a large
+conv, parametrized weights, uint8 inputs, GroupNorm's refusal."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import io
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrize
+
+os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")  # before anything imports TensorFlow: larq needs Keras 2
+
+import htaf_export  # noqa: E402
+from htaf_export.errors import BadInput, UnsupportedLayer  # noqa: E402
+from htaf_export.nn import HTAF  # noqa: E402
+from htaf_export.passes.util import layer_of  # noqa: E402
+
+from conftest import save_pt2  # noqa: E402
+
+needs_tflite = pytest.mark.skipif(importlib.util.find_spec("larq_compute_engine") is None,
+                                  reason="TFLite targets need the [tflite] extra")
+
+
+def ste_sign(w: torch.Tensor) -> torch.Tensor:
+    return w + (torch.where(w >= 0, 1.0, -1.0) - w).detach()
+
+
+class SignLinear(nn.Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, ste_sign(self.weight), self.bias)
+
+
+class SignConv1d(nn.Conv1d):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, ste_sign(self.weight), self.bias)
+
+
+class SignConv2d(nn.Conv2d):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, ste_sign(self.weight), self.bias)
+
+
+class TokenNet(nn.Module):
+    """Tokens [N, 7, 12]: an embedding, LayerNorm, a sign, a binary Linear at every token, a sign, a mean."""
+
+    def __init__(self, norm: bool = True) -> None:
+        super().__init__()
+        self.embed, self.norm, self.act = nn.Linear(12, 32), nn.LayerNorm(32) if norm else nn.Identity(), \
+            HTAF(levels="pm1")
+        self.mix, self.act2, self.out = SignLinear(32, 32), HTAF(levels="pm1"), nn.Linear(32, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.act2(self.mix(self.act(self.norm(self.embed(x))))).mean(1))
+
+
+class SameEven(nn.Module):
+    """A binary Conv1d with padding='same' and an even kernel (PyTorch writes its padding as a separate Pad)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c0, self.s0 = nn.Conv1d(4, 16, 3, padding=1), HTAF(levels="pm1")
+        self.c1, self.b1, self.s1 = SignConv1d(16, 16, 4, padding="same", bias=False), nn.BatchNorm1d(16), \
+            HTAF(levels="pm1")
+        self.c2, self.b2, self.s2 = SignConv1d(16, 8, 3, bias=False), nn.BatchNorm1d(8), HTAF(levels="pm1")
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.s1(self.b1(self.c1(self.s0(self.c0(x)))))
+        return self.fc(self.s2(self.b2(self.c2(h))).amax(-1))
+
+
+def _export(model: nn.Module, shape: tuple[int, ...], target: str, tmp_path, seed: int = 0):
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for bn in (m for m in model.modules() if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d))):
+            bn.running_mean.uniform_(-1, 1)
+            bn.running_var.uniform_(0.5, 2)
+    path = save_pt2(model.eval(), torch.randn(2, *shape), tmp_path / "m.pt2")
+    out = tmp_path / ("m.onnx" if target.startswith("onnx") else "m.tflite")
+    with contextlib.redirect_stdout(io.StringIO()):
+        result = htaf_export.export(path, target, out, device="cpu")
+    assert result.report.passed, result.report.failure_line()
+    return result
+
+
+@pytest.mark.slow
+@needs_tflite
+def test_a_binary_linear_at_every_token_bit_packs_and_layer_norm_converts(tmp_path):
+    result = _export(TokenNet(), (7, 12), "tflite", tmp_path)
+    rows = {r.layer: r.became for r in result.conversion.rows}
+    assert rows["mix"] == "LceBconv2d (bit-packed)", rows
+
+
+@pytest.mark.slow
+def test_a_binary_linear_at_every_token_exports_to_onnx_with_rounding_bounds(tmp_path):
+    result = _export(TokenNet(norm=False), (7, 12), "onnx", tmp_path)  # its step became a Gemm on 3-D: a crash
+    assert not any("rounding bounds are not available" in n for n in result.report.notes), result.report.notes
+
+
+@pytest.mark.slow
+@needs_tflite
+@pytest.mark.parametrize("target", ["tflite", "onnx-int8"])
+def test_same_padding_with_an_even_kernel_before_a_binary_conv1d(tmp_path, target):
+    result = _export(SameEven(), (4, 21), target, tmp_path, seed=3)
+    rows = [(r.layer, r.became) for r in result.conversion.rows]
+    if target == "onnx-int8":  # 1-D convs run as height-1 2-D ones on the integer kernels
+        assert ("c2", "QLinearConv (threshold)") in rows, rows
+
+
+class Upsampled(nn.Module):
+    """A sign, nearest upsampling by 2, a binary conv, and both resizing forms of F.interpolate."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c0, self.a0, self.up = nn.Conv2d(1, 8, 3, padding=1), HTAF(levels="pm1"), nn.Upsample(scale_factor=2)
+        self.c1, self.bn, self.a1 = SignConv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), HTAF(levels="pm1")
+        self.fc = nn.Linear(8 * 5 * 7, 3)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = F.interpolate(self.a1(self.bn(self.c1(self.up(self.a0(self.c0(x)))))), scale_factor=0.5)
+        return self.fc(h.flatten(1)), F.interpolate(h, size=(7, 9))
+
+
+@pytest.mark.slow
+@needs_tflite
+def test_nearest_upsampling_converts_and_the_binary_conv_after_it_bit_packs(tmp_path):
+    rows = {r.layer: r.became for r in _export(Upsampled(), (1, 5, 7), "tflite", tmp_path).conversion.rows}
+    assert rows.get("c1") == "LceBconv2d (bit-packed)", rows
+
+
+class XnorConv(nn.Conv2d):
+    """XNOR-Net: ±1 weights, and the mean |w| of each filter multiplied after the conv."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        alpha = self.weight.abs().mean(dim=(1, 2, 3))
+        return F.conv2d(x, ste_sign(self.weight), None, self.stride, self.padding) * alpha[None, :, None, None]
+
+
+@pytest.mark.slow
+@needs_tflite
+def test_xnor_scale_after_a_conv_of_more_than_8192_weights_bit_packs(tmp_path):
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem, self.sign = nn.Conv2d(3, 32, 1), HTAF(levels="pm1")
+            self.xconv, self.fc = XnorConv(32, 32, 3, bias=False), nn.Linear(32 * 5 * 4, 4)  # 9,216 weights
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.xconv(self.sign(self.stem(x))).flatten(1))
+
+    rows = {r.layer: r.became for r in _export(Net(), (3, 7, 6), "tflite", tmp_path).conversion.rows}
+    assert rows.get("xconv") == "LceBconv2d (bit-packed)", rows
+
+
+def test_a_parametrized_weight_belongs_to_its_module():
+    assert layer_of("body.parametrizations.weight.original") == "body"
+    assert layer_of("blocks.0.conv.weight") == "blocks.0.conv"
+
+
+def test_a_parametrized_binary_conv_is_named_after_its_module(tmp_path):
+    class Sign(nn.Module):
+        def forward(self, w: torch.Tensor) -> torch.Tensor:
+            return ste_sign(w)
+
+    model = nn.Sequential(HTAF(levels="pm1"), nn.Conv2d(2, 4, 3, bias=False), HTAF(levels="pm1"), nn.Flatten(),
+                          nn.Linear(4 * 3 * 3, 2))
+    parametrize.register_parametrization(model[1], "weight", Sign())
+    result = _export(model, (2, 5, 5), "onnx", tmp_path)
+    assert ("1", "packed 1-bit weights") in [(r.layer, r.became) for r in result.conversion.rows]
+
+
+def test_uint8_inputs_are_refused_in_one_line_that_says_so(tmp_path):
+    class Images(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.step, self.fc = nn.Conv2d(1, 4, 3), HTAF(levels="pm1"), nn.Linear(4 * 4 * 4, 3)
+
+        def forward(self, img: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.step(self.conv(img.float() / 255.0)).flatten(1))
+
+    path = save_pt2(Images().eval(), torch.randint(0, 256, (2, 1, 6, 6), dtype=torch.uint8), tmp_path / "u.pt2")
+    with pytest.raises(BadInput, match="takes uint8 inputs") as refused:
+        htaf_export.export(path, "onnx", tmp_path / "u.onnx", device="cpu")
+    assert "\n" not in str(refused.value) and not (tmp_path / "u.onnx").exists()
+
+
+@needs_tflite
+def test_group_norm_is_refused_on_tflite_naming_what_the_user_wrote(tmp_path):
+    model = nn.Sequential(nn.Conv2d(2, 8, 3), nn.GroupNorm(2, 8), HTAF(), nn.Flatten(), nn.Linear(8 * 3 * 3, 2))
+    path = save_pt2(model.eval(), torch.randn(2, 2, 5, 5), tmp_path / "g.pt2")
+    with pytest.raises(UnsupportedLayer, match="GroupNorm"):
+        htaf_export.export(path, "tflite", tmp_path / "g.tflite", device="cpu")
+    assert not (tmp_path / "g.tflite").exists()
