@@ -25,18 +25,19 @@ def _layer_nodes(graph: ir.Graph, layer: BinaryLayer, source: ir.Value, name: st
     """The layer as standard ops: [Pad] + Conv, or Gemm, with the folded ±1 weights and the ½ − T bias."""
     folded = layer.folded_bias()
     bias = new_initializer(graph, f"{layer.name}.bias", folded) if folded is not None else None
-    if layer.kind == "dense" and source.shape is not None and source.shape.rank() == 2:
-        weight = new_initializer(graph, f"{layer.name}.weight", layer.folded_weight())
-        gemm = ir.node("Gemm", [source, weight, bias], {"transB": 1}, name=f"{name}/gemm")
-        return [gemm], gemm.outputs[0]
-    if layer.kind == "dense":  # at each position of [N, …, F] (Gemm takes 2-D inputs only), or a rank not known
-        weight = new_initializer(graph, f"{layer.name}.weight", np.ascontiguousarray(layer.folded_weight().T))
+    matrix = layer.kind == "dense" and not (source.shape is not None and source.shape.rank() == 2)
+    # Gemm takes 2-D inputs only: at each position of [N, …, F] (or a rank not known), MatMul with Wᵀ and Add
+    weight = new_initializer(graph, f"{layer.name}.weight",
+                             np.ascontiguousarray(layer.folded_weight().T) if matrix else layer.folded_weight())
+    if matrix:
         product = ir.node("MatMul", [source, weight], name=f"{name}/matmul")
         if bias is None:
             return [product], product.outputs[0]
         add = ir.node("Add", [product.outputs[0], bias], name=f"{name}/bias")
         return [product, add], add.outputs[0]
-    weight = new_initializer(graph, f"{layer.name}.weight", layer.folded_weight())
+    if layer.kind == "dense":
+        gemm = ir.node("Gemm", [source, weight, bias], {"transB": 1}, name=f"{name}/gemm")
+        return [gemm], gemm.outputs[0]
     value = np.array(layer.padding.value if layer.padding else 0.0, np.float32)
     nodes, source, pads = padding(graph, layer, source, value, layer.name)
     conv = ir.node("Conv", [source, weight, bias],

@@ -45,6 +45,12 @@ OP = "BinaryConv"
 PASSTHROUGH = ("MaxPool", "Reshape", "Flatten", "Identity", "Transpose", "Squeeze", "Unsqueeze")  # same values
 
 
+def copies_values(node: ir.Node) -> bool:
+    """An op whose outputs hold only values of its input (so a step's levels pass through it)."""
+    return node.domain == "" and (node.op_type in PASSTHROUGH or
+                                  node.op_type == "Resize" and attr(node, "mode", "nearest") == "nearest")
+
+
 @dataclass(frozen=True)
 class Padding:
     """Spatial padding of a conv input: rows/columns added before and after, and the value padded."""
@@ -179,8 +185,7 @@ def input_levels(value: ir.Value | None) -> str | None:
             layer: BinaryLayer = node.meta["binary"]
             return layer.levels if layer.mode == "threshold" else None
         pad = _pad_spec(node)
-        if node.domain == "" and (node.op_type in PASSTHROUGH or node.op_type == "Resize" and
-                                  attr(node, "mode", "nearest") == "nearest"):  # copies of values
+        if copies_values(node):
             value = node.inputs[0]
             continue
         if pad is not None:
