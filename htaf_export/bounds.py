@@ -165,13 +165,16 @@ def getattr_path(module: torch.nn.Module, path: str) -> Any:
 
 def traced_program(model: torch.nn.Module, input_shapes: list[list[int]]) -> fx.GraphModule | None:
     """The hardened model as a graph module whose steps are ``Step`` calls (what ``rounding_bounds`` reads);
-    None for a TorchScript module or a model torch.export cannot trace."""
+    None for a model torch.export cannot trace (a TorchScript module is read through ``torchscript_fx``)."""
     from .harden_traced import export_batched, harden_graph_module
+    from .torchscript_fx import script_as_fx
 
-    if isinstance(model, torch.jit.ScriptModule):
-        return None
     if isinstance(model, fx.GraphModule):
         return model
-    program = export_batched(model, input_shapes)
+    if isinstance(model, torch.jit.ScriptModule):
+        converted = script_as_fx(model, input_shapes)
+        program = export_batched(converted, input_shapes) if converted is not None else None
+    else:
+        program = export_batched(model, input_shapes)
     # the model is hardened: its steps are Step modules, or comparisons that keep their own tie
     return harden_graph_module(program, None)[0] if program is not None else None

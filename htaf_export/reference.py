@@ -13,6 +13,7 @@ from torch import nn
 from . import outputs
 from .nn.modules import set_eval, step_modules
 from .nn import Step
+from .parity import Tolerance
 
 
 @dataclass
@@ -28,6 +29,10 @@ class ReferenceRun:
     preactivations: dict[tuple[str, int], np.ndarray] = field(default_factory=dict)
     order: list[tuple[str, int]] = field(default_factory=list)
     ties: set[str] = field(default_factory=set)  # the tie rules the recorded steps applied
+    # per sample, where the steps come from the captured graph (TorchScript): the model's outputs differ from the
+    # graph's and a step input lies within the flip margin of its threshold, so the model may have decided that
+    # near tie the other way; its outputs there are not the graph's steps' consequence and are not compared
+    unsure: np.ndarray | None = None
 
 
 @dataclass
@@ -168,7 +173,8 @@ def record_steps(model: nn.Module, keep_graph: bool = False,
 
 @torch.no_grad()
 def run_reference(model: nn.Module, inputs: tuple[torch.Tensor, ...], output_names: list[str],
-                  device: str = "cpu", streaming: bool = False, graph_steps=None) -> ReferenceRun:
+                  device: str = "cpu", streaming: bool = False, graph_steps=None,
+                  tol: Tolerance | None = None) -> ReferenceRun:
     """Run ``model`` and record every Step call, in call order per site (as capture numbers them).
 
     The model is moved to ``device`` in place; pass a copy when the original must stay where it is.
@@ -182,9 +188,11 @@ def run_reference(model: nn.Module, inputs: tuple[torch.Tensor, ...], output_nam
     for name, value in zip(output_names, outputs.leaves(out)):
         run.outputs[name] = value.detach().cpu().numpy()
     if not calls and graph_steps is not None:
-        for site, call, bits, pre in graph_steps.run([t.cpu().numpy() for t in inputs]):
+        steps, captured = graph_steps.run([t.cpu().numpy() for t in inputs])
+        for site, call, bits, pre in steps:
             run.steps[(site, call)], run.preactivations[(site, call)] = bits, pre
             run.order.append((site, call))
+        run.unsure = unsure_rows(run.outputs, captured, list(run.preactivations.values()), tol or Tolerance())
     for c in calls:
         key = (c.site, c.call)
         run.steps[key] = c.output.cpu().numpy()
@@ -193,3 +201,22 @@ def run_reference(model: nn.Module, inputs: tuple[torch.Tensor, ...], output_nam
         if c.tie:
             run.ties.add(c.tie)
     return run
+
+
+def unsure_rows(model_outputs: dict[str, np.ndarray], captured: dict[str, np.ndarray], pres: list[np.ndarray],
+                tol: Tolerance) -> np.ndarray | None:
+    """The samples whose outputs from the model and from its captured graph differ beyond the fixed tolerance
+    while some step input of the graph lies within the flip margin of its threshold (see ``ReferenceRun.unsure``)."""
+    shared = [name for name in model_outputs if name in captured and captured[name].size == model_outputs[name].size]
+    if not shared or not pres:
+        return None
+    n = len(model_outputs[shared[0]])
+    differs = np.zeros(n, bool)
+    for name in shared:
+        ours = model_outputs[name].reshape(n, -1)
+        theirs = captured[name].reshape(n, -1).astype(ours.dtype)
+        differs |= (np.abs(ours - theirs) > tol.atol + tol.rtol * np.abs(theirs)).any(axis=1)
+    near = np.zeros(n, bool)
+    for pre in pres:
+        near |= (np.abs(pre.reshape(n, -1)) <= tol.flip_margin).any(axis=1)
+    return differs & near

@@ -108,7 +108,7 @@ class References:
             start = stop
         if start < n:
             ref = run_reference(self.model, rows(inputs, start, n, n), self.info.output_names, self.device,
-                                streaming=self.info.streaming, graph_steps=self.graph_steps)
+                                streaming=self.info.streaming, graph_steps=self.graph_steps, tol=self.tol)
             note(ref)
             yield start, n, ref, None
 
@@ -137,11 +137,13 @@ class References:
         except (RuntimeError, ValueError, TypeError, IndexError, KeyError) as e:
             self.no_bound = _analysis_failed(e)
             return None
+        if isinstance(self.model, torch.jit.ScriptModule):
+            steps = {}  # its converted graph names the steps otherwise than the artifact: the fixed flip margin
         return BatchBounds.scatter(need, outs, steps, ref)
 
     def _program(self, inputs: tuple[torch.Tensor, ...]) -> torch.fx.GraphModule | None:
         if self.program is None and not self.untraced:
             self.program = bounds.traced_program(self.model, [list(x.shape[1:]) for x in inputs])
             if self.program is None:
-                self.untraced = "a TorchScript model, or one torch.export cannot trace"
+                self.untraced = "a model torch.export cannot trace, or a TorchScript one torch cannot convert"
         return self.program

@@ -91,6 +91,13 @@ def _conv(x: Bounded, w, b=None, stride=1, padding=0, dilation=1, groups=1) -> B
     return _dot(x, w, value_of(b), op, int(weight[0].numel()))
 
 
+def _convolution(x: Bounded, w, b, stride, padding, dilation, transposed, output_padding, groups) -> Bounded:
+    """The general convolution a traced TorchScript conv reads as (``aten::_convolution``)."""
+    if transposed:
+        raise NoBound("transposed convolution")
+    return _conv(x, w, b, stride, padding, dilation, groups)
+
+
 def _batch_norm(x: Bounded, weight, bias, mean, var, training, momentum, eps, *_) -> Bounded:
     w, b, m, v = (value_of(t) for t in (weight, bias, mean, var))
     s = (w if w is not None else torch.ones_like(m)) / torch.sqrt(v + eps)
@@ -324,7 +331,7 @@ def _filled(fn: Callable) -> Callable:
 
 RULES: dict[Any, Callable] = {
     aten.linear.default: _linear, aten.mm.default: _matmul, aten.matmul.default: _matmul,
-    aten.conv2d.default: _conv, aten.conv1d.default: _conv,
+    aten.conv2d.default: _conv, aten.conv1d.default: _conv, aten.convolution.default: _convolution,
     aten.batch_norm.default: _batch_norm,
     aten._native_batch_norm_legit_no_training.default: lambda x, w, b, m, v, mom, eps: (
         _batch_norm(x, w, b, m, v, False, mom, eps), None, None),

@@ -85,6 +85,7 @@ class Shard:
     no_bound: str
     needed_bounds: bool
     foreign_labels: str = ""  # why no accuracy: labels beyond the model's classes
+    unsure: int = 0  # samples whose outputs were not compared (``ReferenceRun.unsure``)
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,7 @@ class Validation:
         self.step_of = {s.tensor: s for s in info.steps}
         self.margins = {s.tensor: MarginHistogram(s.tensor) for s in info.steps}
         self.unobserved: set[str] = set()
+        self.unsure = 0
         self.ties: set[str] = set()
         self.steps_per_run = int(getattr(model, "steps", 1)) if info.streaming else 1
         # Certified ties by (tensor, time step) → list of (crafted row, unit).
@@ -136,7 +138,7 @@ class Validation:
     def shard(self) -> Shard:
         refs = self.references
         return Shard(self.results, self.margins, self.unobserved, self.ties, refs.no_bound, refs.needed_bounds,
-                     self.foreign_labels)
+                     self.foreign_labels, self.unsure)
 
     def absorb(self, shard: Shard) -> None:
         # by name: a worker on another machine may see other runtimes (a Ray actor is given no GPU)
@@ -154,6 +156,7 @@ class Validation:
         refs.no_bound = refs.no_bound or shard.no_bound
         refs.needed_bounds = refs.needed_bounds or shard.needed_bounds
         self.foreign_labels = self.foreign_labels or shard.foreign_labels
+        self.unsure += shard.unsure
 
     def _certified_mask(self, tensor: str, t: int, offset: int, n: int, units: int) -> np.ndarray | None:
         marks = self.certified.get((tensor, t))
@@ -225,6 +228,8 @@ class Validation:
     def _note(self, ref) -> None:
         """What the report keeps of a reference run: the tie rules applied, the margins' histogram."""
         self.ties |= ref.ties
+        if ref.unsure is not None:
+            self.unsure += int(ref.unsure.sum())
         for s in self.info.steps:
             pre = ref.preactivations.get((s.site, s.call))
             if pre is not None:
@@ -263,7 +268,8 @@ class Validation:
                 compare_binary(tr, ref.steps[key], art[tr.name], pre, cert, excused, margin, part, offset)
             else:
                 bound = found.outputs.get(tr.name) if found is not None else None
-                compare_float(tr, ref.outputs[tr.name], art[tr.name], excused, self.tol, part, offset, bound)
+                spared = excused | ref.unsure if ref.unsure is not None else excused
+                compare_float(tr, ref.outputs[tr.name], art[tr.name], spared, self.tol, part, offset, bound)
 
     def _argmax(self, ref, arts: list[dict[str, np.ndarray]], excused: list[np.ndarray], y: np.ndarray | None,
                 part: str, n: int) -> None:
@@ -274,7 +280,8 @@ class Validation:
         for i, result in enumerate(self.results):
             got = np.asarray(arts[i][first]).reshape(n, -1)
             agree = ref_logits.argmax(1) == got.argmax(1)
-            explained = int((~agree & (excused[i] | tie_between_classes)).sum())
+            spared = excused[i] | ref.unsure if ref.unsure is not None else excused[i]
+            explained = int((~agree & (spared | tie_between_classes)).sum())
             if part == "crafted":
                 result.crafted.add(n, int(agree.sum()), explained)
                 continue
@@ -364,6 +371,10 @@ def _finish(report: ParityReport, run: Validation) -> None:
         report.notes.append("the model (TorchScript) exposes no intermediate tensors: its step tensors and "
                             "pre-activations come from its captured graph run in ONNX Runtime (so they check the "
                             "conversion, not the capture); outputs from the model itself")
+    if run.unsure:
+        report.notes.append(f"{run.unsure} sample{'s' if run.unsure != 1 else ''}: the model's outputs differ from "
+                            f"its captured graph's and a step input lies within the flip margin of its threshold "
+                            f"(a near tie it may decide the other way); their outputs were not compared")
     if run.foreign_labels:
         report.notes.append(run.foreign_labels)
     if run.unobserved:

@@ -190,18 +190,22 @@ def ir_session(model: ir.Model, tensors: Sequence[str]):
 class GraphSteps:
     """The steps of a model whose own run cannot record them (a TorchScript module exposes no intermediate tensors):
     its captured graph, steps lowered to standard ops, run in ONNX Runtime. ``steps`` holds, per step call, (site,
-    call, output tensor, input tensor, threshold). Picklable (workers rebuild the session)."""
+    call, output tensor, input tensor, threshold); ``outputs``, the graph's outputs (the model's, as captured).
+    Picklable (workers rebuild the session)."""
 
     model: bytes
     input_names: tuple[str, ...]
     steps: tuple[tuple[str, int, str, str, np.ndarray], ...]
+    outputs: tuple[str, ...] = ()
     _session: object = field(default=None, repr=False, compare=False)
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_session": None}
 
-    def run(self, inputs: Sequence[np.ndarray]) -> list[tuple[str, int, np.ndarray, np.ndarray]]:
-        """(site, call, step output, pre-activation = step input − threshold) of every step call, in graph order."""
+    def run(self, inputs: Sequence[np.ndarray]) -> tuple[list[tuple[str, int, np.ndarray, np.ndarray]],
+                                                          dict[str, np.ndarray]]:
+        """(site, call, step output, pre-activation = step input − threshold) of every step call, in graph order;
+        and the graph's outputs by name."""
         if self._session is None:
             ort = onnxruntime_module()
             import torch
@@ -210,11 +214,12 @@ class GraphSteps:
             opts.log_severity_level = 3
             opts.intra_op_num_threads = torch.get_num_threads()  # as many as the reference beside it (a worker: 1)
             self._session = ort.InferenceSession(self.model, opts, providers=["CPUExecutionProvider"])
-        names = [n for _, _, out, inp, _ in self.steps for n in (out, inp)]
+        names = list(dict.fromkeys([n for _, _, out, inp, _ in self.steps for n in (out, inp)] + list(self.outputs)))
         feed = {name: np.ascontiguousarray(x, dtype=np.float32) for name, x in zip(self.input_names, inputs)}
         values = dict(zip(names, self._session.run(names, feed)))  # type: ignore[attr-defined]
-        return [(site, call, values[out], (values[inp] - theta).astype(np.float32))
-                for site, call, out, inp, theta in self.steps]
+        steps = [(site, call, values[out], (values[inp] - theta).astype(np.float32))
+                 for site, call, out, inp, theta in self.steps]
+        return steps, {name: values[name] for name in self.outputs}
 
 
 def graph_steps(model: ir.Model, input_names: Sequence[str], steps: Sequence[StepSpec],
@@ -240,4 +245,4 @@ def graph_steps(model: ir.Model, input_names: Sequence[str], steps: Sequence[Ste
     present = {o.name for o in proto.graph.output}
     wanted = [n for _, _, out, inp, _ in found for n in (out, inp)]
     proto.graph.output.extend(onnx.helper.make_empty_tensor_value_info(t) for t in dict.fromkeys(wanted) if t not in present)
-    return GraphSteps(proto.SerializeToString(), tuple(input_names), tuple(found))
+    return GraphSteps(proto.SerializeToString(), tuple(input_names), tuple(found), tuple(sorted(present)))
