@@ -55,10 +55,20 @@ def convert(capture: Capture, provenance: Mapping[str, str], options: ExportOpti
     rows = [LayerRow(lw.layer.name, f"{lw.ops} ({lw.layer.mode})" if lw.form == "integer" else f"float {lw.ops}",
                      lw.reason or "; ".join(lw.layer.notes) or "exact integer sums") for lw in lowering.lowered]
     rows += [LayerRow(name, "float", reason) for name, reason in refusals]
-    rows += packed_rows(packed)
+    rows = _with_packing(rows, packed_rows(packed))
     notes = () if lowering.lowered else (
         "no binary layer (±1 weights on step activations) in this model: nothing runs on integer kernels, "
         "so this file is no faster than --target onnx",)
     return Conversion(proto.SerializeToString(deterministic=True), tuple(rows), notes=notes,
                       binary_floor_bytes=sum(p.floor_bytes for p in packed),
                       binary_stored_bytes=sum(p.packed_bytes + p.overhead_bytes for p in packed))
+
+
+def _with_packing(rows: list[LayerRow], packing: list[LayerRow]) -> list[LayerRow]:
+    """One row a layer: how its weights are stored joins the row of its kernel (a layer left without one keeps
+    its own row)."""
+    stored = {r.layer: r.note for r in packing}
+    merged = [LayerRow(r.layer, r.became, f"{r.note}; stored 1-bit: {stored[r.layer]}") if r.layer in stored else r
+              for r in rows]
+    kernels = {r.layer for r in rows}
+    return merged + [r for r in packing if r.layer not in kernels]

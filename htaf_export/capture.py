@@ -177,7 +177,8 @@ def _explain_failure(module: nn.Module, args: tuple, dyn, error: Exception) -> B
 def _site_of(node: ir.Node) -> str:
     """The module path a node came from: the dynamo exporter's name scopes, or the legacy '/a/b/Op' name."""
     if "pkg.torch.onnx.name_scopes" not in node.metadata_props and (node.name or "").startswith("/"):
-        return ".".join(node.name.strip("/").split("/")[:-1]).removeprefix("model.") or node.name
+        # a step in the root module's forward ('/GreaterOrEqual') is the root's step, as torch.export names it
+        return ".".join(node.name.strip("/").split("/")[:-1]).removeprefix("model.") or "step"
     scopes = node.metadata_props.get("pkg.torch.onnx.name_scopes", "")
     try:
         names = [s.strip().strip("'\"") for s in scopes.strip("[]").split(",")]

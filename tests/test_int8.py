@@ -142,6 +142,9 @@ def test_user_models_run_on_integer_ops_with_parity(saved, name, fmt, tmp_path):
         assert any("captured graph run in ONNX Runtime" in n for n in report.notes)
     # the steps fed by integer sums cannot flip: exact thresholds, no float in between
     layers = {lw.layer for lw in result.conversion.rows if "(threshold)" in lw.became}
+    named = [r.layer for r in result.conversion.rows]
+    assert len(named) == len(set(named)), named  # one row a layer: its kernel, and how its weights are stored
+    assert any("stored 1-bit" in r.note for r in result.conversion.rows if r.layer in layers)
     fed = [t for t in steps if t.layer in layers]
     assert fed and all(t.mismatched == 0 for t in fed), [(t.name, t.mismatched) for t in fed]
 

@@ -45,6 +45,7 @@ def test_torchscript_resampler_passes_on_onnx(tmp_path):
     result = htaf_export.export(path, "onnx", tmp_path / "r.onnx", input_shape=[3, 15, 15])
     report = result.report
     assert report.passed, report.failure_line()
+    assert [r.layer for r in result.conversion.rows] == ["step"]  # a step in the root's forward, as pt2 names it
     floats = [t for t in report.backends[0].tensors if t.kind != "binary"]
     assert len(floats) == 2 and all(t.elements > 0 for t in floats)  # both outputs compared, not all spared
 
