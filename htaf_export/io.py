@@ -240,6 +240,20 @@ def load(path: str | Path, trust_pickle: bool = False) -> LoadedModel:
         raise BadInput(f"model file {path} cannot be read (truncated or corrupt?): {msg[:200]}") from None
 
 
+def _rebuilt(program: torch.export.ExportedProgram, path: Path) -> torch.nn.Module:
+    """The program as a module; a submodule named like an attribute torch.fx keeps for itself (``meta``,
+    ``graph``, ``code``) cannot be rebuilt, and the user is told which one to rename."""
+    try:
+        return program.module()
+    except RuntimeError as e:
+        found = re.search(r"nonexistent attribute \S+ of (\S+)", str(e))
+        clash = found.group(1).split(".")[-1] if found else None
+        if clash is not None and (clash == "meta" or hasattr(torch.fx.GraphModule, clash)):
+            raise BadInput(f".pt2 file {path}: a submodule is named {clash!r}, a name torch.fx's GraphModule keeps "
+                           f"for itself, so torch cannot rebuild the program; rename it and export again") from None
+        raise
+
+
 def _first_damaged_member(archive: zipfile.ZipFile) -> str | None:
     """Name of the first member whose bytes do not match its recorded CRC-32, else None.
 
@@ -292,7 +306,7 @@ def _load_exported_program(path: Path, digest: str) -> LoadedModel:
             raise BadInput(f".pt2 file {path}: its inputs are not tensors with known shapes")
         spec = {"input_shape": shapes[0], "extra": shapes[1:], "names": [n.name for n in placeholders]}
     refuse_training_mode(program, path)
-    module = program.module()
+    module = _rebuilt(program, path)
     batch = static_batch(program)
     if batch is not None:
         free_batch(module, path, batch, [spec["input_shape"], *spec.get("extra", [])])

@@ -433,3 +433,19 @@ def test_the_advice_for_a_users_own_class_works(tmp_path, capsys):
     from htaf_export import cli
 
     assert cli.main([str(path), "--target", "onnx", "-o", str(tmp_path / "m.onnx")]) == 0
+
+
+def test_a_submodule_named_meta_is_named_in_the_refusal(tmp_path):
+    """torch.export saves it, but fx's GraphModule keeps ``meta`` for itself: torch cannot rebuild the program."""
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.meta, self.out = torch.nn.Linear(8, 8), torch.nn.Linear(8, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.out((self.meta(x) >= 0).float())
+
+    path = save_pt2(Net().eval(), torch.randn(2, 8), tmp_path / "meta.pt2")
+    with pytest.raises(BadInput, match="a submodule is named 'meta'.*rename it"):
+        htaf_export.load(path)
