@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch.utils import _pytree as pytree
 
 from .bounded import ETA, LAMBDA, U, Bounded, NoBound, gamma, is_integral, largest
+from .rounding_norms import layer_norm
 
 aten = torch.ops.aten
 
@@ -307,12 +308,13 @@ def _to(x, *args, **kwargs):
 
 
 def _sign(x: Bounded) -> Bounded:
-    """The sign of an exact tensor (binarized weights) is exact; of a rounded one it is a step outside
-    any Step module, which this analysis cannot bound."""
-    if bool(torch.any(x.error != 0)):
-        raise NoBound("sign of a computed tensor outside a step")
+    """``torch.sign`` (three values, so not a step): exact where the input's bound keeps it off zero; within the
+    bound of zero another evaluation may give any of −1, 0, 1, so 2 there."""
     value = torch.sign(x.value)
-    return Bounded.exact(value, 1.0)
+    uncertain = x.value.abs() <= x.error
+    if not bool(uncertain.any()):
+        return Bounded.exact(value, 1.0)
+    return Bounded(value, uncertain.to(value.dtype) * 2)
 
 
 def _compare(fn: Callable) -> Callable:
@@ -332,7 +334,7 @@ def _filled(fn: Callable) -> Callable:
 RULES: dict[Any, Callable] = {
     aten.linear.default: _linear, aten.mm.default: _matmul, aten.matmul.default: _matmul,
     aten.conv2d.default: _conv, aten.conv1d.default: _conv, aten.convolution.default: _convolution,
-    aten.batch_norm.default: _batch_norm,
+    aten.batch_norm.default: _batch_norm, aten.layer_norm.default: layer_norm,
     aten._native_batch_norm_legit_no_training.default: lambda x, w, b, m, v, mom, eps: (
         _batch_norm(x, w, b, m, v, False, mom, eps), None, None),
     aten.add.Tensor: _add, aten.sub.Tensor: _sub, aten.mul.Tensor: _mul, aten.div.Tensor: _div,

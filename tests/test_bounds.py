@@ -181,3 +181,36 @@ def test_a_global_max_pool_has_a_rule():
                           nn.Conv2d(6, 8, 3), nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(8, 3)).eval()
     bound = output_bounds_hold(harden(model).model.eval(), torch.randn(48, 2, 7, 9), min_rows=40)
     assert 0 < bound.max() <= 1e-4
+
+
+class _Offset(torch.nn.Module):
+    """Adds a large constant: a layer norm's rows then have |mean| far above their spread (E[x²] − μ² cancels)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + 40.0
+
+
+def test_layer_norm_and_a_plain_sign_have_rules(tmp_path):
+    """A token model's LayerNorm (also over rows whose mean dwarfs their spread, where ONNX Runtime's one-pass
+    variance cancels) and torch.sign on a computed tensor keep the derived bounds on; they hold against float64,
+    and the ONNX file passes on them."""
+    nn = torch.nn
+
+    class Tagger(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed, self.shift, self.norm = nn.Linear(12, 32), _Offset(), nn.LayerNorm(32)
+            self.mix, self.step, self.head = nn.Linear(32, 16), HTAF(levels="pm1"), nn.Linear(16, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = torch.sign(self.mix(self.norm(self.shift(self.embed(x)))))
+            return self.head(self.step(h + 0.5)).mean(1)
+
+    torch.manual_seed(6)
+    model = harden(Tagger().eval()).model.eval()
+    bound = output_bounds_hold(model, torch.randn(48, 7, 12), min_rows=40)
+    assert 0 < bound.max() <= 1e-3
+    path = htaf_export.save(Tagger().eval(), tmp_path / "tagger.pt2", input_shape=[7, 12])
+    report = export(path, "onnx", tmp_path / "tagger.onnx", device="cpu").report
+    assert report.passed and report.tolerance.derived, report.notes
+    assert not any("rounding bounds are not available" in n for n in report.notes), report.notes
