@@ -60,7 +60,7 @@ def larq_module():
         raise BadInput("--target tflite needs larq and larq-compute-engine: pip install 'htaf-export[tflite]'") from None
     return larq
 
-SHAPE_OPS = ("Shape", "Squeeze", "Unsqueeze", "Concat", "Gather", "Slice", "Cast", "Reshape", "Range",
+SHAPE_OPS = ("Shape", "Squeeze", "Unsqueeze", "Concat", "Gather", "Slice", "Cast", "CastLike", "Reshape", "Range",
              "ConstantOfShape")
 
 
@@ -69,9 +69,6 @@ class Presign:
     levels: str  # "pm1" or "01"
     tie: str  # "ge" or "gt"
 
-
-# What a user wrote that the exporter lowers to an op of another name (GroupNorm: reshapes around InstanceNorm).
-WRITTEN_AS = {"InstanceNormalization": "GroupNorm or InstanceNorm", "ConvTranspose": "ConvTranspose2d"}
 
 
 @dataclass
@@ -285,9 +282,7 @@ class KerasBuilder:
         for node in graph:
             emit = emitters.get((node.domain, node.op_type))
             if emit is None:
-                written = f" ({WRITTEN_AS[node.op_type]})" if node.op_type in WRITTEN_AS else ""
-                raise UnsupportedLayer(node.name or node.op_type,
-                                       f"no TFLite translation for op {node.op_type!r}{written}")
+                raise UnsupportedLayer(node.name or node.op_type, f"no TFLite translation for op {node.op_type!r}")
             results = emit(self, node)
             for value, val in zip(node.outputs, results):
                 self.set(value, val)

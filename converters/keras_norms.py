@@ -38,3 +38,29 @@ def layer_norm(b: KerasBuilder, node: ir.Node) -> list[Val]:
         return centred * tf.math.rsqrt(variance + eps) * scale + shift
 
     return [replace(x, tensor=b.lam(norm, x.tensor, node.name or "layer_norm"))]
+
+
+def instance_norm(b: KerasBuilder, node: ir.Node) -> list[Val]:
+    """InstanceNormalization: each channel of each sample over its positions (InstanceNorm, and GroupNorm,
+    which the exporter writes as one between two reshapes to [N, groups, -1])."""
+    x = b.real(node.inputs[0])
+    rank = len(x.shape) + 1
+    if rank < 3:
+        raise UnsupportedLayer(node.name, "InstanceNormalization of a tensor without positions")
+    scale, shift = (const_array(v) for v in node.inputs[1:3])
+    if scale is None or shift is None:
+        raise UnsupportedLayer(node.name, "InstanceNorm / GroupNorm with a computed scale or shift")
+    eps = float(attr(node, "epsilon", 1e-5))
+    if x.layout == "nhwc":  # channels last already: no transposes
+        per_channel, positions = (x.shape[0],), [1, 2]
+    else:
+        x = b.to_plain(x)
+        per_channel, positions = (x.shape[0],) + (1,) * (rank - 2), list(range(2, rank))
+    scale, shift = (np.asarray(v, np.float32).reshape(per_channel) for v in (scale, shift))
+
+    def norm(z):  # PyTorch's order of operations: centre, mean square, rsqrt
+        centred = z - tf.reduce_mean(z, axis=positions, keepdims=True)
+        variance = tf.reduce_mean(tf.square(centred), axis=positions, keepdims=True)
+        return centred * tf.math.rsqrt(variance + eps) * scale + shift
+
+    return [replace(x, tensor=b.lam(norm, x.tensor, node.name or "instance_norm"))]

@@ -44,6 +44,9 @@ def shape_only(b: KerasBuilder, node: ir.Node) -> list[Val]:
         return [Val(const=np.full((1,) + static_shape(node.outputs[0]), value, dtype=np.float32))]
     if node.op_type == "Shape" or any(v.shape_only for v in data) and all(v.tensor is None for v in data):
         return [Val(shape_only=True) for _ in node.outputs]
+    if node.op_type in ("Cast", "CastLike") and data and data[0].const is not None:  # a weight cast to its use
+        dtype = node.outputs[0].dtype
+        return [Val(const=np.asarray(data[0].const, dtype.numpy() if dtype is not None else np.float32))]
     if node.op_type in ("Reshape", "Squeeze", "Unsqueeze"):
         return reshape(b, node)
     if node.op_type == "Concat":
@@ -141,6 +144,9 @@ def _reshape_target(b: KerasBuilder, node: ir.Node, x: Val) -> tuple[int, ...]:
     target = b.get(node.inputs[1]).const if node.op_type == "Reshape" and len(node.inputs) > 1 else None
     if target is None and node.op_type == "Reshape" and len(node.inputs) > 1:
         target = _batch_then_constants(b, node.inputs[1])
+        like = _batch_shape(b, node.inputs[1]) if target is None else None  # back to another tensor's shape
+        if like is not None:
+            return like
     if target is None or target.ndim != 1 or len(target) < 1:
         raise UnsupportedLayer(node.name, f"{node.op_type} to a shape the IR does not know")
     dims = [x.shape[i - 1] if d == 0 and 0 < i <= len(x.shape) else int(d) for i, d in enumerate(target)][1:]
@@ -183,7 +189,7 @@ def _batch_shape(b: KerasBuilder, value: ir.Value | None) -> tuple[int, ...] | N
     size concatenated with constants (zeros(x.shape[0], ...))."""
     producer = value.producer() if value is not None else None
     if producer is not None and producer.op_type == "Shape" and len(producer.inputs) == 1 and \
-            not producer.attributes.get("start") and not producer.attributes.get("end"):
+            int(attr(producer, "start", 0)) == 0 and producer.attributes.get("end") is None:
         source = b.get(producer.inputs[0])
         return tuple(source.shape) if source.tensor is not None else None
     target = _batch_then_constants(b, value)

@@ -98,13 +98,18 @@ def output_path(loaded: LoadedModel, target: Target, output: str | Path | None) 
     return out
 
 
+NEAR_TIE = 1e-4  # the default flip margin
+
+
 def step_oracle(hardened: nn.Module, cap: Capture) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
     """``{input: array} -> {step tensor: array}`` from the hardened model; steps it cannot record (a TorchScript
-    source has no Step modules to hook) from the IR run in ONNX Runtime."""
+    source has no Step modules to hook) from the IR run in ONNX Runtime. NaN marks a bit whose pre-activation is
+    within ``NEAR_TIE`` of its threshold, which float layers before it may decide either way."""
     def run(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         tensors = tuple(torch.from_numpy(np.ascontiguousarray(inputs[name])) for name in cap.input_names)
         ref = run_reference(hardened, tensors, list(cap.output_names))
-        found = {s.tensor: ref.steps[(s.site, s.call)] for s in cap.steps if (s.site, s.call) in ref.steps}
+        found = {s.tensor: np.where(np.abs(ref.preactivations[(s.site, s.call)]) <= NEAR_TIE, np.float32(np.nan),
+                                    ref.steps[(s.site, s.call)]) for s in cap.steps if (s.site, s.call) in ref.steps}
         missing = [s.tensor for s in cap.steps if s.tensor not in found]
         if missing:
             from .runtimes.onnxruntime import ir_session

@@ -1,7 +1,7 @@
 """Layers users write that were refused, crashed or were named wrongly: binary layers at each token of [N, L, F]
 (bit-packed on TFLite, a MatMul in ONNX), LayerNorm on TFLite, an even kernel's 'same' padding before a binary
 Conv1d, binary Conv1d on integer kernels (onnx-int8), nearest upsampling on TFLite, XNOR-Net's scale after a large
-conv, parametrized weights, uint8 inputs, GroupNorm's refusal."""
+conv, parametrized weights, uint8 inputs."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from torch.nn.utils import parametrize
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")  # before anything imports TensorFlow: larq needs Keras 2
 
 import htaf_export  # noqa: E402
-from htaf_export.errors import BadInput, UnsupportedLayer  # noqa: E402
+from htaf_export.errors import BadInput  # noqa: E402
 from htaf_export.nn import HTAF  # noqa: E402
 from htaf_export.passes.util import layer_of  # noqa: E402
 
@@ -190,12 +190,3 @@ def test_uint8_inputs_are_refused_in_one_line_that_says_so(tmp_path):
     with pytest.raises(BadInput, match="takes uint8 inputs") as refused:
         htaf_export.export(path, "onnx", tmp_path / "u.onnx", device="cpu")
     assert "\n" not in str(refused.value) and not (tmp_path / "u.onnx").exists()
-
-
-@needs_tflite
-def test_group_norm_is_refused_on_tflite_naming_what_the_user_wrote(tmp_path):
-    model = nn.Sequential(nn.Conv2d(2, 8, 3), nn.GroupNorm(2, 8), HTAF(), nn.Flatten(), nn.Linear(8 * 3 * 3, 2))
-    path = save_pt2(model.eval(), torch.randn(2, 2, 5, 5), tmp_path / "g.pt2")
-    with pytest.raises(UnsupportedLayer, match="GroupNorm"):
-        htaf_export.export(path, "tflite", tmp_path / "g.tflite", device="cpu")
-    assert not (tmp_path / "g.tflite").exists()

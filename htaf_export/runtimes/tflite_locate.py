@@ -125,7 +125,9 @@ def _agreement(data: bytes, slots: list[tfl.StepSlot], inputs: dict[int, np.ndar
             key = replace(slots[j], tensor="")
             if key not in decoded:
                 decoded[key] = tfl.decode(values[slots[j].index], slots[j])
-            agree[j] += float(np.mean(decoded[key] == wanted[slots[j].tensor][k:k + 1]))
+            want = wanted[slots[j].tensor][k:k + 1]
+            known = ~np.isnan(want)  # near ties (NaN) count as agreeing either way
+            agree[j] += float(np.mean(decoded[key][known] == want[known])) if known.any() else 1.0
         # a candidate whose best possible final agreement is below MATCH_REQUIRED can never be chosen
         alive = [j for j in alive if (agree[j] + (n - k - 1)) / n >= MATCH_REQUIRED]
     return agree / n
