@@ -90,6 +90,7 @@ def _binary_conv(b: KerasBuilder, layer: BinaryLayer, plan: LcePlan, x: Val, wei
         quantizer = b.quantizer(x)
         make = lambda: larq_module().layers.QuantConv2D(  # noqa: E731
             weight.shape[0], weight.shape[2:], strides=layer.stride, padding=padding, pad_values=pad_values,
+            dilation_rate=layer.dilation,
             input_quantizer=quantizer, kernel_quantizer=None, use_bias=bias is not None, name=b.name(layer.name))
         y = b.apply(make, t, [weight.transpose(2, 3, 1, 0)] + ([bias] if bias is not None else []),
                     f"QuantConv2D:{layer.name}:{padding}:{pad_values}:{quantizer}")

@@ -362,9 +362,9 @@ def plan_lce(layer: BinaryLayer) -> LcePlan:
         depthwise = layer.group == layer.weight.shape[0] and layer.weight.shape[1] == 1
         return LcePlan(False, reason="LCE has no binary depthwise conv" if depthwise else
                        "grouped binary convs run only on LCE's indirect-BGEMM kernel, not its default one")
-    if layer.dilation != (1, 1):
-        return LcePlan(False, reason="dilated binary convs are not supported by this converter")
-    mode, note = _lce_padding(layer, tuple(int(k) for k in layer.weight.shape[2:]))  # type: ignore[arg-type]
+    # TF's SAME padding of a dilated kernel is that of its span
+    span = tuple(d * (int(k) - 1) + 1 for d, k in zip(layer.dilation, layer.weight.shape[2:]))
+    mode, note = _lce_padding(layer, span)  # type: ignore[arg-type]
     return LcePlan(True, mode, note) if mode else LcePlan(False, reason=note)
 
 

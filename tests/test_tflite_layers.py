@@ -23,6 +23,7 @@ from htaf_export import tflite_file as tfl  # noqa: E402
 from htaf_export.nn import HTAF, BinaryConv2d  # noqa: E402
 
 from conftest import save_pt2  # noqa: E402
+from test_user_layers import SignConv2d  # noqa: E402
 
 SHAPE = (2, 9, 12)
 
@@ -197,3 +198,26 @@ def test_a_linear_at_each_time_step_exports_to_tflite_with_parity(tmp_path, fmt,
     rows = {r.layer: r.became for r in result.conversion.rows}
     assert rows.get("proj") == "CONV_2D (float)", rows  # a 1×1 conv at each step; named after its module
     assert "conv" in rows, rows
+
+
+class DilatedNet(nn.Module):
+    """Dilated binary convs (a temporal conv net's or a segmentation net's context): 'same' and unpadded."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.bn0, self.sign = nn.Conv2d(2, 16, 3, padding=1), nn.BatchNorm2d(16), HTAF(levels="pm1")
+        self.wide, self.bn1, self.fire = SignConv2d(16, 16, 3, padding=2, dilation=2, bias=False), \
+            nn.BatchNorm2d(16), HTAF(levels="pm1")
+        self.tall, self.head = SignConv2d(16, 8, 3, dilation=(1, 3), bias=False), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fire(self.bn1(self.wide(self.sign(self.bn0(self.stem(x))))))
+        return self.head(self.tall(h).mean((2, 3)))
+
+
+def test_dilated_binary_convs_bit_pack_on_both_lce_kernels(tmp_path):
+    torch.manual_seed(3)
+    result = _exported(DilatedNet(), (2, 11, 13), "pt2", "tflite", tmp_path)
+    rows = {r.layer: r.became for r in result.conversion.rows}
+    assert rows["wide"] == rows["tall"] == "LceBconv2d (bit-packed)", rows
+    assert {b.backend for b in result.report.backends} >= {"lce-default", "lce-indirect-bgemm"}
