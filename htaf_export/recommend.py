@@ -4,7 +4,8 @@ Both ONNX files (float and integer) are converted from the capture and run by ON
 batch 1 for a short budget. A TFLite file that the export has just built is timed too (LCE's faster kernel for a
 bit-packed file, the stock interpreter otherwise), when TensorFlow is already loaded: converting a TFLite file
 only to time it would take longer than the export. The fastest is recommended, unless the float ONNX file is
-within ``MIN_GAIN`` of it (the simplest file to deploy). On ARM the bit-packed TFLite file is recommended, because
+within ``MIN_GAIN`` of it (the simplest file to deploy). An integer file without integer kernels (a model with
+no binary layer) is not timed: it is the float graph again. On ARM the bit-packed TFLite file is recommended, because
 LCE's optimised kernels are its ARM ones.
 """
 
@@ -24,6 +25,7 @@ from .errors import BadInput, UnsupportedLayer
 from .targets import TARGETS, ExportOptions
 
 TIMED = ("onnx", "onnx-int8")
+INTEGER_OPS = frozenset({"MatMulInteger", "ConvInteger", "QLinearConv", "QLinearMatMul"})
 TFLITE_TARGETS = ("tflite", "tflite-float", "tflite-int8")
 ARM = ("aarch64", "arm64", "armv7l", "armv8l")
 BUDGET_S = 0.5  # per file
@@ -99,6 +101,8 @@ def _recommend(cap: Capture, built: Mapping[str, bytes]) -> Recommendation | Non
                 data = TARGETS[name].function("converter")(cap, {md.TARGET: name}, ExportOptions()).data
             except (UnsupportedLayer, BadInput):
                 continue
+        if name == "onnx-int8" and not _runs_integer_kernels(data):
+            continue  # the float graph again: timing it would only measure noise
         timings.append(Timing(name, time_onnx(data, feed)))
     timings += _tflite_timings(built)
     if not timings:
@@ -113,6 +117,12 @@ def _recommend(cap: Capture, built: Mapping[str, bytes]) -> Recommendation | Non
     fastest = min(ms, key=ms.__getitem__)
     best = "onnx" if "onnx" in ms and ms["onnx"] <= ms[fastest] * MIN_GAIN else fastest
     return Recommendation(best, machine, tuple(timings), f"measured {measured}")
+
+
+def _runs_integer_kernels(data: bytes) -> bool:
+    import onnx
+
+    return any(node.op_type in INTEGER_OPS for node in onnx.load_from_string(data).graph.node)
 
 
 def _tflite_timings(built: Mapping[str, bytes]) -> list[Timing]:

@@ -218,6 +218,18 @@ def test_the_recommendation_is_measured_on_this_machine(monkeypatch):
     assert recommend(cap).target == "tflite"
 
 
+def test_a_model_without_binary_layers_is_recommended_onnx_untimed_as_integer():
+    """Its onnx-int8 file is the float graph again: timing both would recommend by noise."""
+    from htaf_export.capture import capture
+    from htaf_export.harden import harden
+    from htaf_export.nn import HTAF
+    from htaf_export.recommend import recommend
+
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), HTAF(levels="01"), torch.nn.Linear(8, 3)).eval()
+    found = recommend(capture(harden(model).model, [6]))
+    assert [t.target for t in found.timings] == ["onnx"] and found.target == "onnx"
+
+
 def test_a_tflite_export_times_its_own_file_for_the_recommendation(tmp_path):
     sample = Path(__file__).resolve().parent.parent / "sample_models" / "bnn_mlp.pt"
     with contextlib.redirect_stdout(io.StringIO()):
