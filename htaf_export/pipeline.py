@@ -92,7 +92,10 @@ def provenance(loaded: LoadedModel, target: Target, options: ExportOptions) -> d
 
 
 def output_path(loaded: LoadedModel, target: Target, output: str | Path | None) -> Path:
-    out = Path(output) if output is not None else loaded.path.with_suffix(target.default_suffix)
+    named = loaded.path.with_suffix(target.default_suffix)
+    out = Path(output) if output is not None else named
+    if out.is_dir():  # -o DIR: the default name, in that folder
+        out = out / named.name
     if out.suffix != target.suffix:
         raise BadInput(f"output {out} must end in {target.suffix} for target {target.name}")
     return out

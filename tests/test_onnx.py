@@ -243,11 +243,16 @@ def test_layer_that_cannot_be_expressed_is_named(tmp_path):
 def test_unwritable_output_gives_exit_2_and_leaves_nothing(tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    for target in (blocker / "x.onnx", tmp_path / "missing" / "x.onnx", tmp_path):
+    for target in (blocker / "x.onnx", tmp_path / "missing" / "x.onnx"):
         assert cli.main([str(SAMPLES / "dhn_mlp.pt"), "--target", "onnx", "-o", str(target)]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("htaf-export: error:")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def test_an_output_folder_gets_the_default_name(tmp_path):
+    result = export(SAMPLES / "dhn_mlp.pt", "onnx-int8", tmp_path, validate_artifact=False)
+    assert result.artifact == tmp_path / "dhn_mlp.int8.onnx" and result.artifact.is_file()
 
 
 def test_failure_during_conversion_leaves_no_file(tmp_path, monkeypatch):
