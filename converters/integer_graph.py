@@ -21,7 +21,7 @@ from htaf_export.passes.util import is_step
 from . import int8_layers as il
 from .layer_ops import per_channel_tail
 from .integer_steps import _layer_nodes as float_layer_nodes
-from .tflite_binary import DOMAIN, OP, PASSTHROUGH, BinaryLayer, _pad_spec, input_levels
+from .tflite_binary import DOMAIN, OP, BinaryLayer, _pad_spec, copies_values, input_levels
 
 FIRED_SUFFIX = "/fired"
 
@@ -130,7 +130,7 @@ class IntegerGraph:
     def _replayed(self, node: ir.Node, enc: il.Encoding) -> ir.Value | None:
         """A pooling/reshape/pad node run again on the encoded input."""
         pad = _pad_spec(node)
-        if node.op_type not in PASSTHROUGH and (pad is None or not enc.stores(pad[1])):
+        if not copies_values(node) and (pad is None or not enc.stores(pad[1])):
             return None
         source = self._encoded(node.inputs[0], enc)
         if source is None:

@@ -190,3 +190,9 @@ def test_uint8_inputs_are_refused_in_one_line_that_says_so(tmp_path):
     with pytest.raises(BadInput, match="takes uint8 inputs") as refused:
         htaf_export.export(path, "onnx", tmp_path / "u.onnx", device="cpu")
     assert "\n" not in str(refused.value) and not (tmp_path / "u.onnx").exists()
+
+
+def test_nearest_upsampling_before_a_binary_conv_runs_on_integer_kernels(tmp_path):
+    """onnx-int8: the upsampling replays on the uint8 codes, so the binary conv after it is integer too."""
+    rows = {r.layer: r.became for r in _export(Upsampled(), (1, 5, 7), "onnx-int8", tmp_path).conversion.rows}
+    assert rows.get("c1") == "QLinearConv (threshold)", rows
