@@ -47,7 +47,7 @@ def _export_parser() -> argparse.ArgumentParser:
                 "Other commands: 'htaf-export inspect MODEL', 'htaf-export validate MODEL ARTIFACT'.")
     p.add_argument("model", help="model file: htaf-export checkpoint, TorchScript, .pt2, or pickle (--trust-pickle)")
     p.add_argument("--target", required=True, choices=list(TARGETS), help="artifact to produce")
-    p.add_argument("-o", "--output", type=Path, help="artifact path (default: beside the model)")
+    p.add_argument("-o", "--output", help="artifact path, or a folder (default: beside the model)")
     p.add_argument("--data", type=Path, help=".npz with inputs 'x' (and labels 'y') for validation")
     p.add_argument("--tie", choices=("ge", "gt"), help="value at exactly the threshold: ge fires (default), gt not")
     p.add_argument("--no-validate", action="store_true", help="skip the parity check after export")

@@ -105,7 +105,8 @@ def close_to_last_bit(ref: np.ndarray, got) -> np.ndarray:
     got = np.asarray(got)
     if got.size != ref.size:
         return np.ones(n, bool)  # the comparison reports the shape
-    return (np.abs(ref - got.reshape(ref.shape)) <= 4 * bounds.U * np.abs(ref)).reshape(n, -1).all(axis=1)
+    ref, got = ref.astype(np.float64), got.reshape(ref.shape).astype(np.float64)  # bool and integer outputs too
+    return (np.abs(ref - got) <= 4 * bounds.U * np.abs(ref)).reshape(n, -1).all(axis=1)
 
 
 def rows_needing_bounds(info: ArtifactInfo, ref, arts: list[dict[str, np.ndarray]], n: int) -> np.ndarray:

@@ -90,8 +90,8 @@ def resolve(loaded: LoadedModel, input_shape: Sequence[int] | Sequence[Sequence[
     try:
         with torch.no_grad():
             out = loaded.module(*(torch.zeros(2, *shape) for shape in shapes))
-    except (RuntimeError, ValueError, TypeError, IndexError, AssertionError) as e:
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+    except Exception as e:  # noqa: BLE001 - whatever the user's forward raises is about the model: exit 2
+        first = _cause(e)
         if re.search(r"'indices' to have one of the following scalar types|expected scalar type (Long|Int)", str(e)):
             raise BadInput(f"{loaded.path}: the model takes integer inputs (token ids for an nn.Embedding?); "
                            f"htaf-export feeds float inputs only: export the layers after the embedding, and "
@@ -217,7 +217,10 @@ def load(path: str | Path, trust_pickle: bool = False) -> LoadedModel:
     if not zipfile.is_zipfile(path):
         if head.startswith(b"PK"):
             raise BadInput(f"model file {path} is a truncated or corrupt archive")
-        raise BadInput(f"model file {path} is not a PyTorch model (checkpoint, TorchScript, .pt2 or pickle)")
+        exported = path.suffix.lower() in (".onnx", ".tflite", ".nir")
+        hint = (f"; htaf-export starts from the PyTorch model: 'htaf-export inspect {path.name}' reads an exported "
+                f"file, and 'htaf-export validate MODEL ARTIFACT' (model first) checks it") if exported else ""
+        raise BadInput(f"model file {path} is not a PyTorch model (checkpoint, TorchScript, .pt2 or pickle){hint}")
     try:
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
@@ -238,6 +241,15 @@ def load(path: str | Path, trust_pickle: bool = False) -> LoadedModel:
     except TORCH_READ_ERRORS as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise BadInput(f"model file {path} cannot be read (truncated or corrupt?): {msg[:200]}") from None
+
+
+def _cause(error: Exception) -> str:
+    """One line on why the model raised: TorchScript puts its own sentence first and the cause last."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    line = lines[-1] if "TorchScript interpreter" in lines[0] and len(lines) > 1 else lines[0]
+    return f"{type(error).__name__}: {line}"[:200] if not isinstance(error, RuntimeError) else line[:200]
 
 
 def _rebuilt(program: torch.export.ExportedProgram, path: Path) -> torch.nn.Module:
@@ -325,6 +337,7 @@ def _load_pickled(path: Path, digest: str, trust_pickle: bool) -> LoadedModel:
             raise BadInput(f"{path} is a pickled Python object, and unpickling runs code from the file; "
                            f"pass --trust-pickle only if you trust its source") from None
         obj = unpickle(path)
+        obj = getattr(obj, "_orig_mod", obj) if type(obj).__name__ == "OptimizedModule" else obj  # torch.compile's
         if not isinstance(obj, nn.Module):
             raise BadInput(f"{path} holds a pickled {type(obj).__name__}, not an nn.Module") from None
         first, more = _recordedas_shapes(getattr(obj, "input_shape", None))

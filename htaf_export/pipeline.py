@@ -94,6 +94,8 @@ def provenance(loaded: LoadedModel, target: Target, options: ExportOptions) -> d
 def output_path(loaded: LoadedModel, target: Target, output: str | Path | None) -> Path:
     named = loaded.path.with_suffix(target.default_suffix)
     out = Path(output) if output is not None else named
+    if str(output or "").endswith(("/", "\\")) and not out.is_dir():
+        raise BadInput(f"output folder {output} does not exist")
     if out.is_dir():  # -o DIR: the default name, in that folder
         out = out / named.name
     if out.suffix != target.suffix:

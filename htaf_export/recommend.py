@@ -4,7 +4,7 @@ Both ONNX files (float and integer) are converted from the capture and run by ON
 batch 1 for a short budget. A TFLite file that the export has just built is timed too (LCE's faster kernel for a
 bit-packed file, the stock interpreter otherwise), when TensorFlow is already loaded: converting a TFLite file
 only to time it would take longer than the export. The fastest is recommended, unless the float ONNX file is
-within ``MIN_GAIN`` of it (the simplest file to deploy). An integer file without integer kernels (a model with
+within ``MIN_GAIN`` or ``MIN_SAVED_MS`` of it (the simplest file to deploy). An integer file without integer kernels (a model with
 no binary layer) is not timed: it is the float graph again. On ARM the bit-packed TFLite file is recommended, because
 LCE's optimised kernels are its ARM ones.
 """
@@ -29,7 +29,8 @@ INTEGER_OPS = frozenset({"MatMulInteger", "ConvInteger", "QLinearConv", "QLinear
 TFLITE_TARGETS = ("tflite", "tflite-float", "tflite-int8")
 ARM = ("aarch64", "arm64", "armv7l", "armv8l")
 BUDGET_S = 0.5  # per file
-MIN_GAIN = 1.1  # the integer file must be at least this much faster to be worth a different target
+MIN_GAIN = 1.1  # another file must be at least this much faster to be worth a different target
+MIN_SAVED_MS = 0.02  # and save at least this much per inference: below it, timings differ by noise
 
 
 @dataclass(frozen=True)
@@ -115,7 +116,8 @@ def _recommend(cap: Capture, built: Mapping[str, bytes]) -> Recommendation | Non
                               f"LCE's optimised bit-packed kernels are its ARM ones, for binary layers on ±1 "
                               f"activations (measured here: {measured})")
     fastest = min(ms, key=ms.__getitem__)
-    best = "onnx" if "onnx" in ms and ms["onnx"] <= ms[fastest] * MIN_GAIN else fastest
+    close = "onnx" in ms and (ms["onnx"] <= ms[fastest] * MIN_GAIN or ms["onnx"] - ms[fastest] < MIN_SAVED_MS)
+    best = "onnx" if close else fastest
     return Recommendation(best, machine, tuple(timings), f"measured {measured}")
 
 
