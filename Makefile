@@ -9,7 +9,7 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/pip install --quiet -e ".[cpu,tflite,micro,distributed,qonnx,nir,reference,dev]"
 	touch $(STAMP)
 
-.PHONY: install demo test bench
+.PHONY: install demo test test-all bench
 install: $(STAMP)
 
 demo: $(STAMP)
@@ -21,6 +21,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q
+
+# every cell of the user-model gallery (every model x format x target): about three times the gallery's time
+test-all: $(STAMP)
+	HTAF_FULL_MATRIX=1 $(VENV)/bin/python -m pytest -q
 
 bench: $(STAMP)
 	$(VENV)/bin/python benchmarks/run_all.py

@@ -31,7 +31,7 @@ from htaf_export.passes.util import const_array
 from htaf_export.tflite_file import IoSlot, StepForm, tensorflow
 
 from .kernels import spread
-from .layouts import static_shape
+from .layouts import permuted_to_channels_first, static_shape
 from .lift_1d import LIFTED
 from .tflite_binary import FLOAT_PLAN, BinaryLayer, LcePlan
 
@@ -273,9 +273,9 @@ class KerasBuilder:
         inputs, in_specs = [], []
         for value in graph.inputs:
             shape = static_shape(value)
-            layout = "nhwc" if len(shape) == 3 else "plain"
+            layout = "nhwc" if len(shape) == 3 and not permuted_to_channels_first(value) else "plain"
             stored = Val(None, shape, layout).stored_shape
-            tensor = keras.Input(shape=stored, name=self.name(f"in_{len(inputs)}"))
+            tensor = keras.Input(shape=stored, name=self.name(value.name or f"in_{len(inputs)}"))  # signature key
             inputs.append(tensor)
             self.set(value, Val(tensor, shape, layout))
             in_specs.append(IoSlot(value.name, -1, layout, shape))
@@ -289,8 +289,9 @@ class KerasBuilder:
         outputs, out_specs = [], []
         for k, value in enumerate(graph.outputs):
             v = self.to_canonical(self.real(value))
-            outputs.append(self.lam(lambda z: tf.identity(z), v.tensor, f"out_{k}"))
-            out_specs.append(IoSlot(value.name, -1, v.layout, v.shape, keras=f"out_{k}"))
+            key = self.name(value.name or f"out_{k}")  # the signature's key: the model's own output name
+            outputs.append(keras.layers.Lambda(lambda z: tf.identity(z), name=key)(v.tensor))
+            out_specs.append(IoSlot(value.name, -1, v.layout, v.shape, keras=key))
         model = keras.Model(inputs, outputs, name="htaf_export")
         steps = {}
         lifted = graph.meta.get(LIFTED, set())

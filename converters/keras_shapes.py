@@ -16,9 +16,15 @@ from .layouts import static_shape, torch_shape
 
 
 def transpose(b: KerasBuilder, node: ir.Node) -> list[Val]:
-    """A permutation of the per-sample axes (the batch stays first), on the PyTorch tensor."""
-    x = b.to_plain(b.real(node.inputs[0]))
+    """A permutation of the per-sample axes (the batch stays first), on the PyTorch tensor. Between channels
+    last and channels first of a 4-D tensor it moves nothing: the stored tensor is already the result."""
+    x = b.real(node.inputs[0])
     perm = [int(p) for p in attr(node, "perm", list(range(len(x.shape), -1, -1)))]
+    if perm == [0, 3, 1, 2] and x.layout == "plain" and len(x.shape) == 3:  # [H, W, C] → [C, H, W], stored NHWC
+        return [Val(x.tensor, (x.shape[2], x.shape[0], x.shape[1]), "nhwc", presign=x.presign)]
+    if perm == [0, 2, 3, 1] and x.layout == "nhwc":
+        return [Val(x.tensor, (x.shape[1], x.shape[2], x.shape[0]), "plain", presign=x.presign)]
+    x = b.to_plain(x)
     if not perm or perm[0] != 0:
         raise UnsupportedLayer(node.name, f"Transpose {perm} moves the batch axis")
     t = b.lam(lambda z: tf.transpose(z, perm), x.tensor, node.name or "transpose")

@@ -26,3 +26,10 @@ def torch_shape(tensor, layout: str) -> tuple[int, ...]:
     if layout == "pixel":
         return (dims[-1],)
     return dims
+
+
+def permuted_to_channels_first(value: ir.Value) -> bool:
+    """An input the model itself turns from channels last to first: the file takes it as the model does."""
+    uses = [u for u in value.uses() if u.node.op_type != "Shape"]  # reading the batch size moves no data
+    return bool(uses) and all(u.node.op_type == "Transpose" and list(u.node.attributes.get_ints("perm", [])) ==
+                              [0, 3, 1, 2] for u in uses)

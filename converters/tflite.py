@@ -208,8 +208,25 @@ def _summarize(data: bytes, flat, ops: list[str], built: Built, rejected: tuple[
     floor = sum(e.numel for e in binary) / 8
     stored = stored_packed + sum(4 * e.numel for e in binary if e.keras != "QuantConv2D")
     packed_floor = sum(e.numel for e in binary if e.keras == "QuantConv2D") / 8
-    notes = []
+    notes = io_notes(built)
     if packed_floor:
         notes.append(f"bit-packed layers: {stored_packed:,} B of weights vs 1-bit floor {packed_floor:,.0f} B "
                      f"= {stored_packed / packed_floor:.3f}x")
     return Conversion(data, tuple(rows), floor, stored, tuple(notes))
+
+
+def io_notes(built: Built) -> list[str]:
+    """What a user feeding the file must know: an image input is channels last, as TFLite takes images; several
+    inputs or outputs are found by name (the subgraph's order is the converter's)."""
+    names = [_keras_name(t) for t in built.model.inputs]
+    notes = [f"input {name!r} is channels last: [1, {h}, {w}, {c}], the model's [{c}, {h}, {w}] transposed "
+             f"(feed x.transpose(0, 2, 3, 1))" for name, slot in zip(names, built.inputs) if slot.layout == "nhwc"
+             for c, h, w in [slot.shape]]
+    if len(built.inputs) > 1 or len(built.outputs) > 1:
+        notes.append(f"feed and read by name with interpreter.get_signature_runner(): inputs {', '.join(names)}; "
+                     f"outputs {', '.join(o.keras for o in built.outputs)}")
+    return notes
+
+
+def _keras_name(tensor) -> str:
+    return tensor.name.split(":")[0]
