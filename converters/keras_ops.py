@@ -19,7 +19,8 @@ from .keras_binary import binary, step
 from .keras_builder import SHAPE_OPS, EmittedLayer, KerasBuilder, Val, keras, tf
 from .keras_norms import instance_norm, layer_norm
 from .keras_transposed import conv_transpose
-from .keras_shapes import expand, identity, per_position, positions, reshape, resize, shape_only, transpose
+from .keras_shapes import (expand, identity, per_position, positions, reshape, resize, shape_only, split,
+                           transpose)
 from .layouts import torch_shape
 from .tflite_binary import DOMAIN as BINARY_DOMAIN, OP as BINARY_OP, is_binary_weight, layer_name, trim_padding
 
@@ -371,13 +372,12 @@ def _only_conv_consumer(node: ir.Node) -> ir.Node | None:
 EMITTERS: dict[tuple[str, str], Callable[[KerasBuilder, ir.Node], list[Val]]] = {
     ("", "Conv"): _conv, ("", "ConvTranspose"): conv_transpose,
     ("", "Gemm"): _gemm, ("", "MatMul"): _gemm,
-    ("", "BatchNormalization"): _batchnorm,
-    ("", "LayerNormalization"): layer_norm, ("", "InstanceNormalization"): instance_norm,
-    ("", "Resize"): resize,
+    ("", "BatchNormalization"): _batchnorm, ("", "LayerNormalization"): layer_norm,
+    ("", "InstanceNormalization"): instance_norm,
+    ("", "Resize"): resize, ("", "Split"): split,
     ("", "MaxPool"): _maxpool,
     ("", "AveragePool"): _averagepool,
-    ("", "GlobalAveragePool"): _global_pool,
-    ("", "GlobalMaxPool"): _global_pool,
+    ("", "GlobalAveragePool"): _global_pool, ("", "GlobalMaxPool"): _global_pool,
     ("", "Pad"): _pad,
     **{("", op): _reduce for op in ("ReduceMean", "ReduceMax")},
     ("", "Flatten"): reshape,

@@ -53,6 +53,11 @@ def shape_only(b: KerasBuilder, node: ir.Node) -> list[Val]:
     if node.op_type in ("Cast", "CastLike") and data and data[0].const is not None:  # a weight cast to its use
         dtype = node.outputs[0].dtype
         return [Val(const=np.asarray(data[0].const, dtype.numpy() if dtype is not None else np.float32))]
+    if node.op_type in ("Cast", "CastLike") and data and data[0].tensor is not None:  # (x > 0).long() as an output
+        x, dtype = b.real(node.inputs[0]), node.outputs[0].dtype
+        wanted = tf.as_dtype(dtype.numpy()) if dtype is not None else tf.float32
+        t = x.tensor if x.tensor.dtype == wanted else b.lam(lambda z: tf.cast(z, wanted), x.tensor, node.name or "cast")
+        return [Val(t, x.shape, x.layout, presign=x.presign if wanted == tf.float32 else None)]
     if node.op_type in ("Reshape", "Squeeze", "Unsqueeze"):
         return reshape(b, node)
     if node.op_type == "Concat":
@@ -110,6 +115,32 @@ def crop(b: KerasBuilder, node: ir.Node) -> list[Val]:
     taken = tuple(index)
     t = b.lam(lambda z: z[taken], x.tensor, node.name or "slice")
     return [b.to_canonical(Val(t, tuple(shape), "plain", presign=x.presign))]
+
+
+def split(b: KerasBuilder, node: ir.Node) -> list[Val]:
+    """Split into parts along a per-sample axis (``torch.chunk``, ``split``; a GRU or LSTM cell's gates): one
+    strided slice a part, on the PyTorch tensor; a batch-broadcast constant (a gate of the zero state) in numpy."""
+    held = b.get(node.inputs[0])
+    folded = held.tensor is None and held.const is not None
+    x = Val(shape=tuple(np.shape(held.const)[1:])) if folded else b.to_plain(b.real(node.inputs[0]))
+    rank = len(x.shape) + 1
+    axis = int(attr(node, "axis", 0)) % rank
+    if axis == 0:
+        raise UnsupportedLayer(node.name, "Split across the batch axis")
+    sizes = b.get(node.inputs[1]).const if len(node.inputs) > 1 and node.inputs[1] is not None else None
+    if sizes is None:
+        parts, size = len(node.outputs), x.shape[axis - 1]
+        sizes = [-(-size // parts)] * (parts - 1) + [size - -(-size // parts) * (parts - 1)]
+    ends = np.cumsum(np.asarray(sizes, np.int64).reshape(-1))
+    if folded:
+        return [Val(const=part) for part in np.split(np.asarray(held.const), ends[:-1], axis=axis)]
+    outputs = []
+    for k, (start, end) in enumerate(zip([0, *ends[:-1]], ends)):
+        index = tuple([slice(None)] * axis + [slice(int(start), int(end))])
+        t = b.lam(lambda z, index=index: z[index], x.tensor, f"{node.name or 'split'}_{k}")
+        shape = tuple(int(end - start) if i == axis - 1 else d for i, d in enumerate(x.shape))
+        outputs.append(b.to_canonical(Val(t, shape, "plain", presign=x.presign)))
+    return outputs
 
 
 def reshape(b: KerasBuilder, node: ir.Node) -> list[Val]:
