@@ -22,7 +22,6 @@ if importlib.util.find_spec("tensorflow") is None:
 import htaf_export  # noqa: E402
 from htaf_export import cli  # noqa: E402
 
-from conftest import save_pt2  # noqa: E402
 
 
 class ChannelsLast(nn.Module):
