@@ -149,6 +149,9 @@ def export(model: str | Path | LoadedModel, target: str, output: str | Path | No
 
     ``input_shape`` (per sample, no batch) is needed only when neither ``data`` nor the model file says it."""
     chosen = target_named(target)
+    if output is not None and not Path(output).is_dir() and not str(output).endswith(("/", "\\")) and \
+            Path(output).suffix != chosen.suffix:  # said before the model is read, which takes seconds
+        raise BadInput(f"output {output} must end in {chosen.suffix} for target {chosen.name}")
     options = ExportOptions(portable=portable, snn_mode=snn_mode, lce_kernel=lce_kernel)
     seconds: dict[str, float] = {}
     start = time.perf_counter()

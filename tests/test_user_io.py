@@ -73,3 +73,8 @@ def test_an_output_folder_that_does_not_exist_is_refused(tmp_path, capsys):
     _one_line_exit_2([str(model), "--target", "onnx", "-o", str(tmp_path / "nowhere.onnx") + "/"], capsys,
                      "does not exist")
     assert not (tmp_path / "nowhere.onnx").exists()
+
+
+def test_a_wrong_output_suffix_is_said_before_the_model_is_read(tmp_path, capsys):
+    _one_line_exit_2([str(tmp_path / "not_read_yet.pt"), "--target", "onnx", "-o", str(tmp_path / "m.tflite")],
+                     capsys, "must end in .onnx")
