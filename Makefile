@@ -19,13 +19,13 @@ demo: $(STAMP)
 	$(VENV)/bin/htaf-export sample_models/bnn_cnn.pt --target tflite -o out/bnn_cnn.tflite --report out/bnn_cnn.tflite.json
 	$(VENV)/bin/htaf-export sample_models/snn_zero_mlp.pt --target nir -o out/snn_zero_mlp.nir
 
-# two worker processes (pytest-xdist): a 2-core machine runs the suite in about 0.8x the time of one
+# two worker processes (pytest-xdist), each taking whole test files, so a file's fixtures are built once
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q -n 2
+	$(VENV)/bin/python -m pytest -q -n 2 --dist loadfile
 
 # every cell of the user-model gallery (every model x format x target): about three times the gallery's time
 test-all: $(STAMP)
-	HTAF_FULL_MATRIX=1 $(VENV)/bin/python -m pytest -q -n 2
+	HTAF_FULL_MATRIX=1 $(VENV)/bin/python -m pytest -q -n 2 --dist loadfile
 
 bench: $(STAMP)
 	$(VENV)/bin/python benchmarks/run_all.py
