@@ -98,12 +98,16 @@ def output_path(loaded: LoadedModel, target: Target, output: str | Path | None) 
         raise BadInput(f"output folder {output} does not exist")
     if out.is_dir():  # -o DIR: the default name, in that folder
         out = out / named.name
-    if out.suffix != target.suffix:
-        raise BadInput(f"output {out} must end in {target.suffix} for target {target.name}")
+    check_suffix(out, target)
     return out
 
 
-NEAR_TIE = 1e-4  # the default flip margin
+def check_suffix(out: Path, target: Target) -> None:
+    if out.suffix != target.suffix:
+        raise BadInput(f"output {out} must end in {target.suffix} for target {target.name}")
+
+
+NEAR_TIE = Tolerance().flip_margin
 
 
 def step_oracle(hardened: nn.Module, cap: Capture) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
@@ -149,9 +153,8 @@ def export(model: str | Path | LoadedModel, target: str, output: str | Path | No
 
     ``input_shape`` (per sample, no batch) is needed only when neither ``data`` nor the model file says it."""
     chosen = target_named(target)
-    if output is not None and not Path(output).is_dir() and not str(output).endswith(("/", "\\")) and \
-            Path(output).suffix != chosen.suffix:  # said before the model is read, which takes seconds
-        raise BadInput(f"output {output} must end in {chosen.suffix} for target {chosen.name}")
+    if output is not None and not Path(output).is_dir() and not str(output).endswith(("/", "\\")):
+        check_suffix(Path(output), chosen)  # said before the model is read, which takes seconds
     options = ExportOptions(portable=portable, snn_mode=snn_mode, lce_kernel=lce_kernel)
     seconds: dict[str, float] = {}
     start = time.perf_counter()

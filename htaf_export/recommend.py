@@ -25,7 +25,6 @@ from .errors import BadInput, UnsupportedLayer
 from .targets import TARGETS, ExportOptions
 
 TIMED = ("onnx", "onnx-int8")
-INTEGER_OPS = frozenset({"MatMulInteger", "ConvInteger", "QLinearConv", "QLinearMatMul"})
 TFLITE_TARGETS = ("tflite", "tflite-float", "tflite-int8")
 ARM = ("aarch64", "arm64", "armv7l", "armv8l")
 BUDGET_S = 0.5  # per file
@@ -124,7 +123,9 @@ def _recommend(cap: Capture, built: Mapping[str, bytes]) -> Recommendation | Non
 def _runs_integer_kernels(data: bytes) -> bool:
     import onnx
 
-    return any(node.op_type in INTEGER_OPS for node in onnx.load_from_string(data).graph.node)
+    from .passes.util import INTEGER_WEIGHT_INPUTS  # the integer kernels onnx-int8 writes
+
+    return any(node.op_type in INTEGER_WEIGHT_INPUTS for node in onnx.load_from_string(data).graph.node)
 
 
 def _tflite_timings(built: Mapping[str, bytes]) -> list[Timing]:

@@ -268,8 +268,8 @@ class Validation:
                 compare_binary(tr, ref.steps[key], art[tr.name], pre, cert, excused, margin, part, offset)
             else:
                 bound = found.outputs.get(tr.name) if found is not None else None
-                spared = excused | ref.unsure if ref.unsure is not None else excused
-                compare_float(tr, ref.outputs[tr.name], art[tr.name], spared, self.tol, part, offset, bound)
+                compare_float(tr, ref.outputs[tr.name], art[tr.name], _spared(excused, ref), self.tol, part, offset,
+                              bound)
 
     def _argmax(self, ref, arts: list[dict[str, np.ndarray]], excused: list[np.ndarray], y: np.ndarray | None,
                 part: str, n: int) -> None:
@@ -280,8 +280,7 @@ class Validation:
         for i, result in enumerate(self.results):
             got = np.asarray(arts[i][first]).reshape(n, -1)
             agree = ref_logits.argmax(1) == got.argmax(1)
-            spared = excused[i] | ref.unsure if ref.unsure is not None else excused[i]
-            explained = int((~agree & (spared | tie_between_classes)).sum())
+            explained = int((~agree & (_spared(excused[i], ref) | tie_between_classes)).sum())
             if part == "crafted":
                 result.crafted.add(n, int(agree.sum()), explained)
                 continue
@@ -342,6 +341,11 @@ def validate(model: nn.Module, info: ArtifactInfo, runners: list[Runner], data: 
     _finish(report, run)
     report.seconds = time.perf_counter() - started
     return report
+
+
+def _spared(excused: np.ndarray, ref) -> np.ndarray:
+    """The samples whose outputs are not compared: excused by an explained flip, or unsure (``ReferenceRun.unsure``)."""
+    return excused | ref.unsure if ref.unsure is not None else excused
 
 
 def _batch_size(wanted: int, total: int, pool: ShardPool | None, remote) -> int:
