@@ -93,8 +93,9 @@ def crop(b: KerasBuilder, node: ir.Node) -> list[Val]:
     x = b.get(node.inputs[0])
     if x.tensor is None:
         raise UnsupportedLayer(node.name, "Slice of a constant that capture did not fold")
-    bounds = [b.get(v).const if v is not None else None for v in node.inputs[1:5]]
-    if any(c is None for v, c in zip(node.inputs[1:5], bounds) if v is not None):
+    given = list(node.inputs[1:5]) + [None] * (5 - len(node.inputs))  # axes and steps are optional inputs
+    bounds = [b.get(v).const if v is not None else None for v in given]
+    if any(c is None for v, c in zip(given, bounds) if v is not None):
         raise UnsupportedLayer(node.name, "Slice with bounds computed at run time")
     starts, ends = (np.asarray(c).reshape(-1) for c in bounds[:2])
     axes = np.asarray(bounds[2]).reshape(-1) if bounds[2] is not None else np.arange(len(starts))

@@ -23,7 +23,7 @@ import onnx
 from onnxscript.optimizer import fold_constants
 from torch import nn
 
-from . import outputs
+from . import adaptive_pool, outputs
 from .contracts import StepSpec
 from .errors import BadInput, UnsupportedLayer
 from .files import silenced
@@ -115,18 +115,31 @@ def _entry(model: nn.Module, input_shapes: Sequence[Sequence[int]], output_names
             [output_names[0], *(f"{s}_next" for s in states)], dyn)
 
 
+def _scripted_hint(module: torch.jit.ScriptModule) -> str:
+    """What to do when the failing model is scripted code with loops or branches, which the exporter often cannot
+    follow while a trace of the same model (the loop unrolled) or a torch.export program captures."""
+    graph = getattr(module, "inlined_graph", None)
+    if graph is None or not any(n.kind() in ("prim::Loop", "prim::If") for n in graph.nodes()):
+        return ""
+    return ("; the model is scripted code with loops or branches: save it with torch.jit.trace or torch.export "
+            "(.pt2) instead")
+
+
 def _legacy_export(module: nn.Module, args: tuple, input_names: list[str], output_names: list[str]) -> ir.Model:
     """TorchScript modules: torch's TorchScript-based exporter (the dynamo exporter cannot read them)."""
     buf = io.BytesIO()
     axes = {name: {0: "batch"} for name in [*input_names, *output_names]}
     try:
-        with silenced(1):  # on failure the exporter dumps the whole TorchScript graph to standard output
+        # on failure the exporter dumps the whole TorchScript graph to standard output
+        with silenced(1), adaptive_pool.legacy_symbolics(OPSET):
             torch.onnx.export(module, args, buf, dynamo=False, opset_version=OPSET, input_names=input_names,
                               output_names=output_names, dynamic_axes=axes)
     except RuntimeError as e:  # the TorchScript exporter's errors (OnnxExporterError among them)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise BadInput(f"cannot capture the TorchScript model to ONNX: {first[:300]}") from None
-    return ir.from_proto(onnx.load_from_string(buf.getvalue()))
+        first = re.split(r",? *(?:got )?'?%", first)[0]  # the rest dumps TorchScript IR
+        raise BadInput(f"cannot capture the TorchScript model to ONNX: {first[:200]}{_scripted_hint(module)}") from None
+    # The TorchScript exporter records no intermediate shapes; inferred ones let shape arithmetic (chunk) fold.
+    return ir.from_proto(onnx.shape_inference.infer_shapes(onnx.load_from_string(buf.getvalue()), data_prop=True))
 
 
 def _torch_export(module: nn.Module, args: tuple, input_names: list[str], output_names: list[str], dyn) -> ir.Model:
@@ -140,7 +153,8 @@ def _torch_export(module: nn.Module, args: tuple, input_names: list[str], output
                 return _legacy_export(module, args, input_names, output_names)
             program = torch.onnx.export(module, args, dynamo=True, optimize=False, opset_version=OPSET,
                                         input_names=input_names, output_names=output_names,
-                                        dynamic_shapes=dyn, verbose=False, report=False)
+                                        dynamic_shapes=dyn, verbose=False, report=False,
+                                        custom_translation_table=adaptive_pool.TRANSLATIONS)
         except RuntimeError as e:  # OnnxExporterError wraps every failure; pages long, users need the layer and op
             raise _explain_failure(module, args, dyn, e) from None
         finally:
@@ -263,4 +277,8 @@ def capture(hardened: nn.Module, input_shape: Sequence[int] | Sequence[Sequence[
     notes = tuple(f"weights {f.weight} snapped to exactly ±scale per channel (largest relative change "
                   f"{f.snapped_change:.1e}: the straight-through form w + (α·sign(w) − w) rounds α by an ulp)"
                   for f in folded if f.snapped_change)
+    if not steps and any(n.op_type == "Sign" and n.domain == "" for n in model.graph):
+        notes += ("torch.sign is three-valued (sign(0) = 0), so it is not read as a step and its decisions are "
+                  "checked through the outputs only; torch.where(x >= 0, 1.0, -1.0) or HTAF(levels='pm1') has "
+                  "each decision checked",)
     return Capture(model, tuple(in_names), tuple(out_names), tuple(steps), streaming, notes, lines)

@@ -273,25 +273,33 @@ class Validation:
 
     def _argmax(self, ref, arts: list[dict[str, np.ndarray]], excused: list[np.ndarray], y: np.ndarray | None,
                 part: str, n: int) -> None:
-        """Argmax agreement of the first output on every backend, and accuracy where there are labels."""
+        """Argmax agreement of the first output on every backend, and accuracy where there are labels; an output
+        of one integer a sample is a class index already (an argmax in the model's forward)."""
         first = self.info.output_names[0]
         ref_logits = ref.outputs[first].reshape(n, -1)
-        tie_between_classes = argmax_explained(ref_logits, self.tol)
+        indices = ref_logits.shape[1] == 1 and np.issubdtype(ref_logits.dtype, np.integer)
+        tie_between_classes = np.zeros(n, bool) if indices else argmax_explained(ref_logits, self.tol)
+        ref_class = _classes(ref_logits, indices)
         for i, result in enumerate(self.results):
-            got = np.asarray(arts[i][first]).reshape(n, -1)
-            agree = ref_logits.argmax(1) == got.argmax(1)
+            got = _classes(np.asarray(arts[i][first]).reshape(n, -1), indices)
+            agree = ref_class == got
             explained = int((~agree & (_spared(excused[i], ref) | tie_between_classes)).sum())
             if part == "crafted":
                 result.crafted.add(n, int(agree.sum()), explained)
                 continue
             result.data.add(n, int(agree.sum()), explained)
-            if y is not None and len(y) and int(y.max()) >= ref_logits.shape[1]:
+            if y is not None and len(y) and not indices and int(y.max()) >= ref_logits.shape[1]:
                 self.foreign_labels = (f"the labels go up to {int(y.max())}, but output {first!r} has "
                                        f"{ref_logits.shape[1]} values: no accuracy is reported")
             elif y is not None and len(y):  # labels that name its classes
                 result.labelled += n
-                result.reference_correct += int((ref_logits.argmax(1) == y).sum())
-                result.artifact_correct += int((got.argmax(1) == y).sum())
+                result.reference_correct += int((ref_class == y).sum())
+                result.artifact_correct += int((got == y).sum())
+
+
+def _classes(outputs: np.ndarray, indices: bool) -> np.ndarray:
+    """Each sample's class: the output itself where it is a class index, else the position of its largest value."""
+    return outputs[:, 0] if indices else outputs.argmax(1)
 
 
 def validate(model: nn.Module, info: ArtifactInfo, runners: list[Runner], data: Dataset | Batches,

@@ -227,16 +227,16 @@ class BinaryGru(nn.Module):
     """A GRU cell unrolled over the time steps, a sign on its state (the zero initial state made with new_zeros),
     a chunk of the state into two heads, and a class index as a second output."""
 
-    def __init__(self, chunked: bool) -> None:
+    def __init__(self) -> None:
         super().__init__()
-        self.cell, self.head, self.chunked = nn.GRUCell(6, 16), nn.Linear(8, 3), chunked
+        self.cell, self.head = nn.GRUCell(6, 16), nn.Linear(8, 3)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = x.new_zeros(x.shape[0], 16)
         for t in range(4):
             h = torch.where(self.cell(x[:, t], h) >= 0, 1.0, -1.0)
-        # a traced chunk computes its sizes from the shape at run time: refused on TFLite; a .pt2's converts
-        first, second = h.chunk(2, dim=1) if self.chunked else (h[:, :8], h[:, 8:])
+        # traced, chunk computes its sizes from the shape at run time: capture must fold them
+        first, second = h.chunk(2, dim=1)
         logits = self.head(first) + self.head(second)
         return logits, (logits > 0).long()
 
@@ -244,6 +244,6 @@ class BinaryGru(nn.Module):
 @pytest.mark.parametrize("fmt", ["pt2", "torchscript"])
 def test_a_binary_gru_loop_converts_with_every_step_checked(fmt, tmp_path):
     torch.manual_seed(4)
-    result = _exported(BinaryGru(chunked=fmt == "pt2"), (4, 6), fmt, "tflite", tmp_path)
+    result = _exported(BinaryGru(), (4, 6), fmt, "tflite", tmp_path)
     steps = [t for t in result.report.backends[0].tensors if t.kind == "binary"]
     assert len(steps) == 4 and all(t.elements > 0 for t in steps), [(t.name, t.elements) for t in steps]

@@ -78,3 +78,72 @@ def test_an_output_folder_that_does_not_exist_is_refused(tmp_path, capsys):
 def test_a_wrong_output_suffix_is_said_before_the_model_is_read(tmp_path, capsys):
     _one_line_exit_2([str(tmp_path / "not_read_yet.pt"), "--target", "onnx", "-o", str(tmp_path / "m.tflite")],
                      capsys, "must end in .onnx")
+
+
+class ScriptedLoop(nn.Module):
+    """A GRU cell stepped over time in a scripted loop, from a zero state sized at run time."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cell, self.head = nn.GRUCell(8, 16), nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.zeros(x.shape[0], 16)
+        for t in range(5):
+            h = torch.where(self.cell(x[:, t], h) >= 0, 1.0, -1.0)
+        return self.head(h)
+
+
+def test_a_scripted_loop_the_exporter_cannot_follow_is_refused_with_what_to_do(tmp_path, capsys):
+    path = tmp_path / "loop.pt"
+    torch.jit.save(torch.jit.script(ScriptedLoop().eval()), str(path))
+    _one_line_exit_2([str(path), "--target", "onnx", "--input-shape", "5,8", "-o", str(tmp_path / "l.onnx")], capsys,
+                     "scripted code with loops or branches", "torch.jit.trace")
+    assert not (tmp_path / "l.onnx").exists()
+    traced = tmp_path / "traced.pt"
+    torch.jit.save(torch.jit.trace(ScriptedLoop().eval(), torch.randn(2, 5, 8)), str(traced))
+    assert htaf_export.export(traced, "onnx", tmp_path / "t.onnx", input_shape=[5, 8], device="cpu").report.passed
+
+
+class ClassIndex(nn.Module):
+    """Returns the predicted class (an argmax in forward), not logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(12, 32), nn.Linear(32, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.where(self.fc1(x) >= 0, 1.0, -1.0)).argmax(1)
+
+
+def test_a_class_index_output_is_scored_against_the_labels(tmp_path):
+    import numpy as np
+
+    torch.manual_seed(3)
+    model, x = ClassIndex().eval(), torch.randn(200, 12)
+    with torch.no_grad():
+        y = model(x).numpy().copy()
+    y[::4] = (y[::4] + 1) % 5  # a quarter of the labels disagree with the model
+    np.savez(tmp_path / "d.npz", x=x.numpy(), y=y)
+    path = save_pt2(model, x[:2], tmp_path / "c.pt2")
+    report = htaf_export.export(path, "onnx", tmp_path / "c.onnx", data=tmp_path / "d.npz", device="cpu").report
+    backend = report.backends[0]
+    assert report.passed and backend.labelled == 200, report.notes
+    assert backend.reference_correct == backend.artifact_correct == 150
+
+
+class SignOnly(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.sign(self.fc1(x)))
+
+
+def test_a_model_whose_only_signs_are_torch_sign_is_told_why_no_step_is_checked(tmp_path):
+    torch.manual_seed(0)
+    path = save_pt2(SignOnly().eval(), torch.randn(2, 8), tmp_path / "s.pt2")
+    result = htaf_export.export(path, "onnx", tmp_path / "s.onnx", device="cpu")
+    assert result.report.passed and not any(t.kind == "binary" for t in result.report.backends[0].tensors)
+    assert any("torch.sign is three-valued" in n for n in result.conversion.notes), result.conversion.notes

@@ -1,0 +1,88 @@
+"""Adaptive average pooling as ONNX ops every converter reads, for capture's exporter.
+
+PyTorch's exporter writes an adaptive pool whose input size is not a multiple of its output size as index
+arithmetic (Transpose, GatherND over run-time indices), which no bit-packed or NIR graph can hold. Its bins are
+fixed by the static spatial size, so this translation writes them as what they are: one Slice and mean per bin,
+along each pooled axis in turn (a mean of equal-length row means is the bin's mean). Sizes that divide evenly
+keep the exporter's own forms: a global mean (ReduceMean) or a strided AveragePool.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Sequence
+
+import torch
+from onnxscript import opset18 as op
+
+
+def _bins(size: int, out: int) -> list[tuple[int, int]]:
+    """PyTorch's adaptive bins along one axis: [floor(i·size/out), ceil((i+1)·size/out))."""
+    return [(i * size // out, -(-(i + 1) * size // out)) for i in range(out)]
+
+
+def _pool_axis(x, axis: int, size: int, out: int):
+    parts = [op.ReduceMean(op.Slice(x, op.Constant(value_ints=[start]), op.Constant(value_ints=[end]),
+                                    op.Constant(value_ints=[axis])), op.Constant(value_ints=[axis]), keepdims=1)
+             for start, end in _bins(size, out)]
+    return parts[0] if len(parts) == 1 else op.Concat(*parts, axis=axis)
+
+
+def adaptive_avg_pool2d(x, output_size: Sequence[int]):
+    """aten.adaptive_avg_pool2d on [N, C, H, W] (or [C, H, W]); PyTorch's 1-D pool reaches here with H = 1."""
+    rank = len(x.shape)
+    sizes = [int(d) for d in x.shape[rank - 2:]]  # static: the exporter fixes every axis but the batch
+    outs = [int(o) for o in output_size]
+    if outs == [1, 1]:
+        return op.ReduceMean(x, op.Constant(value_ints=[rank - 2, rank - 1]), keepdims=1)
+    if all(s % o == 0 for s, o in zip(sizes, outs)):
+        kernel = [s // o for s, o in zip(sizes, outs)]
+        return op.AveragePool(x, kernel_shape=kernel, strides=kernel)
+    for axis, size, out in zip((rank - 2, rank - 1), sizes, outs):
+        if size != out:
+            x = _pool_axis(x, axis, size, out)
+    return x
+
+
+TRANSLATIONS = {torch.ops.aten.adaptive_avg_pool2d.default: adaptive_avg_pool2d}
+
+
+def _legacy_symbolic(g, x, output_size):
+    """The same bins for torch's TorchScript exporter, which refuses sizes that do not divide evenly."""
+    from torch.onnx import symbolic_helper
+
+    sizes = symbolic_helper._get_tensor_sizes(x)
+    try:
+        outs = [int(o) for o in symbolic_helper._parse_arg(output_size, "is")]
+    except (RuntimeError, TypeError, ValueError):
+        return symbolic_helper._onnx_unsupported("adaptive pooling to a size computed at run time", x)
+    pooled = list(range(len(sizes) - len(outs), len(sizes))) if sizes else []
+    if not sizes or any(sizes[a] is None for a in pooled):
+        return symbolic_helper._onnx_unsupported("adaptive pooling of an input of unknown spatial size", x)
+    if all(sizes[a] % o == 0 for a, o in zip(pooled, outs)):
+        kernel = [sizes[a] // o for a, o in zip(pooled, outs)]
+        return g.op("AveragePool", x, kernel_shape_i=kernel, strides_i=kernel)
+
+    def const(values: list[int]):
+        return g.op("Constant", value_t=torch.tensor(values, dtype=torch.int64))
+
+    for axis, out in zip(pooled, outs):
+        if sizes[axis] == out:
+            continue
+        parts = [g.op("ReduceMean", g.op("Slice", x, const([start]), const([end]), const([axis])), const([axis]),
+                      keepdims_i=1) for start, end in _bins(sizes[axis], out)]
+        x = parts[0] if len(parts) == 1 else g.op("Concat", *parts, axis_i=axis)
+    return x
+
+
+@contextlib.contextmanager
+def legacy_symbolics(opset: int) -> Iterator[None]:
+    """Registers the TorchScript exporter's adaptive average pools for the duration of one export."""
+    names = ("aten::adaptive_avg_pool1d", "aten::adaptive_avg_pool2d")
+    for name in names:
+        torch.onnx.register_custom_op_symbolic(name, _legacy_symbolic, opset)
+    try:
+        yield
+    finally:
+        for name in names:
+            torch.onnx.unregister_custom_op_symbolic(name, opset)
