@@ -100,7 +100,9 @@ def crop(b: KerasBuilder, node: ir.Node) -> list[Val]:
     starts, ends = (np.asarray(c).reshape(-1) for c in bounds[:2])
     axes = np.asarray(bounds[2]).reshape(-1) if bounds[2] is not None else np.arange(len(starts))
     steps = np.asarray(bounds[3]).reshape(-1) if bounds[3] is not None else np.ones(len(starts), np.int64)
-    x = b.to_plain(b.real(node.inputs[0]))
+    x = b.real(node.inputs[0])
+    x = x if x.layout == "nhwc" else b.to_plain(x)
+    stored = {1: 3, 2: 1, 3: 2} if x.layout == "nhwc" else {}  # a channels-last map is sliced where it lies
     rank = len(x.shape) + 1
     index, shape = [slice(None)] * rank, list(x.shape)
     for axis, start, end, step in zip(axes, starts, ends, steps):
@@ -111,11 +113,12 @@ def crop(b: KerasBuilder, node: ir.Node) -> list[Val]:
             if start != 0 or end < np.iinfo(np.int32).max or step != 1:
                 raise UnsupportedLayer(node.name, "Slice across the batch axis")
             continue
-        index[axis] = slice(int(max(start, -2**31)), int(min(end, 2**31 - 1)), int(step))
-        shape[axis - 1] = len(range(*index[axis].indices(shape[axis - 1])))
+        taken_axis = slice(int(max(start, -2**31)), int(min(end, 2**31 - 1)), int(step))
+        index[stored.get(axis, axis)] = taken_axis
+        shape[axis - 1] = len(range(*taken_axis.indices(shape[axis - 1])))
     taken = tuple(index)
     t = b.lam(lambda z: z[taken], x.tensor, node.name or "slice")
-    return [b.to_canonical(Val(t, tuple(shape), "plain", presign=x.presign))]
+    return [b.to_canonical(Val(t, tuple(shape), x.layout, presign=x.presign))]
 
 
 def split(b: KerasBuilder, node: ir.Node) -> list[Val]:

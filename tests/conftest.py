@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +47,19 @@ def load_sample(sample_paths):
 
 
 _DIGITS_CACHE: dict[tuple, data.Dataset] = {}
+
+# Samples the LCE and TFLite interpreters (batch 1) validate a bundled sample on: the first 600 of load_digits
+# in `make test`, all 1,797 in `make test-all` (HTAF_FULL_MATRIX=1).
+DIGITS_SAMPLES = 1797 if os.environ.get("HTAF_FULL_MATRIX") else 600
+
+
+def digits_subset(sample: Path, folder: Path) -> Path:
+    """An .npz of the first DIGITS_SAMPLES digits (x, y) shaped for the sample checkpoint at ``sample``."""
+    path = folder / f"{sample.stem}.digits{DIGITS_SAMPLES}.npz"
+    if not path.exists():
+        whole = data.digits("all", htaf_export.load(sample).input_shape)
+        np.savez(path, x=whole.x[:DIGITS_SAMPLES], y=whole.y[:DIGITS_SAMPLES])
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -34,7 +34,7 @@ from htaf_export import metadata as md  # noqa: E402
 from htaf_export import tflite_file as tfl  # noqa: E402
 from htaf_export.runtimes import tflite as rt  # noqa: E402
 
-from conftest import SAMPLE_DIR, SAMPLE_NAMES  # noqa: E402
+from conftest import DIGITS_SAMPLES, SAMPLE_DIR, SAMPLE_NAMES, digits_subset  # noqa: E402
 
 TARGETS = ["tflite", "tflite-float"]
 LCE_BACKENDS = {"lce-default", "lce-indirect-bgemm"}
@@ -58,8 +58,9 @@ def export(tmp_path_factory):
             report = out / f"{name}.{target}.json"
             printed = io.StringIO()
             with contextlib.redirect_stdout(printed):
+                digits = digits_subset(SAMPLE_DIR / f"{name}.pt", out)
                 rc = cli.main([str(SAMPLE_DIR / f"{name}.pt"), "--target", target, "-o", str(artifact),
-                               "--report", str(report)])
+                               "--report", str(report), "--data", str(digits)])
             done[(name, target)] = (rc, artifact, json.loads(report.read_text()) if report.exists() else {},
                                     printed.getvalue())
         return done[(name, target)]
@@ -88,7 +89,7 @@ def test_sample_passes_parity_from_cli(export, name, target):
     meta_steps = json.loads(info.metadata["htaf_export.steps"])
     assert len(info.steps) == len(meta_steps) > 0, "every step tensor is read back from the file"
     for b in backends.values():
-        assert b["samples"] == 1797 and b["argmax_agreement"] == 1.0, "same argmax on all of load_digits"
+        assert b["samples"] == DIGITS_SAMPLES and b["argmax_agreement"] == 1.0, "same argmax on every digit"
         binary = [t for t in b["tensors"] if t["kind"] == "binary"]
         assert len(binary) == len(meta_steps) and all(t["unexplained"] == 0 for t in binary)
         floats = [t for t in b["tensors"] if t["kind"] == "float"]
@@ -163,7 +164,8 @@ def test_sabotaged_weights_fail_validation(export, tmp_path, target, op_name):
     _, artifact, _, _ = export("bnn_cnn", target)
     bad = tmp_path / "sabotaged.tflite"
     _flip_first_filter(artifact, op_name, bad)
-    assert cli.main(["validate", str(SAMPLE_DIR / "bnn_cnn.pt"), str(bad)]) == 1
+    assert cli.main(["validate", str(SAMPLE_DIR / "bnn_cnn.pt"), str(bad), "--data",
+                     str(digits_subset(SAMPLE_DIR / "bnn_cnn.pt", tmp_path))]) == 1
 
 
 def test_not_an_htaf_file_is_bad_input(tmp_path):
@@ -391,7 +393,8 @@ def test_bitpacked_threshold_moved_one_step_fails_and_names_the_step(export, tmp
     bad = tmp_path / "threshold.tflite"
     _move_threshold(artifact, "LceBconv2d", 4, bad, 1)  # LceBconv2d input 4: integer output thresholds
     capsys.readouterr()
-    assert cli.main(["validate", str(SAMPLE_DIR / "bnn_cnn.pt"), str(bad)]) == 1
+    assert cli.main(["validate", str(SAMPLE_DIR / "bnn_cnn.pt"), str(bad), "--data",
+                     str(digits_subset(SAMPLE_DIR / "bnn_cnn.pt", tmp_path))]) == 1
     assert "first failing tensor layers.act2" in capsys.readouterr().out.replace("\n", " ")
 
 
@@ -401,5 +404,6 @@ def test_float_threshold_moved_fails_and_names_the_step(export, tmp_path, capsys
     bad = tmp_path / "threshold.tflite"
     _move_threshold(artifact, "GREATER_EQUAL", 1, bad, np.float32(0.05))
     capsys.readouterr()
-    assert cli.main(["validate", str(SAMPLE_DIR / "dhn_mlp.pt"), str(bad)]) == 1
+    assert cli.main(["validate", str(SAMPLE_DIR / "dhn_mlp.pt"), str(bad), "--data",
+                     str(digits_subset(SAMPLE_DIR / "dhn_mlp.pt", tmp_path))]) == 1
     assert "first failing tensor layers.act1" in capsys.readouterr().out.replace("\n", " ")

@@ -18,12 +18,13 @@ if importlib.util.find_spec("tensorflow") is None or importlib.util.find_spec("t
 import htaf_export  # noqa: E402
 from htaf_export import tflite_file as tfl  # noqa: E402
 
-from conftest import SAMPLE_DIR  # noqa: E402
+from conftest import SAMPLE_DIR, digits_subset  # noqa: E402
 
 
 def _export(name: str, target: str, out):
     with contextlib.redirect_stdout(io.StringIO()):
-        return htaf_export.export(SAMPLE_DIR / f"{name}.pt", target, out)
+        return htaf_export.export(SAMPLE_DIR / f"{name}.pt", target, out,
+                                  data=digits_subset(SAMPLE_DIR / f"{name}.pt", out.parent))
 
 
 @pytest.mark.parametrize(("name", "target"), [("bnn_cnn", "tflite-int8"), ("dhn_mlp", "tflite-float")])
@@ -48,7 +49,8 @@ def test_a_wrong_int8_weight_fails_on_tflite_micro(tmp_path):
     bad = tmp_path / "bad.tflite"
     bad.write_bytes(tfl.write_model(model))
     with contextlib.redirect_stdout(io.StringIO()):
-        report = htaf_export.validate(SAMPLE_DIR / "bnn_cnn.pt", bad)
+        digits = digits_subset(SAMPLE_DIR / "bnn_cnn.pt", tmp_path)
+        report = htaf_export.validate(SAMPLE_DIR / "bnn_cnn.pt", bad, data=digits)
     micro = next(b for b in report.backends if b.backend == "tflite-micro")
     assert not report.passed and not micro.passed
 
