@@ -60,6 +60,7 @@ def larq_module():
         raise BadInput("--target tflite needs larq and larq-compute-engine: pip install 'htaf-export[tflite]'") from None
     return larq
 
+NHWC_AXIS = {1: 3, 2: 1, 3: 2}  # a PyTorch [N, C, H, W] axis → where a channels-last map stores it
 SHAPE_OPS = ("Shape", "Squeeze", "Unsqueeze", "Concat", "Gather", "Slice", "Cast", "CastLike", "Reshape", "Range",
              "ConstantOfShape")
 

@@ -16,7 +16,7 @@ from htaf_export.ops import HTAF_DOMAIN
 from htaf_export.passes.util import attr, const_array, zeros_among_signs
 
 from .keras_binary import binary, step
-from .keras_builder import SHAPE_OPS, EmittedLayer, KerasBuilder, Val, keras, tf
+from .keras_builder import NHWC_AXIS, SHAPE_OPS, EmittedLayer, KerasBuilder, Val, keras, tf
 from .keras_norms import instance_norm, layer_norm
 from .keras_transposed import conv_transpose
 from .keras_shapes import (expand, identity, per_position, positions, reshape, resize, shape_only, split,
@@ -157,7 +157,7 @@ def _softmax(b: KerasBuilder, node: ir.Node) -> list[Val]:
     axis = int(attr(node, "axis", -1)) % rank
     if axis == 0:
         raise UnsupportedLayer(node.name, f"{node.op_type} over the batch")
-    stored = {1: 3, 2: 1, 3: 2}[axis] if x.layout == "nhwc" else axis
+    stored = NHWC_AXIS[axis] if x.layout == "nhwc" else axis
     fn = tf.nn.softmax if node.op_type == "Softmax" else tf.nn.log_softmax
     return [replace(x, tensor=b.lam(lambda z: fn(z, axis=stored), x.tensor, node.name or node.op_type))]
 
@@ -324,7 +324,7 @@ def _reduce(b: KerasBuilder, node: ir.Node) -> list[Val]:
         raise UnsupportedLayer(node.name, "reduction over the batch dimension")
     x = b.to_canonical(x)
     if x.layout == "nhwc":  # PyTorch axis → NHWC axis
-        axes = sorted({1: 3, 2: 1, 3: 2}[a] for a in axes)
+        axes = sorted(NHWC_AXIS[a] for a in axes)
         if not keep and axes != [1, 2]:
             x, axes = b.to_plain(x), sorted(int(a) % rank for a in axes_arr)  # type: ignore[union-attr]
     reduce = tf.reduce_mean if node.op_type == "ReduceMean" else tf.reduce_max

@@ -11,7 +11,7 @@ import onnx_ir as ir
 from htaf_export.errors import UnsupportedLayer
 from htaf_export.passes.util import attr, const_array
 
-from .keras_builder import KerasBuilder, Val, keras, tf
+from .keras_builder import NHWC_AXIS, KerasBuilder, Val, keras, tf
 from .layouts import static_shape, torch_shape
 
 
@@ -102,7 +102,7 @@ def crop(b: KerasBuilder, node: ir.Node) -> list[Val]:
     steps = np.asarray(bounds[3]).reshape(-1) if bounds[3] is not None else np.ones(len(starts), np.int64)
     x = b.real(node.inputs[0])
     x = x if x.layout == "nhwc" else b.to_plain(x)
-    stored = {1: 3, 2: 1, 3: 2} if x.layout == "nhwc" else {}  # a channels-last map is sliced where it lies
+    stored = NHWC_AXIS if x.layout == "nhwc" else {}  # a channels-last map is sliced where it lies
     rank = len(x.shape) + 1
     index, shape = [slice(None)] * rank, list(x.shape)
     for axis, start, end, step in zip(axes, starts, ends, steps):
@@ -245,7 +245,7 @@ def concat(b: KerasBuilder, node: ir.Node) -> list[Val]:
     layouts = {v.layout for v in vals}
     if len(layouts) != 1:
         raise UnsupportedLayer(node.name, "Concat of tensors in different layouts")
-    keras_axis = {1: 3, 2: 1, 3: 2}[axis] if "nhwc" in layouts else axis
+    keras_axis = NHWC_AXIS[axis] if "nhwc" in layouts else axis
     t = keras.layers.Concatenate(axis=keras_axis, name=b.name(node.name or "concat"))([v.tensor for v in vals])
     return [Val(t, torch_shape(t, vals[0].layout), vals[0].layout)]
 

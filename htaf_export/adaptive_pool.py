@@ -21,10 +21,18 @@ def _bins(size: int, out: int) -> list[tuple[int, int]]:
     return [(i * size // out, -(-(i + 1) * size // out)) for i in range(out)]
 
 
-def _pool_axis(x, axis: int, size: int, out: int):
+def _plan(sizes: Sequence[int], outs: Sequence[int]) -> tuple[list[int] | None, list[tuple[int, list]]]:
+    """How to pool trailing axes of ``sizes`` to ``outs``: the AveragePool kernel where every size divides evenly
+    (else None), and otherwise (offset from the first pooled axis, its bins) for each axis that changes size."""
+    if all(s % o == 0 for s, o in zip(sizes, outs)):
+        return [s // o for s, o in zip(sizes, outs)], []
+    return None, [(k, _bins(s, o)) for k, (s, o) in enumerate(zip(sizes, outs)) if s != o]
+
+
+def _pool_axis(x, axis: int, bins: list[tuple[int, int]]):
     parts = [op.ReduceMean(op.Slice(x, op.Constant(value_ints=[start]), op.Constant(value_ints=[end]),
                                     op.Constant(value_ints=[axis])), op.Constant(value_ints=[axis]), keepdims=1)
-             for start, end in _bins(size, out)]
+             for start, end in bins]
     return parts[0] if len(parts) == 1 else op.Concat(*parts, axis=axis)
 
 
@@ -35,12 +43,11 @@ def adaptive_avg_pool2d(x, output_size: Sequence[int]):
     outs = [int(o) for o in output_size]
     if outs == [1, 1]:
         return op.ReduceMean(x, op.Constant(value_ints=[rank - 2, rank - 1]), keepdims=1)
-    if all(s % o == 0 for s, o in zip(sizes, outs)):
-        kernel = [s // o for s, o in zip(sizes, outs)]
+    kernel, uneven = _plan(sizes, outs)
+    if kernel is not None:
         return op.AveragePool(x, kernel_shape=kernel, strides=kernel)
-    for axis, size, out in zip((rank - 2, rank - 1), sizes, outs):
-        if size != out:
-            x = _pool_axis(x, axis, size, out)
+    for k, bins in uneven:
+        x = _pool_axis(x, rank - 2 + k, bins)
     return x
 
 
@@ -56,21 +63,20 @@ def _legacy_symbolic(g, x, output_size):
         outs = [int(o) for o in symbolic_helper._parse_arg(output_size, "is")]
     except (RuntimeError, TypeError, ValueError):
         return symbolic_helper._onnx_unsupported("adaptive pooling to a size computed at run time", x)
-    pooled = list(range(len(sizes) - len(outs), len(sizes))) if sizes else []
-    if not sizes or any(sizes[a] is None for a in pooled):
+    first = len(sizes) - len(outs) if sizes else 0
+    if not sizes or any(d is None for d in sizes[first:]):
         return symbolic_helper._onnx_unsupported("adaptive pooling of an input of unknown spatial size", x)
-    if all(sizes[a] % o == 0 for a, o in zip(pooled, outs)):
-        kernel = [sizes[a] // o for a, o in zip(pooled, outs)]
+    kernel, uneven = _plan(sizes[first:], outs)
+    if kernel is not None:
         return g.op("AveragePool", x, kernel_shape_i=kernel, strides_i=kernel)
 
     def const(values: list[int]):
         return g.op("Constant", value_t=torch.tensor(values, dtype=torch.int64))
 
-    for axis, out in zip(pooled, outs):
-        if sizes[axis] == out:
-            continue
+    for k, bins in uneven:
+        axis = first + k
         parts = [g.op("ReduceMean", g.op("Slice", x, const([start]), const([end]), const([axis])), const([axis]),
-                      keepdims_i=1) for start, end in _bins(sizes[axis], out)]
+                      keepdims_i=1) for start, end in bins]
         x = parts[0] if len(parts) == 1 else g.op("Concat", *parts, axis_i=axis)
     return x
 
