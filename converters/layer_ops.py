@@ -10,6 +10,7 @@ from htaf_export.capture import Capture
 from htaf_export.passes import FoldBatchNormIntoSteps
 from htaf_export.passes.util import replacing_initializer
 
+from .batch_transposes import dissolve_batch_transposes
 from .lift_1d import lift_one_dimensional
 from .tflite_binary import LCE_LEVELS, BinaryLayer, FuseBinaryLayers
 
@@ -27,10 +28,12 @@ def fused_ir(capture: Capture, bitpacked: bool = True, levels: tuple[str, ...] =
              ) -> tuple[ir.Model, tuple[tuple[str, str], ...]]:
     """A copy of the IR with its binary layers fused (``tflite_binary``) and the other batch norms folded into step
     thresholds, and the ±1 layers left as they were with why: what every target with binary layers starts from.
-    ``two_d``: 1-D convolutions and pools as height-1 2-D ones first (``lift_1d``), for targets with 2-D ops only."""
+    ``two_d``: for the Keras targets: 1-D convolutions and pools as height-1 2-D ones first (``lift_1d``), and no
+    transpose that moves the batch where a time loop reads it (``batch_transposes``)."""
     model = capture.ir_copy()  # converters never modify the shared IR
     fold_shape_arithmetic(model)
     if two_d:
+        dissolve_batch_transposes(model)
         lift_one_dimensional(model)
     refusals = FuseBinaryLayers(bitpacked, levels)(model).refusals
     FoldBatchNormIntoSteps()(model)

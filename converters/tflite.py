@@ -216,12 +216,15 @@ def _summarize(data: bytes, flat, ops: list[str], built: Built, rejected: tuple[
 
 
 def io_notes(built: Built) -> list[str]:
-    """What a user feeding the file must know: an image input is channels last, as TFLite takes images; several
-    inputs or outputs are found by name (the subgraph's order is the converter's)."""
+    """What a user feeding the file must know: an image input or output is channels last, as TFLite lays images
+    out; several inputs or outputs are found by name (the subgraph's order is the converter's)."""
     names = [_keras_name(t) for t in built.model.inputs]
     notes = [f"input {name!r} is channels last: [1, {h}, {w}, {c}], the model's [{c}, {h}, {w}] transposed "
              f"(feed x.transpose(0, 2, 3, 1))" for name, slot in zip(names, built.inputs) if slot.layout == "nhwc"
              for c, h, w in [slot.shape]]
+    notes += [f"output {slot.name!r} is channels last: [N, {', '.join(map(str, (*slot.shape[1:], slot.shape[0])))}], "
+              f"the model's [N, {', '.join(map(str, slot.shape))}] transposed (read y.transpose(0, 3, 1, 2))"
+              for slot in built.outputs if slot.layout == "nhwc" and len(slot.shape) == 3]
     if len(built.inputs) > 1 or len(built.outputs) > 1:
         notes.append(f"feed and read by name with interpreter.get_signature_runner(): inputs {', '.join(names)}; "
                      f"outputs {', '.join(o.keras for o in built.outputs)}")

@@ -63,6 +63,8 @@ def _legacy_symbolic(g, x, output_size):
         outs = [int(o) for o in symbolic_helper._parse_arg(output_size, "is")]
     except (RuntimeError, TypeError, ValueError):
         return symbolic_helper._onnx_unsupported("adaptive pooling to a size computed at run time", x)
+    if all(o == 1 for o in outs):  # one bin per axis: the whole plane, whatever its size (a trace may not say it)
+        return g.op("GlobalAveragePool", x)
     first = len(sizes) - len(outs) if sizes else 0
     if not sizes or any(d is None for d in sizes[first:]):
         return symbolic_helper._onnx_unsupported("adaptive pooling of an input of unknown spatial size", x)

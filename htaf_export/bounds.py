@@ -151,10 +151,23 @@ def _call(node: fx.Node, env: dict[fx.Node, Any]) -> Any:
     rule = RULES.get(node.target)
     if rule is not None:
         return rule(*args, **kwargs)
+    rule = RULES.get(_functional(node.target))
+    if rule is not None and node.args and isinstance(node.args[0], fx.Node):
+        # an in-place op (``Hardtanh(inplace=True)``, ``out += b``): later readers of its input see the result
+        env[node.args[0]] = result = rule(*args, **kwargs)
+        return result
     if not any(isinstance(a, Bounded) for a in pytree.tree_leaves((args, kwargs))):
         values = pytree.tree_map(value_of, (args, kwargs))  # constants and shapes (zeros, sizes): exact
         return _lift(node.target(*values[0], **values[1]))
     raise NoBound(f"no rounding rule for {node.target}")
+
+
+def _functional(target: Any) -> Any:
+    """The out-of-place twin of an in-place aten op (``aten.relu_.default`` → ``aten.relu.default``), else None."""
+    if not isinstance(target, torch._ops.OpOverload) or not target._schema.name.endswith("_"):
+        return None
+    packet = getattr(aten, target._schema.name.split("::")[-1][:-1], None)
+    return getattr(packet, target._overloadname, None) if packet is not None else None
 
 
 def getattr_path(module: torch.nn.Module, path: str) -> Any:

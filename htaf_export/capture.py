@@ -185,6 +185,11 @@ def _explain_failure(module: nn.Module, args: tuple, dyn, error: Exception) -> B
             if stack:
                 layer = f"{stack[-1][0].removeprefix('model.')} ({str(stack[-1][1]).rsplit('.', 1)[-1]})"
         return UnsupportedLayer(layer, f"ONNX has no translation for {op}")
+    lifted = re.search(r"fake tensor in the exported program constant.*?attribute: ([\w.]+?)\.lifted_tensor", text, re.S)
+    if lifted:  # BinaryNet.pytorch's ``input.data = Binarize(input.data)``, ``self.weight.data = …``
+        return UnsupportedLayer(lifted.group(1), "its forward assigns to a tensor's .data (or keeps a tensor it made "
+                                "as an attribute), which torch.export cannot trace; compute the binary values as "
+                                "expressions instead (x = torch.where(x >= 0, 1., -1.), and the same of the weight)")
     last = [line for line in chain[-1].strip().splitlines() if line.strip()]
     return BadInput(f"cannot capture the model to ONNX: {(last[0] if last else type(error).__name__)[:300]}")
 

@@ -47,8 +47,8 @@ def unrecorded_tie_note(sites: list[Site], tie: str | None) -> str | None:
     advice = (f"--tie gt would conflict with the ge rule recorded at {', '.join(recorded)}: to keep a gt rule "
               f"there, export a checkpoint or a pickle of the model, which keep each site's rule" if recorded
               else "pass --tie gt if the model was trained to")
-    return (f"a traced graph does not record the tie rule of a smooth HTAF: at {', '.join(smooth)} the step fires "
-            f"at the threshold itself (ge); {advice}")
+    return (f"a traced graph does not record the tie rule of a smooth HTAF: at {', '.join(map(repr, smooth))} the "
+            f"step fires at the threshold itself (ge); {advice}")
 
 
 @dataclass

@@ -17,6 +17,8 @@ from torch import nn
 
 from . import models
 from .errors import BadInput
+from . import batch_axis
+from .batch_axis import BatchAxes
 from .files import atomic_write
 from .pickles import unpickle
 from .programs import free_batch, refuse_training_mode, static_batch
@@ -57,6 +59,7 @@ class LoadedModel:
     exported_program: Any = None
     extra_input_shapes: list[list[int]] = field(default_factory=list)  # inputs after the first, if any
     input_names: list[str] | None = None
+    batch_axes: BatchAxes | None = None  # set when the model's batch is not on axis 0 (made batch-first here)
 
     @property
     def input_shapes(self) -> list[list[int]]:
@@ -87,6 +90,12 @@ def resolve(loaded: LoadedModel, input_shape: Sequence[int] | Sequence[Sequence[
     if loaded.source_format == "exported_program" and loaded.input_shapes and shapes != loaded.input_shapes:
         raise BadInput(f"input shape {shapes} differs from the {loaded.input_shapes} the .pt2 program was "
                        f"exported for")
+    axes = loaded.batch_axes
+    if axes is None and loaded.source_format in ("pickle", "checkpoint") and \
+            not isinstance(loaded.module, torch.jit.ScriptModule):
+        axes = batch_axis.probe_axes(loaded.module, shapes)
+        if axes is not None:
+            batch_axis.move_with_hooks(loaded.module, axes)
     try:
         with torch.no_grad():
             out = loaded.module(*(torch.zeros(2, *shape) for shape in shapes))
@@ -107,7 +116,7 @@ def resolve(loaded: LoadedModel, input_shape: Sequence[int] | Sequence[Sequence[
         raise BadInput(f"{loaded.path}: the model does not run on inputs of shape {given} ({first}); "
                        f"{SHAPE_HELP}") from None
     return replace(loaded, input_shape=shapes[0], extra_input_shapes=shapes[1:], input_names=names,
-                   output_names=outputs.names(out, loaded.output_names))
+                   output_names=outputs.names(out, loaded.output_names), batch_axes=axes)
 
 
 def file_sha256(path: Path) -> str:
@@ -319,14 +328,18 @@ def _load_exported_program(path: Path, digest: str) -> LoadedModel:
         spec = {"input_shape": shapes[0], "extra": shapes[1:], "names": [n.name for n in placeholders]}
     refuse_training_mode(program, path)
     module = _rebuilt(program, path)
-    batch = static_batch(program)
-    if batch is not None:
-        free_batch(module, path, batch, [spec["input_shape"], *spec.get("extra", [])])
+    axes, shapes = batch_axis.made_batch_first(program, module)
+    if axes is not None:
+        spec = {**spec, "input_shape": shapes[0], "extra": shapes[1:]}
+    else:
+        batch = static_batch(program)
+        if batch is not None:
+            free_batch(module, path, batch, [spec["input_shape"], *spec.get("extra", [])])
     return LoadedModel(module=module, input_shape=spec["input_shape"], source_format="exported_program",
                        path=path, sha256=digest, family=spec.get("family", "unknown"),
                        output_names=spec.get("output_names"), meta=spec.get("meta", {}),
                        exported_program=program, extra_input_shapes=spec.get("extra", []),
-                       input_names=spec.get("names"))
+                       input_names=spec.get("names"), batch_axes=axes)
 
 
 def _load_pickled(path: Path, digest: str, trust_pickle: bool) -> LoadedModel:

@@ -176,8 +176,9 @@ def export(model: str | Path | LoadedModel, target: str, output: str | Path | No
     t = time.perf_counter()
     conversion = convert(cap, chosen, provenance(loaded, chosen, options), options, hardening.model)
     tie_note = unrecorded_tie_note(hardening.sites, tie)
-    if tie_note:
-        conversion = replace(conversion, notes=(*conversion.notes, tie_note))
+    layout_note = loaded.batch_axes.note(loaded.input_names or ["input"], loaded.input_shapes) \
+        if loaded.batch_axes is not None else None
+    conversion = replace(conversion, notes=(*conversion.notes, *(n for n in (tie_note, layout_note) if n)))
     seconds["convert"] = time.perf_counter() - t
 
     atomic_write_bytes(out, conversion.data)
@@ -265,7 +266,7 @@ def recipe_of(loaded: LoadedModel, tie: str | None, sites: Sequence[str] | None)
 
     return ModelRecipe(str(loaded.path), loaded.source_format == "pickle", tie,
                        tuple(tuple(int(d) for d in s) for s in loaded.input_shapes),
-                       None if sites is None else tuple(sites))
+                       None if sites is None else tuple(sites), batch_axes=loaded.batch_axes)
 
 
 def _graph_steps(model: nn.Module, cap: Capture | None, as_named: Sequence | None = None) -> "GraphSteps | None":

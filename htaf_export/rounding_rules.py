@@ -348,7 +348,8 @@ RULES: dict[Any, Callable] = {
     aten.sigmoid.default: _smooth(torch.sigmoid, 0.25), aten.tanh.default: _smooth(torch.tanh, 1.0),
     aten.ones_like.default: _filled(aten.ones_like.default), aten.zeros_like.default: _filled(aten.zeros_like.default),
     aten.full_like.default: _filled(aten.full_like.default),
-    aten.dropout.default: _dropout, aten.leaky_relu.default: _leaky_relu,
+    aten.dropout.default: _dropout, aten.feature_dropout.default: _dropout, aten.alpha_dropout.default: _dropout,
+    aten.feature_alpha_dropout.default: _dropout, aten.leaky_relu.default: _leaky_relu,
     aten.log_softmax.int: _log_softmax, aten._log_softmax.default: lambda x, dim, half: _log_softmax(x, dim),
     aten.adaptive_max_pool2d.default: _adaptive_max_pool(aten.adaptive_max_pool2d.default),
     aten.adaptive_max_pool1d.default: _adaptive_max_pool(aten.adaptive_max_pool1d.default),
@@ -362,5 +363,5 @@ RULES: dict[Any, Callable] = {
         aten.unsqueeze.default, aten.squeeze.dim, aten.cat.default, aten.clone.default, aten.contiguous.default,
         aten.detach.default, aten.detach_.default, aten.lift_fresh_copy.default, aten.expand.default,
         aten.expand_as.default, aten.select.int, aten.slice.Tensor, aten.hardtanh.default, aten.clamp.default,
-        aten.neg.default, aten.alias.default, aten.abs.default)},
+        aten.neg.default, aten.alias.default, aten.abs.default, aten.movedim.int, aten.stack.default)},
 }

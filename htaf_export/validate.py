@@ -288,7 +288,9 @@ class Validation:
                 result.crafted.add(n, int(agree.sum()), explained)
                 continue
             result.data.add(n, int(agree.sum()), explained)
-            if y is not None and len(y) and not indices and int(y.max()) >= ref_logits.shape[1]:
+            if y is not None and len(y) and ref.outputs[first].ndim > 2:  # a map out (segmentation, an image)
+                self.foreign_labels = f"output {first!r} is not a vector of class scores: no accuracy is reported"
+            elif y is not None and len(y) and not indices and int(y.max()) >= ref_logits.shape[1]:
                 self.foreign_labels = (f"the labels go up to {int(y.max())}, but output {first!r} has "
                                        f"{ref_logits.shape[1]} values: no accuracy is reported")
             elif y is not None and len(y):  # labels that name its classes

@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import nn
 
+from .batch_axis import BatchAxes, move_with_hooks
 from .data import count
 from .errors import BadInput
 from .validate import Part, Shard, ShardSetup
@@ -41,6 +42,7 @@ class ModelRecipe:
     sites: tuple[str, ...] | None = ()  # None: the parent did not trace the hardened model
     pickled: bytes | None = None
     source: bytes | None = None  # the model file's bytes, for workers on other machines
+    batch_axes: BatchAxes | None = None  # a time-first module made batch-first by the parent (``batch_axis``)
 
     def portable(self) -> "ModelRecipe":
         """The same recipe, carrying the model file itself rather than its path on this machine."""
@@ -79,6 +81,8 @@ class ModelRecipe:
                 module = load(copy, trust_pickle=self.trust_pickle).module
         else:
             module = load(self.path, trust_pickle=self.trust_pickle).module
+        if self.batch_axes is not None and not isinstance(module, torch.fx.GraphModule):  # a .pt2 is moved at load
+            move_with_hooks(module, self.batch_axes)
         hardening = harden(module, tie=self.tie)
         if self.sites is None:
             return hardening.model

@@ -71,3 +71,25 @@ def test_uneven_2d_pools_convert_with_parity(fmt, target, tmp_path):
 def test_an_uneven_1d_pool_converts_with_parity(fmt, tmp_path):
     torch.manual_seed(2)
     _exported(Pooled1d(), (4, 10), fmt, "tflite", tmp_path)
+
+
+class ExpandedBias(nn.Module):
+    """ReActNet's LearnableBias: ``x + self.bias.expand_as(x)``, after which a TorchScript trace loses the
+    spatial sizes on the way to the pool."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.bias = nn.Parameter(torch.randn(1, channels, 1, 1) * 0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.bias.expand_as(x)
+
+
+def test_a_global_pool_of_unknown_spatial_size_converts_from_torchscript(tmp_path):
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), ExpandedBias(4), HTAF(levels="pm1"),
+                          nn.Conv2d(4, 4, 3, padding=1), nn.PReLU(4), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(4, 3))
+    result = _exported(model, (1, 8, 8), "torchscript", "tflite-float", tmp_path)
+    ops = tfl.op_names(tfl.read_model(result.artifact.read_bytes()))
+    assert "MEAN" in ops or "AVERAGE_POOL_2D" in ops, ops

@@ -99,6 +99,30 @@ def test_eval_dropout_and_leaky_relu_have_rules():
     assert 0 < bound.max() <= 1e-4
 
 
+class InPlaceHead(torch.nn.Module):
+    """BinaryNet-style code: Hardtanh(inplace=True), Dropout2d, and ``out +=`` on the result."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        nn = torch.nn
+        self.features = nn.Sequential(nn.Conv2d(2, 6, 3, padding=1), nn.BatchNorm2d(6), nn.Hardtanh(inplace=True),
+                                      nn.Dropout2d(0.2), HTAF(levels="pm1"), nn.Conv2d(6, 4, 3))
+        self.fc = nn.Linear(4 * 4 * 4, 5)
+
+    def forward(self, x):
+        out = self.fc(torch.relu_(self.features(x)).flatten(1))
+        out += 0.25
+        return out
+
+
+def test_in_place_ops_and_channel_dropout_have_rules():
+    """An in-place op is bounded as its out-of-place twin, and its input reads the result afterwards; an eval
+    Dropout2d is the identity. Without them the model fell back to fixed tolerances (a false FAIL on deep ones)."""
+    torch.manual_seed(4)
+    bound = output_bounds_hold(harden(InPlaceHead()).model.eval(), torch.randn(48, 2, 6, 6), min_rows=32)
+    assert 0 < bound.max() <= 1e-4
+
+
 def test_binary_layer_sums_are_exact():
     """±1 inputs times ±1 weights sum to integers, in any order: no rounding allowance at all there, so a
     threshold or weight moved by one integer step cannot hide in it."""

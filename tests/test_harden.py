@@ -256,5 +256,5 @@ def test_a_lost_smooth_tie_is_said_at_export_with_advice_that_works(tmp_path):
     save_pt2(Mixed().eval(), torch.randn(2, 8), path)
     result = htaf_export.export(path, "onnx", tmp_path / "m.onnx", validate_artifact=False)
     note = next(n for n in result.conversion.notes if "tie rule of a smooth HTAF" in n)
-    assert "at s1 the step fires at the threshold itself (ge)" in note and "conflict with the ge rule recorded at s2" in note
+    assert "at 's1' the step fires at the threshold itself (ge)" in note and "conflict with the ge rule recorded at s2" in note
     assert "pass --tie gt" not in note

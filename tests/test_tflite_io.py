@@ -79,6 +79,20 @@ def test_an_image_input_is_said_to_be_channels_last(tmp_path, capsys):
     assert "channels last" in capsys.readouterr().out
 
 
+def test_an_image_output_is_said_to_be_channels_last_and_is_so(tmp_path):
+    """A map out (segmentation-like): the file gives it channels last, and the note says how to read it."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), htaf_export.nn.HTAF(),
+                          nn.Conv2d(4, 3, 3)).eval()
+    x = torch.randn(2, 2, 5, 7)
+    result = _export(model, (x,), tmp_path)
+    assert any("output 'logits' is channels last: [N, 3, 5, 3]" in n and "y.transpose(0, 3, 1, 2)" in n
+               for n in result.conversion.notes), result.conversion.notes
+    got = _runner(result.artifact)(input=x[:1].permute(0, 2, 3, 1).numpy())["logits"]
+    want = result.hardening.model(x[:1]).detach().numpy()  # the hardened model: exact steps
+    np.testing.assert_allclose(got.transpose(0, 3, 1, 2), want, atol=1e-4)
+
+
 def test_several_inputs_and_outputs_carry_the_models_names(tmp_path):
     torch.manual_seed(1)
     model, left, right = TwoByName().eval(), torch.randn(4, 8), torch.randn(4, 8)

@@ -147,3 +147,36 @@ def test_a_model_whose_only_signs_are_torch_sign_is_told_why_no_step_is_checked(
     result = htaf_export.export(path, "onnx", tmp_path / "s.onnx", device="cpu")
     assert result.report.passed and not any(t.kind == "binary" for t in result.report.backends[0].tensors)
     assert any("torch.sign is three-valued" in n for n in result.conversion.notes), result.conversion.notes
+
+
+class DataBinarized(nn.Linear):
+    """BinaryNet.pytorch's layer: binarizes its input and weight by assigning to ``.data`` in forward."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x.data = x.data.sign()
+        if not hasattr(self.weight, "org"):
+            self.weight.org = self.weight.data.clone()
+        self.weight.data = self.weight.org.sign()
+        return nn.functional.linear(x, self.weight)
+
+
+def test_a_forward_that_assigns_to_data_is_refused_naming_the_layer(tmp_path, capsys):
+    model = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.Hardtanh(), DataBinarized(16, 4)).eval()
+    model(torch.randn(2, 8))
+    path = tmp_path / "binarynet.pt"
+    torch.save(model, path)
+    _one_line_exit_2([str(path), "--target", "onnx", "--trust-pickle", "--input-shape", "8"], capsys,
+                     "layer '3'", "assigns to a tensor's .data", "torch.where(x >= 0")
+    assert not (tmp_path / "binarynet.onnx").exists()
+
+
+def test_a_map_output_on_the_digits_reports_no_accuracy(tmp_path):
+    """An image-to-image model fed the bundled digits (its input is 64 values): argmax over a map is no class."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), htaf_export.nn.HTAF(levels="pm1"),
+                          nn.Conv2d(4, 3, 3, padding=1)).eval()
+    path = save_pt2(model, torch.randn(2, 1, 8, 8), tmp_path / "map.pt2")
+    report = htaf_export.export(path, "onnx", tmp_path / "map.onnx", device="cpu").report
+    assert report.passed and report.inputs.startswith("digits")
+    assert any("not a vector of class scores" in n for n in report.notes), report.notes
+    assert all(b.labelled == 0 for b in report.backends)

@@ -1,0 +1,190 @@
+"""Models that carry the batch on another axis than the first: a spiking network fed ``[T, N, F]`` and
+returning ``[T, N, C]``, as snnTorch's tutorials write them. Every stage, runtime and data file of
+htaf-export reads the batch on axis 0, so such a model is made batch-first where it is read: its inputs
+have their batch moved in place on the way in and its outputs have it moved to the front on the way out
+(permutes inside a ``.pt2`` program's graph, forward hooks on a module). The artifact is then batch-first,
+and the export says so in a note.
+
+Where the batch lies: a ``.pt2`` program says it (the one dynamic dimension of each input and output). A
+module does not, so it is probed: when new values for one sample on axis 0 change the others' results,
+axis 0 is not a batch; the second axis is tried then, and taken when its samples do not affect each other."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from torch import fx, nn
+from torch.utils import _pytree as pytree
+
+from . import outputs
+
+aten = torch.ops.aten
+
+
+@dataclass(frozen=True)
+class BatchAxes:
+    """The axis of the batch in each input and each flat output of a model."""
+
+    inputs: tuple[int, ...]
+    outputs: tuple[int, ...]
+
+    @property
+    def batch_first(self) -> bool:
+        return not any(self.inputs) and not any(self.outputs)
+
+    def note(self, names: Sequence[str], shapes: Sequence[Sequence[int]]) -> str:
+        moved = [(name, axis, shape) for name, axis, shape in zip(names, self.inputs, shapes) if axis]
+        said = "; ".join(f"input {name!r} is [N, {', '.join(map(str, shape))}], the model's "
+                         f"[{', '.join(['N' if i == axis else str(d) for i, d in enumerate(_with_batch(shape, axis))])}]"
+                         f" (feed np.moveaxis(x, {axis}, 0))" for name, axis, shape in moved)
+        out = "" if not any(self.outputs) else "; its outputs are batch first too"
+        return f"the artifact is batch first: {said}{out}"
+
+
+def _with_batch(shape: Sequence[int], axis: int) -> list[Any]:
+    dims: list[Any] = list(shape)
+    dims.insert(axis, "N")
+    return dims
+
+
+def program_axes(program: Any) -> BatchAxes | None:
+    """The batch axes a ``.pt2`` program declares (its one dynamic dimension per input, the same symbol in
+    its outputs); None when it declares no single such axis."""
+    user = set(program.graph_signature.user_inputs)
+    shapes = [n.meta["val"].shape for n in program.graph.nodes
+              if n.op == "placeholder" and n.name in user and "val" in n.meta]
+    dynamic = [[i for i, d in enumerate(s) if not isinstance(d, int)] for s in shapes]
+    if not shapes or any(len(d) != 1 for d in dynamic):
+        return None
+    symbol = str(shapes[0][dynamic[0][0]])
+    output = next(n for n in program.graph.nodes if n.op == "output")
+    found = []
+    for leaf in pytree.tree_leaves(output.args[0]):
+        dims = [str(d) for d in leaf.meta["val"].shape] if isinstance(leaf, fx.Node) and "val" in leaf.meta else []
+        if symbol not in dims:
+            return None
+        found.append(dims.index(symbol))
+    return BatchAxes(tuple(d[0] for d in dynamic), tuple(found))
+
+
+def made_batch_first(program: Any, module: fx.GraphModule) -> tuple[BatchAxes | None, list[list[int]]]:
+    """(the axes, each input's per-sample shape) of a ``.pt2`` program whose batch is not first, its module
+    made batch-first (``move_in_graph``); (None, []) for a batch-first program, left as it is."""
+    axes = program_axes(program)
+    if axes is None or axes.batch_first:
+        return None, []
+    full = [list(n.meta["val"].shape) for n in program.graph.nodes
+            if n.op == "placeholder" and n.name in program.graph_signature.user_inputs]
+    move_in_graph(module, axes, [len(f) for f in full])
+    return axes, [[int(d) for i, d in enumerate(f) if i != a] for f, a in zip(full, axes.inputs)]
+
+
+def _perm(rank: int, source: int, destination: int) -> list[int]:
+    order = list(range(rank))
+    order.insert(destination, order.pop(source))
+    return order
+
+
+def move_in_graph(module: fx.GraphModule, axes: BatchAxes, ranks_in: Sequence[int]) -> None:
+    """A ``.pt2`` program's module made batch-first: a permute after each input and before each output, and
+    its shape guard dropped (it checks the shapes of the old layout)."""
+    graph = module.graph
+    for node in list(graph.nodes):
+        if node.op == "call_module" and str(node.target) == "_guards_fn":
+            graph.erase_node(node)
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    for node, axis, rank in zip(placeholders, axes.inputs, ranks_in):
+        if axis:
+            with graph.inserting_after(node):
+                moved = graph.call_function(aten.permute.default, (node, _perm(rank, 0, axis)))
+            node.replace_all_uses_with(moved, delete_user_cb=lambda user: user is not moved)
+    output = next(n for n in graph.nodes if n.op == "output")
+    leaves, spec = pytree.tree_flatten(output.args[0])
+    moved_out = []
+    for leaf, axis in zip(leaves, axes.outputs):
+        if axis and isinstance(leaf, fx.Node):
+            with graph.inserting_before(output):
+                leaf = graph.call_function(aten.movedim.int, (leaf, axis, 0))
+        moved_out.append(leaf)
+    output.args = (pytree.tree_unflatten(moved_out, spec),)
+    module.recompile()
+
+
+def _inputs_moved(axes: tuple[int, ...], module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    return tuple(a.movedim(0, axis) if axis and isinstance(a, torch.Tensor) else a for a, axis in zip(args, axes))
+
+
+def _outputs_moved(axes: tuple[int, ...], module: nn.Module, args: Any, out: Any) -> Any:
+    flat, spec = pytree.tree_flatten(out)
+    return pytree.tree_unflatten([t.movedim(axis, 0) if axis else t for t, axis in zip(flat, axes)], spec)
+
+
+def move_with_hooks(module: nn.Module, axes: BatchAxes) -> None:
+    """A module made batch-first by forward hooks (module-level functions: the module still pickles)."""
+    module.register_forward_pre_hook(functools.partial(_inputs_moved, axes.inputs))
+    module.register_forward_hook(functools.partial(_outputs_moved, axes.outputs))
+
+
+def _recorded(module: nn.Module, xs: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(the flat outputs, every tensor each submodule returned, in call order) for ``xs``."""
+    seen: list[torch.Tensor] = []
+    handles = [m.register_forward_hook(lambda _m, _a, out: seen.extend(
+        t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor))) for m in module.modules() if m is not module]
+    try:
+        with torch.no_grad():
+            return outputs.leaves(module(*xs)), seen
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _following(y: torch.Tensor, fewer: torch.Tensor, n: int) -> int | None:
+    """The axis of ``y`` that follows the number of samples (``n``, then two), if exactly one does."""
+    follows = [d for d in range(y.dim()) if fewer.dim() == y.dim() and y.shape[d] != fewer.shape[d]]
+    return follows[0] if len(follows) == 1 and y.shape[follows[0]] == n else None
+
+
+def _independent(module: nn.Module, xs: list[torch.Tensor], axis: int) -> tuple[int, ...] | None:
+    """The batch axis of each flat output when the samples on ``axis`` of ``xs`` do not affect each other,
+    else None. New values for sample 0 must leave every other sample's values as they were: in the outputs,
+    and in what each submodule returns (a step's output alone may not show the change, as a spiking layer
+    that stays silent on random inputs)."""
+    n = xs[0].shape[axis]
+    changed = [x.clone() for x in xs]
+    for x in changed:
+        x.select(axis, 0).mul_(-4).add_(1)
+    ys, inner = _recorded(module, xs)
+    moved, inner_moved = _recorded(module, changed)
+    fewer, inner_fewer = _recorded(module, [x.narrow(axis, 0, 2) for x in xs])
+    found = []
+    for y, f in zip(ys, fewer):
+        d = _following(y, f, n)
+        if d is None:
+            return None
+        found.append(d)
+    if len(inner) != len(inner_moved) or len(inner) != len(inner_fewer):
+        return None  # a different path for other values: the samples decide together
+    pairs = [(y, m, _following(y, f, n)) for y, m, f in zip([*ys, *inner], [*moved, *inner_moved], [*fewer, *inner_fewer])]
+    if any(d is not None and (y.shape != m.shape or not torch.equal(y.narrow(d, 1, n - 1), m.narrow(d, 1, n - 1)))
+           for y, m, d in pairs):
+        return None
+    return tuple(found)
+
+
+def probe_axes(module: nn.Module, shapes: Sequence[Sequence[int]]) -> BatchAxes | None:
+    """For a module whose samples on axis 0 are not independent: the batch on axis 1 of every input, when
+    its samples are independent there (and where each output carries it); else None (left as it is:
+    batch first, or beyond this probe, for the usual checks to report)."""
+    gen = torch.Generator().manual_seed(0)
+    try:
+        first = _independent(module, [torch.rand(3, *s, generator=gen) for s in shapes], 0)
+        if first is not None or any(len(s) < 1 for s in shapes):
+            return None
+        xs = [torch.rand(s[0], 3, *s[1:], generator=gen) for s in shapes]
+        found = _independent(module, xs, 1)
+    except Exception:  # noqa: BLE001 - a probe that does not run says nothing; the usual checks report
+        return None
+    return BatchAxes(tuple(1 for _ in shapes), found) if found is not None else None

@@ -1,0 +1,113 @@
+"""A spiking network written time first, as snnTorch's tutorials feed it: input [T, N, F], output [T, N, C].
+Saved as a .pt2 with the batch dynamic on axis 1, or pickled; exported batch-first, validated on the real
+runtimes, and the note says how to feed the artifact. A batch-first model that is also independent along
+axis 1 is left as it is."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+import htaf_export
+from htaf_export import batch_axis
+
+T, FEATURES, HIDDEN, CLASSES = 5, 12, 16, 4
+
+
+class Spike(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return (x >= 0).float()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
+class TimeFirstLif(nn.Module):
+    def __init__(self, beta: float = 0.85) -> None:
+        super().__init__()
+        self.encode, self.readout, self.beta = nn.Linear(FEATURES, HIDDEN), nn.Linear(HIDDEN, CLASSES), beta
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        v = torch.zeros(x.shape[1], HIDDEN)
+        w = torch.zeros(x.shape[1], CLASSES)
+        spikes = []
+        for t in range(x.shape[0]):
+            v = self.beta * v + self.encode(x[t])
+            s = Spike.apply(v - 0.5)
+            v = v * (1 - s)
+            w = self.beta * w + self.readout(s)
+            out = Spike.apply(w - 0.5)
+            w = w * (1 - out)
+            spikes.append(out)
+        return torch.stack(spikes)
+
+
+class PerPosition(nn.Module):
+    """Batch first, [N, L, F], a step at each position: independent along axis 1 as well."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(FEATURES, CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.where(self.fc(x) >= 0, 1.0, -1.0)
+
+
+def _model() -> TimeFirstLif:
+    torch.manual_seed(3)
+    return TimeFirstLif().eval()
+
+
+def _pt2(tmp_path):
+    program = torch.export.export(_model(), (torch.rand(T, 3, FEATURES),),
+                                  dynamic_shapes=({1: torch.export.Dim("batch")},))
+    path = tmp_path / "lif.pt2"
+    torch.export.save(program, path)
+    return path
+
+
+def _said_batch_first(result) -> None:
+    assert any("batch first" in n and "np.moveaxis(x, 1, 0)" in n for n in result.conversion.notes), \
+        result.conversion.notes
+
+
+def test_a_time_first_pt2_exports_batch_first_to_bit_packed_tflite(tmp_path):
+    result = htaf_export.export(_pt2(tmp_path), "tflite", tmp_path / "lif.tflite", device="cpu")
+    assert result.report.passed, result.report.first_failure
+    _said_batch_first(result)
+    assert result.hardening.sites and sum(t.elements for b in result.report.backends for t in b.tensors
+                                          if t.kind == "binary") > 0
+    from tensorflow import lite
+
+    interpreter = lite.Interpreter(model_path=str(tmp_path / "lif.tflite"))
+    assert list(interpreter.get_input_details()[0]["shape"][1:]) == [T, FEATURES]
+
+
+def test_a_pickled_time_first_model_is_found_time_first_and_exports_to_onnx(tmp_path):
+    """Validated in two worker processes too: each rebuilds the model batch-first."""
+    path = tmp_path / "lif.pt"
+    torch.save(_model(), path)
+    result = htaf_export.export(path, "onnx", tmp_path / "lif.onnx", input_shape=[T, FEATURES], trust_pickle=True,
+                                device="cpu", workers=2)
+    assert result.report.passed, result.report.first_failure
+    _said_batch_first(result)
+    dims = onnx.load(tmp_path / "lif.onnx").graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_value for d in dims[1:]] == [T, FEATURES]
+    # the artifact's sample i is the model's column i
+    import onnxruntime as ort
+
+    x = np.random.default_rng(0).random((T, 6, FEATURES), dtype=np.float32)
+    got = ort.InferenceSession(str(tmp_path / "lif.onnx")).run(None, {"input": np.moveaxis(x, 1, 0).copy()})[0]
+    with torch.no_grad():
+        want = _model()(torch.from_numpy(x)).numpy()
+    assert np.array_equal(np.moveaxis(got, 0, 1), want)
+
+
+def test_the_probe_leaves_batch_first_models_alone():
+    torch.manual_seed(0)
+    assert batch_axis.probe_axes(PerPosition().eval(), [[7, FEATURES]]) is None
+    assert batch_axis.probe_axes(_model(), [[T, FEATURES]]) == batch_axis.BatchAxes((1,), (1,))
