@@ -15,6 +15,8 @@ from typing import Any, Mapping
 
 STEP_OPS = ("Heaviside", "Sign")
 TIES = ("ge", "gt")
+# A step oracle's key for the bits of a step on exact ties only (NaN elsewhere): ``ORACLE_TIES + tensor``.
+ORACLE_TIES = "ties:"
 
 
 def check_one_of(what: str, value: object, allowed: tuple[str, ...], error: type[Exception] = ValueError) -> None:

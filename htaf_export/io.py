@@ -21,7 +21,7 @@ from . import batch_axis
 from .batch_axis import BatchAxes
 from .files import atomic_write
 from .pickles import unpickle
-from .programs import free_batch, refuse_training_mode, static_batch
+from .programs import flatten_inputs, free_batch, refuse_training_mode, static_batch
 from .signature import as_shapes, forward_arguments
 
 CHECKPOINT_FORMAT = "htaf-export/checkpoint"
@@ -328,6 +328,7 @@ def _load_exported_program(path: Path, digest: str) -> LoadedModel:
         spec = {"input_shape": shapes[0], "extra": shapes[1:], "names": [n.name for n in placeholders]}
     refuse_training_mode(program, path)
     module = _rebuilt(program, path)
+    flatten_inputs(module)
     axes, shapes = batch_axis.made_batch_first(program, module)
     if axes is not None:
         spec = {**spec, "input_shape": shapes[0], "extra": shapes[1:]}

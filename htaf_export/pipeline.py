@@ -19,7 +19,7 @@ from torch import nn
 from .version import __version__
 from . import metadata as md
 from .capture import Capture, capture
-from .contracts import Conversion
+from .contracts import ORACLE_TIES, Conversion
 from .data import Batches, Dataset, NpzBatches, digits
 from .errors import BadInput, UnsupportedLayer
 from .origins import located
@@ -113,12 +113,16 @@ NEAR_TIE = Tolerance().flip_margin
 def step_oracle(hardened: nn.Module, cap: Capture) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
     """``{input: array} -> {step tensor: array}`` from the hardened model; steps it cannot record (a TorchScript
     source has no Step modules to hook) from the IR run in ONNX Runtime. NaN marks a bit whose pre-activation is
-    within ``NEAR_TIE`` of its threshold, which float layers before it may decide either way."""
+    within ``NEAR_TIE`` of its threshold, which float layers before it may decide either way; ``ORACLE_TIES`` +
+    the tensor holds the bits on exact ties only (NaN elsewhere), to tell a step from a sign that is 0 there."""
     def run(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         tensors = tuple(torch.from_numpy(np.ascontiguousarray(inputs[name])) for name in cap.input_names)
         ref = run_reference(hardened, tensors, list(cap.output_names))
-        found = {s.tensor: np.where(np.abs(ref.preactivations[(s.site, s.call)]) <= NEAR_TIE, np.float32(np.nan),
-                                    ref.steps[(s.site, s.call)]) for s in cap.steps if (s.site, s.call) in ref.steps}
+        found = {}
+        for s in (s for s in cap.steps if (s.site, s.call) in ref.steps):
+            pre, bits = ref.preactivations[(s.site, s.call)], ref.steps[(s.site, s.call)]
+            found[s.tensor] = np.where(np.abs(pre) <= NEAR_TIE, np.float32(np.nan), bits)
+            found[ORACLE_TIES + s.tensor] = np.where(pre == 0, bits, np.float32(np.nan))
         missing = [s.tensor for s in cap.steps if s.tensor not in found]
         if missing:
             from .runtimes.onnxruntime import ir_session

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils import _pytree as pytree
 
 from . import outputs
 from .errors import BadInput
@@ -28,6 +29,22 @@ def refuse_training_mode(program: Any, path: Path) -> None:
             what = "a dropout drops at random" if name == "dropout" else "a batch norm uses each batch's statistics"
             raise BadInput(f".pt2 file {path} was exported in training mode ({what}); call model.eval() before "
                            f"torch.export.export")
+
+
+def flatten_inputs(module: Any) -> None:
+    """A program module whose forward takes nested inputs (``forward(self, batch)`` reading ``batch["image"]``)
+    made to take its tensors one by one, in pytree order, each named as the graph names it (``batch_image``):
+    what every exporter, runtime and data file deals in."""
+    codegen = module.graph._codegen
+    info = getattr(codegen, "pytree_info", None)
+    if info is None or info.in_spec is None:
+        return
+    names = [n.name for n in module.graph.nodes if n.op == "placeholder"]
+    flat = pytree.tree_structure((tuple(range(len(names))), {}))
+    if info.in_spec == flat:
+        return
+    codegen.pytree_info = info._replace(in_spec=flat, orig_args=names)
+    module.recompile()
 
 
 def static_batch(program: Any) -> int | None:

@@ -247,3 +247,29 @@ def test_a_binary_gru_loop_converts_with_every_step_checked(fmt, tmp_path):
     result = _exported(BinaryGru(), (4, 6), fmt, "tflite", tmp_path)
     steps = [t for t in result.report.backends[0].tensors if t.kind == "binary"]
     assert len(steps) == 4 and all(t.elements > 0 for t in steps), [(t.name, t.elements) for t in steps]
+
+
+class SignBeside(nn.Module):
+    """A step and a torch.sign read the same binary layer's integer sum: on its exact ties (0) the sign gives 0,
+    the step +1. Validation must read the step's own tensor, not the sign's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.second, self.head = nn.Linear(64, 96, bias=False), nn.Linear(96, 48, bias=False), \
+            nn.Linear(48, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        sign = lambda t: torch.where(t >= 0, 1.0, -1.0)  # noqa: E731
+        h = nn.functional.linear(sign(self.first(x.flatten(1))), sign(self.second.weight))
+        return self.head(sign(h) + 0.5 * torch.sign(h))
+
+
+def test_a_step_beside_a_sign_of_the_same_sum_is_validated_from_its_own_tensor(tmp_path):
+    torch.manual_seed(6)
+    result = _exported(SignBeside(), (1, 8, 8), "pt2", "tflite", tmp_path)
+    rows = {r.layer: r.became for r in result.conversion.rows}
+    assert not any(v.startswith("SIGN") for v in rows.values()), rows
+    logits = next(t for t in result.report.backends[0].tensors if t.kind == "float")
+    steps = {t.name: t for t in result.report.backends[0].tensors if t.kind == "binary"}
+    assert logits.elements > 0 and all(t.tie_violations == 0 for t in steps.values())
+    assert sum(t.exact_ties for t in steps.values()) > 0  # the ties were there to be read

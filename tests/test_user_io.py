@@ -3,6 +3,7 @@ wrapper, an exported file given as the model, an output folder. Each works or is
 
 from __future__ import annotations
 
+import onnx
 import torch
 from torch import nn
 
@@ -180,3 +181,24 @@ def test_a_map_output_on_the_digits_reports_no_accuracy(tmp_path):
     assert report.passed and report.inputs.startswith("digits")
     assert any("not a vector of class scores" in n for n in report.notes), report.notes
     assert all(b.labelled == 0 for b in report.backends)
+
+
+class DictIn(nn.Module):
+    """A forward that takes a dict of tensors (``batch["image"]``), as data-loader-driven code writes it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(64, 32), nn.Linear(32, 10)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.fc2(torch.where(self.fc1(batch["image"].flatten(1)) >= 0, 1.0, -1.0))
+
+
+def test_a_pt2_whose_forward_takes_a_dict_exports_its_tensors_by_name(tmp_path):
+    torch.manual_seed(0)
+    program = torch.export.export(DictIn().eval(), ({"image": torch.randn(2, 1, 8, 8)},),
+                                  dynamic_shapes=({"image": {0: torch.export.Dim("batch")}},))
+    torch.export.save(program, tmp_path / "d.pt2")
+    result = htaf_export.export(tmp_path / "d.pt2", "onnx", tmp_path / "d.onnx", device="cpu")
+    assert result.report.passed and result.report.inputs.startswith("digits")
+    assert [i.name for i in onnx.load(tmp_path / "d.onnx").graph.input] == ["input"]

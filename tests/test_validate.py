@@ -483,3 +483,19 @@ def test_labels_that_are_not_classes_of_the_output_give_no_accuracy(tmp_path):
     path = htaf_export.save(model, tmp_path / "four.pt2", input_shape=[64])
     report = htaf_export.export(path, "onnx", tmp_path / "four.onnx", device="cpu").report
     assert report.passed and all(b.labelled == 0 for b in report.backends)
+
+
+def test_a_flip_on_an_exactly_computed_tie_is_a_tie_violation():
+    """A pre-activation that is 0 with a bound of 0 (an integer sum) is a tie every implementation computes: the
+    declared rule alone decides, so a flip there is a violation, not rounding; with a bound above 0 it is rounding."""
+    from htaf_export.compare import compare_binary
+    from htaf_export.parity import TensorResult
+
+    ref, got = np.array([[1.0, 1.0, -1.0]]), np.array([[-1.0, 1.0, 1.0]])
+    pre = np.array([[0.0, 3.0, -1e-7]], np.float32)
+    exact = TensorResult("s", "binary")
+    compare_binary(exact, ref, got, pre, None, np.zeros(1, bool), np.zeros((1, 3), np.float32), "data", 0)
+    assert (exact.tie_violations, exact.explained) == (1, 0)
+    rounded = TensorResult("s", "binary")
+    compare_binary(rounded, ref, got, pre, None, np.zeros(1, bool), np.full((1, 3), 1e-6, np.float32), "data", 0)
+    assert (rounded.tie_violations, rounded.explained) == (0, 2)

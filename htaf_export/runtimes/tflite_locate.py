@@ -26,7 +26,7 @@ import numpy as np
 from .. import metadata as md
 from .. import tflite_file as tfl
 from ..capture import Capture
-from ..contracts import Conversion, LayerRow
+from ..contracts import ORACLE_TIES, Conversion, LayerRow
 from ..targets import ExportOptions
 from .tflite import lce_interpreter, stock_interpreter, time_kernels
 
@@ -112,11 +112,12 @@ def _candidates(flat, forms: list[tfl.StepForm]) -> list[tfl.StepSlot]:
 
 
 def _agreement(data: bytes, slots: list[tfl.StepSlot], inputs: dict[int, np.ndarray],
-               wanted: dict[str, np.ndarray], lce: bool) -> np.ndarray:
-    """Mean agreement of each candidate with the oracle over the probes; hopeless candidates stop early."""
+               wanted: dict[str, np.ndarray], lce: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(mean agreement of each candidate with the oracle over the probes, and on the exact ties alone, where a
+    step and a sign of the same input part); hopeless candidates stop early."""
     run = _runner(tfl.with_outputs(data, sorted({s.index for s in slots})), lce)
     n = len(next(iter(inputs.values())))
-    agree = np.zeros(len(slots))
+    agree, on_ties = np.zeros(len(slots)), np.zeros(len(slots))
     alive = list(range(len(slots)))
     for k in range(n):  # one sample at a time: memory stays one sample of every tensor
         values = run({index: x[k:k + 1] for index, x in inputs.items()})
@@ -128,9 +129,11 @@ def _agreement(data: bytes, slots: list[tfl.StepSlot], inputs: dict[int, np.ndar
             want = wanted[slots[j].tensor][k:k + 1]
             known = ~np.isnan(want)  # near ties (NaN) count as agreeing either way
             agree[j] += float(np.mean(decoded[key][known] == want[known])) if known.any() else 1.0
+            tie = wanted.get(ORACLE_TIES + slots[j].tensor, want)[k:k + 1]
+            on_ties[j] += float(np.sum(decoded[key][~np.isnan(tie)] == tie[~np.isnan(tie)]))
         # a candidate whose best possible final agreement is below MATCH_REQUIRED can never be chosen
         alive = [j for j in alive if (agree[j] + (n - k - 1)) / n >= MATCH_REQUIRED]
-    return agree / n
+    return agree / n, on_ties
 
 
 def locate_steps(data: bytes, capture: Capture, oracle: Oracle, lce: bool
@@ -148,13 +151,13 @@ def locate_steps(data: bytes, capture: Capture, oracle: Oracle, lce: bool
     probes = probe_inputs(layout.inputs)
     wanted = oracle({slot.name: x for slot, x in zip(layout.inputs, probes)})
     slots = _candidates(flat, forms)
-    agree = _agreement(data, slots, {s.index: tfl.encode_input(x, s.layout) for x, s in zip(probes, layout.inputs)},
-                       wanted, lce)
+    agree, on_ties = _agreement(data, slots, {s.index: tfl.encode_input(x, s.layout)
+                                              for x, s in zip(probes, layout.inputs)}, wanted, lce)
     graph = flat.subgraphs[0]
     used: set[int] = set()
     observed = []
     for form in forms:
-        scored = [((agree[j], PREFERENCE[s.encoding], f"/{form.keras}/" in tfl.text(graph.tensors[s.index].name),
+        scored = [((agree[j], on_ties[j], PREFERENCE[s.encoding], f"/{form.keras}/" in tfl.text(graph.tensors[s.index].name),
                     -s.index), s) for j, s in enumerate(slots) if s.tensor == form.tensor and s.index not in used]
         best = max(scored, key=lambda item: item[0], default=None)
         if best is not None and best[0][0] >= MATCH_REQUIRED:
