@@ -171,3 +171,8 @@ def argmax_explained(ref: np.ndarray, tol: Tolerance) -> np.ndarray:
         return np.zeros(len(r), bool)
     top2 = np.sort(r, axis=1)[:, -2:]
     return (top2[:, 1] - top2[:, 0]) <= tol.atol + tol.rtol * np.abs(top2[:, 1])
+
+
+def classes(outputs: np.ndarray, indices: bool) -> np.ndarray:
+    """Each sample's class: the output itself where it is a class index, else the position of its largest value."""
+    return outputs[:, 0] if indices else outputs.argmax(1)

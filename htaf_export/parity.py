@@ -289,3 +289,14 @@ class ParityReport:
                 "backends": [b.to_dict() for b in self.backends], "skipped": self.skipped,
                 "margins": {k: v.to_dict() for k, v in self.margins.items()}, "notes": self.notes,
                 "seconds": round(self.seconds, 3)}
+
+
+def uncompared_outputs(backends: list[Any]) -> str | None:
+    """A note for float outputs none of whose values was compared on some backend: every sample was excused by
+    an explained flip before them (the pass says nothing about those outputs, and must not pass silently)."""
+    names = sorted({t.name for b in backends for t in b.tensors if t.kind == "float" and t.elements == 0
+                    and t.excused_samples > 0})
+    if not names:
+        return None
+    return (f"no value of output{'s' if len(names) > 1 else ''} {', '.join(names)} was compared: every sample was "
+            f"excused by an explained flip before it")

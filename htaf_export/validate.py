@@ -54,7 +54,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .compare import (BatchBounds, argmax_explained, compare_binary, compare_float, ordered_tensors)
+from .compare import BatchBounds, argmax_explained, classes, compare_binary, compare_float, ordered_tensors
 from .crafted import CraftedSet
 from .data import Batches, Dataset, Inputs, as_batches, count
 from .errors import BadInput
@@ -62,7 +62,7 @@ from .nn.modules import step_modules
 from .parts import crafted_inputs, validation_parts
 from .outputs import require_batch_first
 from .references import Chunk, References, rows
-from .parity import BackendResult, MarginHistogram, ParityReport, Tolerance
+from .parity import BackendResult, MarginHistogram, ParityReport, Tolerance, uncompared_outputs
 from .runtimes import ArtifactInfo, Runner
 
 
@@ -279,9 +279,9 @@ class Validation:
         ref_logits = ref.outputs[first].reshape(n, -1)
         indices = ref_logits.shape[1] == 1 and np.issubdtype(ref_logits.dtype, np.integer)
         tie_between_classes = np.zeros(n, bool) if indices else argmax_explained(ref_logits, self.tol)
-        ref_class = _classes(ref_logits, indices)
+        ref_class = classes(ref_logits, indices)
         for i, result in enumerate(self.results):
-            got = _classes(np.asarray(arts[i][first]).reshape(n, -1), indices)
+            got = classes(np.asarray(arts[i][first]).reshape(n, -1), indices)
             agree = ref_class == got
             explained = int((~agree & (_spared(excused[i], ref) | tie_between_classes)).sum())
             if part == "crafted":
@@ -297,11 +297,6 @@ class Validation:
                 result.labelled += n
                 result.reference_correct += int((ref_class == y).sum())
                 result.artifact_correct += int((got == y).sum())
-
-
-def _classes(outputs: np.ndarray, indices: bool) -> np.ndarray:
-    """Each sample's class: the output itself where it is a class index, else the position of its largest value."""
-    return outputs[:, 0] if indices else outputs.argmax(1)
 
 
 def validate(model: nn.Module, info: ArtifactInfo, runners: list[Runner], data: Dataset | Batches,
@@ -391,6 +386,8 @@ def _finish(report: ParityReport, run: Validation) -> None:
                             f"(a near tie it may decide the other way); their outputs were not compared")
     if run.foreign_labels:
         report.notes.append(run.foreign_labels)
+    if uncompared_outputs(run.results):
+        report.notes.append(uncompared_outputs(run.results))
     if run.unobserved:
         report.notes.append(f"the reference cannot record step tensors {', '.join(sorted(run.unobserved))} "
                             f"(a traced model has no Step modules to hook); they are checked through the outputs only")

@@ -499,3 +499,13 @@ def test_a_flip_on_an_exactly_computed_tie_is_a_tie_violation():
     rounded = TensorResult("s", "binary")
     compare_binary(rounded, ref, got, pre, None, np.zeros(1, bool), np.full((1, 3), 1e-6, np.float32), "data", 0)
     assert (rounded.tie_violations, rounded.explained) == (0, 2)
+
+
+def test_an_output_no_sample_reached_is_said_to_be_uncompared():
+    from htaf_export.parity import BackendResult, TensorResult, uncompared_outputs
+
+    reached = TensorResult("logits", "float", elements=40, excused_samples=2)
+    excused = TensorResult("aux", "float", elements=0, excused_samples=12)
+    note = uncompared_outputs([BackendResult("b", "cpu", [reached, excused])])
+    assert note is not None and "no value of output aux was compared" in note and "logits" not in note
+    assert uncompared_outputs([BackendResult("b", "cpu", [reached])]) is None
