@@ -19,8 +19,9 @@ from .keras_binary import binary, step
 from .keras_builder import NHWC_AXIS, SHAPE_OPS, EmittedLayer, KerasBuilder, Val, keras, tf
 from .keras_norms import instance_norm, layer_norm
 from .keras_transposed import conv_transpose
-from .keras_shapes import (expand, identity, per_position, positions, reshape, resize, shape_only, split,
-                           transpose)
+from .keras_products import activation_product
+from .keras_shapes import (depth_to_space, expand, identity, per_position, positions, reshape, resize, shape_only,
+                           split, transpose)
 from .layouts import torch_shape
 from .tflite_binary import DOMAIN as BINARY_DOMAIN, OP as BINARY_OP, is_binary_weight, layer_name, trim_padding
 
@@ -45,17 +46,16 @@ BINARY_OPS: dict[str, Callable[[Any, Any], Any]] = {
 
 
 def _broadcast(a: Val, c: Val) -> tuple[int, ...] | None:
-    """The common shape of two computed tensors of one layout: equal shapes, or (nhwc) one of them per channel
-    (C, 1, 1), as squeeze-and-excite gating writes it: NHWC's (N, 1, 1, C) broadcasts the same way."""
-    if a.layout != c.layout:
+    """The common shape of two computed tensors of one layout, where one broadcasts to the other as numpy does:
+    a per-channel gate (C, 1, 1) as squeeze-and-excite writes it, a per-position map (1, H, W) as XNOR-Net's
+    scale K. Channels last, the ranks must match: one axis order for both broadcasts alike."""
+    if a.layout != c.layout or (a.layout == "nhwc" and len(a.shape) != len(c.shape)):
         return None
-    if a.shape == c.shape:
-        return a.shape
-    if a.layout == "nhwc" and len(a.shape) == len(c.shape) == 3:
-        for x, y in ((a, c), (c, a)):
-            if y.shape == (x.shape[0], 1, 1):
-                return x.shape
-    return None
+    try:
+        shape = tuple(np.broadcast_shapes(a.shape, c.shape))
+    except ValueError:
+        return None
+    return shape if shape in (a.shape, c.shape) else None
 
 
 def _elementwise(b: KerasBuilder, node: ir.Node) -> list[Val]:
@@ -197,8 +197,7 @@ def _gemm(b: KerasBuilder, node: ir.Node) -> list[Val]:
     name = layer_name(node)
     weight = const_array(node.inputs[1])
     if weight is None:
-        raise UnsupportedLayer(name, "a product of two computed tensors (matmul or bmm of activations, as in "
-                                     "attention) has no TFLite translation here")
+        return activation_product(b, node, name)
     if weight.ndim != 2:
         raise UnsupportedLayer(name, "only dense layers with constant 2-D weights are supported")
     if node.op_type == "Gemm":
@@ -374,7 +373,7 @@ EMITTERS: dict[tuple[str, str], Callable[[KerasBuilder, ir.Node], list[Val]]] = 
     ("", "Gemm"): _gemm, ("", "MatMul"): _gemm,
     ("", "BatchNormalization"): _batchnorm, ("", "LayerNormalization"): layer_norm,
     ("", "InstanceNormalization"): instance_norm,
-    ("", "Resize"): resize, ("", "Split"): split,
+    ("", "Resize"): resize, ("", "Split"): split, ("", "DepthToSpace"): depth_to_space,
     ("", "MaxPool"): _maxpool,
     ("", "AveragePool"): _averagepool,
     ("", "GlobalAveragePool"): _global_pool, ("", "GlobalMaxPool"): _global_pool,

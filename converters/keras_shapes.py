@@ -278,20 +278,45 @@ def per_position(b: KerasBuilder, y: Val, x: Val) -> Val:
     return Val(b.reshape(y.tensor, shape, "per_position"), shape, "plain", presign=y.presign)
 
 
+# (mode, coordinate transformation) → TFLite's resize and its (align_corners, half_pixel_centers)
+RESIZES = {("nearest", "asymmetric"): ("nearest", False, False), ("linear", "half_pixel"): ("bilinear", False, True),
+           ("linear", "pytorch_half_pixel"): ("bilinear", False, True),
+           ("linear", "align_corners"): ("bilinear", True, False)}
+
+
 def resize(b: KerasBuilder, node: ir.Node) -> list[Val]:
-    """Nearest resizing of an [N, C, H, W] map as PyTorch computes it (``nn.Upsample``, ``F.interpolate``):
-    output pixel i reads input pixel floor(i · in / out), which is TFLite's nearest resize without half pixels."""
+    """Resizing of an [N, C, H, W] map as PyTorch computes it (``nn.Upsample``, ``F.interpolate``): nearest, output
+    pixel i reading input pixel floor(i · in / out) (TFLite's nearest resize without half pixels); bilinear, with
+    half pixels (``align_corners=False``: the source clamped at the edge, as TFLite's) or with aligned corners."""
     x = b.to_canonical(b.real(node.inputs[0]))
-    how = (attr(node, "mode", "nearest"), attr(node, "coordinate_transformation_mode", "half_pixel"),
-           attr(node, "nearest_mode", "round_prefer_floor"))
-    if len(x.shape) != 3 or how != ("nearest", "asymmetric", "floor"):
+    how = (attr(node, "mode", "nearest"), attr(node, "coordinate_transformation_mode", "half_pixel"))
+    nearest = attr(node, "nearest_mode", "round_prefer_floor")
+    found = RESIZES.get(how) if how[0] != "nearest" or nearest == "floor" else None
+    if len(x.shape) != 3 or found is None:
         raise UnsupportedLayer(node.name, f"resizing ({', '.join(map(str, how))}) of a {len(x.shape) + 1}-D tensor: "
-                                          "the TFLite targets take nearest resizing of [N, C, H, W] maps only")
+                                          "the TFLite targets take nearest and bilinear resizing of [N, C, H, W] maps")
     c, h, w = x.shape
     size = _resized_size(b, node, h, w)
-    t = b.lam(lambda z: tf.compat.v1.image.resize_nearest_neighbor(z, size, align_corners=False,
-                                                                   half_pixel_centers=False), x.tensor, "resize")
+    kind, corners, half = found
+    op = tf.compat.v1.image.resize_nearest_neighbor if kind == "nearest" else tf.compat.v1.image.resize_bilinear
+    t = b.lam(lambda z: op(z, size, align_corners=corners, half_pixel_centers=half), x.tensor, "resize")
     return [Val(t, (c, *size), "nhwc")]
+
+
+def depth_to_space(b: KerasBuilder, node: ir.Node) -> list[Val]:
+    """``nn.PixelShuffle(r)`` (DepthToSpace, CRD: channel c·r² + i·r + j → pixel (i, j) of channel c): TFLite's
+    DEPTH_TO_SPACE reads the channels the other way round (DCR: (i·r + j)·C + c), so a constant gather of the
+    channels comes first. Both only move values: exact."""
+    x = b.to_canonical(b.real(node.inputs[0]))
+    r = int(attr(node, "blocksize", 1))
+    if len(x.shape) != 3 or x.shape[0] % (r * r):
+        raise UnsupportedLayer(node.name, f"DepthToSpace of a {len(x.shape) + 1}-D tensor")
+    c, h, w = x.shape[0] // (r * r), x.shape[1], x.shape[2]
+    crd = attr(node, "mode", "DCR") == "CRD"
+    order = np.array([k * r * r + ij for ij in range(r * r) for k in range(c)], np.int32)
+    t = b.lam(lambda z: tf.nn.depth_to_space(tf.gather(z, order, axis=3) if crd else z, r), x.tensor,
+              node.name or "depth_to_space")
+    return [Val(t, (c, h * r, w * r), "nhwc")]
 
 
 def _resized_size(b: KerasBuilder, node: ir.Node, h: int, w: int) -> tuple[int, int]:

@@ -17,7 +17,7 @@ import onnx_ir as ir
 
 from htaf_export import metadata as md
 from htaf_export.capture import Capture, cleanup
-from htaf_export.contracts import Conversion, LayerRow
+from htaf_export.contracts import PACKED_WEIGHTS, Conversion, LayerRow
 from htaf_export.ops import HTAF_DOMAIN, attach_step_functions
 from htaf_export.passes import FoldBatchNormIntoSteps, PackBinaryWeights, PackedWeight
 from htaf_export.passes.util import layer_of
@@ -97,7 +97,7 @@ def stamp(proto: onnx.ModelProto, capture: Capture, provenance: Mapping[str, str
 
 
 def packed_rows(packed: Sequence[PackedWeight]) -> list[LayerRow]:
-    return [LayerRow(p.layer, "packed 1-bit weights", f"{p.numel:,} weights in {p.packed_bytes:,} B") for p in packed]
+    return [LayerRow(p.layer, PACKED_WEIGHTS, f"{p.numel:,} weights in {p.packed_bytes:,} B") for p in packed]
 
 
 def convert(capture: Capture, provenance: Mapping[str, str], options: ExportOptions) -> Conversion:

@@ -6,8 +6,9 @@ have their batch moved in place on the way in and its outputs have it moved to t
 and the export says so in a note.
 
 Where the batch lies: a ``.pt2`` program says it (the one dynamic dimension of each input and output). A
-module does not, so it is probed: when new values for one sample on axis 0 change the others' results,
-axis 0 is not a batch; the second axis is tried then, and taken when its samples do not affect each other."""
+module does not, so it is probed: an output's batch axis is the one that follows the number of samples; when
+new values for one sample on axis 0 change the others' results, axis 0 of the inputs is not a batch, and the
+second axis is tried, taken when its samples do not affect each other."""
 
 from __future__ import annotations
 
@@ -35,13 +36,13 @@ class BatchAxes:
     def batch_first(self) -> bool:
         return not any(self.inputs) and not any(self.outputs)
 
-    def note(self, names: Sequence[str], shapes: Sequence[Sequence[int]]) -> str:
-        moved = [(name, axis, shape) for name, axis, shape in zip(names, self.inputs, shapes) if axis]
-        said = "; ".join(f"input {name!r} is [N, {', '.join(map(str, shape))}], the model's "
-                         f"[{', '.join(['N' if i == axis else str(d) for i, d in enumerate(_with_batch(shape, axis))])}]"
-                         f" (feed np.moveaxis(x, {axis}, 0))" for name, axis, shape in moved)
-        out = "" if not any(self.outputs) else "; its outputs are batch first too"
-        return f"the artifact is batch first: {said}{out}"
+    def note(self, inputs: Sequence[str], shapes: Sequence[Sequence[int]], outputs: Sequence[str]) -> str:
+        said = [f"input {name!r} is [N, {', '.join(map(str, shape))}], the model's "
+                f"[{', '.join(map(str, _with_batch(shape, axis)))}] (feed np.moveaxis(x, {axis}, 0))"
+                for name, axis, shape in zip(inputs, self.inputs, shapes) if axis]
+        said += [f"output {name!r} has the batch first, the model's on axis {axis} (np.moveaxis(y, 0, {axis}) "
+                 f"gives the model's layout)" for name, axis in zip(outputs, self.outputs) if axis]
+        return "the artifact is batch first: " + "; ".join(said)
 
 
 def _with_batch(shape: Sequence[int], axis: int) -> list[Any]:
@@ -175,13 +176,16 @@ def _independent(module: nn.Module, xs: list[torch.Tensor], axis: int) -> tuple[
 
 
 def probe_axes(module: nn.Module, shapes: Sequence[Sequence[int]]) -> BatchAxes | None:
-    """For a module whose samples on axis 0 are not independent: the batch on axis 1 of every input, when
-    its samples are independent there (and where each output carries it); else None (left as it is:
-    batch first, or beyond this probe, for the usual checks to report)."""
+    """The batch axes of a module: its outputs' when its inputs are batch first but an output is not; for a
+    module whose samples on axis 0 are not independent, axis 1 of every input, when its samples are
+    independent there (and where each output carries it); else None (left as it is: batch first, or beyond
+    this probe, for the usual checks to report)."""
     gen = torch.Generator().manual_seed(0)
     try:
         first = _independent(module, [torch.rand(3, *s, generator=gen) for s in shapes], 0)
-        if first is not None or any(len(s) < 1 for s in shapes):
+        if first is not None:  # batch first in, perhaps not out ([T, N, C] stacked spikes)
+            return BatchAxes(tuple(0 for _ in shapes), first) if any(first) else None
+        if any(len(s) < 1 for s in shapes):
             return None
         xs = [torch.rand(s[0], 3, *s[1:], generator=gen) for s in shapes]
         found = _independent(module, xs, 1)

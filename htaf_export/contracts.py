@@ -17,6 +17,8 @@ STEP_OPS = ("Heaviside", "Sign")
 TIES = ("ge", "gt")
 # A step oracle's key for the bits of a step on exact ties only (NaN elsewhere): ``ORACLE_TIES + tensor``.
 ORACLE_TIES = "ties:"
+# What a layer whose ±1 weights are stored 1 bit each ``became`` in a conversion's rows.
+PACKED_WEIGHTS = "packed 1-bit weights"
 
 
 def check_one_of(what: str, value: object, allowed: tuple[str, ...], error: type[Exception] = ValueError) -> None:

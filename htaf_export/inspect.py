@@ -10,12 +10,15 @@ from rich.markup import escape
 from rich.table import Table
 
 from .capture import capture
+from .contracts import PACKED_WEIGHTS
 from .data import Dataset
 from .errors import BadInput, UnsupportedLayer
 from .harden import HardenResult, Site, harden, record_every_step, unrecorded_tie_note
 from .io import LoadedModel
 from .nn.binary import BinaryWeights
+from . import metadata as md
 from .recommend import Recommendation, recommend
+from .targets import TARGETS, ExportOptions
 
 FLOAT_BITS = 32
 
@@ -53,7 +56,8 @@ class ModelSummary:
         return sum(layer.bits for layer in self.layers)
 
 
-def layer_table(module: torch.nn.Module) -> list[LayerInfo]:
+def layer_table(module: torch.nn.Module, packed: set[str] | None = None) -> list[LayerInfo]:
+    """Each module with parameters; binary: an ``htaf_export.nn`` binary layer, or one named in ``packed``."""
     layers = []
     for name, m in module.named_modules():
         # Parameters plus float buffers (batch-norm statistics, frozen scales): all of them ship.
@@ -61,7 +65,7 @@ def layer_table(module: torch.nn.Module) -> list[LayerInfo]:
         count = sum(t.numel() for t in own)
         if count == 0:
             continue
-        binary = isinstance(m, BinaryWeights)
+        binary = isinstance(m, BinaryWeights) or (name in (packed or ()) and hasattr(m, "weight"))
         one_bit = m.weight.numel() if binary else 0
         kind = getattr(m, "original_name", type(m).__name__)
         layers.append(LayerInfo(name or "(root)", kind, binary, count, one_bit))
@@ -78,18 +82,25 @@ def summarize(loaded: LoadedModel, data: Dataset | None = None, tie: str | None 
     result = harden(loaded.module, x, y, tie=tie, input_shapes=shapes)
     if loaded.source_format == "pickle" and shapes:  # steps written by hand show only in its traced program
         result = record_every_step(result, shapes, [], every=True)
+    traced = loaded.source_format in ("torchscript", "exported_program")
     summary = ModelSummary(loaded, result.sites, layer_table(loaded.module), result if data is not None else None)
-    if loaded.source_format in ("torchscript", "exported_program"):
-        summary.notes.append("binary layers are not recognisable inside a traced graph; bits assume float weights")
     note = unrecorded_tie_note(result.sites, tie)
     if note:
         summary.notes.append(note)
+    if not (recommend_target or (traced and shapes)):
+        return summary
+    try:
+        cap = capture(result.model, loaded.input_shapes, loaded.output_names, input_names=loaded.input_names)
+        onnx_file = TARGETS["onnx"].function("converter")(cap, {md.TARGET: "onnx"}, ExportOptions())
+    except (BadInput, UnsupportedLayer) as e:
+        summary.notes.append(f"no target recommendation: the model does not export ({e})")
+        return summary
+    if traced:  # a traced graph's modules are plain: its binary layers are those the ONNX export packs
+        packed = {r.layer for r in onnx_file.rows if r.became == PACKED_WEIGHTS}
+        summary.layers = layer_table(loaded.module, packed)
+        summary.notes.append("binary layers found as the ONNX export finds them (±1 weights, packed to 1 bit)")
     if recommend_target:
-        try:
-            cap = capture(result.model, loaded.input_shapes, loaded.output_names, input_names=loaded.input_names)
-            summary.recommendation = recommend(cap)
-        except (BadInput, UnsupportedLayer) as e:
-            summary.notes.append(f"no target recommendation: the model does not export ({e})")
+        summary.recommendation = recommend(cap, {"onnx": onnx_file.data})
     return summary
 
 

@@ -180,8 +180,8 @@ def export(model: str | Path | LoadedModel, target: str, output: str | Path | No
     t = time.perf_counter()
     conversion = convert(cap, chosen, provenance(loaded, chosen, options), options, hardening.model)
     tie_note = unrecorded_tie_note(hardening.sites, tie)
-    layout_note = loaded.batch_axes.note(loaded.input_names or ["input"], loaded.input_shapes) \
-        if loaded.batch_axes is not None else None
+    layout_note = loaded.batch_axes.note(loaded.input_names or ["input"], loaded.input_shapes,
+                                         loaded.output_names or []) if loaded.batch_axes is not None else None
     conversion = replace(conversion, notes=(*conversion.notes, *(n for n in (tie_note, layout_note) if n)))
     seconds["convert"] = time.perf_counter() - t
 

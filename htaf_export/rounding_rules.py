@@ -78,7 +78,13 @@ def _linear(x: Bounded, w, b=None) -> Bounded:
 
 
 def _matmul(x: Bounded, w) -> Bounded:
-    """x @ w with a 2-D right operand (a classifier written as ``h @ W.t()``): the linear layer of wᵀ."""
+    """x @ w with a 2-D right operand (a classifier written as ``h @ W.t()``): the linear layer of wᵀ; two computed
+    operands (attention's q @ kᵀ, attn @ v): |a|·e_c + e_a·|c| + e_a·e_c carried, and the n-term sums' rounding."""
+    if isinstance(x, Bounded) and isinstance(w, Bounded) and w.value.dim() > 2:
+        n = int(x.value.shape[-1])
+        a, c = x.value.abs() + x.error, w.value.abs() + w.error
+        carried = x.value.abs() @ w.error + x.error @ w.value.abs() + x.error @ w.error
+        return Bounded(x.value @ w.value, carried + gamma(n + 1) * (a @ c) + (n + 1) * ETA)
     if not isinstance(x, Bounded) or value_of(w).dim() != 2:
         raise NoBound("matrix product with a batched or constant left operand")
     wt = Bounded(w.value.t(), w.error.t(), w.integer) if isinstance(w, Bounded) else value_of(w).t()
@@ -251,6 +257,14 @@ def _log_softmax(x: Bounded, dim: int, *_) -> Bounded:
     return Bounded(value, carried + gamma(n + 4) * (x.value.abs() + lse + 1) + ETA)
 
 
+def _softmax(x: Bounded, dim: int, *_) -> Bounded:
+    """exp(x − max) / Σ: log y moves by at most 2·max|Δx| along dim, so |Δy| ≤ y·(e^{2·max e} − 1); the
+    exponentials, the n-term sum and the division add y·γₙ₊₄."""
+    value = torch.softmax(x.value, dim)
+    spread = torch.expm1(2 * x.error.amax(dim=dim, keepdim=True)) if x.error.dim() else torch.expm1(2 * x.error)
+    return Bounded(value, value * (spread + gamma(int(x.value.shape[dim]) + 4)) + ETA)
+
+
 def _mean_all(x: Bounded, dtype=None) -> Bounded:
     """The mean of every element (a per-layer XNOR scale, |w|.mean()): one rounded sum and a division."""
     if not isinstance(x, Bounded):
@@ -350,7 +364,7 @@ RULES: dict[Any, Callable] = {
     aten.full_like.default: _filled(aten.full_like.default),
     aten.dropout.default: _dropout, aten.feature_dropout.default: _dropout, aten.alpha_dropout.default: _dropout,
     aten.feature_alpha_dropout.default: _dropout, aten.leaky_relu.default: _leaky_relu,
-    aten.log_softmax.int: _log_softmax, aten._log_softmax.default: lambda x, dim, half: _log_softmax(x, dim),
+    aten.log_softmax.int: _log_softmax, aten.softmax.int: _softmax, aten._softmax.default: lambda x, d, h: _softmax(x, d), aten._log_softmax.default: lambda x, dim, half: _log_softmax(x, dim),
     aten.adaptive_max_pool2d.default: _adaptive_max_pool(aten.adaptive_max_pool2d.default),
     aten.adaptive_max_pool1d.default: _adaptive_max_pool(aten.adaptive_max_pool1d.default),
     operator.getitem: lambda items, i: items[i],  # one result of a multi-result op (values, indices)
@@ -363,5 +377,6 @@ RULES: dict[Any, Callable] = {
         aten.unsqueeze.default, aten.squeeze.dim, aten.cat.default, aten.clone.default, aten.contiguous.default,
         aten.detach.default, aten.detach_.default, aten.lift_fresh_copy.default, aten.expand.default,
         aten.expand_as.default, aten.select.int, aten.slice.Tensor, aten.hardtanh.default, aten.clamp.default,
-        aten.neg.default, aten.alias.default, aten.abs.default, aten.movedim.int, aten.stack.default)},
+        aten.neg.default, aten.alias.default, aten.abs.default, aten.movedim.int, aten.stack.default,
+        aten.pixel_shuffle.default)},
 }

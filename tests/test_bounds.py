@@ -123,6 +123,26 @@ def test_in_place_ops_and_channel_dropout_have_rules():
     assert 0 < bound.max() <= 1e-4
 
 
+class BinaryAttention(torch.nn.Module):
+    """Attention over binary queries and keys: two computed operands in each product, a softmax between."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        nn = torch.nn
+        self.q, self.k, self.v, self.out = nn.Linear(6, 8), nn.Linear(6, 8), nn.Linear(6, 8), nn.Linear(40, 3)
+        self.sq, self.sk = HTAF(levels="pm1"), HTAF(levels="pm1")
+
+    def forward(self, x):
+        scores = self.sq(self.q(x)) @ self.sk(self.k(x)).transpose(1, 2) / 8 ** 0.5
+        return self.out((torch.softmax(scores, dim=-1) @ self.v(x)).flatten(1))
+
+
+def test_products_of_computed_tensors_and_softmax_have_rules():
+    torch.manual_seed(5)
+    bound = output_bounds_hold(harden(BinaryAttention()).model.eval(), torch.randn(48, 5, 6), min_rows=32)
+    assert 0 < bound.max() <= 1e-4
+
+
 def test_binary_layer_sums_are_exact():
     """±1 inputs times ±1 weights sum to integers, in any order: no rounding allowance at all there, so a
     threshold or weight moved by one integer step cannot hide in it."""

@@ -119,7 +119,11 @@ def test_inspect_traced_formats(fmt, load_sample, tmp_path, capsys, wide):
     code, out, _ = _run(capsys, "inspect", path)
     assert code == 0
     assert "layers.act1" in out and "layers.act2" in out
-    assert "note: binary layers are not recognisable" in out
+    # its binary layers found again in the traced graph, as the ONNX export packs them
+    binary = [layer.name for layer in layer_table(load_sample("bnn_mlp").module) if layer.binary]
+    assert binary and all("yes (1 bit)" in next(line for line in out.splitlines() if line.startswith(f"│ {name} "))
+                          for name in binary), out
+    assert "note: binary layers found as the ONNX export finds them" in out
 
 
 def test_inspect_trusted_pickle(load_sample, tmp_path, capsys, wide):

@@ -273,3 +273,70 @@ def test_a_step_beside_a_sign_of_the_same_sum_is_validated_from_its_own_tensor(t
     steps = {t.name: t for t in result.report.backends[0].tensors if t.kind == "binary"}
     assert logits.elements > 0 and all(t.tie_violations == 0 for t in steps.values())
     assert sum(t.exact_ties for t in steps.values()) > 0  # the ties were there to be read
+
+
+def _sign(t: torch.Tensor) -> torch.Tensor:
+    return torch.where(t >= 0, 1.0, -1.0)
+
+
+class Shuffled(nn.Module):
+    """Sub-pixel upsampling of binary maps (``nn.PixelShuffle``), then a strided conv back down."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.bn, self.ps = nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.PixelShuffle(2)
+        self.c2, self.fc = nn.Conv2d(4, 4, 3, stride=2, padding=1), nn.Linear(4 * 8 * 8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.c2(self.ps(_sign(self.bn(self.c1(x))))).flatten(1))
+
+
+class Smoothed(nn.Module):
+    """Bilinear upsampling of a binary map, with half pixels and with aligned corners."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.bn, self.c2 = nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Conv2d(8, 2, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = _sign(self.bn(self.c1(x)))
+        up = [F.interpolate(h, scale_factor=2, mode="bilinear", align_corners=corners) for corners in (False, True)]
+        return self.c2(torch.cat(up, dim=1))
+
+
+class XnorScaled(nn.Module):
+    """XNOR-Net's binary conv scaled by K, the mean |input| over channels averaged over each 3×3 window: a
+    [N, 1, H, W] map broadcast over the conv's channels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn, self.conv, self.fc = nn.BatchNorm2d(1), nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.Linear(512, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.bn(x)
+        k = F.avg_pool2d(a.abs().mean(1, keepdim=True), 3, stride=1, padding=1)
+        return self.fc((F.conv2d(_sign(a), _sign(self.conv.weight), padding=1) * k).flatten(1))
+
+
+class Attending(nn.Module):
+    """Self-attention over the 8 rows of a digit, binary queries and keys."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v, self.fc = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.reshape(x.shape[0], 8, 8)
+        att = torch.softmax(_sign(self.q(x)) @ _sign(self.k(x)).transpose(1, 2) / 8 ** 0.5, dim=-1)
+        return self.fc((att @ self.v(x)).flatten(1))
+
+
+@pytest.mark.parametrize(("model", "target", "op"), [(Shuffled, "tflite", "DEPTH_TO_SPACE"),
+                                                     (Smoothed, "tflite-float", "RESIZE_BILINEAR"),
+                                                     (XnorScaled, "tflite", "LceBconv2d"),
+                                                     (Attending, "tflite-float", "BATCH_MATMUL")])
+def test_pixel_shuffle_bilinear_xnor_scales_and_attention_convert_with_parity(model, target, op, tmp_path):
+    torch.manual_seed(7)
+    result = _exported(model(), (1, 8, 8), "pt2", target, tmp_path)
+    assert op in tfl.op_names(tfl.read_model(result.artifact.read_bytes()))
+    assert not any("rounding bounds are not available" in n for n in result.report.notes) or model is Smoothed

@@ -11,10 +11,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import onnx
 import pytest
 import torch
 from torch import nn
 
+import htaf_export
 from htaf_export import cli
 from htaf_export.nn import LIF
 
@@ -106,15 +108,27 @@ class NoneAmongOutputs(nn.Module):
         return (self.fc(x) >= 0).float(), None
 
 
-@pytest.mark.parametrize("model, words", [(TimeFirst(), "(the batch of 256 is on axis 1): return every output batch first"),
-                                          (NoneAmongOutputs(), "returns NoneType values besides tensors")])
-def test_outputs_validation_cannot_read_are_refused_in_one_line(model, words, tmp_path, capsys):
-    path = save_pt2(model.eval(), torch.randn(2, 16), tmp_path / "m.pt2")
+def test_outputs_validation_cannot_read_are_refused_in_one_line(tmp_path, capsys):
+    path = save_pt2(NoneAmongOutputs().eval(), torch.randn(2, 16), tmp_path / "m.pt2")
     out = tmp_path / "m.onnx"
     rc = cli.main([str(path), "--target", "onnx", "-o", str(out), "--device", "cpu"])
     err = capsys.readouterr().err
-    assert rc == 2 and words in err and len(err.strip().splitlines()) == 1, err
+    assert rc == 2 and "returns NoneType values besides tensors" in err and len(err.strip().splitlines()) == 1, err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("fmt", ["pt2", "pickle"])
+def test_time_first_stacked_outputs_are_returned_batch_first_with_a_note(fmt, tmp_path):
+    """[T, batch, classes] out of a batch-first input: the artifact returns [batch, T, classes], and says so."""
+    torch.manual_seed(0)
+    model, path = TimeFirst().eval(), tmp_path / ("m.pt2" if fmt == "pt2" else "m.pt")
+    save_pt2(model, torch.randn(2, 16), path) if fmt == "pt2" else torch.save(model, path)
+    result = htaf_export.export(path, "onnx", tmp_path / "m.onnx", input_shape=[16], trust_pickle=True,
+                                device="cpu")
+    assert result.report.passed
+    assert any("output 'logits' has the batch first, the model's on axis 1" in n for n in result.conversion.notes)
+    dims = onnx.load(tmp_path / "m.onnx").graph.output[0].type.tensor_type.shape.dim
+    assert [d.dim_value for d in dims[1:]] == [3, 6]
 
 
 def test_snntorch_zero_reset_exports_a_valid_onnx_file(tmp_path, capsys):

@@ -19,7 +19,7 @@ import numpy as np
 import onnx_ir as ir
 
 from .base import PassReport, report
-from .util import INTEGER_WEIGHT_INPUTS, WEIGHT_INPUTS, const_array, layer_of, new_initializer, sign_factor, zeros_among_signs
+from .util import INTEGER_WEIGHT_INPUTS, WEIGHT_INPUTS, const_array, layer_of_weight, new_initializer, sign_factor, zeros_among_signs
 
 MIN_PACKED = 64  # tiny tensors are not worth a subgraph
 
@@ -134,7 +134,7 @@ class PackIntegerWeights(ir.passes.InPlacePass):
             nodes, unpacked, nbytes, overhead = _unpack_nodes(graph, name, array, None, 0, shared,
                                                               (levels[1], levels[0]))
             _swap_in(graph, node, weight, nodes, unpacked)
-            packed.append(PackedWeight(layer_of(name), name, int(array.size), nbytes, overhead))
+            packed.append(PackedWeight(layer_of_weight(name, node), name, int(array.size), nbytes, overhead))
         return report(model, packed)
 
 
@@ -172,5 +172,5 @@ def _pack(graph: ir.Graph) -> tuple[list[PackedWeight], list[tuple[str, str]]]:
         name = weight.name or f"{node.name}.weight"
         nodes, unpacked, nbytes, overhead = _unpack_nodes(graph, name, factor[0], factor[1], axis, shared)
         _swap_in(graph, node, weight, nodes, unpacked)
-        packed.append(PackedWeight(layer_of(name), name, int(array.size), nbytes, overhead))
+        packed.append(PackedWeight(layer_of_weight(name, node), name, int(array.size), nbytes, overhead))
     return packed, refusals

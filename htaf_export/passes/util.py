@@ -103,6 +103,13 @@ def layer_of(weight_name: str) -> str:
     return owner if owner and parameter in MODULE_PARAMETERS else name
 
 
+def layer_of_weight(weight_name: str, node: ir.Node) -> str:
+    """``layer_of`` a weight, or for a weight the exporter made and named itself (``onnx::MatMul_39``: a linear
+    layer's transposed matrix in a TorchScript capture) the module path of the node that reads it."""
+    return (layer_of_node(str(node.name or "")) or layer_of(weight_name)) if "::" in weight_name else \
+        layer_of(weight_name)
+
+
 def layer_of_node(node_name: str) -> str:
     """The module path the ONNX exporter writes into a node's name (``/layers/0/Conv`` → ``layers.0``), for a
     weight the exporter made itself (``onnx::Conv_29``: a batch norm folded into it, a transposed matrix)."""
