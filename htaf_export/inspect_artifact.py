@@ -29,10 +29,11 @@ def _packed(meta: dict) -> str | None:
         return None
 
 
-def _tflite_inputs(meta: dict) -> list[str]:
-    """How a TFLite file takes each input: an image channels last, as TFLite runtimes take images."""
+def _tflite_io(meta: dict, kind: str) -> list[str]:
+    """How a TFLite file takes each input (``kind`` "inputs") or gives each output ("outputs"): an image channels
+    last, as TFLite runtimes lay images out."""
     try:
-        slots = json.loads(meta[md.TFLITE_IO])["inputs"]
+        slots = json.loads(meta[md.TFLITE_IO])[kind]
     except (KeyError, ValueError, TypeError):
         return []
     lines = []
@@ -41,7 +42,7 @@ def _tflite_inputs(meta: dict) -> list[str]:
         if slot.get("layout") == "nhwc" and len(shape) == 3:
             c, h, w = shape
             lines.append(f"{slot['name']}: [batch, {h}, {w}, {c}], channels last (the model's [{c}, {h}, {w}])")
-        else:
+        elif kind == "inputs":
             lines.append(f"{slot['name']}: [batch, {', '.join(map(str, shape))}]")
     return lines
 
@@ -60,8 +61,9 @@ def render_artifact(path: Path, console: Console) -> None:
             value = meta[key] if key != md.SOURCE_SHA256 else meta[key][:16] + "…"
             table.add_row(label, escape(value))
     table.add_row("inputs → outputs", escape(f"{', '.join(info.input_names)} → {', '.join(info.output_names)}"))
-    for line in _tflite_inputs(meta):
-        table.add_row("file input", escape(line))
+    for kind, label in (("inputs", "file input"), ("outputs", "file output")):
+        for line in _tflite_io(meta, kind):
+            table.add_row(label, escape(line))
     ops = Counter(f"{s.op} ({s.tie})" for s in info.steps)
     table.add_row("steps", escape(f"{len(info.steps)}: " + ", ".join(f"{n}× {op}" for op, n in sorted(ops.items()))))
     packed = _packed(meta)

@@ -79,7 +79,7 @@ def test_an_image_input_is_said_to_be_channels_last(tmp_path, capsys):
     assert "channels last" in capsys.readouterr().out
 
 
-def test_an_image_output_is_said_to_be_channels_last_and_is_so(tmp_path):
+def test_an_image_output_is_said_to_be_channels_last_and_is_so(tmp_path, capsys):
     """A map out (segmentation-like): the file gives it channels last, and the note says how to read it."""
     torch.manual_seed(1)
     model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), htaf_export.nn.HTAF(),
@@ -91,6 +91,9 @@ def test_an_image_output_is_said_to_be_channels_last_and_is_so(tmp_path):
     got = _runner(result.artifact)(input=x[:1].permute(0, 2, 3, 1).numpy())["logits"]
     want = result.hardening.model(x[:1]).detach().numpy()  # the hardened model: exact steps
     np.testing.assert_allclose(got.transpose(0, 3, 1, 2), want, atol=1e-4)
+    assert cli.main(["inspect", str(result.artifact)]) == 0
+    out = capsys.readouterr().out
+    assert "file output" in out and "[batch, 3, 5, 3]" in out, out
 
 
 def test_several_inputs_and_outputs_carry_the_models_names(tmp_path):
