@@ -40,8 +40,10 @@ class BatchAxes:
         said = [f"input {name!r} is [N, {', '.join(map(str, shape))}], the model's "
                 f"[{', '.join(map(str, _with_batch(shape, axis)))}] (feed np.moveaxis(x, {axis}, 0))"
                 for name, axis, shape in zip(inputs, self.inputs, shapes) if axis]
-        said += [f"output {name!r} has the batch first, the model's on axis {axis} (np.moveaxis(y, 0, {axis}) "
-                 f"gives the model's layout)" for name, axis in zip(outputs, self.outputs) if axis]
+        for axis in sorted({a for a in self.outputs if a}):
+            names = [repr(name) for name, a in zip(outputs, self.outputs) if a == axis]
+            said.append(f"output{'s' if len(names) > 1 else ''} {', '.join(names)} {'have' if len(names) > 1 else 'has'} "
+                        f"the batch first, the model's on axis {axis} (np.moveaxis(y, 0, {axis}) gives the model's layout)")
         return "the artifact is batch first: " + "; ".join(said)
 
 
