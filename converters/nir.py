@@ -28,6 +28,7 @@ from htaf_export.targets import ExportOptions
 
 from .layer_ops import fold_shape_arithmetic
 from .nir_graph import DT, SliceGraph, inferred_shapes, node_name
+from .nir_prepare import prepared
 from .nir_neurons import NotALif, lif_at, lif_first, steps_by_weights, threshold_at
 from .nir_readout import readouts
 
@@ -51,11 +52,13 @@ def convert(capture: Capture, provenance: Mapping[str, str], options: ExportOpti
         raise UnsupportedLayer("model", "it has no step (spike or Heaviside) to make a neuron of")
     model = capture.ir_copy()
     fold_shape_arithmetic(model)
+    computed = prepared(model, capture)  # the steps it computes, renumbered by time step (tensors as captured)
+    kept = {s.tensor for s in computed.steps}
     FoldBatchNormIntoSteps()(model)
-    slices, time_steps, readout, read_as = time_slices(model, capture)
+    slices, time_steps, readout, read_as = time_slices(model, computed)
     first = slices[0]
     metadata = {**md.encode(provenance), md.TIE: _tie(capture.steps), md.ONNX_MODE: MODE,
-                md.STEPS: json.dumps([s.to_dict() for s in capture.steps], sort_keys=True),
+                md.STEPS: json.dumps([s.to_dict() for s in capture.steps if s.tensor in kept], sort_keys=True),
                 md.NIR_DT: json.dumps(DT), md.NIR_TIME_STEPS: json.dumps(time_steps),
                 md.NIR_READOUT: json.dumps(readout, sort_keys=True),
                 md.NIR_SPIKES: json.dumps(_spike_tensors(first, read_as, time_steps), sort_keys=True),

@@ -395,3 +395,36 @@ def test_a_constant_scale_inside_the_time_loop_becomes_one_scale_node(tmp_path):
     result = _export(path, tmp_path / "scaled.nir")
     assert result.report.passed, result.report.failure_line()
     assert sorted(_nodes(result.artifact).values()).count("Scale") == 1
+
+
+class SnntorchLeakyNet(torch.nn.Module):
+    """snnTorch's tutorial network with zero-reset ``snn.Leaky`` layers: each computes its reset from the previous
+    membrane (a second step a time step) and starts from ``zeros_like`` of its input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        snn = pytest.importorskip("snntorch")
+        self.fc1, self.fc2 = torch.nn.Linear(64, 32), torch.nn.Linear(32, 10)
+        self.lif1 = snn.Leaky(beta=0.9, threshold=0.75, reset_mechanism="zero")
+        self.lif2 = snn.Leaky(beta=0.8, reset_mechanism="zero")
+
+    def forward(self, x):
+        mem1, mem2, total = self.lif1.init_leaky(), self.lif2.init_leaky(), 0
+        for _ in range(4):
+            spk1, mem1 = self.lif1(self.fc1(x), mem1)
+            spk2, mem2 = self.lif2(self.fc2(spk1), mem2)
+            total = total + spk2
+        return total
+
+
+def test_snntorch_leaky_layers_become_lif_nodes_that_snntorch_runs_back(tmp_path):
+    torch.manual_seed(0)
+    program = torch.export.export(SnntorchLeakyNet().eval(), (torch.rand(2, 64),),
+                                  dynamic_shapes=({0: torch.export.Dim("batch")},))
+    torch.export.save(program, tmp_path / "leaky.pt2")
+    result = _export(tmp_path / "leaky.pt2", tmp_path / "leaky.nir")
+    assert result.report.passed, result.report.failure_line()
+    assert {b.backend for b in result.report.backends} == {"nir-sim", "snntorch"}
+    assert [r.became for r in result.conversion.rows if r.layer.startswith("lif")] == \
+        ["LIF (leak 0.9, zero reset, threshold θ 0.75)", "LIF (leak 0.8, zero reset, threshold θ 1)"]
+    assert sum(t.elements for b in result.report.backends for t in b.tensors if t.kind == "binary") > 0
