@@ -15,6 +15,7 @@ probabilistic λ√n·u (λ = 7) for longer sums (SIAM J. Sci. Comput. 41(5), 20
     ReLU, max, pad, views    e passes through (1-Lipschitz, or a permutation)
     mean over k              e = mean(e) + γₖ₊₁ · mean(|x| + e)
     sigmoid / tanh           e = e_x / 4 (or e_x) + γ₄·|result|
+    bilinear resizing        e = up(e_x) + (4Λ + γ₈)·up(3×3 max of |x| + e_x),  Λ = 4u·(size + 1)
     every rounded operation  + η = 2⁻¹²⁶ per rounding (a subnormal result, or one flushed to zero)
     exact step               the output is exact; the step's *input* bound is recorded (+ η where the
                              input is subnormal: a runtime may read it as zero)

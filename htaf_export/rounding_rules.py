@@ -265,6 +265,18 @@ def _softmax(x: Bounded, dim: int, *_) -> Bounded:
     return Bounded(value, value * (spread + gamma(int(x.value.shape[dim]) + 4)) + ETA)
 
 
+def _bilinear(x: Bounded, output_size, align_corners, scale_factors) -> Bounded:
+    """Bilinear resizing: each output a convex combination of the 2×2 input pixels around its source point, so
+    the incoming errors pass through the same resizing. Implementations place that point from their own float
+    coordinates, (dst + ½)·in/out − ½ or dst·(in − 1)/(out − 1): each axis's weight differs by at most
+    Λ = 4u·(size + 1), and Σ|δ(h·w)| ≤ 2Λ + 2Λ over the four, times the largest |x| nearby (a 3×3 max, which
+    holds every 2×2 block around the point); the products and sums round by γ₈ of the same."""
+    op = lambda t: aten.upsample_bilinear2d.vec(t, output_size, align_corners, scale_factors)  # noqa: E731
+    lam = 4 * U * (max(x.value.shape[-2:]) + 1)
+    near = F.max_pool2d(x.value.abs() + x.error, 3, stride=1, padding=1)
+    return Bounded(op(x.value), op(x.error) + (4 * lam + gamma(8)) * op(near) + ETA)
+
+
 def _mean_all(x: Bounded, dtype=None) -> Bounded:
     """The mean of every element (a per-layer XNOR scale, |w|.mean()): one rounded sum and a division."""
     if not isinstance(x, Bounded):
@@ -364,7 +376,7 @@ RULES: dict[Any, Callable] = {
     aten.full_like.default: _filled(aten.full_like.default),
     aten.dropout.default: _dropout, aten.feature_dropout.default: _dropout, aten.alpha_dropout.default: _dropout,
     aten.feature_alpha_dropout.default: _dropout, aten.leaky_relu.default: _leaky_relu,
-    aten.log_softmax.int: _log_softmax, aten.softmax.int: _softmax, aten._softmax.default: lambda x, d, h: _softmax(x, d), aten._log_softmax.default: lambda x, dim, half: _log_softmax(x, dim),
+    aten.upsample_bilinear2d.vec: _bilinear, aten.log_softmax.int: _log_softmax, aten.softmax.int: _softmax, aten._softmax.default: lambda x, d, h: _softmax(x, d), aten._log_softmax.default: lambda x, dim, half: _log_softmax(x, dim),
     aten.adaptive_max_pool2d.default: _adaptive_max_pool(aten.adaptive_max_pool2d.default),
     aten.adaptive_max_pool1d.default: _adaptive_max_pool(aten.adaptive_max_pool1d.default),
     operator.getitem: lambda items, i: items[i],  # one result of a multi-result op (values, indices)

@@ -143,6 +143,26 @@ def test_products_of_computed_tensors_and_softmax_have_rules():
     assert 0 < bound.max() <= 1e-4
 
 
+def test_bilinear_resizing_has_a_rule():
+    """Half pixels and aligned corners, up and down: the bounds hold against float64 and stay small."""
+    nn, F = torch.nn, torch.nn.functional
+
+    class Resized(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.step, self.head = nn.Conv2d(2, 3, 3), HTAF(levels="pm1"), nn.Linear(3 * 13 * 11 + 3 * 3 * 2, 4)
+
+        def forward(self, x):
+            h = self.step(self.conv(x))
+            up = F.interpolate(h, size=(13, 11), mode="bilinear", align_corners=False)
+            down = F.interpolate(h * 0.37, size=(3, 2), mode="bilinear", align_corners=True)
+            return self.head(torch.cat([up.flatten(1), down.flatten(1)], 1))
+
+    torch.manual_seed(8)
+    bound = output_bounds_hold(harden(Resized()).model.eval(), torch.randn(48, 2, 7, 6), min_rows=32)
+    assert 0 < bound.max() <= 5e-4  # mostly the 435-term head's own rounding
+
+
 def test_binary_layer_sums_are_exact():
     """±1 inputs times ±1 weights sum to integers, in any order: no rounding allowance at all there, so a
     threshold or weight moved by one integer step cannot hide in it."""

@@ -339,4 +339,4 @@ def test_pixel_shuffle_bilinear_xnor_scales_and_attention_convert_with_parity(mo
     torch.manual_seed(7)
     result = _exported(model(), (1, 8, 8), "pt2", target, tmp_path)
     assert op in tfl.op_names(tfl.read_model(result.artifact.read_bytes()))
-    assert not any("rounding bounds are not available" in n for n in result.report.notes) or model is Smoothed
+    assert not any("rounding bounds are not available" in n for n in result.report.notes), result.report.notes
