@@ -2,8 +2,8 @@
 ``[T, N, F]`` fed batch-first), dissolved where they meet the loop over time: a Keras graph keeps the batch
 first throughout, so a TFLite target cannot move it, but needs not.
 
-- ``Transpose(x)`` read only by Gathers of one constant index (``x[t]`` for each time step) is each Gather
-  on the axis the transpose took it from (``x[:, t]``);
+- ``Transpose(x)`` read only by Gathers of one constant index (``x[t]`` for each time step), or by Slices of
+  one index squeezed (``for x_t in x``), is each of them on the axis the transpose took it from (``x[:, t]``);
 - ``Transpose(Concat(Unsqueeze(s₀), Unsqueeze(s₁), …))`` (``torch.stack(steps)`` moved batch-first) is the
   same stack on the axis the transpose put it at (``torch.stack(steps, dim=1)``).
 
@@ -12,6 +12,7 @@ before."""
 
 from __future__ import annotations
 
+import numpy as np
 import onnx_ir as ir
 
 from htaf_export.passes.util import attr, const_array
@@ -32,18 +33,51 @@ def _axis(node: ir.Node, rank: int) -> int:
     return axis + rank if axis < 0 else axis
 
 
-def _into_gathers(graph: ir.Graph, node: ir.Node, perm: list[int]) -> bool:
+def _axis_value(graph: ir.Graph, name: str, axis: int) -> ir.Value:
+    value = ir.Value(name=name, const_value=ir.tensor(np.array([axis], np.int64), name=name))
+    graph.register_initializer(value)
+    return value
+
+
+def _read_axis(use: ir.Node, rank: int) -> int | None:
+    """The axis a reader takes one index of: a Gather of one constant index, or a Slice of one axis (step 1) read
+    only by a Squeeze of that axis (``for x_t in x``); None for any other reader."""
+    if use.op_type == "Gather" and len(use.inputs) > 1:
+        index = const_array(use.inputs[1])
+        return _axis(use, rank) if index is not None and index.ndim == 0 else None
+    if use.op_type != "Slice" or len(use.inputs) < 4:
+        return None
+    axes, steps = const_array(use.inputs[3]), const_array(use.inputs[4]) if len(use.inputs) > 4 else None
+    readers = [u.node for u in use.outputs[0].uses()]
+    if axes is None or axes.size != 1 or (steps is not None and np.any(steps != 1)) or len(readers) != 1 or \
+            readers[0].op_type != "Squeeze" or len(readers[0].inputs) < 2:
+        return None
+    squeezed = const_array(readers[0].inputs[1])
+    axis = int(axes.reshape(-1)[0]) % rank
+    return axis if squeezed is not None and squeezed.size == 1 and int(squeezed.reshape(-1)[0]) % rank == axis \
+        else None
+
+
+def _into_readers(graph: ir.Graph, node: ir.Node, perm: list[int]) -> bool:
     uses = [u.node for u in node.outputs[0].uses()]
     if not uses or node.outputs[0].is_graph_output():
         return False
     rank = len(perm)
-    for use in uses:
-        index = const_array(use.inputs[1]) if use.op_type == "Gather" and len(use.inputs) > 1 else None
-        if index is None or index.ndim != 0 or use.inputs[0] is not node.outputs[0] or \
-                not _kept_order(perm, _axis(use, rank)):
-            return False
-    for use in uses:
-        use.attributes["axis"] = ir.AttrInt64("axis", perm[_axis(use, rank)])
+    axes = [_read_axis(use, rank) for use in uses]
+    if any(a is None or use.inputs[0] is not node.outputs[0] or not _kept_order(perm, a)
+           for use, a in zip(uses, axes)):
+        return False
+    moved: dict[int, ir.Value] = {}
+    for use, a in zip(uses, axes):
+        source = perm[a]  # type: ignore[index]
+        if use.op_type == "Gather":
+            use.attributes["axis"] = ir.AttrInt64("axis", source)
+        else:
+            if source not in moved:
+                moved[source] = _axis_value(graph, f"{node.name or 'transpose'}.axis{source}", source)
+            use.replace_input_with(3, moved[source])
+            squeeze = next(iter(use.outputs[0].uses())).node
+            squeeze.replace_input_with(1, moved[source])
         use.replace_input_with(0, node.inputs[0])
     graph.remove(node, safe=True)
     return True
@@ -92,6 +126,60 @@ def _into_stack(graph: ir.Graph, node: ir.Node, perm: list[int]) -> bool:
     return True
 
 
+def _swap_front(axes: np.ndarray, rank: int) -> list[int]:
+    swap = [1, 0, *range(2, rank)]
+    return [swap[int(a) % rank] for a in np.reshape(axes, -1)]
+
+
+def _stack_behind_batch(graph: ir.Graph, concat: ir.Node) -> bool:
+    """``torch.stack(steps)`` of batch-first steps puts the new axis before the batch; stacked on axis 1 instead,
+    each reader sees the first two axes swapped: a Transpose composes with the swap (the identity: dropped), a
+    Gather or a reduction over the stacked axis reads axis 1. Any other reader: left as it was."""
+    if concat.op_type != "Concat" or int(attr(concat, "axis", 0)) != 0 or concat.outputs[0].is_graph_output():
+        return False
+    parts = [v.producer() for v in concat.inputs]
+    if any(p is None or p.op_type != "Unsqueeze" or const_array(p.inputs[1]) is None or
+           [int(a) for a in np.reshape(const_array(p.inputs[1]), -1)] != [0] or len(p.outputs[0].uses()) != 1
+           for p in parts):
+        return False
+    rank = len(concat.outputs[0].shape) if concat.outputs[0].shape is not None else 0
+    readers = [u.node for u in concat.outputs[0].uses()]
+    for r in readers:
+        ok = (r.op_type == "Transpose" and len(_perm(r)) == rank) or \
+            (r.op_type == "Gather" and const_array(r.inputs[1]) is not None) or \
+            (r.op_type in ("ReduceMean", "ReduceSum") and len(r.inputs) > 1 and const_array(r.inputs[1]) is not None)
+        if rank < 2 or not ok:
+            return False
+    one = _axis_value(graph, f"{concat.name or 'stack'}.behind_batch", 1)
+    for p in parts:
+        p.replace_input_with(1, one)
+    concat.attributes["axis"] = ir.AttrInt64("axis", 1)
+    for r in readers:
+        if r.op_type == "Transpose":
+            perm = [[1, 0, *range(2, rank)][q] for q in _perm(r)]
+            if perm == list(range(rank)):
+                out = r.outputs[0]
+                if out.is_graph_output():
+                    graph.outputs[list(graph.outputs).index(out)] = concat.outputs[0]
+                    name = out.name
+                    ir.convenience.replace_all_uses_with(out, concat.outputs[0])
+                    graph.remove(r, safe=True)
+                    concat.outputs[0].name = name
+                else:
+                    ir.convenience.replace_all_uses_with(out, concat.outputs[0])
+                    graph.remove(r, safe=True)
+            else:
+                r.attributes["perm"] = ir.AttrInt64s("perm", perm)
+        elif r.op_type == "Gather":
+            r.attributes["axis"] = ir.AttrInt64("axis", _swap_front(np.array([_axis(r, rank)]), rank)[0])
+        else:
+            axes = _swap_front(const_array(r.inputs[1]), rank)
+            r.replace_input_with(1, ir.Value(name=f"{r.name}.axes", const_value=ir.tensor(np.array(axes, np.int64),
+                                                                                         name=f"{r.name}.axes")))
+            graph.register_initializer(r.inputs[1])
+    return True
+
+
 def dissolve_batch_transposes(model: ir.Model) -> int:
     """Dissolve every transpose that moves the batch where it meets a time loop; → how many."""
     graph, count = model.graph, 0
@@ -101,7 +189,10 @@ def dissolve_batch_transposes(model: ir.Model) -> int:
         perm = _perm(node)
         if not perm or perm[0] == 0:
             continue
-        if _into_gathers(graph, node, perm) or _into_stack(graph, node, perm):
+        if _into_readers(graph, node, perm) or _into_stack(graph, node, perm):
+            count += 1
+    for node in list(graph):
+        if node.domain == "" and _stack_behind_batch(graph, node):
             count += 1
     return count
 

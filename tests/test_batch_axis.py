@@ -46,6 +46,24 @@ class TimeFirstLif(nn.Module):
         return torch.stack(spikes)
 
 
+class IteratedRate(nn.Module):
+    """The same neuron written ``for x_t in x`` (each step a slice of the time axis), returning a dict: the rate
+    (``torch.stack(spikes).mean(0)``) and the stacked spikes, time first."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encode, self.readout = nn.Linear(FEATURES, HIDDEN), nn.Linear(HIDDEN, CLASSES)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        v, spikes = torch.zeros(x.shape[1], HIDDEN), []
+        for x_t in x:
+            v = 0.8 * v + self.encode(x_t)
+            s = Spike.apply(v - 0.5)
+            v = v * (1 - s)
+            spikes.append(self.readout(s))
+        return {"rate": torch.stack(spikes).mean(0), "seq": torch.stack(spikes)}
+
+
 class PerPosition(nn.Module):
     """Batch first, [N, L, F], a step at each position: independent along axis 1 as well."""
 
@@ -62,8 +80,8 @@ def _model() -> TimeFirstLif:
     return TimeFirstLif().eval()
 
 
-def _pt2(tmp_path):
-    program = torch.export.export(_model(), (torch.rand(T, 3, FEATURES),),
+def _pt2(tmp_path, model: nn.Module):
+    program = torch.export.export(model, (torch.rand(T, 3, FEATURES),),
                                   dynamic_shapes=({1: torch.export.Dim("batch")},))
     path = tmp_path / "lif.pt2"
     torch.export.save(program, path)
@@ -76,7 +94,7 @@ def _said_batch_first(result) -> None:
 
 
 def test_a_time_first_pt2_exports_batch_first_to_bit_packed_tflite(tmp_path):
-    result = htaf_export.export(_pt2(tmp_path), "tflite", tmp_path / "lif.tflite", device="cpu")
+    result = htaf_export.export(_pt2(tmp_path, _model()), "tflite", tmp_path / "lif.tflite", device="cpu")
     assert result.report.passed, result.report.first_failure
     _said_batch_first(result)
     assert result.hardening.sites and sum(t.elements for b in result.report.backends for t in b.tensors
@@ -111,3 +129,13 @@ def test_the_probe_leaves_batch_first_models_alone():
     torch.manual_seed(0)
     assert batch_axis.probe_axes(PerPosition().eval(), [[7, FEATURES]]) is None
     assert batch_axis.probe_axes(_model(), [[T, FEATURES]]) == batch_axis.BatchAxes((1,), (1,))
+
+
+def test_a_loop_over_time_and_a_stacked_rate_convert_to_tflite(tmp_path):
+    """Slices of the time axis read as ``x[:, t]``; ``stack(spikes).mean(0)`` and the stacked spikes stacked
+    behind the batch: no transpose is left to move it."""
+    torch.manual_seed(4)
+    result = htaf_export.export(_pt2(tmp_path, IteratedRate().eval()), "tflite-float", tmp_path / "it.tflite",
+                                device="cpu")
+    assert result.report.passed, result.report.first_failure
+    assert any("output 'seq' has the batch first" in n for n in result.conversion.notes), result.conversion.notes
