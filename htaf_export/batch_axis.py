@@ -36,7 +36,8 @@ class BatchAxes:
     def batch_first(self) -> bool:
         return not any(self.inputs) and not any(self.outputs)
 
-    def note(self, inputs: Sequence[str], shapes: Sequence[Sequence[int]], outputs: Sequence[str]) -> str:
+    def note(self, inputs: Sequence[str], shapes: Sequence[Sequence[int]], outputs: Sequence[str],
+             subject: str = "the artifact") -> str:
         said = [f"input {name!r} is [N, {', '.join(map(str, shape))}], the model's "
                 f"[{', '.join(map(str, _with_batch(shape, axis)))}] (feed np.moveaxis(x, {axis}, 0))"
                 for name, axis, shape in zip(inputs, self.inputs, shapes) if axis]
@@ -44,7 +45,7 @@ class BatchAxes:
             names = [repr(name) for name, a in zip(outputs, self.outputs) if a == axis]
             said.append(f"output{'s' if len(names) > 1 else ''} {', '.join(names)} {'have' if len(names) > 1 else 'has'} "
                         f"the batch first, the model's on axis {axis} (np.moveaxis(y, 0, {axis}) gives the model's layout)")
-        return "the artifact is batch first: " + "; ".join(said)
+        return f"{subject} is batch first: " + "; ".join(said)
 
 
 def _with_batch(shape: Sequence[int], axis: int) -> list[Any]:

@@ -87,6 +87,9 @@ def summarize(loaded: LoadedModel, data: Dataset | None = None, tie: str | None 
     note = unrecorded_tie_note(result.sites, tie)
     if note:
         summary.notes.append(note)
+    if loaded.batch_axes is not None:
+        summary.notes.append(loaded.batch_axes.note(loaded.input_names or ["input"], loaded.input_shapes,
+                                                    loaded.output_names or [], "an export"))
     if not (recommend_target or (traced and shapes)):
         return summary
     try:

@@ -93,6 +93,13 @@ def _said_batch_first(result) -> None:
         result.conversion.notes
 
 
+def test_inspect_says_an_export_is_batch_first(tmp_path, capsys):
+    from htaf_export import cli
+
+    assert cli.main(["inspect", str(_pt2(tmp_path, _model()))]) == 0
+    assert "an export is batch first" in capsys.readouterr().out
+
+
 def test_a_time_first_pt2_exports_batch_first_to_bit_packed_tflite(tmp_path):
     result = htaf_export.export(_pt2(tmp_path, _model()), "tflite", tmp_path / "lif.tflite", device="cpu")
     assert result.report.passed, result.report.first_failure
