@@ -286,19 +286,20 @@ class Tokens(nn.Module):
         return self.fc((self.embed(ids).mean(1) >= 0).float())
 
 
-class SelfProduct(nn.Module):
+class LocalNorm(nn.Module):
+    """AlexNet-era local response normalization before a step: no TFLite translation here."""
+
     def __init__(self) -> None:
         super().__init__()
-        self.fc = nn.Linear(8, 8)
+        self.conv, self.norm = nn.Conv2d(1, 4, 3), nn.LocalResponseNorm(2)
 
     def forward(self, x):
-        s = (self.fc(x) >= 0).float().reshape(-1, 4, 2)
-        return torch.bmm(s, s.transpose(1, 2)).flatten(1)
+        return (self.norm(self.conv(x)) >= 0).float().flatten(1)
 
 
 @pytest.mark.parametrize("model, example, target, words", [
     (Tokens(), torch.randint(0, 20, (2, 5)), "onnx", "takes integer inputs (token ids for an nn.Embedding?)"),
-    (SelfProduct(), torch.randn(2, 8), "tflite-float", "a product of two computed tensors"),
+    (LocalNorm(), torch.randn(2, 1, 6, 6), "tflite-float", "from module norm"),
 ])
 def test_refusals_name_what_the_user_wrote(model, example, target, words, tmp_path, capsys):
     path = tmp_path / "m.pt2"
