@@ -76,6 +76,7 @@ def _into_readers(graph: ir.Graph, node: ir.Node, perm: list[int]) -> bool:
             if source not in moved:
                 moved[source] = _axis_value(graph, f"{node.name or 'transpose'}.axis{source}", source)
             use.replace_input_with(3, moved[source])
+            use.outputs[0].shape = None  # its size-1 axis now lies elsewhere: unknown, not stale
             squeeze = next(iter(use.outputs[0].uses())).node
             squeeze.replace_input_with(1, moved[source])
         use.replace_input_with(0, node.inputs[0])
@@ -109,6 +110,7 @@ def _into_stack(graph: ir.Graph, node: ir.Node, perm: list[int]) -> bool:
     graph.register_initializer(where)
     for part in parts:
         part.replace_input_with(1, where)
+        part.outputs[0].shape = None  # the new axis lies elsewhere now: unknown, not stale
     concat.attributes["axis"] = ir.AttrInt64("axis", moved)
     out = node.outputs[0]
     result = concat.outputs[0]
@@ -131,10 +133,27 @@ def _swap_front(axes: np.ndarray, rank: int) -> list[int]:
     return [swap[int(a) % rank] for a in np.reshape(axes, -1)]
 
 
+def _reads_across_steps(reader: ir.Node, rank: int) -> bool:
+    """A reader of a stack that gives the same tensor whether the stacked axis is first or second: a Transpose
+    (composed with the swap), one step picked (a Gather of one index on the stacked axis), or a reduction that
+    drops the stacked axis and not the batch (the axes left keep their order either way)."""
+    if reader.op_type == "Transpose":
+        return len(_perm(reader)) == rank
+    if reader.op_type == "Gather":
+        index = const_array(reader.inputs[1])
+        return index is not None and index.ndim == 0 and _axis(reader, rank) == 0
+    if reader.op_type in ("ReduceMean", "ReduceSum") and len(reader.inputs) > 1 and int(attr(reader, "keepdims", 1)) == 0:
+        axes = const_array(reader.inputs[1])
+        reduced = {int(a) % rank for a in np.reshape(axes, -1)} if axes is not None else set()
+        return 0 in reduced and 1 not in reduced
+    return False
+
+
 def _stack_behind_batch(graph: ir.Graph, concat: ir.Node) -> bool:
     """``torch.stack(steps)`` of batch-first steps puts the new axis before the batch; stacked on axis 1 instead,
     each reader sees the first two axes swapped: a Transpose composes with the swap (the identity: dropped), a
-    Gather or a reduction over the stacked axis reads axis 1. Any other reader: left as it was."""
+    Gather of one step or a reduction over the steps reads axis 1 (``_reads_across_steps``). Any other reader:
+    the stack is left as it was."""
     if concat.op_type != "Concat" or int(attr(concat, "axis", 0)) != 0 or concat.outputs[0].is_graph_output():
         return False
     parts = [v.producer() for v in concat.inputs]
@@ -144,16 +163,15 @@ def _stack_behind_batch(graph: ir.Graph, concat: ir.Node) -> bool:
         return False
     rank = len(concat.outputs[0].shape) if concat.outputs[0].shape is not None else 0
     readers = [u.node for u in concat.outputs[0].uses()]
-    for r in readers:
-        ok = (r.op_type == "Transpose" and len(_perm(r)) == rank) or \
-            (r.op_type == "Gather" and const_array(r.inputs[1]) is not None) or \
-            (r.op_type in ("ReduceMean", "ReduceSum") and len(r.inputs) > 1 and const_array(r.inputs[1]) is not None)
-        if rank < 2 or not ok:
-            return False
+    if rank < 2 or not all(_reads_across_steps(r, rank) for r in readers):
+        return False
     one = _axis_value(graph, f"{concat.name or 'stack'}.behind_batch", 1)
     for p in parts:
         p.replace_input_with(1, one)
+        p.outputs[0].shape = None
     concat.attributes["axis"] = ir.AttrInt64("axis", 1)
+    dims = list(concat.outputs[0].shape)
+    concat.outputs[0].shape = ir.Shape([dims[1], dims[0], *dims[2:]])
     for r in readers:
         if r.op_type == "Transpose":
             perm = [[1, 0, *range(2, rank)][q] for q in _perm(r)]

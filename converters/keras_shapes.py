@@ -298,6 +298,12 @@ def resize(b: KerasBuilder, node: ir.Node) -> list[Val]:
     c, h, w = x.shape
     size = _resized_size(b, node, h, w)
     kind, corners, half = found
+    scales = const_array(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
+    if int(attr(node, "antialias", 0)):
+        raise UnsupportedLayer(node.name, "antialiased resizing (antialias=True) has no TFLite form")
+    if scales is not None and scales.size == 4 and kind == "bilinear" and (h * scales[2], w * scales[3]) != size:
+        raise UnsupportedLayer(node.name, "bilinear resizing by a scale that gives no whole size (PyTorch places its "
+                                          "samples by the scale, TFLite by the sizes): resize to a size (size=…)")
     op = tf.compat.v1.image.resize_nearest_neighbor if kind == "nearest" else tf.compat.v1.image.resize_bilinear
     t = b.lam(lambda z: op(z, size, align_corners=corners, half_pixel_centers=half), x.tensor, "resize")
     return [Val(t, (c, *size), "nhwc")]

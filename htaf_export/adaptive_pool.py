@@ -64,7 +64,7 @@ def _legacy_symbolic(g, x, output_size):
     except (RuntimeError, TypeError, ValueError):
         return symbolic_helper._onnx_unsupported("adaptive pooling to a size computed at run time", x)
     if all(o == 1 for o in outs):  # one bin per axis: the whole plane, whatever its size (a trace may not say it)
-        return g.op("GlobalAveragePool", x)
+        return g.op("ReduceMean", x, g.op("Constant", value_t=torch.tensor(list(range(-len(outs), 0)))), keepdims_i=1)
     first = len(sizes) - len(outs) if sizes else 0
     if not sizes or any(d is None for d in sizes[first:]):
         return symbolic_helper._onnx_unsupported("adaptive pooling of an input of unknown spatial size", x)

@@ -16,6 +16,8 @@ probabilistic λ√n·u (λ = 7) for longer sums (SIAM J. Sci. Comput. 41(5), 20
     mean over k              e = mean(e) + γₖ₊₁ · mean(|x| + e)
     sigmoid / tanh           e = e_x / 4 (or e_x) + γ₄·|result|
     bilinear resizing        e = up(e_x) + (4Λ + γ₈)·up(3×3 max of |x| + e_x),  Λ = 4u·(size + 1)
+    a @ c, both computed     e = |a|·e_c + e_a·|c| + 3·e_a·e_c + γₙ₊₁·(|a| + e_a)·(|c| + e_c)
+    softmax                  e = y·(e^{2·max e_x} − 1 + u·|x − max| + γₙ₊₄)
     every rounded operation  + η = 2⁻¹²⁶ per rounding (a subnormal result, or one flushed to zero)
     exact step               the output is exact; the step's *input* bound is recorded (+ η where the
                              input is subnormal: a runtime may read it as zero)
@@ -154,13 +156,25 @@ def _call(node: fx.Node, env: dict[fx.Node, Any]) -> Any:
         return rule(*args, **kwargs)
     rule = RULES.get(_functional(node.target))
     if rule is not None and node.args and isinstance(node.args[0], fx.Node):
-        # an in-place op (``Hardtanh(inplace=True)``, ``out += b``): later readers of its input see the result
+        # an in-place op (``Hardtanh(inplace=True)``, ``out += b``): later readers of its input see the result;
+        # on a view, or on a tensor a view was taken of, other nodes would keep the old values: no bound then
+        if _aliased(node.args[0]):
+            raise NoBound(f"{node.target} on a view of another tensor")
         env[node.args[0]] = result = rule(*args, **kwargs)
         return result
     if not any(isinstance(a, Bounded) for a in pytree.tree_leaves((args, kwargs))):
         values = pytree.tree_map(value_of, (args, kwargs))  # constants and shapes (zeros, sizes): exact
         return _lift(node.target(*values[0], **values[1]))
     raise NoBound(f"no rounding rule for {node.target}")
+
+
+def _aliased(node: fx.Node) -> bool:
+    """Whether ``node`` is a view of another tensor, or another tensor is a view of it."""
+    def is_view(n: Any) -> bool:
+        schema = getattr(getattr(n, "target", None), "_schema", None)
+        return schema is not None and any(a.alias_info is not None and not a.alias_info.is_write
+                                          for a in schema.arguments[:1])
+    return is_view(node) or any(is_view(user) for user in node.users)
 
 
 def _functional(target: Any) -> Any:

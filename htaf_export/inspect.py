@@ -96,7 +96,11 @@ def summarize(loaded: LoadedModel, data: Dataset | None = None, tie: str | None 
         cap = capture(result.model, loaded.input_shapes, loaded.output_names, input_names=loaded.input_names)
         onnx_file = TARGETS["onnx"].function("converter")(cap, {md.TARGET: "onnx"}, ExportOptions())
     except (BadInput, UnsupportedLayer) as e:
-        summary.notes.append(f"no target recommendation: the model does not export ({e})")
+        if traced:
+            summary.notes.append("binary layers are not recognisable inside a traced graph that does not export; "
+                                 "bits assume float weights")
+        summary.notes.append(f"{'no target recommendation: ' if recommend_target else ''}the model does not "
+                             f"export ({e})")
         return summary
     if traced:  # a traced graph's modules are plain: its binary layers are those the ONNX export packs
         packed = {r.layer for r in onnx_file.rows if r.became == PACKED_WEIGHTS}

@@ -90,7 +90,7 @@ def resolve(loaded: LoadedModel, input_shape: Sequence[int] | Sequence[Sequence[
     if loaded.source_format == "exported_program" and loaded.input_shapes and shapes != loaded.input_shapes:
         raise BadInput(f"input shape {shapes} differs from the {loaded.input_shapes} the .pt2 program was "
                        f"exported for")
-    axes = loaded.batch_axes
+    axes = loaded.batch_axes or batch_axis.moved_axes(loaded.module)  # moved by an earlier resolve: not again
     if axes is None and loaded.source_format in ("pickle", "checkpoint") and \
             not isinstance(loaded.module, torch.jit.ScriptModule):
         axes = batch_axis.probe_axes(loaded.module, shapes)

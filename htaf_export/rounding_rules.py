@@ -79,11 +79,11 @@ def _linear(x: Bounded, w, b=None) -> Bounded:
 
 def _matmul(x: Bounded, w) -> Bounded:
     """x @ w with a 2-D right operand (a classifier written as ``h @ W.t()``): the linear layer of wᵀ; two computed
-    operands (attention's q @ kᵀ, attn @ v): |a|·e_c + e_a·|c| + e_a·e_c carried, and the n-term sums' rounding."""
+    operands (attention's q @ kᵀ, attn @ v): |a|·e_c + e_a·|c| + 3·e_a·e_c carried (two evaluations each within e), and the n-term sums' rounding."""
     if isinstance(x, Bounded) and isinstance(w, Bounded) and w.value.dim() > 2:
         n = int(x.value.shape[-1])
         a, c = x.value.abs() + x.error, w.value.abs() + w.error
-        carried = x.value.abs() @ w.error + x.error @ w.value.abs() + x.error @ w.error
+        carried = x.value.abs() @ w.error + x.error @ w.value.abs() + 3 * (x.error @ w.error)
         return Bounded(x.value @ w.value, carried + gamma(n + 1) * (a @ c) + (n + 1) * ETA)
     if not isinstance(x, Bounded) or value_of(w).dim() != 2:
         raise NoBound("matrix product with a batched or constant left operand")
@@ -258,11 +258,12 @@ def _log_softmax(x: Bounded, dim: int, *_) -> Bounded:
 
 
 def _softmax(x: Bounded, dim: int, *_) -> Bounded:
-    """exp(x − max) / Σ: log y moves by at most 2·max|Δx| along dim, so |Δy| ≤ y·(e^{2·max e} − 1); the
-    exponentials, the n-term sum and the division add y·γₙ₊₄."""
+    """exp(x − max) / Σ: log y moves by at most 2·max|Δx| along dim, so |Δy| ≤ y·(e^{2·max e} − 1); the rounded
+    x − max adds y·u·|x − max|, the exponentials, the n-term sum and the division y·γₙ₊₄."""
     value = torch.softmax(x.value, dim)
     spread = torch.expm1(2 * x.error.amax(dim=dim, keepdim=True)) if x.error.dim() else torch.expm1(2 * x.error)
-    return Bounded(value, value * (spread + gamma(int(x.value.shape[dim]) + 4)) + ETA)
+    shift = U * (x.value.amax(dim=dim, keepdim=True) - x.value) if x.value.dim() else 0.0  # x − max, rounded
+    return Bounded(value, value * (spread + shift + gamma(int(x.value.shape[dim]) + 4)) + ETA)
 
 
 def _bilinear(x: Bounded, output_size, align_corners, scale_factors) -> Bounded:
@@ -358,7 +359,7 @@ def _filled(fn: Callable) -> Callable:
 
 
 RULES: dict[Any, Callable] = {
-    aten.linear.default: _linear, aten.mm.default: _matmul, aten.matmul.default: _matmul,
+    aten.linear.default: _linear, aten.mm.default: _matmul, aten.matmul.default: _matmul, aten.bmm.default: _matmul,
     aten.conv2d.default: _conv, aten.conv1d.default: _conv, aten.convolution.default: _convolution,
     aten.batch_norm.default: _batch_norm, aten.layer_norm.default: layer_norm,
     aten._native_batch_norm_legit_no_training.default: lambda x, w, b, m, v, mom, eps: (

@@ -81,7 +81,7 @@ class ModelRecipe:
                 module = load(copy, trust_pickle=self.trust_pickle).module
         else:
             module = load(self.path, trust_pickle=self.trust_pickle).module
-        if self.batch_axes is not None and not isinstance(module, torch.fx.GraphModule):  # a .pt2 is moved at load
+        if self.batch_axes is not None:  # a .pt2 is moved at load already (and marked so)
             move_with_hooks(module, self.batch_axes)
         hardening = harden(module, tie=self.tie)
         if self.sites is None:

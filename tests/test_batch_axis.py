@@ -132,6 +132,16 @@ def test_a_pickled_time_first_model_is_found_time_first_and_exports_to_onnx(tmp_
     assert np.array_equal(np.moveaxis(got, 0, 1), want)
 
 
+def test_a_model_resolved_twice_keeps_its_batch_axes(tmp_path):
+    """The module is made batch-first once (and marked): a second resolve must not probe the moved module."""
+    path = tmp_path / "lif.pt"
+    torch.save(_model(), path)
+    loaded = htaf_export.load(path, trust_pickle=True)
+    first = htaf_export.io.resolve(loaded, [T, FEATURES])
+    again = htaf_export.io.resolve(loaded, [T, FEATURES])
+    assert first.batch_axes == again.batch_axes == batch_axis.BatchAxes((1,), (1,))
+
+
 def test_the_probe_leaves_batch_first_models_alone():
     torch.manual_seed(0)
     assert batch_axis.probe_axes(PerPosition().eval(), [[7, FEATURES]]) is None

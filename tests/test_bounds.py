@@ -137,6 +137,23 @@ class BinaryAttention(torch.nn.Module):
         return self.out((torch.softmax(scores, dim=-1) @ self.v(x)).flatten(1))
 
 
+def test_an_in_place_op_on_a_view_has_no_bound():
+    """``out[:, 0] += b`` mutates ``out`` through a view: bounding the view alone would leave ``out`` stale."""
+    class ViewUpdate(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc, self.step, self.head = torch.nn.Linear(6, 4), HTAF(levels="pm1"), torch.nn.Linear(4, 2)
+
+        def forward(self, x):
+            out = self.head(self.step(self.fc(x)))
+            out[:, 0] += 0.3
+            return out
+
+    program = bounds.traced_program(harden(ViewUpdate()).model.eval(), [[6]])
+    with pytest.raises(bounds.NoBound, match="on a view"):
+        bounds.batch_bounds(program, (torch.randn(4, 6),), ["out"])
+
+
 def test_products_of_computed_tensors_and_softmax_have_rules():
     torch.manual_seed(5)
     bound = output_bounds_hold(harden(BinaryAttention()).model.eval(), torch.randn(48, 5, 6), min_rows=32)

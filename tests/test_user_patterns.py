@@ -14,6 +14,7 @@ from pathlib import Path
 import onnx
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import htaf_export
@@ -297,9 +298,23 @@ class LocalNorm(nn.Module):
         return (self.norm(self.conv(x)) >= 0).float().flatten(1)
 
 
+class Resampled(nn.Module):
+    """Bilinear resizing of a binary map, antialiased or by a fractional scale."""
+
+    def __init__(self, antialias: bool, scale: float) -> None:
+        super().__init__()
+        self.conv, self.antialias, self.scale = nn.Conv2d(1, 2, 3, padding=1), antialias, scale
+
+    def forward(self, x):
+        h = (self.conv(x) >= 0).float()
+        return F.interpolate(h, scale_factor=self.scale, mode="bilinear", antialias=self.antialias).flatten(1)
+
+
 @pytest.mark.parametrize("model, example, target, words", [
     (Tokens(), torch.randint(0, 20, (2, 5)), "onnx", "takes integer inputs (token ids for an nn.Embedding?)"),
     (LocalNorm(), torch.randn(2, 1, 6, 6), "tflite-float", "from module norm"),
+    (Resampled(True, 0.5), torch.randn(2, 1, 8, 8), "tflite-float", "antialiased resizing (antialias=True)"),
+    (Resampled(False, 1.3), torch.randn(2, 1, 8, 8), "tflite-float", "a scale that gives no whole size"),
 ])
 def test_refusals_name_what_the_user_wrote(model, example, target, words, tmp_path, capsys):
     path = tmp_path / "m.pt2"

@@ -129,8 +129,10 @@ def _agreement(data: bytes, slots: list[tfl.StepSlot], inputs: dict[int, np.ndar
             want = wanted[slots[j].tensor][k:k + 1]
             known = ~np.isnan(want)  # near ties (NaN) count as agreeing either way
             agree[j] += float(np.mean(decoded[key][known] == want[known])) if known.any() else 1.0
-            tie = wanted.get(ORACLE_TIES + slots[j].tensor, want)[k:k + 1]
-            on_ties[j] += float(np.sum(decoded[key][~np.isnan(tie)] == tie[~np.isnan(tie)]))
+            ties = wanted.get(ORACLE_TIES + slots[j].tensor)  # none for steps read from the IR run
+            if ties is not None:
+                tie = ties[k:k + 1]
+                on_ties[j] += float(np.sum(decoded[key][~np.isnan(tie)] == tie[~np.isnan(tie)]))
         # a candidate whose best possible final agreement is below MATCH_REQUIRED can never be chosen
         alive = [j for j in alive if (agree[j] + (n - k - 1)) / n >= MATCH_REQUIRED]
     return agree / n, on_ties
