@@ -313,7 +313,7 @@ def _global_pool(b: KerasBuilder, node: ir.Node) -> list[Val]:
 
 
 def _reduce(b: KerasBuilder, node: ir.Node) -> list[Val]:
-    """ReduceMean / ReduceMax over constant axes (opset 18: axes as an input)."""
+    """ReduceMean / ReduceMax / ReduceSum over constant axes (opset 18: axes as an input)."""
     x = b.real(node.inputs[0])
     axes_arr = const_array(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1] is not None else None
     rank = len(x.shape) + 1
@@ -326,7 +326,7 @@ def _reduce(b: KerasBuilder, node: ir.Node) -> list[Val]:
         axes = sorted(NHWC_AXIS[a] for a in axes)
         if not keep and axes != [1, 2]:
             x, axes = b.to_plain(x), sorted(int(a) % rank for a in axes_arr)  # type: ignore[union-attr]
-    reduce = tf.reduce_mean if node.op_type == "ReduceMean" else tf.reduce_max
+    reduce = {"ReduceMean": tf.reduce_mean, "ReduceMax": tf.reduce_max, "ReduceSum": tf.reduce_sum}[node.op_type]
     y = b.lam(lambda z: reduce(z, axis=axes, keepdims=keep), x.tensor, node.name or node.op_type)
     layout = x.layout if keep else "plain"
     return [Val(y, torch_shape(y, layout), layout)]
@@ -378,7 +378,7 @@ EMITTERS: dict[tuple[str, str], Callable[[KerasBuilder, ir.Node], list[Val]]] = 
     ("", "AveragePool"): _averagepool,
     ("", "GlobalAveragePool"): _global_pool, ("", "GlobalMaxPool"): _global_pool,
     ("", "Pad"): _pad,
-    **{("", op): _reduce for op in ("ReduceMean", "ReduceMax")},
+    **{("", op): _reduce for op in ("ReduceMean", "ReduceMax", "ReduceSum")},
     ("", "Flatten"): reshape,
     ("", "Identity"): identity,
     ("", "Expand"): expand,

@@ -1,4 +1,5 @@
-"""The rounding rule of layer normalization (``bounds`` states the rules; ``rounding_rules`` holds the others).
+"""The rounding rules of layer normalization, softmax and log-softmax (``bounds`` states the rules;
+``rounding_rules`` holds the others).
 
 y = (x − μ)·r·w + b with r = (σ² + ε)^−½ over the last axes. What comes in (error e on x) moves x̂ = (x − μ)·r
 by at most r·(eᵢ + mean e + |x̂ᵢ|·mean(|x̂|·e)) to first order (the derivative of x̂ with respect to x); the
@@ -41,3 +42,23 @@ def layer_norm(x: Bounded, shape, weight=None, bias=None, eps: float = 1e-5, *_)
     aw = w.abs() if w is not None else torch.ones(())
     top = aw * ax + (b.abs() if b is not None else 0.0)
     return Bounded(value, aw * err + gamma(2) * top + ETA)
+
+
+def log_softmax(x: Bounded, dim: int, *_) -> Bounded:
+    """x − logsumexp(x): |Δ| ≤ 2·max|Δx| along dim (logsumexp is 1-Lipschitz in the max norm), plus the rounding of
+    the exponentials, their n-term sum, its log (an absolute error: the + 1) and the subtraction."""
+    if not isinstance(x, Bounded):
+        return torch.log_softmax(x, dim)
+    value = torch.log_softmax(x.value, dim)
+    carried = 2 * x.error.amax(dim=dim, keepdim=True) if x.error.dim() else 2 * x.error
+    lse, n = (x.value - value).abs(), x.value.shape[dim] if x.value.dim() else 1
+    return Bounded(value, carried + gamma(n + 4) * (x.value.abs() + lse + 1) + ETA)
+
+
+def softmax(x: Bounded, dim: int, *_) -> Bounded:
+    """exp(x − max) / Σ: log y moves by at most 2·max|Δx| along dim, so |Δy| ≤ y·(e^{2·max e} − 1); the rounded
+    x − max adds y·u·|x − max|, the exponentials, the n-term sum and the division y·γₙ₊₄."""
+    value = torch.softmax(x.value, dim)
+    spread = torch.expm1(2 * x.error.amax(dim=dim, keepdim=True)) if x.error.dim() else torch.expm1(2 * x.error)
+    shift = U * (x.value.amax(dim=dim, keepdim=True) - x.value) if x.value.dim() else 0.0  # x − max, rounded
+    return Bounded(value, value * (spread + shift + gamma(int(x.value.shape[dim]) + 4)) + ETA)

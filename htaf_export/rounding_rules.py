@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch.utils import _pytree as pytree
 
 from .bounded import ETA, LAMBDA, U, Bounded, NoBound, gamma, is_integral, largest
-from .rounding_norms import layer_norm
+from .rounding_norms import layer_norm, log_softmax, softmax
 
 aten = torch.ops.aten
 
@@ -246,26 +246,6 @@ def _same(fn: Callable) -> Callable:
     return rule
 
 
-def _log_softmax(x: Bounded, dim: int, *_) -> Bounded:
-    """x − logsumexp(x): |Δ| ≤ 2·max|Δx| along dim (logsumexp is 1-Lipschitz in the max norm), plus the rounding of
-    the exponentials, their n-term sum, its log (an absolute error: the + 1) and the subtraction."""
-    if not isinstance(x, Bounded):
-        return aten.log_softmax.int(value_of(x), dim)
-    value = aten.log_softmax.int(x.value, dim)
-    carried = 2 * x.error.amax(dim=dim, keepdim=True) if x.error.dim() else 2 * x.error
-    lse, n = (x.value - value).abs(), x.value.shape[dim] if x.value.dim() else 1
-    return Bounded(value, carried + gamma(n + 4) * (x.value.abs() + lse + 1) + ETA)
-
-
-def _softmax(x: Bounded, dim: int, *_) -> Bounded:
-    """exp(x − max) / Σ: log y moves by at most 2·max|Δx| along dim, so |Δy| ≤ y·(e^{2·max e} − 1); the rounded
-    x − max adds y·u·|x − max|, the exponentials, the n-term sum and the division y·γₙ₊₄."""
-    value = torch.softmax(x.value, dim)
-    spread = torch.expm1(2 * x.error.amax(dim=dim, keepdim=True)) if x.error.dim() else torch.expm1(2 * x.error)
-    shift = U * (x.value.amax(dim=dim, keepdim=True) - x.value) if x.value.dim() else 0.0  # x − max, rounded
-    return Bounded(value, value * (spread + shift + gamma(int(x.value.shape[dim]) + 4)) + ETA)
-
-
 def _bilinear(x: Bounded, output_size, align_corners, scale_factors) -> Bounded:
     """Bilinear resizing: each output a convex combination of the 2×2 input pixels around its source point, so
     the incoming errors pass through the same resizing. Implementations place that point from their own float
@@ -276,6 +256,22 @@ def _bilinear(x: Bounded, output_size, align_corners, scale_factors) -> Bounded:
     lam = 4 * U * (max(x.value.shape[-2:]) + 1)
     near = F.max_pool2d(x.value.abs() + x.error, 3, stride=1, padding=1)
     return Bounded(op(x.value), op(x.error) + (4 * lam + gamma(8)) * op(near) + ETA)
+
+
+def _sum(x: Bounded, dims, keepdim=False, dtype=None) -> Bounded:
+    """A sum over k elements (``torch.stack(steps).sum(0)``): the errors summed, and one rounded k-term sum."""
+    k = math.prod(x.value.shape[d] for d in (dims if isinstance(dims, (list, tuple)) else [dims]))
+    total = lambda t: aten.sum.dim_IntList(t, dims, keepdim)  # noqa: E731
+    if x.integer:
+        exact = _exact(total(x.value))
+        if exact is not None:
+            return exact
+    return Bounded(total(x.value), total(x.error) + gamma(int(k)) * total(x.value.abs() + x.error) + k * ETA)
+
+
+def _unbind(x: Bounded, dim: int = 0) -> list[Bounded]:
+    """``for x_t in x``: each slice with its own error."""
+    return [Bounded(v, e, x.integer) for v, e in zip(x.value.unbind(dim), x.error.unbind(dim))]
 
 
 def _mean_all(x: Bounded, dtype=None) -> Bounded:
@@ -370,14 +366,14 @@ RULES: dict[Any, Callable] = {
     aten.avg_pool1d.default: _avg_pool(aten.avg_pool1d.default),
     aten.adaptive_avg_pool2d.default: _adaptive_avg_pool(aten.adaptive_avg_pool2d.default),
     aten.adaptive_avg_pool1d.default: _adaptive_avg_pool(aten.adaptive_avg_pool1d.default),
-    aten.mean.dim: _mean, aten.mean.default: _mean_all,
+    aten.mean.dim: _mean, aten.mean.default: _mean_all, aten.sum.dim_IntList: _sum, aten.unbind.int: _unbind,
     aten.pad.default: _pad, aten.constant_pad_nd.default: _constant_pad,
     aten.sigmoid.default: _smooth(torch.sigmoid, 0.25), aten.tanh.default: _smooth(torch.tanh, 1.0),
     aten.ones_like.default: _filled(aten.ones_like.default), aten.zeros_like.default: _filled(aten.zeros_like.default),
     aten.full_like.default: _filled(aten.full_like.default),
     aten.dropout.default: _dropout, aten.feature_dropout.default: _dropout, aten.alpha_dropout.default: _dropout,
     aten.feature_alpha_dropout.default: _dropout, aten.leaky_relu.default: _leaky_relu,
-    aten.upsample_bilinear2d.vec: _bilinear, aten.log_softmax.int: _log_softmax, aten.softmax.int: _softmax, aten._softmax.default: lambda x, d, h: _softmax(x, d), aten._log_softmax.default: lambda x, dim, half: _log_softmax(x, dim),
+    aten.upsample_bilinear2d.vec: _bilinear, aten.log_softmax.int: log_softmax, aten.softmax.int: softmax, aten._softmax.default: lambda x, d, h: softmax(x, d), aten._log_softmax.default: lambda x, dim, half: log_softmax(x, dim),
     aten.adaptive_max_pool2d.default: _adaptive_max_pool(aten.adaptive_max_pool2d.default),
     aten.adaptive_max_pool1d.default: _adaptive_max_pool(aten.adaptive_max_pool1d.default),
     operator.getitem: lambda items, i: items[i],  # one result of a multi-result op (values, indices)

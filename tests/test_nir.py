@@ -401,12 +401,12 @@ class SnntorchLeakyNet(torch.nn.Module):
     """snnTorch's tutorial network with zero-reset ``snn.Leaky`` layers: each computes its reset from the previous
     membrane (a second step a time step) and starts from ``zeros_like`` of its input."""
 
-    def __init__(self) -> None:
+    def __init__(self, reset: str = "zero") -> None:
         super().__init__()
         snn = pytest.importorskip("snntorch")
         self.fc1, self.fc2 = torch.nn.Linear(64, 32), torch.nn.Linear(32, 10)
-        self.lif1 = snn.Leaky(beta=0.9, threshold=0.75, reset_mechanism="zero")
-        self.lif2 = snn.Leaky(beta=0.8, reset_mechanism="zero")
+        self.lif1 = snn.Leaky(beta=0.9, threshold=0.75, reset_mechanism=reset)
+        self.lif2 = snn.Leaky(beta=0.8, reset_mechanism=reset)
 
     def forward(self, x):
         mem1, mem2, total = self.lif1.init_leaky(), self.lif2.init_leaky(), 0
@@ -428,3 +428,12 @@ def test_snntorch_leaky_layers_become_lif_nodes_that_snntorch_runs_back(tmp_path
     assert [r.became for r in result.conversion.rows if r.layer.startswith("lif")] == \
         ["LIF (leak 0.9, zero reset, threshold θ 0.75)", "LIF (leak 0.8, zero reset, threshold θ 1)"]
     assert sum(t.elements for b in result.report.backends for t in b.tensors if t.kind == "binary") > 0
+
+
+def test_snntorch_subtract_reset_is_refused_saying_why(tmp_path, capsys):
+    program = torch.export.export(SnntorchLeakyNet("subtract").eval(), (torch.rand(2, 64),),
+                                  dynamic_shapes=({0: torch.export.Dim("batch")},))
+    torch.export.save(program, tmp_path / "sub.pt2")
+    assert cli.main([str(tmp_path / "sub.pt2"), "--target", "nir", "-o", str(tmp_path / "sub.nir")]) == 2
+    err = capsys.readouterr().err
+    assert "subtract reset (v ← v − θ·s) has no exact NIR form" in err and err.count("\n") == 1, err
