@@ -7,8 +7,8 @@ first throughout, so a TFLite target cannot move it, but needs not.
 - ``Transpose(Concat(Unsqueeze(s₀), Unsqueeze(s₁), …))`` (``torch.stack(steps)`` moved batch-first) is the
   same stack on the axis the transpose put it at (``torch.stack(steps, dim=1)``).
 
-Either holds only where the other axes keep their order; a transpose left is refused by the builder, as
-before."""
+A reader may need what is left of the permutation after it (a transpose that keeps the batch first); a
+transpose left is refused by the builder, as before."""
 
 from __future__ import annotations
 
@@ -58,18 +58,32 @@ def _read_axis(use: ir.Node, rank: int) -> int | None:
         else None
 
 
+def _residual(perm: list[int], axis: int) -> list[int] | None:
+    """After taking index ``axis`` of ``x.permute(perm)`` as index ``perm[axis]`` of ``x``, the permutation of what
+    is left that gives the same tensor (None where it would move the batch: it stays first)."""
+    kept = [i for i in range(len(perm)) if i != perm[axis]]
+    wanted = [perm[i] for i in range(len(perm)) if i != axis]
+    order = [kept.index(p) for p in wanted]
+    return order if order and order[0] == 0 else None
+
+
 def _into_readers(graph: ir.Graph, node: ir.Node, perm: list[int]) -> bool:
+    """Each reader taking one index of the transposed tensor takes it of the input instead, followed by what is
+    left of the permutation, when that keeps the batch first (timm's ``qkv.permute(2, 0, 3, 1, 4)`` then
+    ``q, k, v = qkv``: a transpose of each part that the builder takes)."""
     uses = [u.node for u in node.outputs[0].uses()]
     if not uses or node.outputs[0].is_graph_output():
         return False
     rank = len(perm)
     axes = [_read_axis(use, rank) for use in uses]
-    if any(a is None or use.inputs[0] is not node.outputs[0] or not _kept_order(perm, a)
+    if any(a is None or use.inputs[0] is not node.outputs[0] or _residual(perm, a) is None or
+           (_residual(perm, a) != sorted(_residual(perm, a)) and _final(use).outputs[0].is_graph_output())  # type: ignore[type-var,arg-type]
            for use, a in zip(uses, axes)):
         return False
     moved: dict[int, ir.Value] = {}
     for use, a in zip(uses, axes):
         source = perm[a]  # type: ignore[index]
+        last = use
         if use.op_type == "Gather":
             use.attributes["axis"] = ir.AttrInt64("axis", source)
         else:
@@ -77,11 +91,30 @@ def _into_readers(graph: ir.Graph, node: ir.Node, perm: list[int]) -> bool:
                 moved[source] = _axis_value(graph, f"{node.name or 'transpose'}.axis{source}", source)
             use.replace_input_with(3, moved[source])
             use.outputs[0].shape = None  # its size-1 axis now lies elsewhere: unknown, not stale
-            squeeze = next(iter(use.outputs[0].uses())).node
-            squeeze.replace_input_with(1, moved[source])
+            last = _final(use)
+            last.replace_input_with(1, moved[source])
         use.replace_input_with(0, node.inputs[0])
+        order = _residual(perm, a)  # type: ignore[arg-type]
+        if order != sorted(order):  # type: ignore[type-var]
+            _transpose_after(graph, last, order)  # type: ignore[arg-type]
     graph.remove(node, safe=True)
     return True
+
+
+def _final(reader: ir.Node) -> ir.Node:
+    """The node whose output holds the index taken: the Gather, or the Squeeze after a Slice."""
+    return reader if reader.op_type == "Gather" else next(iter(reader.outputs[0].uses())).node
+
+
+def _transpose_after(graph: ir.Graph, node: ir.Node, order: list[int]) -> None:
+    out = node.outputs[0]
+    readers = list(out.uses())  # before the transpose reads it too
+    transpose = ir.node("Transpose", [out], {"perm": order}, name=f"{node.name or 'part'}/reordered")
+    graph.insert_after(node, transpose)
+    transpose.outputs[0].name = f"{out.name}.reordered"
+    transpose.outputs[0].shape = out.shape = None
+    for use in readers:
+        use.node.replace_input_with(use.idx, transpose.outputs[0])
 
 
 def _stacked(node: ir.Node) -> tuple[ir.Node, list[ir.Node], int] | None:

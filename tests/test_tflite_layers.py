@@ -331,7 +331,23 @@ class Attending(nn.Module):
         return self.fc((att @ self.v(x)).flatten(1))
 
 
+class HeadsAttending(nn.Module):
+    """timm's multi-head attention: one qkv projection, ``reshape(N, L, 3, H, D).permute(2, 0, 3, 1, 4)``, then
+    ``q, k, v = qkv`` (a transpose that moves the batch, each part read on its own)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv, self.fc = nn.Linear(8, 24), nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        q, k, v = self.qkv(x.reshape(n, 8, 8)).reshape(n, 8, 3, 2, 4).permute(2, 0, 3, 1, 4)
+        att = torch.softmax(_sign(q) @ _sign(k).transpose(-2, -1) / 2.0, dim=-1)
+        return self.fc((att @ v).transpose(1, 2).reshape(n, 64))
+
+
 @pytest.mark.parametrize(("model", "target", "op"), [(Shuffled, "tflite", "DEPTH_TO_SPACE"),
+                                                     (HeadsAttending, "tflite-float", "BATCH_MATMUL"),
                                                      (Smoothed, "tflite-float", "RESIZE_BILINEAR"),
                                                      (XnorScaled, "tflite", "LceBconv2d"),
                                                      (Attending, "tflite-float", "BATCH_MATMUL")])
