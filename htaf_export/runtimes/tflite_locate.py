@@ -22,6 +22,7 @@ from dataclasses import replace
 from typing import Callable
 
 import numpy as np
+import onnx_ir as ir
 
 from .. import metadata as md
 from .. import tflite_file as tfl
@@ -158,7 +159,12 @@ def locate_steps(data: bytes, capture: Capture, oracle: Oracle, lce: bool
     graph = flat.subgraphs[0]
     used: set[int] = set()
     observed = []
+    twin_of = merged_steps(capture)
     for form in forms:
+        twin = next((o for o in observed if o.tensor == twin_of.get(form.tensor)), None)
+        if twin is not None:  # the same computation as a step located already: the same tensor holds it
+            observed.append(replace(twin, tensor=form.tensor))
+            continue
         scored = [((agree[j], on_ties[j], PREFERENCE[s.encoding], f"/{form.keras}/" in tfl.text(graph.tensors[s.index].name),
                     -s.index), s) for j, s in enumerate(slots) if s.tensor == form.tensor and s.index not in used]
         best = max(scored, key=lambda item: item[0], default=None)
@@ -168,6 +174,39 @@ def locate_steps(data: bytes, capture: Capture, oracle: Oracle, lce: bool
         else:
             unobserved.append({"tensor": form.tensor, "reason": "no tensor of the file holds it (fused into a kernel)"})
     return observed, unobserved
+
+
+def merged_steps(capture: Capture) -> dict[str, str]:
+    """{step tensor: the first step tensor computed the same way}, for steps that compute the same thing from the
+    same inputs (snnTorch's reset, H(v − θ) of the previous membrane, is the previous spike again): a converter
+    keeps one tensor for both, and sparse spikes would let the probes match the twin with another step's tensor."""
+    ids: dict[tuple, int] = {}  # each distinct computation gets one number: keys stay flat, however deep the graph
+    keys: dict[int, int] = {}
+
+    def key(value: ir.Value | None) -> int:
+        if value is None:
+            return -1
+        if id(value) not in keys:  # a graph input or a constant (node outputs are keyed in graph order below)
+            array = value.const_value.numpy() if value.const_value is not None else None
+            found = ("const", array.dtype.str, array.shape, array.tobytes()) if array is not None \
+                else ("input", str(value.name))
+            keys[id(value)] = ids.setdefault(found, len(ids))
+        return keys[id(value)]
+
+    values = {}
+    for node in capture.model.graph:  # in order, so that every input is keyed before its readers
+        attrs = tuple(sorted((k, repr(a.value)) for k, a in node.attributes.items()))
+        inputs = tuple(key(v) for v in node.inputs)
+        for i, out in enumerate(node.outputs):
+            if out.const_value is None:
+                keys[id(out)] = ids.setdefault((node.domain, node.op_type, attrs, i, inputs), len(ids))
+            values[str(out.name)] = out
+    first: dict[int, str] = {}
+    twins = {}
+    for spec in capture.steps:
+        if spec.tensor in values:
+            twins[spec.tensor] = first.setdefault(key(values[spec.tensor]), spec.tensor)
+    return {t: f for t, f in twins.items() if t != f}
 
 
 def _step_rows(flat, observed: list[tfl.StepSlot], unobserved: list[dict[str, str]],
