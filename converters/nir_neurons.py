@@ -136,9 +136,6 @@ def lif_at(step: ir.Node, previous: ir.Node, spec: StepSpec) -> Neuron:
     before, _ = membrane_of(previous)
     spike_before = previous.outputs[0]
     add = _producer(membrane, "Add")
-    sub = _producer(membrane, "Sub")
-    if add is None and sub is not None and _reads_spike(sub.inputs[1], spike_before):
-        raise UnsupportedLayer(spec.site, SUBTRACT_RESET)  # snnTorch's λ·v + I − θ·s[k−1]
     if add is None:
         raise NotALif(spec.site, "its membrane is not the sum of a leaky state and an input current")
     for state, current in ((add.inputs[0], add.inputs[1]), (add.inputs[1], add.inputs[0])):
@@ -159,13 +156,6 @@ def lif_at(step: ir.Node, previous: ir.Node, spec: StepSpec) -> Neuron:
                 raise UnsupportedLayer(spec.site, f"leak {leak} is outside [0, 1]")
             return Neuron(spec.site, "lif", current, theta, spec.tie, leak)  # type: ignore[arg-type]
     raise NotALif(spec.site, "no leaky, reset membrane state was found between its time steps")
-
-
-def _reads_spike(value: ir.Value | None, spike: ir.Value) -> bool:
-    """``value`` is the spike, or the spike times a constant (θ·s)."""
-    mul = _producer(value, "Mul")
-    return value is spike or (mul is not None and spike in mul.inputs and
-                              any(filled(v) is not None for v in mul.inputs if v is not spike))
 
 
 def _constant_state(value: ir.Value | None) -> float | None:

@@ -430,15 +430,6 @@ def test_snntorch_leaky_layers_become_lif_nodes_that_snntorch_runs_back(tmp_path
     assert sum(t.elements for b in result.report.backends for t in b.tensors if t.kind == "binary") > 0
 
 
-def test_snntorch_subtract_reset_is_refused_saying_why(tmp_path, capsys):
-    program = torch.export.export(SnntorchLeakyNet("subtract").eval(), (torch.rand(2, 64),),
-                                  dynamic_shapes=({0: torch.export.Dim("batch")},))
-    torch.export.save(program, tmp_path / "sub.pt2")
-    assert cli.main([str(tmp_path / "sub.pt2"), "--target", "nir", "-o", str(tmp_path / "sub.nir")]) == 2
-    err = capsys.readouterr().err
-    assert "subtract reset (v ← v − θ·s) has no exact NIR form" in err and err.count("\n") == 1, err
-
-
 def test_snntorch_leaky_layers_validate_on_tflite_too(tmp_path):
     """Each Leaky's reset step is the previous spike computed again: the TFLite file keeps one tensor for both, and
     the step locator must read the twin from it (sparse spikes let another spike's tensor match on the probes)."""
