@@ -8,6 +8,7 @@ import importlib.util
 import io
 import os
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,7 +23,7 @@ import htaf_export  # noqa: E402
 from htaf_export import tflite_file as tfl  # noqa: E402
 from htaf_export.nn import HTAF, BinaryConv2d  # noqa: E402
 
-from conftest import save_pt2  # noqa: E402
+from conftest import SAMPLE_DIR, digits_subset, save_pt2  # noqa: E402
 from test_user_layers import SignConv2d  # noqa: E402
 
 SHAPE = (2, 9, 12)
@@ -138,8 +139,9 @@ class FrameHead(nn.Module):
         return self.frames(F.avg_pool1d(self.fire(self.conv(x)), 3, 1, 1))
 
 
-def _exported(model: nn.Module, shape: tuple[int, ...], fmt: str, target: str, tmp_path):
-    """``model`` with random batch-norm statistics, saved as a user would (``fmt``), exported to ``target``."""
+def _exported(model: nn.Module, shape: tuple[int, ...], fmt: str, target: str, tmp_path, data=None):
+    """``model`` with random batch-norm statistics, saved as a user would (``fmt``), exported to ``target``
+    (validated on ``data``, else the default data)."""
     with torch.no_grad():
         for bn in (m for m in model.modules() if isinstance(m, nn.BatchNorm1d)):
             bn.running_mean.uniform_(-1, 1)
@@ -150,7 +152,8 @@ def _exported(model: nn.Module, shape: tuple[int, ...], fmt: str, target: str, t
         warnings.simplefilter("ignore")
         save_pt2(model, x, path) if fmt == "pt2" else torch.jit.save(torch.jit.trace(model, x), str(path))
     with contextlib.redirect_stdout(io.StringIO()):
-        result = htaf_export.export(path, target, tmp_path / "m.tflite", input_shape=list(shape), device="cpu")
+        result = htaf_export.export(path, target, tmp_path / "m.tflite", input_shape=list(shape), device="cpu",
+                                    data=data)
     assert result.report.passed, result.report.failure_line()
     return result
 
@@ -266,13 +269,18 @@ class SignBeside(nn.Module):
 
 def test_a_step_beside_a_sign_of_the_same_sum_is_validated_from_its_own_tensor(tmp_path):
     torch.manual_seed(6)
-    result = _exported(SignBeside(), (1, 8, 8), "pt2", "tflite", tmp_path)
+    result = _exported(SignBeside(), (1, 8, 8), "pt2", "tflite", tmp_path, _digits(tmp_path))
     rows = {r.layer: r.became for r in result.conversion.rows}
     assert not any(v.startswith("SIGN") for v in rows.values()), rows
     logits = next(t for t in result.report.backends[0].tensors if t.kind == "float")
     steps = {t.name: t for t in result.report.backends[0].tensors if t.kind == "binary"}
     assert logits.elements > 0 and all(t.tie_violations == 0 for t in steps.values())
     assert sum(t.exact_ties for t in steps.values()) > 0  # the ties were there to be read
+
+
+def _digits(folder) -> Path:
+    """The first DIGITS_SAMPLES digits as [1, 8, 8] samples (all 1,797 with HTAF_FULL_MATRIX=1)."""
+    return digits_subset(SAMPLE_DIR / "bnn_cnn.pt", folder)
 
 
 def _sign(t: torch.Tensor) -> torch.Tensor:
@@ -353,6 +361,6 @@ class HeadsAttending(nn.Module):
                                                      (Attending, "tflite-float", "BATCH_MATMUL")])
 def test_pixel_shuffle_bilinear_xnor_scales_and_attention_convert_with_parity(model, target, op, tmp_path):
     torch.manual_seed(7)
-    result = _exported(model(), (1, 8, 8), "pt2", target, tmp_path)
+    result = _exported(model(), (1, 8, 8), "pt2", target, tmp_path, _digits(tmp_path))
     assert op in tfl.op_names(tfl.read_model(result.artifact.read_bytes()))
     assert not any("rounding bounds are not available" in n for n in result.report.notes), result.report.notes
