@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from htaf_export.passes.util import attr, const_array
+from htaf_export.passes.util import attr, const_array, new_initializer
 
 
 def _perm(node: ir.Node) -> list[int]:
@@ -31,12 +31,6 @@ def _kept_order(perm: list[int], axis: int) -> bool:
 def _axis(node: ir.Node, rank: int) -> int:
     axis = int(attr(node, "axis", 0))
     return axis + rank if axis < 0 else axis
-
-
-def _axis_value(graph: ir.Graph, name: str, axis: int) -> ir.Value:
-    value = ir.Value(name=name, const_value=ir.tensor(np.array([axis], np.int64), name=name))
-    graph.register_initializer(value)
-    return value
 
 
 def _read_axis(use: ir.Node, rank: int) -> int | None:
@@ -88,7 +82,7 @@ def _into_readers(graph: ir.Graph, node: ir.Node, perm: list[int]) -> bool:
             use.attributes["axis"] = ir.AttrInt64("axis", source)
         else:
             if source not in moved:
-                moved[source] = _axis_value(graph, f"{node.name or 'transpose'}.axis{source}", source)
+                moved[source] = new_initializer(graph, f"{node.name or 'transpose'}.axis{source}", np.array([source], np.int64))
             use.replace_input_with(3, moved[source])
             use.outputs[0].shape = None  # its size-1 axis now lies elsewhere: unknown, not stale
             last = _final(use)
@@ -138,25 +132,14 @@ def _into_stack(graph: ir.Graph, node: ir.Node, perm: list[int]) -> bool:
     if axis < 0 or axis not in perm or not _kept_order(perm, perm.index(axis)):
         return False
     moved = perm.index(axis)
-    where = ir.Value(name=f"{concat.name or 'stack'}.axis",
-                     const_value=ir.tensor([moved], dtype=ir.DataType.INT64, name=f"{concat.name or 'stack'}.axis"))
-    graph.register_initializer(where)
+    where = new_initializer(graph, f"{concat.name or 'stack'}.axis", np.array([moved], np.int64))
     for part in parts:
         part.replace_input_with(1, where)
         part.outputs[0].shape = None  # the new axis lies elsewhere now: unknown, not stale
     concat.attributes["axis"] = ir.AttrInt64("axis", moved)
     out = node.outputs[0]
     result = concat.outputs[0]
-    if out.is_graph_output():
-        index = list(graph.outputs).index(out)
-        name = out.name
-        graph.outputs[index] = result
-        ir.convenience.replace_all_uses_with(out, result)
-        graph.remove(node, safe=True)
-        result.name = name
-    else:
-        ir.convenience.replace_all_uses_with(out, result)
-        graph.remove(node, safe=True)
+    _bypass(graph, node, result)
     result.shape = out.shape
     return True
 
@@ -198,7 +181,7 @@ def _stack_behind_batch(graph: ir.Graph, concat: ir.Node) -> bool:
     readers = [u.node for u in concat.outputs[0].uses()]
     if rank < 2 or not all(_reads_across_steps(r, rank) for r in readers):
         return False
-    one = _axis_value(graph, f"{concat.name or 'stack'}.behind_batch", 1)
+    one = new_initializer(graph, f"{concat.name or 'stack'}.behind_batch", np.array([1], np.int64))
     for p in parts:
         p.replace_input_with(1, one)
         p.outputs[0].shape = None
@@ -209,26 +192,27 @@ def _stack_behind_batch(graph: ir.Graph, concat: ir.Node) -> bool:
         if r.op_type == "Transpose":
             perm = [[1, 0, *range(2, rank)][q] for q in _perm(r)]
             if perm == list(range(rank)):
-                out = r.outputs[0]
-                if out.is_graph_output():
-                    graph.outputs[list(graph.outputs).index(out)] = concat.outputs[0]
-                    name = out.name
-                    ir.convenience.replace_all_uses_with(out, concat.outputs[0])
-                    graph.remove(r, safe=True)
-                    concat.outputs[0].name = name
-                else:
-                    ir.convenience.replace_all_uses_with(out, concat.outputs[0])
-                    graph.remove(r, safe=True)
+                _bypass(graph, r, concat.outputs[0])
             else:
                 r.attributes["perm"] = ir.AttrInt64s("perm", perm)
         elif r.op_type == "Gather":
             r.attributes["axis"] = ir.AttrInt64("axis", _swap_front(np.array([_axis(r, rank)]), rank)[0])
         else:
             axes = _swap_front(const_array(r.inputs[1]), rank)
-            r.replace_input_with(1, ir.Value(name=f"{r.name}.axes", const_value=ir.tensor(np.array(axes, np.int64),
-                                                                                         name=f"{r.name}.axes")))
-            graph.register_initializer(r.inputs[1])
+            r.replace_input_with(1, new_initializer(graph, f"{r.name}.axes", np.array(axes, np.int64)))
     return True
+
+
+def _bypass(graph: ir.Graph, node: ir.Node, result: ir.Value) -> None:
+    """``node`` removed, its readers (and the graph, under its output's name) reading ``result`` instead."""
+    out = node.outputs[0]
+    name, was_output = out.name, out.is_graph_output()
+    if was_output:
+        graph.outputs[list(graph.outputs).index(out)] = result
+    ir.convenience.replace_all_uses_with(out, result)
+    graph.remove(node, safe=True)
+    if was_output:
+        result.name = name
 
 
 def dissolve_batch_transposes(model: ir.Model) -> int:

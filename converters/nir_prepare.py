@@ -20,6 +20,7 @@ from onnx_ir.passes import common as common_passes
 
 from htaf_export.capture import Capture
 from htaf_export.ops import HTAF_DOMAIN
+from htaf_export.passes.util import new_initializer
 
 from .nir_neurons import filled
 
@@ -48,9 +49,7 @@ def _fold(graph: ir.Graph) -> set[str]:
         else:
             result = np.float32(FOLDED[node.op_type](args[0], args[1]))
         name = str(node.outputs[0].name)
-        value = ir.Value(name=f"{name}.folded", const_value=ir.tensor(np.asarray(result, np.float32),
-                                                                      name=f"{name}.folded"))
-        graph.register_initializer(value)
+        value = new_initializer(graph, f"{name}.folded", np.asarray(result, np.float32))
         ir.convenience.replace_all_uses_with(node.outputs[0], value)
     return folded
 
