@@ -419,9 +419,7 @@ class SnntorchLeakyNet(torch.nn.Module):
 
 def test_snntorch_leaky_layers_become_lif_nodes_that_snntorch_runs_back(tmp_path):
     torch.manual_seed(0)
-    program = torch.export.export(SnntorchLeakyNet().eval(), (torch.rand(2, 64),),
-                                  dynamic_shapes=({0: torch.export.Dim("batch")},))
-    torch.export.save(program, tmp_path / "leaky.pt2")
+    save_pt2(SnntorchLeakyNet().eval(), torch.rand(2, 64), tmp_path / "leaky.pt2")
     result = _export(tmp_path / "leaky.pt2", tmp_path / "leaky.nir")
     assert result.report.passed, result.report.failure_line()
     assert {b.backend for b in result.report.backends} == {"nir-sim", "snntorch"}
@@ -434,9 +432,7 @@ def test_snntorch_leaky_layers_validate_on_tflite_too(tmp_path):
     """Each Leaky's reset step is the previous spike computed again: the TFLite file keeps one tensor for both, and
     the step locator must read the twin from it (sparse spikes let another spike's tensor match on the probes)."""
     torch.manual_seed(0)
-    program = torch.export.export(SnntorchLeakyNet().eval(), (torch.rand(2, 64),),
-                                  dynamic_shapes=({0: torch.export.Dim("batch")},))
-    torch.export.save(program, tmp_path / "leaky.pt2")
+    save_pt2(SnntorchLeakyNet().eval(), torch.rand(2, 64), tmp_path / "leaky.pt2")
     with contextlib.redirect_stdout(io.StringIO()):
         result = htaf_export.export(tmp_path / "leaky.pt2", "tflite-float", tmp_path / "leaky.tflite", device="cpu")
     assert result.report.passed, result.report.failure_line()
