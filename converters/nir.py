@@ -26,10 +26,11 @@ from htaf_export.errors import BadInput, UnsupportedLayer
 from htaf_export.passes.bn_fold import FoldBatchNormIntoSteps
 from htaf_export.targets import ExportOptions
 
+from .batch_transposes import dissolve_batch_transposes
 from .layer_ops import fold_shape_arithmetic
 from .nir_graph import DT, SliceGraph, inferred_shapes, node_name
 from .nir_prepare import prepared
-from .nir_neurons import NotALif, lif_at, lif_first, steps_by_weights, threshold_at
+from .nir_neurons import NotALif, SubtractsSpikes, lif_at, lif_first, steps_by_weights, threshold_at
 from .nir_readout import readouts
 
 MODE = "nir"
@@ -52,6 +53,7 @@ def convert(capture: Capture, provenance: Mapping[str, str], options: ExportOpti
         raise UnsupportedLayer("model", "it has no step (spike or Heaviside) to make a neuron of")
     model = capture.ir_copy()
     fold_shape_arithmetic(model)
+    dissolve_batch_transposes(model)  # a time-first model's loop reads x[:, t] of its batch-first input
     computed = prepared(model, capture)  # the steps it computes, renumbered by time step (tensors as captured)
     kept = {s.tensor for s in computed.steps}
     FoldBatchNormIntoSteps()(model)
@@ -94,6 +96,8 @@ def time_slices(model: ir.Model, capture: Capture
         try:
             spiking = replace(capture, steps=grouping)
             return (*_spiking(graph, spiking, Counter(s.site for s in grouping), shapes), grouping)
+        except SubtractsSpikes as e:
+            spiking_refusal = spiking_refusal or UnsupportedLayer(e.layer, e.reason)
         except NotALif:
             pass
         except UnsupportedLayer as e:
@@ -168,5 +172,7 @@ def _readout_text(readout: dict[str, dict]) -> str:
     parts = []
     for name, how in sorted(readout.items()):
         what = "a leaky readout's state" if "leak" in how else "its layer's output"
-        parts.append(f"{name} is {what} " + ("averaged over the steps" if "divide_by" in how else "summed over the steps"))
+        combined = f"at every step, stacked on axis {how['axis']}" if how["combine"] == "stack" else \
+            "averaged over the steps" if "divide_by" in how else "summed over the steps"
+        parts.append(f"{name} is {what} {combined}")
     return ", ".join(parts)

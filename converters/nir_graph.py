@@ -272,7 +272,10 @@ class SliceGraph:
 
 def _time_step_of(node: ir.Node) -> tuple[ir.Value, int] | None:
     """(graph input, k) when ``node`` is ``input[:, k]``: a Gather of one constant index on axis 1 of a graph input
-    (or of a whole-batch Slice of it), as a loop over an event stream writes ``x[:, t]``."""
+    (or of a whole-batch Slice of it), as a loop over an event stream writes ``x[:, t]``, or a one-index Slice of
+    axis 1 squeezed (``for x_t in x.unbind(1)``; a time-first ``for x_t in x`` becomes it, see batch_transposes)."""
+    if node.op_type == "Squeeze":
+        return _squeezed_step(node)
     if node.op_type != "Gather" or attr(node, "axis", 0) != 1:
         return None
     index = const_array(node.inputs[1])
@@ -286,6 +289,22 @@ def _time_step_of(node: ir.Node) -> tuple[ir.Value, int] | None:
     if index is None or index.ndim != 0 or data is None or not data.is_graph_input():
         return None
     return data, int(index)
+
+
+def _squeezed_step(node: ir.Node) -> tuple[ir.Value, int] | None:
+    squeezed = const_array(node.inputs[1]) if len(node.inputs) > 1 else None
+    sliced = node.inputs[0].producer() if node.inputs[0] is not None else None
+    if squeezed is None or squeezed.size != 1 or int(squeezed.reshape(-1)[0]) != 1 or sliced is None or \
+            sliced.op_type != "Slice" or len(sliced.inputs) < 4:
+        return None
+    starts, ends, axes = (const_array(sliced.inputs[i]) for i in (1, 2, 3))
+    steps = const_array(sliced.inputs[4]) if len(sliced.inputs) > 4 and sliced.inputs[4] is not None else None
+    data = sliced.inputs[0]
+    if starts is None or ends is None or axes is None or axes.size != 1 or int(axes.reshape(-1)[0]) != 1 or \
+            (steps is not None and np.any(steps != 1)) or int(ends.reshape(-1)[0]) != int(starts.reshape(-1)[0]) + 1 \
+            or data is None or not data.is_graph_input():
+        return None
+    return data, int(starts.reshape(-1)[0])
 
 
 def _shape_text(made) -> str:

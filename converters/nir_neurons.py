@@ -23,13 +23,18 @@ from htaf_export.errors import UnsupportedLayer
 from htaf_export.passes.util import const_array
 
 SUBTRACT_RESET = ("subtract reset (v ← v − θ·s) has no exact NIR form: a NIR LIF resets to v_reset, and rebuilding "
-                  "the subtraction from NIR nodes rounds differently in float32; train with a zero reset to export "
-                  "to NIR (docs/nir.md)")
+                  "the subtraction from NIR nodes rounds differently in float32; train with a zero reset (snnTorch: "
+                  "reset_mechanism='zero') to export to NIR (docs/nir.md)")
 
 
 class NotALif(UnsupportedLayer):
     """The site's calls are not a leaky membrane unrolled over time (maybe one step function used by several
     layers), as opposed to a LIF layer that NIR cannot express."""
+
+
+class SubtractsSpikes(NotALif):
+    """The site's membrane subtracts its last spikes after the leak (snnTorch's subtract reset): not a LIF that
+    NIR can express. Said only when no other reading of the steps works (a shared step function may look so)."""
 
 
 @dataclass(frozen=True)
@@ -137,6 +142,9 @@ def lif_at(step: ir.Node, previous: ir.Node, spec: StepSpec) -> Neuron:
     spike_before = previous.outputs[0]
     add = _producer(membrane, "Add")
     if add is None:
+        taken = _producer(membrane, "Sub")
+        if taken is not None and reset_kind(membrane, taken.inputs[0], spike_before) == "subtract":  # type: ignore[arg-type]
+            raise SubtractsSpikes(spec.site, SUBTRACT_RESET)  # snnTorch's form: (β·v + I) − θ·s
         raise NotALif(spec.site, "its membrane is not the sum of a leaky state and an input current")
     for state, current in ((add.inputs[0], add.inputs[1]), (add.inputs[1], add.inputs[0])):
         leak, reset = 1.0, reset_kind(state, before, spike_before)  # type: ignore[arg-type]

@@ -14,7 +14,7 @@ import onnx_ir as ir
 from htaf_export.capture import Capture
 from htaf_export.contracts import StepSpec
 from htaf_export.errors import UnsupportedLayer
-from htaf_export.passes.util import const_array
+from htaf_export.passes.util import attr, const_array
 
 from .nir_graph import node_name
 from .nir_neurons import is_constant
@@ -43,7 +43,12 @@ def _readout(value: ir.Value, steps: tuple[StepSpec, ...], time_steps: int) -> t
             and const_array(node.inputs[1]).size == 1:
         how["divide_by"] = float(const_array(node.inputs[1]).reshape(()))
         value = node.inputs[0]
-    terms = _spine(value, time_steps) or _sum_terms(value)
+    stacked = _stacked(value, time_steps)
+    if stacked is not None:
+        terms, combined = stacked
+        how.update(combined)
+    else:
+        terms = _spine(value, time_steps) or _sum_terms(value)
     calls = {s.tensor: s.call for s in steps}
     by_call: dict[int, ir.Value] = {}
     leaky = _leaky_chain(terms, calls, time_steps)
@@ -52,6 +57,11 @@ def _readout(value: ir.Value, steps: tuple[StepSpec, ...], time_steps: int) -> t
         terms = []
     for term in terms:
         found = _calls_feeding(term, calls)
+        if how["combine"] == "stack" and len(found) > 1:
+            raise UnsupportedLayer(output, "each step's value reads earlier time steps' spikes (a membrane "
+                                   "record, or another state carried between steps): a NIR graph outputs what its "
+                                   "neurons and the layers after them compute at each step; return the spikes, or "
+                                   "export the model without that output")
         if len(found) != 1 or next(iter(found)) in by_call:
             raise UnsupportedLayer(output, "it is not a sum or mean over time steps of one layer's output or "
                                    "of a leaky readout (a delay, or a readout that resets, is not exported)")
@@ -59,6 +69,31 @@ def _readout(value: ir.Value, steps: tuple[StepSpec, ...], time_steps: int) -> t
     if sorted(by_call) != list(range(time_steps)):
         raise UnsupportedLayer(output, "it does not read every time step")
     return by_call, how
+
+
+def _stacked(value: ir.Value, time_steps: int) -> tuple[list[ir.Value], dict] | None:
+    """(the T stacked terms, how they combine) for ``torch.stack(terms, a)`` — returned per step, "stack" on
+    that axis — or for its sum or mean over the stacked axis; None for any other value."""
+    node = value.producer()
+    reduced = node is not None and node.op_type in ("ReduceSum", "ReduceMean") and node.domain == "" \
+        and attr(node, "keepdims", 1) == 0 and len(node.inputs) > 1
+    concat = node.inputs[0].producer() if reduced and node.inputs[0] is not None else node  # type: ignore[union-attr]
+    if concat is None or concat.op_type != "Concat" or len(concat.inputs) != time_steps:
+        return None
+    axis = int(attr(concat, "axis", 0))
+    terms = []
+    for part in concat.inputs:
+        lifted = part.producer() if part is not None else None
+        axes = const_array(lifted.inputs[1]) if lifted is not None and lifted.op_type == "Unsqueeze" else None
+        if axes is None or axes.size != 1 or int(axes.reshape(-1)[0]) != axis:
+            return None
+        terms.append(lifted.inputs[0])  # type: ignore[union-attr]
+    if not reduced:
+        return terms, {"combine": "stack", "axis": axis}
+    over = const_array(node.inputs[1])  # type: ignore[union-attr]
+    if over is None or over.size != 1 or int(over.reshape(-1)[0]) != axis:
+        return None
+    return terms, {"divide_by": float(time_steps)} if node.op_type == "ReduceMean" else {}  # type: ignore[union-attr]
 
 
 def _leaky_chain(terms: list[ir.Value], calls: dict[str, int], time_steps: int

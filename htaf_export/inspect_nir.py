@@ -69,9 +69,7 @@ def render_nir(path: Path, console: Console) -> None:
         console.print(_mapping_table(meta))
         steps = int(json.loads(meta.get(md.NIR_TIME_STEPS, "1")))
         readout = json.loads(meta[md.NIR_READOUT])
-        combine = "; ".join(f"{k}: " + ((f"LI state (leak {v['leak']:g}), " if "leak" in v else "")
-                                       + "sum over steps" + (f" ÷ {v['divide_by']:g}" if "divide_by" in v else "")
-                                       if v["combine"] == "sum" else "one pass") for k, v in sorted(readout.items()))
+        combine = "; ".join(f"{k}: {_combined(v)}" for k, v in sorted(readout.items()))
         streamed = json.loads(meta.get(md.NIR_TIME_INPUTS, "{}"))
         feeding = (f"inputs {', '.join(sorted(streamed))} one step at a time" if streamed
                    else "the same input at every step")
@@ -116,3 +114,13 @@ def _topological(graph) -> list[str]:
         order += ready
         placed.update(ready)
     return order
+
+
+def _combined(how: dict) -> str:
+    """How an output's per-step values make the output: summed (÷ T for a mean), stacked, or one pass."""
+    state = f"LI state (leak {how['leak']:g}), " if "leak" in how else ""
+    if how["combine"] == "stack":
+        return state + f"every step's value, stacked on axis {how['axis']}"
+    if how["combine"] == "sum":
+        return state + "sum over steps" + (f" ÷ {how['divide_by']:g}" if "divide_by" in how else "")
+    return "one pass"

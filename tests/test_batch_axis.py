@@ -157,3 +157,48 @@ def test_a_loop_over_time_and_a_stacked_rate_convert_to_tflite(tmp_path):
     assert result.report.passed, result.report.first_failure
     assert any("output 'seq' has the batch first" in n for n in result.conversion.notes), result.conversion.notes
     assert not any("rounding bounds are not available" in n for n in result.report.notes), result.report.notes
+
+
+def _nir_runner(path):
+    from htaf_export.runtimes import backends_for, read_artifact
+
+    runners, _ = backends_for(read_artifact(path), "cpu")
+    return {r.name: r for r in runners}
+
+
+def test_a_time_first_model_exports_to_nir_and_its_file_reads_batch_first(tmp_path):
+    """``x[t]`` of the moved input is ``x[:, t]`` of the file's: a NIR Input fed one step at a time; the
+    stacked spikes are every step's output, stacked on axis 1."""
+    import json
+
+    result = htaf_export.export(_pt2(tmp_path, _model()), "nir", tmp_path / "lif.nir", device="cpu")
+    assert result.report.passed, result.report.first_failure
+    _said_batch_first(result)
+    assert {b.backend for b in result.report.backends} == {"nir-sim", "snntorch"}
+    info = htaf_export.runtimes.read_artifact(tmp_path / "lif.nir")
+    assert json.loads(info.metadata["htaf_export.nir.time_inputs"]) == {"input": 0}
+    assert json.loads(info.metadata["htaf_export.nir.readout"])["logits"]["combine"] == "stack"
+    x = np.random.default_rng(1).random((T, 6, FEATURES), dtype=np.float32) * 2
+    with torch.no_grad():
+        want = _model()(torch.from_numpy(x)).numpy()
+    assert want.any() and not want.all()
+    for name, runner in _nir_runner(tmp_path / "lif.nir").items():
+        got = runner.run({"input": np.moveaxis(x, 1, 0).copy()})["logits"]
+        assert np.array_equal(np.moveaxis(got, 0, 1), want), name
+
+
+def test_a_pickled_loop_over_time_exports_to_nir_with_every_readout(tmp_path):
+    """``for x_t in x`` (slices of the time axis) on a pickle found time first; the rate, the count and the
+    stacked outputs each combine the steps as the model does."""
+    import json
+
+    torch.manual_seed(4)
+    path = tmp_path / "it.pt"
+    torch.save(IteratedRate().eval(), path)
+    result = htaf_export.export(path, "nir", tmp_path / "it.nir", input_shape=[T, FEATURES], trust_pickle=True,
+                                device="cpu")
+    assert result.report.passed, result.report.first_failure
+    readout = json.loads(htaf_export.runtimes.read_artifact(tmp_path / "it.nir").metadata["htaf_export.nir.readout"])
+    assert {k: (v["combine"], v.get("divide_by"), v.get("axis")) for k, v in readout.items()} == \
+        {"rate": ("sum", float(T), None), "count": ("sum", None, None), "seq": ("stack", None, 1)}
+    assert all(t.max_abs_error == 0 for b in result.report.backends for t in b.tensors if t.kind == "binary")

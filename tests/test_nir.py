@@ -436,3 +436,29 @@ def test_snntorch_leaky_layers_validate_on_tflite_too(tmp_path):
     with contextlib.redirect_stdout(io.StringIO()):
         result = htaf_export.export(tmp_path / "leaky.pt2", "tflite-float", tmp_path / "leaky.tflite", device="cpu")
     assert result.report.passed, result.report.failure_line()
+
+
+class SnntorchRecords(SnntorchLeakyNet):
+    """The tutorial's return value: every step's spikes and membranes, stacked (``spk_rec``, ``mem_rec``)."""
+
+    def forward(self, x):
+        mem1, mem2, spikes, membranes = self.lif1.init_leaky(), self.lif2.init_leaky(), [], []
+        for _ in range(4):
+            spk1, mem1 = self.lif1(self.fc1(x), mem1)
+            spk2, mem2 = self.lif2(self.fc2(spk1), mem2)
+            spikes.append(spk2)
+            membranes.append(mem2)
+        return torch.stack(spikes), torch.stack(membranes)
+
+
+@pytest.mark.parametrize(("model", "said"), [
+    (lambda: SnntorchLeakyNet(reset="subtract"), "subtract reset (v ← v − θ·s) has no exact NIR form"),
+    (SnntorchRecords, "a membrane record")])
+def test_snntorch_forms_nir_cannot_express_are_refused_for_what_they_are(model, said, tmp_path, capsys):
+    """snnTorch's default subtract reset (was "Sub has no NIR node") and a membrane record, each in one line."""
+    torch.manual_seed(0)
+    path = save_pt2(model().eval(), torch.rand(2, 64), tmp_path / "m.pt2")
+    out = tmp_path / "m.nir"
+    assert cli.main([str(path), "--target", "nir", "-o", str(out), "--no-validate"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert said in err and "\n" not in err and not out.exists()

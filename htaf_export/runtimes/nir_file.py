@@ -3,7 +3,7 @@
 A backend simulates one time step at a time (``step``); :class:`TimeLoop` feeds it the input as the model reads
 it (the whole input at every step, or step t of an event stream at time step t), names each neuron's spikes after
 the step tensor of the same site and call, and combines each output over the steps as the file's readout says (sum, then divide, in float32 and in time order,
-as the model's own loop does).
+as the model's own loop does; or every step's value stacked on a time axis).
 """
 
 from __future__ import annotations
@@ -84,6 +84,7 @@ class TimeLoop:
         feed = {name: np.ascontiguousarray(inputs[name], dtype=np.float32) for name in self.info.input_names}
         totals: dict[str, np.ndarray] = {}
         found: dict[str, np.ndarray] = {}
+        stacked: dict[str, list[np.ndarray]] = {}  # outputs returned at every step, stacked on a time axis
         reset()
         for k in range(self.time_steps):
             now = {name: np.ascontiguousarray(np.take(x, k, axis=self.time_inputs[name] + 1))
@@ -93,10 +94,15 @@ class TimeLoop:
             self.inference_seconds += time.perf_counter() - started
             for name, how in self.readout.items():
                 value = np.asarray(outputs[how["node"]], dtype=np.float32)
-                totals[name] = value if k == 0 else (totals[name] + value).astype(np.float32)
+                if how["combine"] == "stack":
+                    stacked.setdefault(name, []).append(value)
+                else:
+                    totals[name] = value if k == 0 else (totals[name] + value).astype(np.float32)
             for node, value in spikes.items():
                 if (node, k) in self.spike_names:
                     found[self.spike_names[(node, k)]] = np.asarray(value, dtype=np.float32)
+        for name, values in stacked.items():
+            totals[name] = np.stack(values, axis=self.readout[name]["axis"])
         for name, how in self.readout.items():
             if "divide_by" in how:
                 totals[name] = (totals[name] / np.float32(how["divide_by"])).astype(np.float32)
