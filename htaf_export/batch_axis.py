@@ -13,6 +13,7 @@ second axis is tried, taken when its samples do not affect each other."""
 from __future__ import annotations
 
 import functools
+import itertools
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -187,16 +188,16 @@ def _following_shape(shape: tuple, fewer: tuple, n: int) -> int | None:
     return follows[0] if len(follows) == 1 and shape[follows[0]] == n else None
 
 
-def _independent(module: nn.Module, xs: list[torch.Tensor], axis: int) -> tuple[int, ...] | None:
-    """The batch axis of each flat output when the samples on ``axis`` of ``xs`` do not affect each other,
-    else None. New values for sample 0 must leave every other sample's values as they were: in the outputs,
+def _independent(module: nn.Module, xs: list[torch.Tensor], axes: Sequence[int]) -> tuple[int, ...] | None:
+    """The batch axis of each flat output when the samples on ``axes`` (one per input) of ``xs`` do not affect
+    each other, else None. New values for sample 0 must leave every other sample's values as they were: in the outputs,
     and in what each submodule returns (a step's output alone may not show the change, as a spiking layer
     that stays silent on random inputs)."""
-    n = xs[0].shape[axis]
+    n = xs[0].shape[axes[0]]
     changed = [x.clone() for x in xs]
-    for x in changed:
+    for x, axis in zip(changed, axes):
         x.select(axis, 0).mul_(-4).add_(1)
-    fewer, inner_fewer = _recorded(module, [x.narrow(axis, 0, 2) for x in xs])
+    fewer, inner_fewer = _recorded(module, [x.narrow(axis, 0, 2) for x, axis in zip(xs, axes)])
     shapes_fewer = [shape for shape, _ in inner_fewer]
     ys, inner = _recorded(module, xs, shapes_fewer=shapes_fewer, n=n)
     moved, inner_moved = _recorded(module, changed, shapes_fewer=shapes_fewer, n=n)
@@ -215,18 +216,36 @@ def _independent(module: nn.Module, xs: list[torch.Tensor], axis: int) -> tuple[
 
 def probe_axes(module: nn.Module, shapes: Sequence[Sequence[int]]) -> BatchAxes | None:
     """The batch axes of a module: its outputs' when its inputs are batch first but an output is not; for a
-    module whose samples on axis 0 are not independent, axis 1 of every input, when its samples are
-    independent there (and where each output carries it); else None (left as it is: batch first, or beyond
-    this probe, for the usual checks to report)."""
+    module whose samples on axis 0 are not independent, axis 1 of every input, or else of some inputs (a
+    time-first sequence beside a batch-first context), when its samples are independent so (and where each
+    output carries it); else None (left as it is: batch first, or beyond this probe, for the usual checks to
+    report)."""
+    first = _probed(module, shapes, (0,) * len(shapes))
+    if first is not None:  # batch first in, perhaps not out ([T, N, C] stacked spikes)
+        return BatchAxes(tuple(0 for _ in shapes), first) if any(first) else None
+    for axes in _layouts([len(s) >= 1 for s in shapes]):
+        found = _probed(module, shapes, axes)
+        if found is not None:
+            return BatchAxes(axes, found)
+    return None
+
+
+def _layouts(can_move: Sequence[bool]) -> list[tuple[int, ...]]:
+    """Batch axes to try, all inputs time first before any mix (at most 4 inputs are mixed: 15 layouts)."""
+    movable = [i for i, ok in enumerate(can_move) if ok]
+    if not movable:
+        return []
+    every = tuple(1 if ok else 0 for ok in can_move)
+    mixed = [] if len(movable) > 4 else [tuple(1 if i in chosen else 0 for i in range(len(can_move)))
+                                         for r in range(len(movable) - 1, 0, -1)
+                                         for chosen in itertools.combinations(movable, r)]
+    return [every, *mixed]
+
+
+def _probed(module: nn.Module, shapes: Sequence[Sequence[int]], axes: tuple[int, ...]) -> tuple[int, ...] | None:
     gen = torch.Generator().manual_seed(0)
+    xs = [torch.rand(*s[:a], 3, *s[a:], generator=gen) for s, a in zip(shapes, axes)]
     try:
-        first = _independent(module, [torch.rand(3, *s, generator=gen) for s in shapes], 0)
-        if first is not None:  # batch first in, perhaps not out ([T, N, C] stacked spikes)
-            return BatchAxes(tuple(0 for _ in shapes), first) if any(first) else None
-        if any(len(s) < 1 for s in shapes):
-            return None
-        xs = [torch.rand(s[0], 3, *s[1:], generator=gen) for s in shapes]
-        found = _independent(module, xs, 1)
+        return _independent(module, xs, axes)
     except Exception:  # noqa: BLE001 - a probe that does not run says nothing; the usual checks report
         return None
-    return BatchAxes(tuple(1 for _ in shapes), found) if found is not None else None

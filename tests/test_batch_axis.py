@@ -202,3 +202,43 @@ def test_a_pickled_loop_over_time_exports_to_nir_with_every_readout(tmp_path):
     assert {k: (v["combine"], v.get("divide_by"), v.get("axis")) for k, v in readout.items()} == \
         {"rate": ("sum", float(T), None), "count": ("sum", None, None), "seq": ("stack", None, 1)}
     assert all(t.max_abs_error == 0 for b in result.report.backends for t in b.tensors if t.kind == "binary")
+
+
+class ContextAndSequence(nn.Module):
+    """A batch-first context ``c`` [N, 3] beside a time-first sequence ``x`` [T, N, F]."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.context, self.encode, self.readout = nn.Linear(3, HIDDEN), nn.Linear(FEATURES, HIDDEN), \
+            nn.Linear(HIDDEN, CLASSES)
+
+    def forward(self, c: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        v, bias, total = torch.zeros(x.shape[1], HIDDEN), self.context(c), 0
+        for t in range(x.shape[0]):
+            v = 0.8 * v + self.encode(x[t]) + bias
+            s = Spike.apply(v - 0.5)
+            v = v * (1 - s)
+            total = total + self.readout(s)
+        return total
+
+
+def test_a_pickle_with_a_batch_first_input_beside_a_time_first_one_moves_only_that_one(tmp_path):
+    """Was "the model does not run on inputs of shape [batch, 3]; [batch, 5, 12]": the probe moved every input
+    or none."""
+    torch.manual_seed(5)
+    model = ContextAndSequence().eval()
+    path = tmp_path / "ctx.pt"
+    torch.save(model, path)
+    result = htaf_export.export(path, "onnx", tmp_path / "ctx.onnx", input_shape=[[3], [T, FEATURES]],
+                                trust_pickle=True, device="cpu")
+    assert result.report.passed, result.report.first_failure
+    note = next(n for n in result.conversion.notes if "batch first" in n)
+    assert "input 'x' is [N, 5, 12]" in note and "'c'" not in note, note
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(2)
+    c, x = rng.random((6, 3), dtype=np.float32), rng.random((T, 6, FEATURES), dtype=np.float32)
+    got = ort.InferenceSession(str(tmp_path / "ctx.onnx")).run(None, {"c": c, "x": np.moveaxis(x, 1, 0).copy()})[0]
+    with torch.no_grad():
+        want = model(torch.from_numpy(c), torch.from_numpy(x)).numpy()
+    assert np.array_equal(got, want)
