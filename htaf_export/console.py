@@ -15,7 +15,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from .pipeline import ExportResult, Progress
-from .parity import ParityReport
+from .parity import RATIO_FLOOR_S, ParityReport
 
 
 def print_export(result: ExportResult, console: Console) -> None:
@@ -89,9 +89,11 @@ def print_report(report: ParityReport, console: Console) -> None:
                   f"tie{'s' if ties != 1 else ''} in the reference ({crafted.get('certified_ties', 0)} certified, "
                   f"checked with no rounding allowance), {crafted.get('near_ties', 0)} nearest-float near ties")
     inside = sum(b.inference_seconds for b in report.backends)
-    if inside > 0:
+    if inside >= RATIO_FLOOR_S:
         console.print(f"validation: {report.seconds:.1f}s, {report.seconds / inside:.2f}x the runtimes' own "
                       f"inference ({inside:.1f}s)")
+    elif inside > 0:  # a ratio to a few milliseconds says nothing
+        console.print(f"validation: {report.seconds:.1f}s (the runtimes' own inference: {inside * 1e3:.0f} ms)")
     for s in report.skipped:
         console.print(f"[dim]not run: {escape(s['backend'])} ({escape(s['reason'])})[/dim]")
     for note in report.notes:

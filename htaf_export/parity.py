@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 EXAMPLES = 3
+RATIO_FLOOR_S = 0.1  # below this much runtime inference, validation time is not given as a ratio to it
 # |u| histogram: bin 0 counts exact zeros; then (0, 1e-9], (1e-9, 1e-8], …, (1e2, 1e3], (1e3, ∞).
 MARGIN_EDGES: list[float] = [0.0] + [10.0**e for e in range(-9, 4)] + [float("inf")]
 

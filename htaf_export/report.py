@@ -21,7 +21,7 @@ from .pipeline import ExportResult
 from .report_plots import agreement_plot, margin_plot, size_plot
 from .sizes import size_breakdown
 from .targets import REPORT_SUFFIXES
-from .parity import ParityReport
+from .parity import RATIO_FLOOR_S, ParityReport
 
 
 def report_dict(report: ParityReport, export: ExportResult | None = None) -> dict[str, Any]:
@@ -157,8 +157,10 @@ def _overview(data: dict[str, Any]) -> str:
 def _time_text(data: dict[str, Any]) -> str:
     inside = sum(b.get("inference_seconds") or 0.0 for b in data.get("backends", []))
     text = f"{_fmt(data.get('seconds'))} s"
-    if inside > 0 and data.get("seconds"):
+    if inside >= RATIO_FLOOR_S and data.get("seconds"):
         text += f": {data['seconds'] / inside:.2f}× the runtimes' own inference ({_fmt(inside)} s)"
+    elif inside > 0:
+        text += f" (the runtimes' own inference: {inside * 1e3:.0f} ms)"
     return text
 
 

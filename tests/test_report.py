@@ -162,3 +162,12 @@ def test_export_writes_html_report(tmp_path):
     assert "PASS" in page and "concepts" in page and page.count("data:image/png;base64,") == 3
     assert [p.name for p in sorted(tmp_path.iterdir())] == ["icbm.html", "icbm.onnx"]
     assert np.isfinite(result.report.seconds)
+
+
+def test_validation_time_is_a_ratio_only_to_a_measurable_inference_time():
+    from htaf_export.report import _time_text
+
+    assert _time_text({"seconds": 2.0, "backends": [{"inference_seconds": 0.5}, {"inference_seconds": 0.5}]}) == \
+        "2 s: 2.00× the runtimes' own inference (1 s)"
+    tiny = _time_text({"seconds": 2.0, "backends": [{"inference_seconds": 0.0012}]})
+    assert tiny.endswith("(the runtimes' own inference: 1 ms)") and "×" not in tiny
