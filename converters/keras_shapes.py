@@ -48,6 +48,9 @@ def shape_only(b: KerasBuilder, node: ir.Node) -> list[Val]:
                 raise UnsupportedLayer(node.name, "constant of a shape computed at run time")
             return [Val(const=np.full((1, *target), value, dtype=np.float32))]
         return [Val(const=np.full((1,) + static_shape(node.outputs[0]), value, dtype=np.float32))]
+    known = _sample_dim(b, node)
+    if known is not None:  # x.shape[1] of a traced loop (out / T): per-sample dimensions are fixed in the file
+        return [Val(const=known, shape=())]
     if node.op_type == "Shape" or any(v.shape_only for v in data) and all(v.tensor is None for v in data):
         return [Val(shape_only=True) for _ in node.outputs]
     if node.op_type in ("Cast", "CastLike") and data and data[0].const is not None:  # a weight cast to its use
@@ -212,6 +215,19 @@ def _squeezed(node: ir.Node, shape: tuple[int, ...]) -> tuple[int, ...]:
     for axis in wanted:
         dims.insert(axis, 1)
     return tuple(dims[1:])
+
+
+def _sample_dim(b: KerasBuilder, node: ir.Node) -> np.ndarray | None:
+    """``Gather(Shape(x), k)`` for k ≥ 1 of a tensor whose per-sample shape is known: that dimension."""
+    shape = node.inputs[0].producer() if node.op_type == "Gather" and node.inputs[0] is not None else None
+    index = const_array(node.inputs[1]) if shape is not None and len(node.inputs) > 1 else None
+    if shape is None or shape.op_type != "Shape" or index is None or index.ndim != 0 or int(index) < 1 or \
+            int(attr(shape, "start", 0)) != 0 or shape.attributes.get("end") is not None:
+        return None
+    source = b.get(shape.inputs[0])
+    if source.tensor is None or int(index) > len(source.shape):
+        return None
+    return np.asarray(source.shape[int(index) - 1], np.int64)  # Val.shape is PyTorch's, whatever the layout
 
 
 def _batch_then_constants(b: KerasBuilder, value: ir.Value | None) -> np.ndarray | None:

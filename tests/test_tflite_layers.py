@@ -364,3 +364,28 @@ def test_pixel_shuffle_bilinear_xnor_scales_and_attention_convert_with_parity(mo
     result = _exported(model(), (1, 8, 8), "pt2", target, tmp_path, _digits(tmp_path))
     assert op in tfl.op_names(tfl.read_model(result.artifact.read_bytes()))
     assert not any("rounding bounds are not available" in n for n in result.report.notes), result.report.notes
+
+
+class EventLoopRate(nn.Module):
+    """An event stream [N, T, F] read ``x[:, t]`` with a plain LIF, the output divided by ``T = x.shape[1]``: a
+    TorchScript trace keeps T as Shape → Gather, a dimension the TFLite file fixes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encode, self.readout = nn.Linear(6, 12), nn.Linear(12, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        steps, v, total = x.shape[1], torch.zeros(x.shape[0], 12), 0
+        for t in range(steps):
+            v = 0.9 * v + self.encode(x[:, t])
+            s = (v >= 0.5).float()
+            v = v - s * 0.5
+            total = total + self.readout(s)
+        return total / steps
+
+
+def test_a_traced_loop_dividing_by_its_step_count_converts_to_tflite(tmp_path):
+    """Was an internal error ('NoneType' object has no attribute 'shape') on the TorchScript file."""
+    torch.manual_seed(8)
+    result = _exported(EventLoopRate(), (4, 6), "torchscript", "tflite-float", tmp_path)
+    assert sum(t.elements for b in result.report.backends for t in b.tensors if t.kind == "binary") > 0
