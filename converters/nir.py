@@ -30,7 +30,7 @@ from .batch_transposes import dissolve_batch_transposes
 from .layer_ops import fold_shape_arithmetic
 from .nir_graph import DT, SliceGraph, inferred_shapes, node_name
 from .nir_prepare import prepared
-from .nir_neurons import NotALif, SubtractsSpikes, lif_at, lif_first, steps_by_weights, threshold_at
+from .nir_neurons import NotALif, InexpressibleLif, lif_at, lif_first, steps_by_weights, threshold_at
 from .nir_readout import readouts
 
 MODE = "nir"
@@ -96,7 +96,7 @@ def time_slices(model: ir.Model, capture: Capture
         try:
             spiking = replace(capture, steps=grouping)
             return (*_spiking(graph, spiking, Counter(s.site for s in grouping), shapes), grouping)
-        except SubtractsSpikes as e:
+        except InexpressibleLif as e:
             spiking_refusal = spiking_refusal or UnsupportedLayer(e.layer, e.reason)
         except NotALif:
             pass

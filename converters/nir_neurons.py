@@ -32,9 +32,9 @@ class NotALif(UnsupportedLayer):
     layers), as opposed to a LIF layer that NIR cannot express."""
 
 
-class SubtractsSpikes(NotALif):
-    """The site's membrane subtracts its last spikes after the leak (snnTorch's subtract reset): not a LIF that
-    NIR can express. Said only when no other reading of the steps works (a shared step function may look so)."""
+class InexpressibleLif(NotALif):
+    """A LIF layer in a form this target does not write (snnTorch's subtract reset, after the leak; a leak per
+    neuron). Said only when no other reading of the steps works (a shared step function may look so)."""
 
 
 @dataclass(frozen=True)
@@ -144,7 +144,7 @@ def lif_at(step: ir.Node, previous: ir.Node, spec: StepSpec) -> Neuron:
     if add is None:
         taken = _producer(membrane, "Sub")
         if taken is not None and reset_kind(membrane, taken.inputs[0], spike_before) == "subtract":  # type: ignore[arg-type]
-            raise SubtractsSpikes(spec.site, SUBTRACT_RESET)  # snnTorch's form: (β·v + I) − θ·s
+            raise InexpressibleLif(spec.site, SUBTRACT_RESET)  # snnTorch's form: (β·v + I) − θ·s
         raise NotALif(spec.site, "its membrane is not the sum of a leaky state and an input current")
     for state, current in ((add.inputs[0], add.inputs[1]), (add.inputs[1], add.inputs[0])):
         leak, reset = 1.0, reset_kind(state, before, spike_before)  # type: ignore[arg-type]
@@ -152,6 +152,9 @@ def lif_at(step: ir.Node, previous: ir.Node, spec: StepSpec) -> Neuron:
         if reset is None and mul is not None:
             for r, factor in ((mul.inputs[0], mul.inputs[1]), (mul.inputs[1], mul.inputs[0])):
                 found, scalar = reset_kind(r, before, spike_before), _scalar(factor)  # type: ignore[arg-type]
+                if found is not None and scalar is None and const_array(factor) is not None:
+                    raise InexpressibleLif(spec.site, "its leak is a vector, one per neuron (snnTorch's learn_beta "
+                                           "with a tensor beta); the NIR target writes one leak per layer")
                 if found is not None and scalar is not None:
                     leak, reset = scalar, found
                     break

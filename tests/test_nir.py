@@ -451,9 +451,15 @@ class SnntorchRecords(SnntorchLeakyNet):
         return torch.stack(spikes), torch.stack(membranes)
 
 
+def _per_neuron_leaks(net: SnntorchLeakyNet) -> SnntorchLeakyNet:
+    snn = pytest.importorskip("snntorch")
+    net.lif1 = snn.Leaky(beta=torch.linspace(0.5, 0.9, 32), learn_beta=True, reset_mechanism="zero")
+    return net
+
+
 @pytest.mark.parametrize(("model", "said"), [
     (lambda: SnntorchLeakyNet(reset="subtract"), "subtract reset (v ← v − θ·s) has no exact NIR form"),
-    (SnntorchRecords, "a membrane record")])
+    (SnntorchRecords, "a membrane record"), (lambda: _per_neuron_leaks(SnntorchLeakyNet()), "a vector, one per neuron")])
 def test_snntorch_forms_nir_cannot_express_are_refused_for_what_they_are(model, said, tmp_path, capsys):
     """snnTorch's default subtract reset (was "Sub has no NIR node") and a membrane record, each in one line."""
     torch.manual_seed(0)
