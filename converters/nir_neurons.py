@@ -144,6 +144,12 @@ def lif_at(step: ir.Node, previous: ir.Node, spec: StepSpec) -> Neuron:
     if add is None:
         taken = _producer(membrane, "Sub")
         if taken is not None and reset_kind(membrane, taken.inputs[0], spike_before) == "subtract":  # type: ignore[arg-type]
+            scaled = _producer(taken.inputs[1], "Mul")
+            if scaled is not None and taken.inputs[0] in scaled.inputs:  # f − s·f: RLeaky's, Lapicque's zero reset
+                raise InexpressibleLif(spec.site, "its membrane is zeroed after the input is added (f − s·f, "
+                                       "snnTorch's RLeaky and Lapicque zero reset), which loses the input of the "
+                                       "step after a spike; a NIR LIF resets before it integrates (snnTorch: "
+                                       "snn.Leaky(reset_mechanism='zero') resets so)")
             raise InexpressibleLif(spec.site, SUBTRACT_RESET)  # snnTorch's form: (β·v + I) − θ·s
         raise NotALif(spec.site, "its membrane is not the sum of a leaky state and an input current")
     for state, current in ((add.inputs[0], add.inputs[1]), (add.inputs[1], add.inputs[0])):

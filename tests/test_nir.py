@@ -451,6 +451,23 @@ class SnntorchRecords(SnntorchLeakyNet):
         return torch.stack(spikes), torch.stack(membranes)
 
 
+class SnntorchLapicque(SnntorchLeakyNet):
+    """snnTorch's Lapicque with a zero reset: it zeroes β·v + I, input included (was called a subtract reset)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        snn = pytest.importorskip("snntorch")
+        self.lif1 = snn.Lapicque(beta=0.9, reset_mechanism="zero")
+
+    def forward(self, x):
+        mem1, mem2, total = self.lif1.init_lapicque(), self.lif2.init_leaky(), 0
+        for _ in range(4):
+            spk1, mem1 = self.lif1(self.fc1(x), mem1)
+            spk2, mem2 = self.lif2(self.fc2(spk1), mem2)
+            total = total + spk2
+        return total
+
+
 def _per_neuron_leaks(net: SnntorchLeakyNet) -> SnntorchLeakyNet:
     snn = pytest.importorskip("snntorch")
     net.lif1 = snn.Leaky(beta=torch.linspace(0.5, 0.9, 32), learn_beta=True, reset_mechanism="zero")
@@ -459,7 +476,8 @@ def _per_neuron_leaks(net: SnntorchLeakyNet) -> SnntorchLeakyNet:
 
 @pytest.mark.parametrize(("model", "said"), [
     (lambda: SnntorchLeakyNet(reset="subtract"), "subtract reset (v ← v − θ·s) has no exact NIR form"),
-    (SnntorchRecords, "a membrane record"), (lambda: _per_neuron_leaks(SnntorchLeakyNet()), "a vector, one per neuron")])
+    (SnntorchRecords, "a membrane record"), (lambda: _per_neuron_leaks(SnntorchLeakyNet()), "a vector, one per neuron"),
+    (lambda: SnntorchLapicque(), "zeroed after the input is added")])
 def test_snntorch_forms_nir_cannot_express_are_refused_for_what_they_are(model, said, tmp_path, capsys):
     """snnTorch's default subtract reset (was "Sub has no NIR node") and a membrane record, each in one line."""
     torch.manual_seed(0)
