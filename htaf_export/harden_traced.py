@@ -128,16 +128,22 @@ def _composite(sig: fx.Node, tie: str) -> _Match | None:
 
 
 def _fill_value(a) -> float | None:
-    """A number, or a tensor filled with one number (ones_like, zeros_like, full_like; negated or not), as
-    users write the two branches of a hand-made sign: where(x ≥ 0, ones_like(x), −ones_like(x))."""
+    """A number, or a tensor filled with one number (ones_like, zeros_like, full_like, x.new_ones(()), torch.full
+    …; negated or not), as users write the two branches of a hand-made sign: where(x ≥ 0, ones_like(x),
+    −ones_like(x))."""
     if not isinstance(a, fx.Node):
         return as_number(a)
     if a.target is aten.neg.default:
         inner = _fill_value(a.args[0])
         return -inner if inner is not None else None
-    if a.target is aten.full_like.default:
+    if a.target in (aten.full_like.default, aten.full.default):
         return as_number(a.args[1])
-    return {aten.ones_like.default: 1.0, aten.zeros_like.default: 0.0}.get(a.target)
+    if a.target is aten.new_full.default:
+        return as_number(a.args[2])
+    if a.target is aten.scalar_tensor.default:
+        return as_number(a.args[0])
+    return {aten.ones_like.default: 1.0, aten.zeros_like.default: 0.0, aten.ones.default: 1.0, aten.zeros.default: 0.0,
+            aten.new_ones.default: 1.0, aten.new_zeros.default: 0.0}.get(a.target)
 
 
 def _same_shape(a: fx.Node, b: fx.Node) -> bool:

@@ -85,3 +85,36 @@ def test_a_wrong_model_fails_at_its_step(saved, capsys, tmp_path):
     rc = cli.main(["validate", str(tmp_path / "moved.pt2"), str(artifact), "--device", "cpu"])
     out = " ".join(capsys.readouterr().out.split())
     assert rc == 1 and "first failing tensor step@1" in out, out
+
+
+class NewOnesSteps(nn.Module):
+    """Steps whose branches are tensors the input makes: ``x.new_ones(())``, ``torch.zeros(())``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.out = nn.Linear(64, 32), nn.Linear(32, 16), nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.where(self.fc1(x) > 0, x.new_ones(()), x.new_zeros(()))
+        h = torch.where(self.fc2(h) >= 0, torch.ones(()), -torch.ones(()))
+        return self.out(h)
+
+
+def test_where_between_made_tensors_is_a_step_on_every_backend(tmp_path):
+    """Was not found as a step (ONNX checked it through the logits only; TFLite refused 'Where with a constant
+    condition or constant branches')."""
+    import contextlib
+    import io
+
+    import htaf_export
+    from conftest import save_pt2
+
+    torch.manual_seed(0)
+    path = save_pt2(NewOnesSteps().eval(), torch.rand(2, 64), tmp_path / "m.pt2")
+    with contextlib.redirect_stdout(io.StringIO()):
+        result = htaf_export.export(path, "tflite-float", tmp_path / "m.tflite", device="cpu")
+    assert result.report.passed, result.report.failure_line()
+    assert sorted((s.levels, s.tie) for s in result.hardening.sites) == [("01", "gt"), ("pm1", "ge")], \
+        result.hardening.sites
+    steps = {t.name for b in result.report.backends for t in b.tensors if t.kind == "binary"}
+    assert len(steps) == 2, steps
