@@ -33,7 +33,7 @@ def _axis(node: ir.Node, rank: int) -> int:
     return axis + rank if axis < 0 else axis
 
 
-def _read_axis(use: ir.Node, rank: int) -> int | None:
+def read_axis(use: ir.Node, rank: int) -> int | None:
     """The axis a reader takes one index of: a Gather of one constant index, or a Slice of one axis (step 1) read
     only by a Squeeze of that axis (``for x_t in x``); None for any other reader."""
     if use.op_type == "Gather" and len(use.inputs) > 1:
@@ -69,7 +69,7 @@ def _into_readers(graph: ir.Graph, node: ir.Node, perm: list[int]) -> bool:
     if not uses or node.outputs[0].is_graph_output():
         return False
     rank = len(perm)
-    axes = [_read_axis(use, rank) for use in uses]
+    axes = [read_axis(use, rank) for use in uses]
     if any(a is None or use.inputs[0] is not node.outputs[0] or _residual(perm, a) is None or
            (_residual(perm, a) != sorted(_residual(perm, a)) and _final(use).outputs[0].is_graph_output())  # type: ignore[type-var,arg-type]
            for use, a in zip(uses, axes)):
@@ -232,4 +232,4 @@ def dissolve_batch_transposes(model: ir.Model) -> int:
     return count
 
 
-__all__ = ["dissolve_batch_transposes"]
+__all__ = ["dissolve_batch_transposes", "read_axis"]

@@ -219,15 +219,23 @@ def _squeezed(node: ir.Node, shape: tuple[int, ...]) -> tuple[int, ...]:
 
 def _sample_dim(b: KerasBuilder, node: ir.Node) -> np.ndarray | None:
     """``Gather(Shape(x), k)`` for k ≥ 1 of a tensor whose per-sample shape is known: that dimension."""
-    shape = node.inputs[0].producer() if node.op_type == "Gather" and node.inputs[0] is not None else None
+    shape = _whole_shape(node.inputs[0]) if node.op_type == "Gather" else None
     index = const_array(node.inputs[1]) if shape is not None and len(node.inputs) > 1 else None
-    if shape is None or shape.op_type != "Shape" or index is None or index.ndim != 0 or int(index) < 1 or \
-            int(attr(shape, "start", 0)) != 0 or shape.attributes.get("end") is not None:
+    if shape is None or index is None or index.ndim != 0 or int(index) < 1:
         return None
     source = b.get(shape.inputs[0])
     if source.tensor is None or int(index) > len(source.shape):
         return None
     return np.asarray(source.shape[int(index) - 1], np.int64)  # Val.shape is PyTorch's, whatever the layout
+
+
+def _whole_shape(value: ir.Value | None) -> ir.Node | None:
+    """The ``Shape`` node that gives ``value``, when it is the whole shape of one tensor (no start or end)."""
+    producer = value.producer() if value is not None else None
+    if producer is None or producer.op_type != "Shape" or len(producer.inputs) != 1 or \
+            int(attr(producer, "start", 0)) != 0 or producer.attributes.get("end") is not None:
+        return None
+    return producer
 
 
 def _batch_then_constants(b: KerasBuilder, value: ir.Value | None) -> np.ndarray | None:
@@ -244,9 +252,8 @@ def _batch_then_constants(b: KerasBuilder, value: ir.Value | None) -> np.ndarray
 def _batch_shape(b: KerasBuilder, value: ir.Value | None) -> tuple[int, ...] | None:
     """The per-sample part of a shape tensor [batch, ...]: Shape(a computed tensor) (zeros_like), or the batch
     size concatenated with constants (zeros(x.shape[0], ...))."""
-    producer = value.producer() if value is not None else None
-    if producer is not None and producer.op_type == "Shape" and len(producer.inputs) == 1 and \
-            int(attr(producer, "start", 0)) == 0 and producer.attributes.get("end") is None:
+    producer = _whole_shape(value)
+    if producer is not None:
         source = b.get(producer.inputs[0])
         return tuple(source.shape) if source.tensor is not None else None
     target = _batch_then_constants(b, value)

@@ -96,8 +96,8 @@ def time_slices(model: ir.Model, capture: Capture
         try:
             spiking = replace(capture, steps=grouping)
             return (*_spiking(graph, spiking, Counter(s.site for s in grouping), shapes), grouping)
-        except InexpressibleLif as e:
-            spiking_refusal = spiking_refusal or UnsupportedLayer(e.layer, e.reason)
+        except InexpressibleLif as e:  # a LIF this target cannot write: said if no other reading works
+            spiking_refusal = spiking_refusal or e
         except NotALif:
             pass
         except UnsupportedLayer as e:

@@ -16,6 +16,7 @@ from htaf_export.errors import UnsupportedLayer
 from htaf_export.ops import HTAF_DOMAIN
 from htaf_export.passes.util import attr, const_array, layer_of
 
+from .batch_transposes import read_axis
 from .nir_neurons import Neuron
 
 DT = 1e-4  # seconds per time step; snnTorch's importer assumes it (docs/nir.md)
@@ -292,19 +293,12 @@ def _time_step_of(node: ir.Node) -> tuple[ir.Value, int] | None:
 
 
 def _squeezed_step(node: ir.Node) -> tuple[ir.Value, int] | None:
-    squeezed = const_array(node.inputs[1]) if len(node.inputs) > 1 else None
     sliced = node.inputs[0].producer() if node.inputs[0] is not None else None
-    if squeezed is None or squeezed.size != 1 or int(squeezed.reshape(-1)[0]) != 1 or sliced is None or \
-            sliced.op_type != "Slice" or len(sliced.inputs) < 4:
+    data = sliced.inputs[0] if sliced is not None and sliced.op_type == "Slice" else None
+    if data is None or not data.is_graph_input() or data.shape is None or read_axis(sliced, len(data.shape)) != 1:
         return None
-    starts, ends, axes = (const_array(sliced.inputs[i]) for i in (1, 2, 3))
-    steps = const_array(sliced.inputs[4]) if len(sliced.inputs) > 4 and sliced.inputs[4] is not None else None
-    data = sliced.inputs[0]
-    if starts is None or ends is None or axes is None or axes.size != 1 or int(axes.reshape(-1)[0]) != 1 or \
-            (steps is not None and np.any(steps != 1)) or int(ends.reshape(-1)[0]) != int(starts.reshape(-1)[0]) + 1 \
-            or data is None or not data.is_graph_input():
-        return None
-    return data, int(starts.reshape(-1)[0])
+    start = const_array(sliced.inputs[1])  # type: ignore[union-attr]
+    return (data, int(start.reshape(-1)[0])) if start is not None else None
 
 
 def _shape_text(made) -> str:

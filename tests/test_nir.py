@@ -408,8 +408,11 @@ class SnntorchLeakyNet(torch.nn.Module):
         self.lif1 = snn.Leaky(beta=0.9, threshold=0.75, reset_mechanism=reset)
         self.lif2 = snn.Leaky(beta=0.8, reset_mechanism=reset)
 
+    def _start(self):
+        return self.lif1.init_leaky()
+
     def forward(self, x):
-        mem1, mem2, total = self.lif1.init_leaky(), self.lif2.init_leaky(), 0
+        mem1, mem2, total = self._start(), self.lif2.init_leaky(), 0
         for _ in range(4):
             spk1, mem1 = self.lif1(self.fc1(x), mem1)
             spk2, mem2 = self.lif2(self.fc2(spk1), mem2)
@@ -459,13 +462,8 @@ class SnntorchLapicque(SnntorchLeakyNet):
         snn = pytest.importorskip("snntorch")
         self.lif1 = snn.Lapicque(beta=0.9, reset_mechanism="zero")
 
-    def forward(self, x):
-        mem1, mem2, total = self.lif1.init_lapicque(), self.lif2.init_leaky(), 0
-        for _ in range(4):
-            spk1, mem1 = self.lif1(self.fc1(x), mem1)
-            spk2, mem2 = self.lif2(self.fc2(spk1), mem2)
-            total = total + spk2
-        return total
+    def _start(self):
+        return self.lif1.init_lapicque()
 
 
 def _per_neuron_leaks(net: SnntorchLeakyNet) -> SnntorchLeakyNet:
