@@ -17,7 +17,7 @@ from torch import nn
 
 from . import models
 from .errors import BadInput
-from . import batch_axis
+from . import archives, batch_axis
 from .batch_axis import BatchAxes
 from .files import atomic_write
 from .pickles import unpickle
@@ -32,8 +32,7 @@ SPEC_FILE = "htaf_export.json"
 # What torch's readers raise on damaged or foreign archives (they raise many kinds; users need one line).
 TORCH_READ_ERRORS = (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, TypeError, AttributeError,
                      ImportError, UnicodeDecodeError, pickle.UnpicklingError, zipfile.BadZipFile)
-# zipfile raises NotImplementedError for a compression method it lacks, RuntimeError for an encrypted member.
-ZIP_ERRORS = (zipfile.BadZipFile, OSError, EOFError, UnicodeDecodeError, NotImplementedError, RuntimeError, ValueError)
+
 
 SourceFormat = Literal["checkpoint", "torchscript", "exported_program", "pickle"]
 
@@ -230,20 +229,13 @@ def load(path: str | Path, trust_pickle: bool = False) -> LoadedModel:
         hint = (f"; htaf-export starts from the PyTorch model: 'htaf-export inspect {path.name}' reads an exported "
                 f"file, and 'htaf-export validate MODEL ARTIFACT' (model first) checks it") if exported else ""
         raise BadInput(f"model file {path} is not a PyTorch model (checkpoint, TorchScript, .pt2 or pickle){hint}")
-    try:
-        with zipfile.ZipFile(path) as archive:
-            names = archive.namelist()
-            damaged = _first_damaged_member(archive)
-    except ZIP_ERRORS as e:  # a damaged directory
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise BadInput(f"model file {path} is a corrupt archive: {msg[:200]}") from None
-    if damaged is not None:
-        raise BadInput(f"model file {path} is corrupt: archive member {damaged} fails its CRC-32 check")
+    names = archives.members(path)
     try:
         if any(n.endswith("/archive_format") for n in names):
             return _load_exported_program(path, digest)
         if any("/code/" in n for n in names) or any(n.endswith("/constants.pkl") for n in names):
             return _load_torchscript(path, digest)
+        archives.refuse_half_written_torchscript(path, names)
         return _load_pickled(path, digest, trust_pickle)
     except BadInput:
         raise
@@ -273,24 +265,6 @@ def _rebuilt(program: torch.export.ExportedProgram, path: Path) -> torch.nn.Modu
             raise BadInput(f".pt2 file {path}: a submodule is named {clash!r}, a name torch.fx's GraphModule keeps "
                            f"for itself, so torch cannot rebuild the program; rename it and export again") from None
         raise
-
-
-def _first_damaged_member(archive: zipfile.ZipFile) -> str | None:
-    """Name of the first member whose bytes do not match its recorded CRC-32, else None.
-
-    torch's own reader does not check the CRCs, so a flipped byte in a weight tensor would
-    otherwise load silently. Members written without a CRC (recorded as 0) are not checked.
-    """
-    for info in archive.infolist():
-        if info.CRC == 0 or info.is_dir():
-            continue
-        try:
-            with archive.open(info) as f:
-                while f.read(1 << 20):
-                    pass
-        except zipfile.BadZipFile:
-            return info.filename
-    return None
 
 
 def _read_spec(extra: str, path: Path, kind: str) -> dict[str, Any]:

@@ -61,6 +61,7 @@ def free_batch(module: nn.Module, path: Path, batch: int, shapes: list[list[int]
     for node in list(graph.nodes):
         if node.op == "call_module" and str(node.target) == "_guards_fn":
             graph.erase_node(node)
+    kept = rebatch_state(module, batch)
     module.recompile()  # type: ignore[operator]
 
     gen = torch.Generator().manual_seed(0)
@@ -78,5 +79,56 @@ def free_batch(module: nn.Module, path: Path, batch: int, shapes: list[list[int]
         ok = False
     if not ok:
         raise BadInput(f".pt2 file {path} was exported for batch size {batch} only and cannot run on other batch "
-                       f"sizes; export it with a dynamic batch dimension: torch.export.export(model, (x,), "
-                       f"dynamic_shapes=({{0: torch.export.Dim('batch')}},))")
+                       f"sizes; {_advice(kept)}")
+
+
+def _advice(kept: list[str]) -> str:
+    if kept:  # a dynamic batch meets the batch-sized buffer in torch.export, so that advice would fail
+        return (f"its buffer {kept[0]!r} holds a state of that batch, kept from a run before export; "
+                f"export a freshly built model, or reset that state to zeros first")
+    return ("export it with a dynamic batch dimension: torch.export.export(model, (x,), "
+            "dynamic_shapes=({0: torch.export.Dim('batch')},))")
+
+
+SHAPE_ONLY = {"zeros_like", "ones_like", "empty_like", "full_like"}
+
+
+def rebatch_state(module: nn.Module, batch: int) -> list[str]:
+    """snnTorch keeps the last batch's membrane in a buffer (``lif.mem``, ``[batch, ...]``) and resets it with
+    ``zeros_like``: a program exported after a test run reads it and so runs at that batch only. A buffer of
+    that batch whose values the program never reads (only its shape), or that is all zeros, is a state: it is
+    rebuilt as zeros at each call's batch. Returns the batch-sized buffers whose values matter (kept as they are)."""
+    graph = module.graph  # type: ignore[attr-defined]
+    inputs = [n for n in graph.nodes if n.op == "placeholder"]
+    first = inputs[0] if inputs else None
+    kept = []
+    for node in [n for n in graph.nodes if n.op == "get_attr"]:
+        value = getattr(_owner(module, node.target), str(node.target).rsplit(".", 1)[-1], None)
+        if first is None or not isinstance(value, torch.Tensor) or value.dim() == 0 or value.shape[0] != batch \
+                or isinstance(value, nn.Parameter):
+            continue
+        shape_only = all(_op_name(user) in SHAPE_ONLY for user in node.users)
+        if not shape_only and bool(value.any()):
+            kept.append(str(node.target))
+            continue
+        with graph.inserting_after(inputs[-1]):
+            size = graph.call_function(torch.ops.aten.sym_size.int, (first, 0))
+        with graph.inserting_after(size):
+            zeros = graph.call_function(torch.ops.aten.zeros.default, ([size, *value.shape[1:]],),
+                                        {"dtype": value.dtype})
+        node.replace_all_uses_with(zeros)
+        graph.erase_node(node)
+        if not any(n.op == "get_attr" and n.target == node.target for n in graph.nodes):
+            delattr(_owner(module, node.target), str(node.target).rsplit(".", 1)[-1])  # a non-leaf one stops deepcopy
+    return kept
+
+
+def _owner(module: nn.Module, target: Any) -> Any:
+    owner: Any = module
+    for part in str(target).split(".")[:-1]:
+        owner = getattr(owner, part)
+    return owner
+
+
+def _op_name(node: Any) -> str:
+    return getattr(getattr(node.target, "_overloadpacket", None), "__name__", "")

@@ -211,6 +211,34 @@ def test_trusted_pickle_that_is_not_a_module(tmp_path):
     assert "not an nn.Module" in _bad(path, trust_pickle=True)
 
 
+class _PythonSign(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return torch.where(x >= 0, torch.ones_like(x), -torch.ones_like(x))
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+@pytest.mark.parametrize("trust", [False, True])
+def test_torchscript_archive_that_torch_left_half_written(trust, tmp_path):
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = torch.nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.fc(_PythonSign.apply(x))
+
+    path = tmp_path / "net.ts"
+    with pytest.raises(RuntimeError):  # torch.jit cannot save the Python function, after writing the weights
+        torch.jit.trace(Net().eval(), torch.rand(2, 8)).save(str(path))
+    assert zipfile.is_zipfile(path)
+    msg = _bad(path, trust_pickle=trust)
+    assert "incomplete TorchScript archive" in msg and ".pt2" in msg and "pickle" not in msg
+
+
 # ---------------------------------------------------------------------------------------- bad input
 
 

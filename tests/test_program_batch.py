@@ -1,0 +1,77 @@
+"""A .pt2 program exported at one batch size: freed of its guard when each sample's result stands alone,
+including snnTorch's membrane buffer kept from a run before export, and refused in one line otherwise."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from htaf_export import cli
+
+
+class WarmLeaky(nn.Module):
+    """snnTorch's default (subtract reset) neurons; ``init_leaky`` zeroes the membrane in its last shape."""
+
+    def __init__(self) -> None:
+        import snntorch as snn
+
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(12, 9), nn.Linear(9, 3)
+        self.lif1, self.lif2 = snn.Leaky(beta=0.9), snn.Leaky(beta=0.7)
+
+    def forward(self, x):
+        m1, m2, count = self.lif1.init_leaky(), self.lif2.init_leaky(), 0
+        for _ in range(3):
+            s1, m1 = self.lif1(self.fc1(x), m1)
+            s2, m2 = self.lif2(self.fc2(s1), m2)
+            count = count + s2
+        return count
+
+
+class KeptState(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 4)
+        self.register_buffer("carry", torch.linspace(-1, 1, 24).reshape(4, 6))
+
+    def forward(self, x):
+        return (self.fc(x + self.carry) > 0).float()
+
+
+class FoldedBatch(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(24, 4)
+
+    def forward(self, x):
+        return (self.fc(x.reshape(1, 24)) > 0).float().expand(4, 4)
+
+
+def _export(model: nn.Module, tmp_path, capfd) -> tuple[int, str]:
+    path = tmp_path / "model.pt2"
+    features = model.fc1.in_features if hasattr(model, "fc1") else 6
+    torch.export.save(torch.export.export(model.eval(), (torch.rand(4, features),)), path)
+    capfd.readouterr()
+    rc = cli.main([str(path), "--target", "onnx", "-o", str(tmp_path / "model.onnx"), "--device", "cpu"])
+    return rc, capfd.readouterr().err
+
+
+def test_snntorch_membrane_kept_from_a_test_run_is_sized_to_each_batch(tmp_path, capfd):
+    pytest.importorskip("snntorch")
+    torch.manual_seed(0)
+    model = WarmLeaky().eval()
+    model(torch.rand(4, 12))  # the user's check before saving leaves lif.mem at [4, 9]
+    assert model.lif1.mem.shape == (4, 9)
+    rc, err = _export(model, tmp_path, capfd)
+    assert rc == 0, err
+    assert (tmp_path / "model.onnx").exists()
+
+
+@pytest.mark.parametrize("model, named", [(KeptState, "'carry' holds a state of that batch"),
+                                          (FoldedBatch, "dynamic_shapes")])
+def test_a_program_bound_to_its_batch_is_refused_with_the_reason(model, named, tmp_path, capfd):
+    rc, err = _export(model(), tmp_path, capfd)
+    assert rc == 2 and "exported for batch size 4 only" in err and named in err, err
+    assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "model.onnx").exists()
