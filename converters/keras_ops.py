@@ -17,7 +17,9 @@ from htaf_export.passes.util import attr, const_array, zeros_among_signs
 
 from .keras_binary import binary, step
 from .keras_builder import NHWC_AXIS, SHAPE_OPS, EmittedLayer, KerasBuilder, Val, keras, tf
+from .keras_activations import FORMULAS, activation, erf
 from .keras_norms import instance_norm, layer_norm
+from .keras_padding import pad
 from .keras_transposed import conv_transpose
 from .keras_products import activation_product
 from .keras_shapes import (depth_to_space, expand, identity, per_position, positions, reshape, resize, shape_only,
@@ -42,7 +44,7 @@ def _unary(b: KerasBuilder, node: ir.Node) -> list[Val]:
 # Python operators work on numpy constants and on TF tensors alike (true division for floats).
 BINARY_OPS: dict[str, Callable[[Any, Any], Any]] = {
     "Add": lambda a, c: a + c, "Sub": lambda a, c: a - c, "Mul": lambda a, c: a * c, "Div": lambda a, c: a / c,
-    "Max": lambda a, c: tf.maximum(a, c), "Min": lambda a, c: tf.minimum(a, c)}
+    "Max": lambda a, c: tf.maximum(a, c), "Min": lambda a, c: tf.minimum(a, c), "Pow": lambda a, c: a ** c}
 
 
 def _broadcast(a: Val, c: Val) -> tuple[int, ...] | None:
@@ -332,42 +334,6 @@ def _reduce(b: KerasBuilder, node: ir.Node) -> list[Val]:
     return [Val(y, torch_shape(y, layout), layout)]
 
 
-def _pad(b: KerasBuilder, node: ir.Node) -> list[Val]:
-    x = b.to_canonical(b.get(node.inputs[0]))
-    pads = const_array(node.inputs[1])
-    value_arr = const_array(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else np.zeros(())
-    if attr(node, "mode", "constant") != "constant" or pads is None or value_arr is None or len(x.shape) != 3 \
-            or len(pads) != 8 or pads[0] or pads[1] or pads[4] or pads[5]:
-        raise UnsupportedLayer(node.name, "only constant spatial padding of 4-D tensors is supported")
-    value = float(value_arr.reshape(()))
-    if x.presign is not None and abs(value) != 1.0:
-        x = b.materialize(x)  # only ±1 padding commutes with sign
-    top, left, bottom, right = int(pads[2]), int(pads[3]), int(pads[6]), int(pads[7])
-    conv = _only_conv_consumer(node)
-    if conv is not None:  # see trim_padding: LCE would otherwise fuse PyTorch's (1, 1) at stride 2 wrongly
-        kernel = attr(conv, "kernel_shape", None) or const_array(conv.inputs[1]).shape[2:]  # type: ignore[union-attr]
-        (kh, kw), (sh, sw) = tuple(kernel), tuple(attr(conv, "strides", [1, 1]))
-        (dh, dw), (_, h, w) = tuple(attr(conv, "dilations", [1, 1])), x.shape
-        bottom, right = trim_padding(h, kh, sh, top, bottom, dh), trim_padding(w, kw, sw, left, right, dw)
-    t = b.pad_nhwc(x.tensor, top, bottom, left, right, value, node.name or "pad")
-    return [replace(x, tensor=t, shape=torch_shape(t, "nhwc"))]
-
-
-def _only_conv_consumer(node: ir.Node) -> ir.Node | None:
-    """The Conv (without padding of its own) that alone reads ``node``'s output, if that is the case."""
-    out = node.outputs[0]
-    uses = list(out.uses())
-    if out.is_graph_output() or len(uses) != 1 or uses[0].idx != 0:
-        return None
-    conv = uses[0].node
-    if conv.domain != "" or conv.op_type != "Conv" or any(attr(conv, "pads", [0, 0, 0, 0])):
-        return None
-    weight = const_array(conv.inputs[1])
-    if "kernel_shape" not in conv.attributes and (weight is None or weight.ndim != 4):
-        return None
-    return conv
-
-
 EMITTERS: dict[tuple[str, str], Callable[[KerasBuilder, ir.Node], list[Val]]] = {
     ("", "Conv"): _conv, ("", "ConvTranspose"): conv_transpose,
     ("", "Gemm"): _gemm, ("", "MatMul"): _gemm,
@@ -377,7 +343,7 @@ EMITTERS: dict[tuple[str, str], Callable[[KerasBuilder, ir.Node], list[Val]]] = 
     ("", "MaxPool"): _maxpool,
     ("", "AveragePool"): _averagepool,
     ("", "GlobalAveragePool"): _global_pool, ("", "GlobalMaxPool"): _global_pool,
-    ("", "Pad"): _pad,
+    ("", "Pad"): pad,
     **{("", op): _reduce for op in ("ReduceMean", "ReduceMax", "ReduceSum")},
     ("", "Flatten"): reshape,
     ("", "Identity"): identity,
@@ -391,6 +357,8 @@ EMITTERS: dict[tuple[str, str], Callable[[KerasBuilder, ir.Node], list[Val]]] = 
     **{("", op): _elementwise for op in BINARY_OPS},
     **{("", op): _compare for op in COMPARE_OPS},
     ("", "Where"): _where,
+    **{("", op): activation for op in FORMULAS},
+    ("", "Erf"): erf,
     **{("", op): _unary for op in UNARY_OPS},
     **{("", op): shape_only for op in SHAPE_OPS},
     (HTAF_DOMAIN, "Heaviside"): step,

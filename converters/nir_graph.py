@@ -17,7 +17,7 @@ from htaf_export.ops import HTAF_DOMAIN
 from htaf_export.passes.util import attr, const_array, layer_of
 
 from .batch_transposes import read_axis
-from .nir_neurons import Neuron
+from .nir_neurons import Neuron, leak_text
 
 DT = 1e-4  # seconds per time step; snnTorch's importer assumes it (docs/nir.md)
 NEVER_LEAKS_TAU = 1e30  # a leak of exactly 1: β = 1 − DT/τ is 1.0 in float64
@@ -28,15 +28,16 @@ def node_name(text: str) -> str:
     return "".join(c if c.isalnum() or c == "_" else "_" for c in text)
 
 
-def lif_parameters(leak: float, threshold: np.ndarray, tie: str, shape: tuple[int, ...]) -> dict[str, np.ndarray]:
+def lif_parameters(leak: float | np.ndarray, threshold: np.ndarray, tie: str, shape: tuple[int, ...]
+                   ) -> dict[str, np.ndarray]:
     """τ, r, v_leak, v_threshold, v_reset such that forward Euler with ``DT`` is v ← leak·v + I, fire at v > v_thr.
 
     τ = DT/(1 − leak) in float64 gives back 1 − DT/τ = leak exactly after rounding to float32; r = τ/DT makes the
     input's factor r·DT/τ one. A ``ge`` site fires at v ≥ θ, which for float32 v is v > (the float32 below θ)."""
-    lam = float(np.float32(leak))
-    tau = NEVER_LEAKS_TAU if lam == 1.0 else DT / (1.0 - lam)
-    full = np.ones(shape, dtype=np.float64)
-    return {"tau": full * tau, "r": full * (tau / DT), "v_leak": np.zeros(shape, np.float32),
+    leaks = np.asarray(leak, np.float32)
+    lam = np.broadcast_to(leaks.reshape(_broadcastable(leaks, shape)), shape).astype(np.float64)
+    tau = np.divide(DT, 1.0 - lam, out=np.full(shape, NEVER_LEAKS_TAU, np.float64), where=lam != 1.0)
+    return {"tau": tau, "r": tau / DT, "v_leak": np.zeros(shape, np.float32),
             "v_threshold": fire_threshold(threshold, tie, shape), "v_reset": np.zeros(shape, np.float32)}
 
 
@@ -145,7 +146,7 @@ class SliceGraph:
         name, shape = self.neuron_node(tensor), self.shape(self._value(tensor))
         if neuron.kind == "lif":
             self.nodes[name] = nir.LIF(**lif_parameters(neuron.leak, neuron.threshold, neuron.tie, shape))  # type: ignore[arg-type]
-            what = f"LIF (leak {neuron.leak:g}, zero reset, threshold {_describe(neuron)})"
+            what = f"LIF (leak {leak_text(neuron.leak)}, zero reset, threshold {_describe(neuron)})"  # type: ignore[arg-type]
         else:
             self.nodes[name] = nir.Threshold(fire_threshold(neuron.threshold, neuron.tie, shape))
             what = f"Threshold ({_describe(neuron)})"

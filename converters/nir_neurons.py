@@ -47,7 +47,7 @@ class Neuron:
     current: ir.Value
     threshold: np.ndarray  # float32; the model fires at X ≥ θ (tie ge) or X > θ (tie gt)
     tie: str
-    leak: float | None = None  # lif: v ← leak·v + I
+    leak: float | np.ndarray | None = None  # lif: v ← leak·v + I (one leak, or one per neuron)
 
 
 def _producer(value: ir.Value | None, op: str) -> ir.Node | None:
@@ -79,6 +79,20 @@ def _scalar(value: ir.Value | None) -> float | None:
     if array is None or array.size != 1:
         return None
     return float(array.reshape(()))
+
+
+def _leak(value: ir.Value | None) -> float | np.ndarray | None:
+    """A constant leak: one number, or one per neuron (snnTorch's tensor beta)."""
+    array = const_array(value)
+    if array is None or array.size == 0:
+        return None
+    return float(array.reshape(-1)[0]) if array.size == 1 else array.astype(np.float32)
+
+
+def leak_text(leak: float | np.ndarray) -> str:
+    array = np.asarray(leak, np.float32)
+    return f"{float(array.reshape(-1)[0]):g}" if array.size == 1 else \
+        f"per neuron, {float(array.min()):g} to {float(array.max()):g}"
 
 
 def _reads_spike(value: ir.Value | None, spike: ir.Value) -> bool:
@@ -157,20 +171,17 @@ def lif_at(step: ir.Node, previous: ir.Node, spec: StepSpec) -> Neuron:
         mul = _producer(state, "Mul")
         if reset is None and mul is not None:
             for r, factor in ((mul.inputs[0], mul.inputs[1]), (mul.inputs[1], mul.inputs[0])):
-                found, scalar = reset_kind(r, before, spike_before), _scalar(factor)  # type: ignore[arg-type]
-                if found is not None and scalar is None and const_array(factor) is not None:
-                    raise InexpressibleLif(spec.site, "its leak is a vector, one per neuron (snnTorch's learn_beta "
-                                           "with a tensor beta); the NIR target writes one leak per layer")
-                if found is not None and scalar is not None:
-                    leak, reset = scalar, found
+                found, constant = reset_kind(r, before, spike_before), _leak(factor)  # type: ignore[arg-type]
+                if found is not None and constant is not None:
+                    leak, reset = constant, found
                     break
         if reset == "subtract":
             raise UnsupportedLayer(spec.site, SUBTRACT_RESET)
         if reset == "none":
             raise UnsupportedLayer(spec.site, "its membrane is never reset; a NIR LIF resets after every spike")
         if reset == "zero":
-            if not 0.0 <= leak <= 1.0:
-                raise UnsupportedLayer(spec.site, f"leak {leak} is outside [0, 1]")
+            if not np.all((np.asarray(leak) >= 0.0) & (np.asarray(leak) <= 1.0)):
+                raise UnsupportedLayer(spec.site, f"leak {leak_text(leak)} is outside [0, 1]")
             return Neuron(spec.site, "lif", current, theta, spec.tie, leak)  # type: ignore[arg-type]
     raise NotALif(spec.site, "no leaky, reset membrane state was found between its time steps")
 
@@ -183,7 +194,9 @@ def _constant_state(value: ir.Value | None) -> float | None:
         return float(array.reshape(-1)[0]) if array.size and np.all(array == array.reshape(-1)[0]) else np.nan
     if node is not None and node.op_type == "Mul":
         parts = [_constant_state(v) for v in node.inputs]
-        return None if any(p is None for p in parts) else float(np.prod(parts))
+        if any(p is None for p in parts):
+            return None
+        return 0.0 if 0.0 in parts else float(np.prod(parts))  # zeros times a leak per neuron (NaN: not uniform)
     return None
 
 

@@ -27,6 +27,7 @@ from htaf_export.contracts import Conversion, LayerRow
 from htaf_export.errors import BadInput, UnsupportedLayer
 from htaf_export.targets import ExportOptions
 
+from .keras_activations import fuse_gelu
 from .keras_builder import Built, EmittedLayer, KerasBuilder
 from .layer_ops import fused_ir
 from .keras_ops import EMITTERS
@@ -52,6 +53,7 @@ def convert(cap: Capture, provenance: Mapping[str, str], bitpacked: bool) -> Con
     if cap.streaming:
         raise UnsupportedLayer("model", "TFLite targets export unrolled models only (no streaming state)")
     model, rejected = fused_ir(cap, bitpacked, two_d=True)
+    fuse_gelu(model)
     built = KerasBuilder(bitpacked).build(cap, model.graph, EMITTERS)
     data = _to_tflite(built.model, bitpacked)
     flat = tfl.read_model(data)
@@ -130,12 +132,14 @@ def _as_list(value) -> list:
 def _check_ops(flat, ops: list[str], layers: list[EmittedLayer], bitpacked: bool) -> None:
     """Refuse what the converters do silently: custom ops in a float build, or a binary layer LCE left in
     float (LCE recognises a binary kernel by its values, and falls back without a word)."""
+    custom = tfl.schema().BuiltinOperator.CUSTOM
+    names = sorted({tfl.text(c.customCode) for c in flat.operatorCodes
+                    if max(c.builtinCode, c.deprecatedBuiltinCode) == custom})
+    foreign = [n for n in names if not (bitpacked and n.startswith("Lce"))]  # e.g. a TensorFlow op kept as is
+    if foreign:
+        raise UnsupportedLayer("model", f"the {'bit-packed' if bitpacked else 'float'} build contains custom ops "
+                                        f"{foreign} that no TFLite interpreter runs")
     if not bitpacked:
-        custom = tfl.schema().BuiltinOperator.CUSTOM
-        names = sorted({tfl.text(c.customCode) for c in flat.operatorCodes
-                        if max(c.builtinCode, c.deprecatedBuiltinCode) == custom})
-        if names:
-            raise UnsupportedLayer("model", f"the float build contains custom ops {names}")
         return
     expected = [e.name for e in {e.name: e for e in layers if e.keras == "QuantConv2D"}.values()]
     if ops.count("LceBconv2d") != len([e for e in layers if e.keras == "QuantConv2D"]):

@@ -42,13 +42,15 @@ from .integer_thresholds import compose_affine, follow_chain, integer_thresholds
 
 DOMAIN = "htaf.tflite"
 OP = "BinaryConv"
+COPYING_PADS = ("reflect", "edge", "wrap")  # padding_mode reflect, replicate, circular
 PASSTHROUGH = ("MaxPool", "Reshape", "Flatten", "Identity", "Transpose", "Squeeze", "Unsqueeze")  # same values
 
 
 def copies_values(node: ir.Node) -> bool:
     """An op whose outputs hold only values of its input (so a step's levels pass through it)."""
     return node.domain == "" and (node.op_type in PASSTHROUGH or
-                                  node.op_type == "Resize" and attr(node, "mode", "nearest") == "nearest")
+                                  node.op_type == "Resize" and attr(node, "mode", "nearest") == "nearest" or
+                                  node.op_type == "Pad" and attr(node, "mode", "constant") in COPYING_PADS)
 
 
 @dataclass(frozen=True)
@@ -153,8 +155,6 @@ def layer_name(node: ir.Node) -> str:
 
 def is_binary_weight(array: np.ndarray | None) -> bool:
     return array is not None and array.dtype == np.float32 and array.size > 0 and bool(np.all(np.abs(array) == 1.0))
-
-
 
 
 def _pad_spec(node: ir.Node) -> tuple[list[int], float] | None:

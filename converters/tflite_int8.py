@@ -36,7 +36,7 @@ from htaf_export.targets import ExportOptions
 from .tflite import convert as convert_tflite
 
 LEVEL_PAIRS = ({1.0, -1.0}, {1.0, 0.0})
-PASSTHROUGH = ("MAX_POOL_2D", "RESHAPE")
+PASSTHROUGH = ("MAX_POOL_2D", "RESHAPE", "MIRROR_PAD")
 # operator versions for int8 operands (TFLite's op version table)
 INT8_VERSIONS = {"CONV_2D": 3, "FULLY_CONNECTED": 4, "QUANTIZE": 2, "DEQUANTIZE": 2}
 LAYERS = ("CONV_2D", "FULLY_CONNECTED")

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch.utils import _pytree as pytree
 
 from .bounded import ETA, LAMBDA, U, Bounded, NoBound, gamma, is_integral, largest
+from .rounding_activations import ACTIVATION_RULES
 from .rounding_norms import layer_norm, log_softmax, softmax
 
 aten = torch.ops.aten
@@ -208,6 +209,11 @@ def _padded(x: Bounded, value: torch.Tensor, error: Callable[[], torch.Tensor], 
 
 
 def _pad(x: Bounded, pad, mode="constant", value=None) -> Bounded:
+    if mode in ("reflect", "replicate", "circular"):  # copies of the input's own elements, with their errors
+        padded = aten.pad.default(x.value, pad, mode)
+        if x.integer:
+            return Bounded.exact(padded, x.largest)
+        return Bounded(padded, aten.pad.default(x.error.expand_as(x.value).contiguous(), pad, mode))
     if mode != "constant":
         raise NoBound(f"{mode} padding")
     return _padded(x, aten.pad.default(x.value, pad, mode, value), lambda: aten.pad.default(x.error, pad, mode, 0.0),
@@ -355,6 +361,7 @@ def _filled(fn: Callable) -> Callable:
 
 
 RULES: dict[Any, Callable] = {
+    **ACTIVATION_RULES,
     aten.linear.default: _linear, aten.mm.default: _matmul, aten.matmul.default: _matmul, aten.bmm.default: _matmul,
     aten.conv2d.default: _conv, aten.conv1d.default: _conv, aten.convolution.default: _convolution,
     aten.batch_norm.default: _batch_norm, aten.layer_norm.default: layer_norm,

@@ -100,9 +100,10 @@ class NewOnesSteps(nn.Module):
         return self.out(h)
 
 
-def test_where_between_made_tensors_is_a_step_on_every_backend(tmp_path):
+@pytest.mark.parametrize("fmt", ["pt2", "torchscript"])
+def test_where_between_made_tensors_is_a_step_on_every_backend(fmt, tmp_path):
     """Was not found as a step (ONNX checked it through the logits only; TFLite refused 'Where with a constant
-    condition or constant branches')."""
+    condition or constant branches'); a TorchScript trace writes the branches as ConstantOfShape of ()."""
     import contextlib
     import io
 
@@ -110,11 +111,16 @@ def test_where_between_made_tensors_is_a_step_on_every_backend(tmp_path):
     from conftest import save_pt2
 
     torch.manual_seed(0)
-    path = save_pt2(NewOnesSteps().eval(), torch.rand(2, 64), tmp_path / "m.pt2")
+    model, x = NewOnesSteps().eval(), torch.rand(2, 64)
+    if fmt == "pt2":
+        path = save_pt2(model, x, tmp_path / "m.pt2")
+    else:
+        path = tmp_path / "m.ts"
+        torch.jit.save(torch.jit.trace(model, x), str(path))
     with contextlib.redirect_stdout(io.StringIO()):
-        result = htaf_export.export(path, "tflite-float", tmp_path / "m.tflite", device="cpu")
+        result = htaf_export.export(path, "tflite-float", tmp_path / "m.tflite", device="cpu", input_shape=[64])
     assert result.report.passed, result.report.failure_line()
-    assert sorted((s.levels, s.tie) for s in result.hardening.sites) == [("01", "gt"), ("pm1", "ge")], \
-        result.hardening.sites
+    sites = sorted((s.levels, s.tie) for s in result.hardening.sites)  # a trace's steps are found at capture
+    assert sites == ([("01", "gt"), ("pm1", "ge")] if fmt == "pt2" else []), result.hardening.sites
     steps = {t.name for b in result.report.backends for t in b.tensors if t.kind == "binary"}
     assert len(steps) == 2, steps

@@ -472,9 +472,24 @@ def _per_neuron_leaks(net: SnntorchLeakyNet) -> SnntorchLeakyNet:
     return net
 
 
+def test_a_leak_per_neuron_becomes_a_tau_per_neuron(tmp_path):
+    """snnTorch's tensor beta (learn_beta): one leak per neuron, each given back exactly by its τ."""
+    torch.manual_seed(0)
+    save_pt2(_per_neuron_leaks(SnntorchLeakyNet()).eval(), torch.rand(2, 64), tmp_path / "leaky.pt2")
+    result = _export(tmp_path / "leaky.pt2", tmp_path / "leaky.nir")
+    assert result.report.passed, result.report.failure_line()
+    assert {b.backend for b in result.report.backends} == {"nir-sim", "snntorch"}
+    assert [r.became for r in result.conversion.rows if r.layer.startswith("lif")][0] == \
+        ("LIF (leak per neuron, 0.5 to 0.9, zero reset, threshold θ 1)")
+    nodes = nir.read(result.artifact).nodes
+    tau = next(np.asarray(n.tau) for n in nodes.values() if isinstance(n, nir.LIF) and np.asarray(n.tau).size == 32)
+    beta = (1.0 - DT / tau).astype(np.float32)
+    assert np.array_equal(beta, torch.linspace(0.5, 0.9, 32).numpy())
+
+
 @pytest.mark.parametrize(("model", "said"), [
     (lambda: SnntorchLeakyNet(reset="subtract"), "subtract reset (v ← v − θ·s) has no exact NIR form"),
-    (SnntorchRecords, "a membrane record"), (lambda: _per_neuron_leaks(SnntorchLeakyNet()), "a vector, one per neuron"),
+    (SnntorchRecords, "a membrane record"),
     (lambda: SnntorchLapicque(), "zeroed after the input is added")])
 def test_snntorch_forms_nir_cannot_express_are_refused_for_what_they_are(model, said, tmp_path, capsys):
     """snnTorch's default subtract reset (was "Sub has no NIR node") and a membrane record, each in one line."""

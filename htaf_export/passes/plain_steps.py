@@ -12,6 +12,7 @@ arithmetic.
 
 from __future__ import annotations
 
+import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import MatchResult, RewriteRuleClassBase
 
@@ -50,15 +51,23 @@ def _fill(value: ir.Value, x: ir.Value) -> float | None:
         return -inner if inner is not None else None
     if node.op_type == "Expand" and node.domain == "" and _shape_of(node.inputs[1], x):
         return _fill(node.inputs[0], x) if const_array(node.inputs[0]) is not None else None
-    if node.op_type == "ConstantOfShape" and node.domain == "" and _shape_of(node.inputs[0], x):
-        # what TorchScript's exporter makes of ones_like(x) / zeros_like(x): the fill is the `value` attribute
-        # (a one-element tensor; 0.0 when absent)
+    if node.op_type == "ConstantOfShape" and node.domain == "" and (_shape_of(node.inputs[0], x) or
+                                                                   _broadcast_scalar(node.inputs[0], x)):
+        # what TorchScript's exporter makes of ones_like(x) / zeros_like(x) (and x.new_ones(())): the fill is the
+        # `value` attribute (a one-element tensor; 0.0 when absent)
         attr = node.attributes.get("value")
         if attr is None:
             return 0.0
         array = attr.as_tensor().numpy()
         return float(array.reshape(())) if array.size == 1 else None
     return None
+
+
+def _broadcast_scalar(shape: ir.Value | None, x: ir.Value) -> bool:
+    """A constant shape of ones no longer than X's rank (``()``, ``(1, 1)``): filled, it broadcasts to X's shape."""
+    dims = const_array(shape) if shape is not None else None
+    rank = len(x.shape) if x.shape is not None else 0
+    return dims is not None and dims.ndim == 1 and len(dims) <= rank and bool(np.all(dims == 1))
 
 
 def _shape_of(value: ir.Value | None, x: ir.Value) -> bool:
