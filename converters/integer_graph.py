@@ -130,6 +130,13 @@ class IntegerGraph:
     def _replayed(self, node: ir.Node, enc: il.Encoding) -> ir.Value | None:
         """A pooling/reshape/pad node run again on the encoded input."""
         pad = _pad_spec(node)
+        if node.op_type == "Concat":
+            parts = [self._encoded(v, enc) for v in node.inputs]
+            if any(p is None for p in parts):
+                return None
+            copy = ir.node("Concat", parts, {k: v for k, v in node.attributes.items()}, name=f"{node.name}/u8")
+            self.graph.append(copy)
+            return copy.outputs[0]
         if not copies_values(node) and (pad is None or not enc.stores(pad[1])):
             return None
         source = self._encoded(node.inputs[0], enc)

@@ -43,7 +43,8 @@ from .integer_thresholds import compose_affine, follow_chain, integer_thresholds
 DOMAIN = "htaf.tflite"
 OP = "BinaryConv"
 COPYING_PADS = ("reflect", "edge", "wrap")  # padding_mode reflect, replicate, circular
-PASSTHROUGH = ("MaxPool", "Reshape", "Flatten", "Identity", "Transpose", "Squeeze", "Unsqueeze")  # same values
+PASSTHROUGH = ("MaxPool", "Reshape", "Flatten", "Identity", "Transpose", "Squeeze", "Unsqueeze", "Slice",
+               "Gather")  # outputs hold values of the first input only
 
 
 def copies_values(node: ir.Node) -> bool:
@@ -188,6 +189,9 @@ def input_levels(value: ir.Value | None) -> str | None:
         if copies_values(node):
             value = node.inputs[0]
             continue
+        if node.domain == "" and node.op_type == "Concat":  # a U-Net's skip joined to its upsampled path
+            found = {input_levels(v) for v in node.inputs}
+            return found.pop() if len(found) == 1 else None
         if pad is not None:
             levels = input_levels(node.inputs[0])
             return levels if levels is not None and pad[1] in LEVEL_VALUES[levels] else None

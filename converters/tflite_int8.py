@@ -36,7 +36,8 @@ from htaf_export.targets import ExportOptions
 from .tflite import convert as convert_tflite
 
 LEVEL_PAIRS = ({1.0, -1.0}, {1.0, 0.0})
-PASSTHROUGH = ("MAX_POOL_2D", "RESHAPE", "MIRROR_PAD")
+# values of input 0 only (PAD adds zeros, which int8 holds exactly and the float file sums as the int8 conv does)
+PASSTHROUGH = ("MAX_POOL_2D", "RESHAPE", "MIRROR_PAD", "STRIDED_SLICE", "GATHER", "RESIZE_NEAREST_NEIGHBOR", "PAD")
 # operator versions for int8 operands (TFLite's op version table)
 INT8_VERSIONS = {"CONV_2D": 3, "FULLY_CONNECTED": 4, "QUANTIZE": 2, "DEQUANTIZE": 2}
 LAYERS = ("CONV_2D", "FULLY_CONNECTED")
@@ -94,6 +95,8 @@ class _File:
         if name == "PADV2":
             value = self.constant(int(op.inputs[2]))
             return value is not None and float(value.reshape(())) in (-1.0, 0.0, 1.0) and self.step_valued(int(op.inputs[0]))
+        if name == "CONCATENATION":
+            return all(self.step_valued(int(i)) for i in op.inputs)
         return name in PASSTHROUGH and self.step_valued(int(op.inputs[0]))
 
     def add_buffer(self, array: np.ndarray | None) -> int:
