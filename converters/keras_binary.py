@@ -13,7 +13,8 @@ from htaf_export.passes.util import const_array
 
 from .keras_builder import EmittedLayer, KerasBuilder, Presign, Val, keras, larq_module, tf
 from .keras_shapes import per_position, positions
-from .tflite_binary import FLOAT_PLAN, BinaryLayer, LcePlan, plan_lce, with_input_size
+from .lce_plan import FLOAT_PLAN, LcePlan, plan_lce
+from .tflite_binary import BinaryLayer, with_input_size
 
 
 def step(b: KerasBuilder, node: ir.Node) -> list[Val]:

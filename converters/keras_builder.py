@@ -33,7 +33,8 @@ from htaf_export.tflite_file import IoSlot, StepForm, tensorflow
 from .kernels import spread
 from .layouts import permuted_to_channels_first, static_shape
 from .lift_1d import LIFTED
-from .tflite_binary import FLOAT_PLAN, BinaryLayer, LcePlan
+from .lce_plan import FLOAT_PLAN, LcePlan
+from .tflite_binary import BinaryLayer
 
 # This module is imported only by the TFLite converter, so TensorFlow loads only for TFLite targets.
 tf = tensorflow()
