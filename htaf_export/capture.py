@@ -283,8 +283,8 @@ def capture(hardened: nn.Module, input_shape: Sequence[int] | Sequence[Sequence[
     notes = tuple(f"weights {f.weight} snapped to exactly ±scale per channel (largest relative change "
                   f"{f.snapped_change:.1e}: the straight-through form w + (α·sign(w) − w) rounds α by an ulp)"
                   for f in folded if f.snapped_change)
-    if not steps and any(n.op_type == "Sign" and n.domain == "" for n in model.graph):
-        notes += ("torch.sign is three-valued (sign(0) = 0), so it is not read as a step and its decisions are "
-                  "checked through the outputs only; torch.where(x >= 0, 1.0, -1.0) or HTAF(levels='pm1') has "
-                  "each decision checked",)
+    if any(n.op_type == "Sign" and n.domain == "" for n in model.graph):
+        notes += ("torch.sign is three-valued (sign(0) = 0), so it is not read as a step: the layers it feeds "
+                  "stay float and its decisions are checked through the outputs only; --sign-as-step reads it as "
+                  "a ±1 step (sign(0) = +1, as larq and LCE do), as torch.where(x >= 0, 1.0, -1.0) is",)
     return Capture(model, tuple(in_names), tuple(out_names), tuple(steps), streaming, notes, lines)

@@ -29,6 +29,12 @@ def _shape(text: str) -> list[int]:
     return shape
 
 
+def _sign_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sign-as-step", action="store_true",
+                   help="read torch.sign of a computed tensor as a ±1 step (sign(0) = +1 with the ge tie rule, as "
+                        "larq and LCE do; PyTorch gives 0) so that the layers it feeds are binary")
+
+
 def _input_shape_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input-shape", type=_shape, metavar="C,H,W", action="append",
                    help="per-sample input shape, no batch, once per input (needed only when neither --data nor "
@@ -50,6 +56,7 @@ def _export_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", help="artifact path, or a folder (default: beside the model)")
     p.add_argument("--data", type=Path, help=".npz with inputs 'x' (and labels 'y') for validation")
     p.add_argument("--tie", choices=("ge", "gt"), help="value at exactly the threshold: ge fires (default), gt not")
+    _sign_option(p)
     p.add_argument("--no-validate", action="store_true", help="skip the parity check after export")
     p.add_argument("--report", type=Path, help="write the parity report to FILE.json or FILE.html")
     p.add_argument("--portable", action="store_true", help="onnx: standard ops only, no htaf functions")
@@ -98,6 +105,7 @@ def _inspect_parser() -> argparse.ArgumentParser:
     p.add_argument("model")
     p.add_argument("--data", type=Path, help=".npz with inputs 'x' (and labels 'y'): measures the hardening gap")
     p.add_argument("--tie", choices=("ge", "gt"), help="tie rule for sites that declare none")
+    _sign_option(p)
     p.add_argument("--trust-pickle", action="store_true")
     _input_shape_option(p)
     return p
@@ -110,6 +118,7 @@ def _validate_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path)
     p.add_argument("--device", choices=("cpu", "cuda", "all"), default="all")
     p.add_argument("--tie", choices=("ge", "gt"))
+    _sign_option(p)
     p.add_argument("--report", type=Path, help="write the parity report to FILE.json or FILE.html")
     p.add_argument("--trust-pickle", action="store_true")
     _input_shape_option(p)
@@ -163,7 +172,7 @@ def run_inspect(argv: Sequence[str]) -> int:
 
     loaded = io.resolve(io.load(args.model, trust_pickle=args.trust_pickle), args.input_shape, args.data)
     data = load_npz(args.data, loaded.input_shapes, loaded.input_names or ("input",)) if args.data is not None else None
-    render(summarize(loaded, data, tie=args.tie, recommend_target=True), Console())
+    render(summarize(loaded, data, tie=args.tie, recommend_target=True, sign_as_step=args.sign_as_step), Console())
     return 0
 
 
@@ -189,7 +198,8 @@ def run_export(argv: Sequence[str]) -> int:
                         validate_artifact=not args.no_validate, portable=args.portable, snn_mode=args.snn_mode,
                         lce_kernel=args.lce_kernel, trust_pickle=args.trust_pickle, device=args.device,
                         tolerance=tolerance, progress=progress, workers=args.workers,
-                        recommend=not args.no_validate)  # an export that validates can spare a second for it
+                        recommend=not args.no_validate,  # an export that validates can spare a second for it
+                        sign_as_step=args.sign_as_step)
     out.print_export(result, console)
     if result.report is None:
         return 0
@@ -221,14 +231,14 @@ def run_validate(argv: Sequence[str]) -> int:
     dataset = default_data(loaded.input_shapes, args.data, loaded.input_names or ("input",))
     # The reference follows the declared rule (--tie, else the model's own), never the artifact's:
     # an artifact built with another rule must fail on inputs that land on a threshold.
-    hardened = harden(loaded.module, tie=args.tie, input_shapes=loaded.input_shapes)
+    hardened = harden(loaded.module, tie=args.tie, input_shapes=loaded.input_shapes, sign_as_step=args.sign_as_step)
     hardening = record_every_step(hardened, loaded.input_shapes,
                                   [s.site for s in info.steps])
     with out.progress_bar() as progress:
         report = validate_file(hardening, info, dataset, str(loaded.path), args.device, tolerance, progress=progress,
                                input_shape=loaded.input_shape if not loaded.extra_input_shapes
                                else loaded.input_shapes, workers=args.workers, ray=args.ray,
-                               recipe=recipe_of(loaded, args.tie, [s.site for s in info.steps]))
+                               recipe=recipe_of(loaded, args.tie, [s.site for s in info.steps], args.sign_as_step))
     source = info.metadata.get(md.SOURCE_SHA256)
     if source and loaded.sha256 and source != loaded.sha256:
         report.notes.append(f"the artifact was exported from another file (sha256 {source[:12]}…) than this model "

@@ -43,7 +43,8 @@ def unrecorded_tie_note(sites: list[Site], tie: str | None) -> str | None:
     smooth = [s.name for s in sites if s.how == "HTAF composite"]
     if tie is not None or not smooth:
         return None
-    recorded = sorted({s.name for s in sites if s.how != "HTAF composite" and s.tie == "ge"})
+    recorded = sorted({s.name for s in sites if s.how != "HTAF composite" and not s.how.startswith("torch.sign")
+                       and s.tie == "ge"})
     advice = (f"--tie gt would conflict with the ge rule recorded at {', '.join(recorded)}: to keep a gt rule "
               f"there, export a checkpoint or a pickle of the model, which keep each site's rule" if recorded
               else "pass --tie gt if the model was trained to")
@@ -134,7 +135,8 @@ def _harden_modules(model: nn.Module, tie: str | None) -> tuple[nn.Module, list[
 
 
 def harden(model: nn.Module, data: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-           tie: str | None = None, batch_size: int = 512, input_shapes: list[list[int]] | None = None) -> HardenResult:
+           tie: str | None = None, batch_size: int = 512, input_shapes: list[list[int]] | None = None,
+           sign_as_step: bool = False) -> HardenResult:
     """Return a hardened copy of ``model`` (the input is not modified) and a record of its sites.
 
     Every HTAF becomes ``Step`` with the same threshold and levels; binary layers are frozen to
@@ -143,7 +145,8 @@ def harden(model: nn.Module, data: torch.Tensor | None = None, labels: torch.Ten
     smooth site of a traced program); a site that declares another rule is an error. With ``data``,
     the hardening gap of each site is measured, and with ``labels`` the accuracy before and after.
     With ``input_shapes``, a module that computes the HTAF composite by hand in ``forward`` (no HTAF module
-    to swap) is hardened through its traced program, as a .pt2 is.
+    to swap) is hardened through its traced program, as a .pt2 is. ``sign_as_step``: ``torch.sign`` of a computed
+    tensor is a ±1 step too, its value at 0 the tie rule's (+1 for ``ge``) instead of 0 (traced programs only).
     """
     if not isinstance(model, nn.Module):
         hint = " (pass loaded.module, or a path to htaf_export.load first)" if hasattr(model, "module") or \
@@ -152,15 +155,18 @@ def harden(model: nn.Module, data: torch.Tensor | None = None, labels: torch.Ten
     if tie not in (None, "ge", "gt"):
         raise BadInput(f"tie must be 'ge' or 'gt', got {tie!r}")
     if isinstance(model, torch.jit.ScriptModule):
+        if sign_as_step:
+            raise BadInput("--sign-as-step reads torch.sign in a torch.export program; a TorchScript module "
+                           "cannot be rewritten so: save the model as a .pt2 (torch.export) or a pickle")
         hard, found = harden_torchscript(model, tie)
         sites = _traced_sites(found)
     elif isinstance(model, torch.fx.GraphModule) and not find_sites(model):
-        hard, found = harden_graph_module(model, tie)
+        hard, found = harden_graph_module(model, tie, sign_as_step)
         sites = _traced_sites(found)
     else:
         hard, sites = _harden_modules(model, tie)
-        if input_shapes is not None and _computes_htaf_by_hand(hard, input_shapes):
-            hard, sites = _through_program(hard, sites, tie, input_shapes)
+        if input_shapes is not None and _traced_for(hard, input_shapes, sign_as_step):
+            hard, sites = _through_program(hard, sites, tie, input_shapes, sign_as_step)
     result = HardenResult(model=hard, sites=sites, tie=tie)
     if data is not None:
         result.gaps = measure_gap(model, data, batch_size)
@@ -182,36 +188,37 @@ class _Calls(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def _computes_htaf_by_hand(model: nn.Module, input_shapes: list[list[int]]) -> bool:
-    """Whether a forward pass still calls both sigmoid and tanh once every HTAF module is a Step (one small pass,
-    so that only such models pay for a trace)."""
+def _traced_for(model: nn.Module, input_shapes: list[list[int]], sign_as_step: bool) -> bool:
+    """Whether a forward pass still calls both sigmoid and tanh once every HTAF module is a Step (an HTAF computed
+    by hand), or torch.sign when it is read as a step: one small pass, so that only such models pay for a trace."""
     calls = _Calls()
     try:
         with torch.no_grad(), calls:
             model(*(torch.zeros(2, *shape) for shape in input_shapes))
     except Exception:  # noqa: BLE001 - a model that cannot run here is refused later, with its own message
         return False
-    return {"sigmoid", "tanh"} <= calls.seen
+    return {"sigmoid", "tanh"} <= calls.seen or sign_as_step and "sign" in calls.seen
 
 
-def _traced(model: nn.Module, sites: list[Site], tie: str | None, input_shapes: list[list[int]]
-            ) -> tuple[torch.fx.GraphModule, list[Site], list[Site]] | None:
+def _traced(model: nn.Module, sites: list[Site], tie: str | None, input_shapes: list[list[int]],
+            sign_as_step: bool = False) -> tuple[torch.fx.GraphModule, list[Site], list[Site]] | None:
     """``model`` traced with torch.export, every site in it a Step call: (program, ``sites`` plus the sites only
     the program shows, those new sites); None when torch.export cannot trace it."""
     program = export_batched(model, input_shapes)
     if program is None:
         return None
-    traced, found = harden_graph_module(program, tie)
+    traced, found = harden_graph_module(program, tie, sign_as_step)
     known = {s.name for s in sites} | set(step_modules(model))
     more = [s for s in _traced_sites(found) if s.name not in known]
     return traced, sites + more, more
 
 
-def _through_program(hard: nn.Module, sites: list[Site], tie: str | None,
-                     input_shapes: list[list[int]]) -> tuple[nn.Module, list[Site]]:
-    """The traced program of ``hard`` with its hand-written HTAF composites hardened (kept as is when it has none)."""
-    got = _traced(hard, sites, tie, input_shapes)
-    if got is None or not any(s.how == "HTAF composite" for s in got[2]):
+def _through_program(hard: nn.Module, sites: list[Site], tie: str | None, input_shapes: list[list[int]],
+                     sign_as_step: bool = False) -> tuple[nn.Module, list[Site]]:
+    """The traced program of ``hard`` with its hand-written HTAF composites (and signs read as steps) hardened;
+    ``hard`` as it is when it has none."""
+    got = _traced(hard, sites, tie, input_shapes, sign_as_step)
+    if got is None or not any(s.how == "HTAF composite" or s.how.startswith("torch.sign") for s in got[2]):
         return hard, sites
     return got[0], got[1]
 

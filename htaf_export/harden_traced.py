@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 from torch import fx
@@ -262,18 +263,37 @@ def _skip_aliases(node: fx.Node) -> fx.Node:
         node = user
 
 
+def _unaliased(node: Any) -> Any:
+    while isinstance(node, fx.Node) and node.target in ALIASES:
+        node = node.args[0]
+    return node
+
+
 def _fold_straight_through(gm: fx.GraphModule, call: fx.Node, x: fx.Node) -> None:
-    """x + (step(x) − x).detach(), the straight-through estimator written around a step: in eval it is the
-    step up to the rounding of x + (s − x) (which for |x| ≥ 2 is not ±1, and for |x| ≥ 2^24 not even
-    close), so every use of the sum becomes a use of the step itself (as the weight form is snapped)."""
-    for sub in list(call.users):
-        if sub.target is not aten.sub.Tensor or tuple(sub.args[:2]) != (call, x):
+    """y + (step(x) − y).detach(), the straight-through estimator written around a step (y = x, or ReActNet's
+    approximation of the sign, also written s.detach() − y.detach() + y): in eval it is the step up to the
+    rounding of y + (s − y) (which for |y| ≥ 2 is not ±1, and for |y| ≥ 2^24 not even close), so every use of
+    the sum becomes a use of the step itself (as the weight form is snapped)."""
+    for sub in [u for user in [call, *_alias_chain(call)] for u in user.users]:
+        if sub.target is not aten.sub.Tensor or _unaliased(sub.args[0]) is not call:
             continue
+        y = _unaliased(sub.args[1])
         end = _skip_aliases(sub)
         add = _only_user(end)
-        if add is None or add.target is not aten.add.Tensor or len(add.args) != 2 or set(add.args) != {x, end}:
+        if add is None or add.target is not aten.add.Tensor or len(add.args) != 2 or set(add.args) != {y, end}:
             continue
         add.replace_all_uses_with(call)  # sub, aliases and add are then dead: eliminate_dead_code drops them
+
+
+def _alias_chain(node: fx.Node) -> list[fx.Node]:
+    """The aliases and detaches of ``node`` (``s.detach()``), each used as ``node`` is."""
+    found, todo = [], [node]
+    while todo:
+        for user in todo.pop().users:
+            if user.target in ALIASES:
+                found.append(user)
+                todo.append(user)
+    return found
 
 
 def _constants(graph: fx.Graph) -> set[fx.Node]:
@@ -298,8 +318,18 @@ def export_batched(model: torch.nn.Module, input_shapes: list[list[int]]) -> fx.
     return program.module()
 
 
-def harden_graph_module(gm: fx.GraphModule, tie: str | None) -> tuple[fx.GraphModule, list[TracedSite]]:
-    """A copy of a torch.export graph module with every site a ``Step`` call, and the sites found."""
+def _sign(node: fx.Node, tie: str) -> _Match | None:
+    """torch.sign(x) read as a ±1 step at 0 (``sign_as_step``): it declares no value at 0 that a step can keep
+    (it gives 0 there), so the tie rule given decides it, ``ge`` (+1, as larq and LCE) unless ``--tie gt``."""
+    if not isinstance(node.args[0], fx.Node):
+        return None
+    return _Match(node.args[0], [node], TracedSite("", 0.0, "pm1", tie, "torch.sign read as a step (--sign-as-step)"))
+
+
+def harden_graph_module(gm: fx.GraphModule, tie: str | None, sign_as_step: bool = False
+                        ) -> tuple[fx.GraphModule, list[TracedSite]]:
+    """A copy of a torch.export graph module with every site a ``Step`` call, and the sites found; with
+    ``sign_as_step``, every ``torch.sign`` of a computed tensor is a site too."""
     hard = copy.deepcopy(gm)
     sites: dict[str, TracedSite] = {}
     found: list[TracedSite] = []
@@ -310,6 +340,8 @@ def harden_graph_module(gm: fx.GraphModule, tie: str | None) -> tuple[fx.GraphMo
         match = None
         if node.target is aten.sigmoid.default:
             match = _composite(node, tie or "ge")
+        elif node.target is aten.sign.default and sign_as_step:
+            match = _sign(node, tie or "ge")
         elif node.target in COMPARISONS or node.target is aten.heaviside.default:
             match = _comparison(node, constant) if node.target in COMPARISONS else _heaviside(node, hard)
             if match is not None and tie is not None and match.site.tie != tie:

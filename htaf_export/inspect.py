@@ -72,14 +72,15 @@ def layer_table(module: torch.nn.Module, packed: set[str] | None = None) -> list
     return layers
 
 
-def summarize(loaded: LoadedModel, data: Dataset | None = None, tie: str | None = None, recommend_target: bool = False
-              ) -> ModelSummary:
+def summarize(loaded: LoadedModel, data: Dataset | None = None, tie: str | None = None, recommend_target: bool = False,
+              sign_as_step: bool = False) -> ModelSummary:
     """Inspect a loaded model; with data, harden a copy to measure the gap (and accuracy with labels);
-    ``recommend_target`` (a resolved model): time its ONNX files here and recommend a target."""
+    ``recommend_target`` (a resolved model): time its ONNX files here and recommend a target; ``sign_as_step``:
+    as ``harden``'s."""
     x = torch.from_numpy(data.x) if data is not None else None
     y = torch.from_numpy(data.y) if data is not None and data.y is not None else None
     shapes = loaded.input_shapes or None
-    result = harden(loaded.module, x, y, tie=tie, input_shapes=shapes)
+    result = harden(loaded.module, x, y, tie=tie, input_shapes=shapes, sign_as_step=sign_as_step)
     if loaded.source_format == "pickle" and shapes:  # steps written by hand show only in its traced program
         result = record_every_step(result, shapes, [], every=True)
     traced = loaded.source_format in ("torchscript", "exported_program")

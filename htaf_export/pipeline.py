@@ -151,11 +151,12 @@ def export(model: str | Path | LoadedModel, target: str, output: str | Path | No
            data: Path | None = None, input_shape: Sequence[int] | None = None, validate_artifact: bool = True,
            portable: bool = False, snn_mode: str = "unrolled", lce_kernel: str = "auto", trust_pickle: bool = False,
            device: str = "all", tolerance: Tolerance | None = None, progress: Progress | None = None,
-           workers: int | None = None, recommend: bool = False) -> ExportResult:
+           workers: int | None = None, recommend: bool = False, sign_as_step: bool = False) -> ExportResult:
     """Export ``model`` to ``target`` (see ``htaf_export.targets.TARGETS``) and, unless told not to, validate it
     (in ``workers`` processes when more than one); ``recommend``: time its ONNX files here and recommend a target.
 
-    ``input_shape`` (per sample, no batch) is needed only when neither ``data`` nor the model file says it."""
+    ``input_shape`` (per sample, no batch) is needed only when neither ``data`` nor the model file says it.
+    ``sign_as_step``: ``torch.sign`` of a computed tensor is a ±1 step (see ``harden``)."""
     chosen = target_named(target)
     if output is not None and not Path(output).is_dir() and not str(output).endswith(("/", "\\")):
         check_suffix(Path(output), chosen)  # said before the model is read, which takes seconds
@@ -170,7 +171,7 @@ def export(model: str | Path | LoadedModel, target: str, output: str | Path | No
     seconds["load"] = time.perf_counter() - start
 
     t = time.perf_counter()
-    hardening = harden(loaded.module, tie=tie, input_shapes=loaded.input_shapes)
+    hardening = harden(loaded.module, tie=tie, input_shapes=loaded.input_shapes, sign_as_step=sign_as_step)
     seconds["harden"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -193,7 +194,7 @@ def export(model: str | Path | LoadedModel, target: str, output: str | Path | No
             report = validate_file(hardening, read_artifact(out), dataset, str(loaded.path), device, tolerance,
                                    progress=progress, input_shape=loaded.input_shape if not loaded.extra_input_shapes
                                    else loaded.input_shapes, workers=workers,
-                                   recipe=recipe_of(loaded, tie, sites) if (workers or 1) != 1 else None,
+                                   recipe=recipe_of(loaded, tie, sites, sign_as_step) if (workers or 1) != 1 else None,
                                    graph_steps=_graph_steps(hardening.model, cap))
         except BaseException:  # bad data found while streaming it, an interrupt: no unvalidated file stays behind
             out.unlink(missing_ok=True)
@@ -263,14 +264,16 @@ def validate_file(hardening: HardenResult, info: ArtifactInfo, data: Dataset | B
                         progress=progress, skipped=skipped, pool=pool, graph_steps=graph_steps)
 
 
-def recipe_of(loaded: LoadedModel, tie: str | None, sites: Sequence[str] | None) -> "ModelRecipe":
+def recipe_of(loaded: LoadedModel, tie: str | None, sites: Sequence[str] | None, sign_as_step: bool = False
+              ) -> "ModelRecipe":
     """How a worker process rebuilds this hardened model from its file: load, harden with ``tie``, then
     record every step of ``sites`` (None: not traced, as for a streaming SNN), the same steps as here."""
     from .workers import ModelRecipe
 
     return ModelRecipe(str(loaded.path), loaded.source_format == "pickle", tie,
                        tuple(tuple(int(d) for d in s) for s in loaded.input_shapes),
-                       None if sites is None else tuple(sites), batch_axes=loaded.batch_axes)
+                       None if sites is None else tuple(sites), batch_axes=loaded.batch_axes,
+                       sign_as_step=sign_as_step)
 
 
 def _graph_steps(model: nn.Module, cap: Capture | None, as_named: Sequence | None = None) -> "GraphSteps | None":

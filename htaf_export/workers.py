@@ -43,6 +43,7 @@ class ModelRecipe:
     pickled: bytes | None = None
     source: bytes | None = None  # the model file's bytes, for workers on other machines
     batch_axes: BatchAxes | None = None  # a time-first module made batch-first by the parent (``batch_axis``)
+    sign_as_step: bool = False
 
     def portable(self) -> "ModelRecipe":
         """The same recipe, carrying the model file itself rather than its path on this machine."""
@@ -83,7 +84,8 @@ class ModelRecipe:
             module = load(self.path, trust_pickle=self.trust_pickle).module
         if self.batch_axes is not None:  # a .pt2 is moved at load already (and marked so)
             move_with_hooks(module, self.batch_axes)
-        hardening = harden(module, tie=self.tie)
+        hardening = harden(module, tie=self.tie, input_shapes=[list(s) for s in self.input_shapes] or None,
+                           sign_as_step=self.sign_as_step)
         if self.sites is None:
             return hardening.model
         return record_every_step(hardening, [list(s) for s in self.input_shapes], list(self.sites)).model
