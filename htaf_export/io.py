@@ -99,23 +99,31 @@ def resolve(loaded: LoadedModel, input_shape: Sequence[int] | Sequence[Sequence[
         with torch.no_grad():
             out = loaded.module(*(torch.zeros(2, *shape) for shape in shapes))
     except Exception as e:  # noqa: BLE001 - whatever the user's forward raises is about the model: exit 2
-        first = _cause(e)
-        if re.search(r"'indices' to have one of the following scalar types|expected scalar type (Long|Int)", str(e)):
-            raise BadInput(f"{loaded.path}: the model takes integer inputs (token ids for an nn.Embedding?); "
-                           f"htaf-export feeds float inputs only: export the layers after the embedding, and "
-                           f"feed them its output") from None
-        integer = re.search(r"dtype mismatch! Expected: (Byte|Char|Short|Int|Long|Bool)", str(e))
-        if integer:
-            kind = {"Byte": "uint8", "Char": "int8", "Short": "int16", "Int": "int32", "Long": "int64"}.get(
-                integer.group(1), "bool")
-            raise BadInput(f"{loaded.path}: the model takes {kind} inputs; htaf-export feeds float32 inputs only: "
-                           f"move the conversion (e.g. img.float() / 255) out of forward, into the data pipeline, "
-                           f"and save the model that takes its result") from None
-        given = "; ".join(f"[batch, {', '.join(map(str, shape))}]" for shape in shapes)
-        raise BadInput(f"{loaded.path}: the model does not run on inputs of shape {given} ({first}); "
-                       f"{SHAPE_HELP}") from None
+        raise _does_not_run(loaded, shapes, e) from None
     return replace(loaded, input_shape=shapes[0], extra_input_shapes=shapes[1:], input_names=names,
                    output_names=outputs.names(out, loaded.output_names), batch_axes=axes)
+
+
+def _does_not_run(loaded: LoadedModel, shapes: list[list[int]], e: Exception) -> BadInput:
+    """Why the model did not run on zeros of ``shapes``, and what to do about it, in one line."""
+    first = _cause(e)
+    if re.search(r"'indices' to have one of the following scalar types|expected scalar type (Long|Int)", str(e)):
+        return BadInput(f"{loaded.path}: the model takes integer inputs (token ids for an nn.Embedding?); "
+                        f"htaf-export feeds float inputs only: export the layers after the embedding, and "
+                        f"feed them its output")
+    integer = re.search(r"dtype mismatch! Expected: (Byte|Char|Short|Int|Long|Bool)", str(e))
+    if integer:
+        kind = {"Byte": "uint8", "Char": "int8", "Short": "int16", "Int": "int32", "Long": "int64"}.get(
+            integer.group(1), "bool")
+        return BadInput(f"{loaded.path}: the model takes {kind} inputs; htaf-export feeds float32 inputs only: "
+                        f"move the conversion (e.g. img.float() / 255) out of forward, into the data pipeline, "
+                        f"and save the model that takes its result")
+    given = "; ".join(f"[batch, {', '.join(map(str, shape))}]" for shape in shapes)
+    help_ = SHAPE_HELP
+    if isinstance(loaded.module, torch.jit.ScriptModule) and "at dimension 0" in str(e):
+        help_ = ("TorchScript sources are read batch first: a time-first model ([T, N, ...]) saves as a .pt2 "
+                 "with its batch on axis 1 (dynamic_shapes=({1: torch.export.Dim('batch')},)) or a pickle")
+    return BadInput(f"{loaded.path}: the model does not run on inputs of shape {given} ({first}); {help_}")
 
 
 def file_sha256(path: Path) -> str:

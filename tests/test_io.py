@@ -239,6 +239,21 @@ def test_torchscript_archive_that_torch_left_half_written(trust, tmp_path):
     assert "incomplete TorchScript archive" in msg and ".pt2" in msg and "pickle" not in msg
 
 
+def test_a_time_first_torchscript_trace_is_told_how_to_save_instead(tmp_path):
+    class TimeFirst(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = torch.nn.Linear(6, 3)
+
+        def forward(self, x):  # [T, N, F]: the trace unrolls T = 4
+            return sum((self.fc(x[t]) > 0).float() for t in range(x.shape[0]))
+
+    path = tmp_path / "tf.ts"
+    torch.jit.save(torch.jit.trace(TimeFirst().eval(), torch.rand(4, 3, 6)), str(path))
+    with pytest.raises(BadInput, match="read batch first: a time-first model"):
+        resolve(htaf_export.load(path), [5, 6])
+
+
 # ---------------------------------------------------------------------------------------- bad input
 
 
