@@ -311,10 +311,17 @@ def _crossing_rows(probe: _Probe, base, key_a, unit_a, fam) -> list[tuple]:
     for c in np.where(valid)[0]:
         for k in (klo[c], khi[c], khi[c] + 1):
             x = base[c].copy()
-            x[coord[c]] = _unordered(np.array([k]))[0]
+            x[coord[c]] = _normal(_unordered(np.array([k]))[0])
             if np.isfinite(x).all():
                 rows.append((x, key_a[c], unit_a[c], fam[c], c, coord[c]))
     return rows
+
+
+def _normal(value: np.float32) -> np.float32:
+    """A subnormal input moved to the smallest normal float of its sign: runtimes that flush subnormals to zero
+    (LCE's quantizer) read it as 0, on the other side of a step at 0 that reads the input itself."""
+    tiny = np.finfo(np.float32).tiny
+    return np.float32(np.copysign(tiny, value)) if 0 < abs(value) < tiny else value
 
 
 def _record(probe: _Probe, key_list: list, rows: list[tuple], result: CraftedSet) -> dict[int, int]:
