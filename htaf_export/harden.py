@@ -12,6 +12,7 @@ from torch.overrides import TorchFunctionMode
 
 from . import outputs
 from .errors import BadInput
+from .model_state import buffers_kept
 from .nn import HTAF, Step, htaf_function
 from .harden_torchscript import harden_torchscript
 from .harden_traced import export_batched, harden_graph_module
@@ -193,7 +194,7 @@ def _traced_for(model: nn.Module, input_shapes: list[list[int]], sign_as_step: b
     by hand), or torch.sign when it is read as a step: one small pass, so that only such models pay for a trace."""
     calls = _Calls()
     try:
-        with torch.no_grad(), calls:
+        with torch.no_grad(), calls, buffers_kept(model):
             model(*(torch.zeros(2, *shape) for shape in input_shapes))
     except Exception:  # noqa: BLE001 - a model that cannot run here is refused later, with its own message
         return False

@@ -20,6 +20,7 @@ from .errors import BadInput
 from . import archives, batch_axis
 from .batch_axis import BatchAxes
 from .files import atomic_write
+from .model_state import buffers_kept
 from .pickles import unpickle
 from .programs import flatten_inputs, free_batch, refuse_training_mode, static_batch
 from .signature import as_shapes, forward_arguments
@@ -90,16 +91,17 @@ def resolve(loaded: LoadedModel, input_shape: Sequence[int] | Sequence[Sequence[
         raise BadInput(f"input shape {shapes} differs from the {loaded.input_shapes} the .pt2 program was "
                        f"exported for")
     axes = loaded.batch_axes or batch_axis.moved_axes(loaded.module)  # moved by an earlier resolve: not again
-    if axes is None and loaded.source_format in ("pickle", "checkpoint") and \
-            not isinstance(loaded.module, torch.jit.ScriptModule):
-        axes = batch_axis.probe_axes(loaded.module, shapes)
-        if axes is not None:
-            batch_axis.move_with_hooks(loaded.module, axes)
-    try:
-        with torch.no_grad():
-            out = loaded.module(*(torch.zeros(2, *shape) for shape in shapes))
-    except Exception as e:  # noqa: BLE001 - whatever the user's forward raises is about the model: exit 2
-        raise _does_not_run(loaded, shapes, e) from None
+    with buffers_kept(loaded.module):
+        if axes is None and loaded.source_format in ("pickle", "checkpoint") and \
+                not isinstance(loaded.module, torch.jit.ScriptModule):
+            axes = batch_axis.probe_axes(loaded.module, shapes)
+            if axes is not None:
+                batch_axis.move_with_hooks(loaded.module, axes)
+        try:
+            with torch.no_grad():
+                out = loaded.module(*(torch.zeros(2, *shape) for shape in shapes))
+        except Exception as e:  # noqa: BLE001 - whatever the user's forward raises is about the model: exit 2
+            raise _does_not_run(loaded, shapes, e) from None
     return replace(loaded, input_shape=shapes[0], extra_input_shapes=shapes[1:], input_names=names,
                    output_names=outputs.names(out, loaded.output_names), batch_axes=axes)
 

@@ -3,11 +3,21 @@ including snnTorch's membrane buffer kept from a run before export, and refused 
 
 from __future__ import annotations
 
+import sys
+
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from htaf_export import cli
+
+
+def _atan(x):
+    """snnTorch's arctan surrogate as a module-level function: its default is a closure, which does not pickle."""
+    import snntorch as snn
+
+    return snn.surrogate.ATan.apply(x, 2.0)
 
 
 class WarmLeaky(nn.Module):
@@ -18,7 +28,7 @@ class WarmLeaky(nn.Module):
 
         super().__init__()
         self.fc1, self.fc2 = nn.Linear(12, 9), nn.Linear(9, 3)
-        self.lif1, self.lif2 = snn.Leaky(beta=0.9), snn.Leaky(beta=0.7)
+        self.lif1, self.lif2 = snn.Leaky(beta=0.9, spike_grad=_atan), snn.Leaky(beta=0.7, spike_grad=_atan)
 
     def forward(self, x):
         m1, m2, count = self.lif1.init_leaky(), self.lif2.init_leaky(), 0
@@ -75,3 +85,22 @@ def test_a_program_bound_to_its_batch_is_refused_with_the_reason(model, named, t
     assert rc == 2 and "exported for batch size 4 only" in err and named in err, err
     assert len(err.strip().splitlines()) == 1
     assert not (tmp_path / "model.onnx").exists()
+
+
+def test_a_pickled_snntorch_model_is_not_left_at_the_batch_of_our_probes(tmp_path, monkeypatch):
+    """resolve and harden run the model at batch 2; snnTorch kept that membrane in ``lif.mem`` and the
+    traced ONNX file then took batch 2 only (an internal error at validation)."""
+    pytest.importorskip("snntorch")
+    import htaf_export
+
+    module = type(sys)("user_snn")
+    module.WarmLeaky = WarmLeaky
+    monkeypatch.setattr(WarmLeaky, "__module__", "user_snn")
+    monkeypatch.setitem(sys.modules, "user_snn", module)
+    torch.manual_seed(0)
+    path = tmp_path / "fresh.pth"
+    torch.save(WarmLeaky().eval(), path)
+    np.savez(tmp_path / "x.npz", x=np.random.default_rng(0).random((7, 12), dtype=np.float32) * 3)
+    result = htaf_export.export(path, "onnx", tmp_path / "m.onnx", data=tmp_path / "x.npz", trust_pickle=True,
+                                device="cpu")
+    assert result.report.passed, result.report.failure_line()
