@@ -191,14 +191,15 @@ class _Calls(TorchFunctionMode):
 
 def _traced_for(model: nn.Module, input_shapes: list[list[int]], sign_as_step: bool) -> bool:
     """Whether a forward pass still calls both sigmoid and tanh once every HTAF module is a Step (an HTAF computed
-    by hand), or torch.sign when it is read as a step: one small pass, so that only such models pay for a trace."""
+    by hand), torch.heaviside (its ONNX form is no step a converter reads), or torch.sign when it is read as a
+    step: one small pass, so that only such models pay for a trace."""
     calls = _Calls()
     try:
         with torch.no_grad(), calls, buffers_kept(model):
             model(*(torch.zeros(2, *shape) for shape in input_shapes))
     except Exception:  # noqa: BLE001 - a model that cannot run here is refused later, with its own message
         return False
-    return {"sigmoid", "tanh"} <= calls.seen or sign_as_step and "sign" in calls.seen
+    return {"sigmoid", "tanh"} <= calls.seen or "heaviside" in calls.seen or sign_as_step and "sign" in calls.seen
 
 
 def _traced(model: nn.Module, sites: list[Site], tie: str | None, input_shapes: list[list[int]],
@@ -219,7 +220,8 @@ def _through_program(hard: nn.Module, sites: list[Site], tie: str | None, input_
     """The traced program of ``hard`` with its hand-written HTAF composites (and signs read as steps) hardened;
     ``hard`` as it is when it has none."""
     got = _traced(hard, sites, tie, input_shapes, sign_as_step)
-    if got is None or not any(s.how == "HTAF composite" or s.how.startswith("torch.sign") for s in got[2]):
+    if got is None or not any(s.how == "HTAF composite" or s.how.startswith(("torch.sign", "torch.heaviside"))
+                              for s in got[2]):
         return hard, sites
     return got[0], got[1]
 

@@ -345,7 +345,8 @@ def harden_graph_module(gm: fx.GraphModule, tie: str | None, sign_as_step: bool 
         elif node.target in COMPARISONS or node.target is aten.heaviside.default:
             match = _comparison(node, constant) if node.target in COMPARISONS else _heaviside(node, hard)
             if match is not None and tie is not None and match.site.tie != tie:
-                raise BadInput(f"site {_scope(node)[0]!r} of the program steps with tie {match.site.tie!r}; --tie {tie} "
+                raise BadInput(f"site {_site_path(hard, node, match, sites)!r} of the program steps with tie "
+                               f"{match.site.tie!r}; --tie {tie} "
                                f"conflicts with it (drop --tie)")
         if match is None:
             continue

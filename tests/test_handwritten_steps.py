@@ -124,3 +124,58 @@ def test_where_between_made_tensors_is_a_step_on_every_backend(fmt, tmp_path):
     assert sites == ([("01", "gt"), ("pm1", "ge")] if fmt == "pt2" else []), result.hardening.sites
     steps = {t.name for b in result.report.backends for t in b.tensors if t.kind == "binary"}
     assert len(steps) == 2, steps
+
+
+class PickledHeaviside(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([nn.Linear(10, 12), nn.Linear(12, 8)])
+        self.head = nn.Linear(8, 3)
+        self.register_buffer("one", torch.tensor(1.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = torch.heaviside(block(x), self.one)
+        return self.head(x)
+
+
+def test_heaviside_in_a_pickle_is_a_step_on_tflite(tmp_path, monkeypatch):
+    """A pickle's torch.heaviside was left to its ONNX form (Where of comparisons), which TFLite refused as
+    'Where with a constant condition or constant branches'; it is hardened through the traced program now."""
+    import contextlib
+    import io
+    import sys
+
+    import htaf_export
+
+    module = type(sys)("user_heaviside")
+    module.PickledHeaviside = PickledHeaviside
+    monkeypatch.setattr(PickledHeaviside, "__module__", "user_heaviside")
+    monkeypatch.setitem(sys.modules, "user_heaviside", module)
+    torch.manual_seed(0)
+    torch.save(PickledHeaviside().eval(), tmp_path / "h.pth")
+    with contextlib.redirect_stdout(io.StringIO()):
+        result = htaf_export.export(tmp_path / "h.pth", "tflite-float", tmp_path / "h.tflite", trust_pickle=True,
+                                    input_shape=[10], device="cpu")
+    assert result.report.passed, result.report.failure_line()
+    assert [(s.levels, s.tie, s.how) for s in result.hardening.sites] == [
+        ("01", "ge", "torch.heaviside in a traced graph")], result.hardening.sites
+
+
+def test_a_tie_conflict_names_the_site_as_inspect_does(tmp_path, capsys):
+    """At the root the module path is empty: the refusal said "site ''"."""
+    from conftest import save_pt2
+    from htaf_export import cli
+
+    class RootStep(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(6, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return (self.fc(x) >= 0).float()
+
+    path = save_pt2(RootStep().eval(), torch.rand(2, 6), tmp_path / "root.pt2")
+    rc = cli.main([str(path), "--target", "onnx", "-o", str(tmp_path / "root.onnx"), "--tie", "gt"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "site 'step' of the program steps with tie 'ge'" in err, err
