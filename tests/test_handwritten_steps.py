@@ -179,3 +179,32 @@ def test_a_tie_conflict_names_the_site_as_inspect_does(tmp_path, capsys):
     rc = cli.main([str(path), "--target", "onnx", "-o", str(tmp_path / "root.onnx"), "--tie", "gt"])
     err = capsys.readouterr().err
     assert rc == 2 and "site 'step' of the program steps with tie 'ge'" in err, err
+
+
+class ScalarThresholds(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(16, 12), nn.Linear(12, 8), nn.Linear(8, 3)
+        self.t1, self.t2 = nn.Parameter(torch.tensor(0.1)), nn.Parameter(torch.tensor(-0.05))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = (self.fc1(x) >= self.t1).float()
+        return self.fc3((self.fc2(h) > self.t2).float())
+
+
+def test_a_traced_comparison_with_a_scalar_parameter_is_a_step(tmp_path):
+    """The TorchScript exporter writes x >= t as LessOrEqual(t, x): no step was found, and TFLite refused
+    "LessOrEqual other than of a tensor with a constant"."""
+    import contextlib
+    import io
+
+    import htaf_export
+
+    torch.manual_seed(0)
+    path = tmp_path / "t.ts"
+    torch.jit.save(torch.jit.trace(ScalarThresholds().eval(), torch.rand(2, 16)), str(path))
+    with contextlib.redirect_stdout(io.StringIO()):
+        result = htaf_export.export(path, "tflite-float", tmp_path / "t.tflite", input_shape=[16], device="cpu")
+    assert result.report.passed, result.report.failure_line()
+    steps = {t.name for b in result.report.backends for t in b.tensors if t.kind == "binary"}
+    assert len(steps) == 2, steps

@@ -180,6 +180,27 @@ class ClippedStep(_AroundStep):
         return MatchResult()
 
 
+class MirroredComparison(RewriteRuleClassBase):
+    """LessOrEqual(T, X) → GreaterOrEqual(X, T) and Less(T, X) → Greater(X, T), T a constant: how the TorchScript
+    exporter writes x >= t for a scalar parameter t. The same decision for every float (NaN included)."""
+
+    def __init__(self, tie: str) -> None:
+        super().__init__(name=f"MirroredComparison[{tie}]")
+        self.tie = tie
+
+    def pattern(self, op, t, x):
+        return getattr(op, "LessOrEqual" if self.tie == "ge" else "Less")(t, x)
+
+    def check(self, context, t, x, **_) -> MatchResult:
+        if t.const_value is None or x.const_value is not None:
+            return MatchResult().fail("not a constant compared with a computed tensor", t)
+        return MatchResult()
+
+    def rewrite(self, op, t, x, **_):
+        return getattr(op, COMPARISONS[self.tie])(x, t)
+
+
+MIRRORED_RULES = [MirroredComparison.rule(tie) for tie in COMPARISONS]
 SIGN_RULES = [PlainSign.rule(tie) for tie in COMPARISONS] + [WhereStep.rule(tie) for tie in COMPARISONS]
 CLIPPED_RULES = [ClippedStep.rule("Sign"), ClippedStep.rule("Heaviside")]
 STRAIGHT_THROUGH_RULES = [StraightThrough.rule("Sign"), StraightThrough.rule("Heaviside")]
@@ -190,9 +211,10 @@ class RecognisePlainSteps(ir.passes.InPlacePass):
     """Lift plain-op steps to htaf ops; records the number lifted, refusals say why a comparison stayed."""
 
     def call(self, model: ir.Model) -> PassReport:
+        mirrored, _ = apply_rules(model, MIRRORED_RULES)
         signs, refused_signs = apply_rules(model, SIGN_RULES, commute=True)
         steps, refused = apply_rules(model, HEAVISIDE_RULES)
         del refused_signs  # what the sign rules refused, the Heaviside rules see again
         folded, _ = apply_rules(model, STRAIGHT_THROUGH_RULES, commute=True)
         unclipped, _ = apply_rules(model, CLIPPED_RULES)
-        return report(model, modified=bool(signs + steps + folded + unclipped), refusals=refused)
+        return report(model, modified=bool(mirrored + signs + steps + folded + unclipped), refusals=refused)
