@@ -88,15 +88,17 @@ def test_a_wrong_model_fails_at_its_step(saved, capsys, tmp_path):
 
 
 class NewOnesSteps(nn.Module):
-    """Steps whose branches are tensors the input makes: ``x.new_ones(())``, ``torch.zeros(())``."""
+    """Steps whose branches are tensors the input makes: ``x.new_ones(())``, ``torch.zeros(())``, ``ones_like(h)``."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.fc1, self.fc2, self.out = nn.Linear(64, 32), nn.Linear(32, 16), nn.Linear(16, 10)
+        self.fc1, self.fc2, self.fc3 = nn.Linear(64, 32), nn.Linear(32, 16), nn.Linear(16, 16)
+        self.out = nn.Linear(16, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = torch.where(self.fc1(x) > 0, x.new_ones(()), x.new_zeros(()))
         h = torch.where(self.fc2(h) >= 0, torch.ones(()), -torch.ones(()))
+        h = torch.where(self.fc3(h) > 0, torch.ones_like(h), torch.zeros_like(h))  # filled like the layer's input
         return self.out(h)
 
 
@@ -123,7 +125,7 @@ def test_where_between_made_tensors_is_a_step_on_every_backend(fmt, tmp_path):
     sites = sorted((s.levels, s.tie) for s in result.hardening.sites)  # a trace's steps are found at capture
     assert sites == ([("01", "gt"), ("pm1", "ge")] if fmt == "pt2" else []), result.hardening.sites
     steps = {t.name for b in result.report.backends for t in b.tensors if t.kind == "binary"}
-    assert len(steps) == 2, steps
+    assert len(steps) == 3, steps
 
 
 class PickledHeaviside(nn.Module):

@@ -70,10 +70,19 @@ def _broadcast_scalar(shape: ir.Value | None, x: ir.Value) -> bool:
     return dims is not None and dims.ndim == 1 and len(dims) <= rank and bool(np.all(dims == 1))
 
 
+def _same_known_shape(a: ir.Value | None, b: ir.Value) -> bool:
+    """Both shapes known and equal, dimension by dimension (a symbolic batch the same symbol): ones_like(h) of
+    a layer's input h beside the layer's output x, as a TorchScript trace of where(l(h) > 0, ones_like(h), …)."""
+    if a is None or a.shape is None or b.shape is None or len(a.shape) != len(b.shape):
+        return False
+    return all(isinstance(p, int) and p == q or not isinstance(p, int) and str(p) == str(q) and str(p) != "None"
+               for p, q in zip(a.shape, b.shape))
+
+
 def _shape_of(value: ir.Value | None, x: ir.Value) -> bool:
     """``value`` is Shape(X) itself: the filled tensor has exactly X's shape, so the step keeps it."""
     node = value.producer() if value is not None else None
-    if node is None or node.op_type != "Shape" or node.inputs[0] is not x:
+    if node is None or node.op_type != "Shape" or not (node.inputs[0] is x or _same_known_shape(node.inputs[0], x)):
         return False
     start, end = node.attributes.get("start"), node.attributes.get("end")  # the whole shape, not a slice of it
     return (start is None or start.as_int() == 0) and end is None
