@@ -137,7 +137,9 @@ def _legacy_export(module: nn.Module, args: tuple, input_names: list[str], outpu
     except RuntimeError as e:  # the TorchScript exporter's errors (OnnxExporterError among them)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         first = re.split(r",? *(?:got )?'?%", first)[0]  # the rest dumps TorchScript IR
-        hint = _scripted_hint(module)
+        first = first.split(" Please feel free to request support")[0].rstrip(".")  # torch's plea: no way out
+        hint = _scripted_hint(module) or ("; save the model as a torch.export program (.pt2) instead, which does "
+                                          "not go through this exporter")
         raise BadInput(f"cannot capture the TorchScript model to ONNX: {first[:200]}{hint}") from None
     # The TorchScript exporter records no intermediate shapes; inferred ones let shape arithmetic (chunk) fold.
     return ir.from_proto(onnx.shape_inference.infer_shapes(onnx.load_from_string(buf.getvalue()), data_prop=True))
