@@ -334,6 +334,19 @@ def _reduce(b: KerasBuilder, node: ir.Node) -> list[Val]:
     return [Val(y, torch_shape(y, layout), layout)]
 
 
+def _argmax(b: KerasBuilder, node: ir.Node) -> list[Val]:
+    """``logits.argmax(1)``: ARG_MAX over one axis, int64 as PyTorch returns it (the first of equal maxima)."""
+    x = b.to_plain(b.real(node.inputs[0]))
+    axis, keep = int(attr(node, "axis", 0)) % (len(x.shape) + 1), bool(attr(node, "keepdims", 1))
+    if axis == 0 or int(attr(node, "select_last_index", 0)):
+        raise UnsupportedLayer(node.name, "ArgMax over the batch, or picking the last of equal maxima")
+    hint = node.name or "argmax"
+    y = b.lam(lambda z: tf.math.argmax(z, axis=axis, output_type=tf.int64), x.tensor, hint)
+    if keep:
+        y = b.lam(lambda z: tf.expand_dims(z, axis), y, f"{hint}_keep")
+    return [Val(y, torch_shape(y, "plain"), "plain")]
+
+
 EMITTERS: dict[tuple[str, str], Callable[[KerasBuilder, ir.Node], list[Val]]] = {
     ("", "Conv"): _conv, ("", "ConvTranspose"): conv_transpose,
     ("", "Gemm"): _gemm, ("", "MatMul"): _gemm,
@@ -343,7 +356,7 @@ EMITTERS: dict[tuple[str, str], Callable[[KerasBuilder, ir.Node], list[Val]]] = 
     ("", "MaxPool"): _maxpool,
     ("", "AveragePool"): _averagepool,
     ("", "GlobalAveragePool"): _global_pool, ("", "GlobalMaxPool"): _global_pool,
-    ("", "Pad"): pad,
+    ("", "Pad"): pad, ("", "ArgMax"): _argmax,
     **{("", op): _reduce for op in ("ReduceMean", "ReduceMax", "ReduceSum")},
     ("", "Flatten"): reshape,
     ("", "Identity"): identity,

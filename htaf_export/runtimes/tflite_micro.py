@@ -55,13 +55,25 @@ def _unloadable(path: str, size: int, mtime_ns: int) -> str | None:
         try:
             sys.stderr.flush()
             with silenced(2, str(said)):
-                runtime.Interpreter.from_bytes(data, arena_size=max(ARENA_FLOOR, 8 * len(data)))
+                interpreter = runtime.Interpreter.from_bytes(data, arena_size=max(ARENA_FLOOR, 8 * len(data)))
+                _invoke_on_zeros(interpreter, len(read_model(data).subgraphs[0].inputs))
             return None
         except (RuntimeError, ValueError) as e:
             missing = re.findall(r"Didn't find op for builtin opcode '(\w+)'", said.read_text(errors="replace"))
             if missing:
                 return f"TFLite Micro has no kernel for {', '.join(sorted(set(missing)))}"
+            failed = re.findall(r"Node (\w+) \(number \d+\) failed to (?:prepare|invoke)", said.read_text(errors="replace"))
+            if failed:
+                return f"TFLite Micro cannot run {', '.join(sorted(set(failed)))} as this file uses it"
             return f"TFLite Micro cannot load the file: {str(e).splitlines()[0][:200] if str(e) else type(e).__name__}"
+
+
+def _invoke_on_zeros(interpreter, inputs: int) -> None:
+    """One run on zeros: a kernel TFLite Micro has, but not for these types (ARG_MAX to int64), fails only here."""
+    for k in range(inputs):
+        details = interpreter.get_input_details(k)
+        interpreter.set_input(np.zeros(details["shape"], details["dtype"]), k)
+    interpreter.invoke()
 
 
 def micro_runners(info: ArtifactInfo, device: str = "all") -> list["MicroRunner"]:
