@@ -228,9 +228,13 @@ def test_fixed_tolerances_override_the_derived_ones(nudged, capsys):
 def test_a_model_without_rules_reports_the_fixed_tolerances_it_used(tmp_path):
     nn = torch.nn
     torch.manual_seed(3)
-    model = nn.Sequential(nn.Linear(10, 8), nn.GELU(), nn.Linear(8, 6), HTAF(levels="01"), nn.Linear(6, 3)).eval()
-    path = htaf_export.save(model, tmp_path / "gelu.pt2", input_shape=[10])
-    report = export(path, "onnx", tmp_path / "gelu.onnx", device="cpu").report
+    class Erf(nn.Module):  # an op with no rounding rule (GELU, ELU, … have theirs)
+        def forward(self, x):
+            return torch.erf(x)
+
+    model = nn.Sequential(nn.Linear(10, 8), Erf(), nn.Linear(8, 6), HTAF(levels="01"), nn.Linear(6, 3)).eval()
+    path = htaf_export.save(model, tmp_path / "erf.pt2", input_shape=[10])
+    report = export(path, "onnx", tmp_path / "erf.onnx", device="cpu").report
     assert report.passed and any("no rounding rule" in n for n in report.notes), report.notes
     assert report.tolerance.derived is False
 
@@ -295,3 +299,17 @@ def test_layer_norm_and_a_plain_sign_have_rules(tmp_path):
     report = export(path, "onnx", tmp_path / "tagger.onnx", device="cpu").report
     assert report.passed and report.tolerance.derived, report.notes
     assert not any("rounding bounds are not available" in n for n in report.notes), report.notes
+
+
+@pytest.mark.parametrize("act", [torch.nn.GELU(), torch.nn.GELU(approximate="tanh"), torch.nn.ELU(0.5),
+                                 torch.nn.SELU(), torch.nn.CELU(0.7), torch.nn.Softplus(), torch.nn.Hardsigmoid(),
+                                 torch.nn.Hardswish(), torch.nn.Mish(), torch.nn.SiLU()],
+                         ids=lambda m: type(m).__name__)
+def test_smooth_activations_have_rules_whose_bounds_hold(act):
+    """Each activation's rule (Lipschitz constant times the input's error, plus a few roundings) holds against
+    float64 through a layer before and after it."""
+    nn = torch.nn
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Linear(12, 16), act, nn.Linear(16, 5)).eval()
+    bound = output_bounds_hold(harden(model).model.eval(), torch.randn(64, 12) * 3, min_rows=48)
+    assert 0 < bound.max() <= 1e-4
