@@ -115,7 +115,9 @@ def interpret(program: fx.GraphModule, inputs: tuple[torch.Tensor, ...]) -> Inte
             env[node] = _call(node, env)
         elif node.op == "output":
             out = pytree.tree_map(lambda n: env[n] if isinstance(n, fx.Node) else n, node.args[0])
-    leaves = [b for b in pytree.tree_leaves(out, is_leaf=lambda a: isinstance(a, Bounded)) if isinstance(b, Bounded)]
+    leaves = [b if isinstance(b, Bounded) else Bounded(b, torch.zeros(b.shape))  # a decision (bool): exact
+              for b in pytree.tree_leaves(out, is_leaf=lambda a: isinstance(a, Bounded))
+              if isinstance(b, (Bounded, torch.Tensor))]
     return Interpretation(leaves, steps)
 
 

@@ -203,7 +203,7 @@ def _heaviside(node: fx.Node, gm: fx.GraphModule) -> _Match | None:
 
 
 def _compared(cmp: fx.Node, theta: float) -> _Match | None:
-    cast = _only_user(cmp)
+    cast = _only_user(cmp) or _the_cast(cmp)
     if cast is not None and cast.target not in CASTS:
         return _where_step(cmp, theta)
     if cast is None:
@@ -215,6 +215,13 @@ def _compared(cmp: fx.Node, theta: float) -> _Match | None:
     return _Match(cmp.args[0], [cmp, *extra, cast, *tail], TracedSite("", theta, "pm1" if tail else "01",
                                                                       COMPARISONS[cmp.target],
                                                                       "exact step in a traced graph"))
+
+
+def _the_cast(cmp: fx.Node) -> fx.Node | None:
+    """The one float cast among several readers of a comparison (a concept bottleneck returns its bool concepts
+    beside the logits it computes from them); the others then read the step (``_replace``)."""
+    casts = [u for u in cmp.users if u.target in CASTS]
+    return casts[0] if len(casts) == 1 else None
 
 
 def _site_path(gm: fx.GraphModule, node: fx.Node, match: _Match, taken: dict[str, TracedSite]) -> str:
@@ -247,6 +254,14 @@ def _replace(gm: fx.GraphModule, match: _Match, path: str) -> None:
         call = gm.graph.call_module(path, (match.x,))
     call.meta["val"] = out.meta.get("val")
     out.replace_all_uses_with(call)
+    for node in match.nodes[:-1]:  # a comparison also read as it is: the step's bool, s > 0 (exact)
+        others = [u for u in node.users if u not in match.nodes]
+        if others and node.meta.get("val") is not None and node.meta["val"].dtype == torch.bool:
+            with gm.graph.inserting_after(call):
+                again = gm.graph.call_function(aten.gt.Scalar, (call, 0.0))
+            again.meta["val"] = node.meta["val"]
+            for user in others:
+                user.replace_input_with(node, again)
     for node in reversed(match.nodes):
         gm.graph.erase_node(node)
     _fold_straight_through(gm, call, match.x)

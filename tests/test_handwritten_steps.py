@@ -210,3 +210,37 @@ def test_a_traced_comparison_with_a_scalar_parameter_is_a_step(tmp_path):
     assert result.report.passed, result.report.failure_line()
     steps = {t.name for b in result.report.backends for t in b.tensors if t.kind == "binary"}
     assert len(steps) == 2, steps
+
+
+class BoolConcepts(nn.Module):
+    """A concept bottleneck returning its concepts as the comparison's bool beside the logits made from them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc, self.bn, self.head = nn.Linear(20, 8), nn.BatchNorm1d(8), nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        active = self.bn(self.enc(x)) > 0
+        return {"concepts": active, "logits": self.head(active.float())}
+
+
+def test_a_step_whose_bool_is_also_returned_is_a_step(tmp_path):
+    """Its comparison had two readers, so no step was found: no crafted inputs, outputs-only checks."""
+    import contextlib
+    import io
+
+    import htaf_export
+    from conftest import save_pt2
+
+    torch.manual_seed(0)
+    model = BoolConcepts()
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-1, 1)
+    path = save_pt2(model.eval(), torch.rand(2, 20), tmp_path / "cbm.pt2")
+    with contextlib.redirect_stdout(io.StringIO()):
+        result = htaf_export.export(path, "onnx", tmp_path / "cbm.onnx", device="cpu")
+    assert result.report.passed, result.report.failure_line()
+    assert [(s.levels, s.tie) for s in result.hardening.sites] == [("01", "gt")], result.hardening.sites
+    assert result.report.crafted["samples"] > 0, result.report.crafted
+    compared = {t.name for b in result.report.backends for t in b.tensors}
+    assert "concepts" in compared, compared
