@@ -173,8 +173,10 @@ class NpzBatches:
     def _check(self, header: tuple[tuple[int, ...], np.dtype, bool], shape: list[int]) -> tuple[int, np.dtype, bool]:
         found, dtype, fortran = header
         if len(found) < 1 or (found[0] and int(np.prod(found[1:])) != int(np.prod(shape))):
+            swapped = len(found) >= 2 and [found[0], *found[2:]] == list(shape)  # [T, N, …] for [N, T, …]
+            hint = "; the data looks time first: store it batch first (np.moveaxis(x, 1, 0))" if swapped else ""
             raise BadInput(f"data file {self.path}: inputs of shape {list(found)} do not fit the model input "
-                           f"[batch, {', '.join(map(str, shape))}]")
+                           f"[batch, {', '.join(map(str, shape))}]{hint}")
         if found[0] == 0:
             raise BadInput(f"data file {self.path} holds no samples")
         return found[0], dtype, fortran

@@ -492,3 +492,14 @@ def test_a_submodule_named_meta_is_named_in_the_refusal(tmp_path):
     path = save_pt2(Net().eval(), torch.randn(2, 8), tmp_path / "meta.pt2")
     with pytest.raises(BadInput, match="a submodule is named 'meta'.*rename it"):
         htaf_export.load(path)
+
+
+def test_time_first_data_for_a_batch_first_input_is_told_to_move_its_axes(tmp_path):
+    from htaf_export.data import load_npz
+
+    np.savez(tmp_path / "d.npz", x=np.zeros((8, 50, 20), np.float32))  # [T, N, F] for a model taking [N, T, F]
+    with pytest.raises(BadInput, match=r"looks time first: store it batch first \(np.moveaxis\(x, 1, 0\)\)"):
+        load_npz(tmp_path / "d.npz", [8, 20])
+    with pytest.raises(BadInput) as refused:  # a plain misfit gets no such hint
+        load_npz(tmp_path / "d.npz", [7, 20])
+    assert "time first" not in str(refused.value)
