@@ -47,16 +47,16 @@ def pad(b: KerasBuilder, node: ir.Node) -> list[Val]:
 
 
 def _copied_edges(z, axis: int, before: int, after: int, mode: str):
-    """``z`` grown along ``axis`` by copies of its own rows: the edge row repeated, or the far side wrapped round."""
+    """``z`` grown along ``axis`` by copies of its own rows (one GATHER): the edge row repeated, or the far side
+    wrapped round."""
     size = z.shape[axis]
     if mode == "wrap" and max(before, after) > size:
         raise UnsupportedLayer("pad", f"circular padding {max(before, after)} wider than the input ({size})")
-    take = lambda start, stop: tf.gather(z, list(range(start, stop)), axis=axis)  # noqa: E731
-    if mode == "edge":
-        head, tail = tf.gather(z, [0] * before, axis=axis), tf.gather(z, [size - 1] * after, axis=axis)
-    else:
-        head, tail = take(size - before, size), take(0, after)
-    return tf.concat([head, z, tail], axis=axis) if before or after else z
+    if not (before or after):
+        return z
+    head = [0] * before if mode == "edge" else list(range(size - before, size))
+    tail = [size - 1] * after if mode == "edge" else list(range(after))
+    return tf.gather(z, tf.constant(head + list(range(size)) + tail, tf.int32), axis=axis)
 
 
 def _only_conv_consumer(node: ir.Node) -> ir.Node | None:

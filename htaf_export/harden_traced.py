@@ -250,7 +250,7 @@ def _replace(gm: fx.GraphModule, match: _Match, path: str) -> None:
         gm.get_submodule(path)  # the Step of an earlier call of this site
     except AttributeError:
         gm.add_submodule(path, Step(threshold=match.site.threshold, levels=match.site.levels, tie=match.site.tie))
-    with gm.graph.inserting_before(out):
+    with gm.graph.inserting_before(match.nodes[0]):  # before every reader of the nodes it replaces
         call = gm.graph.call_module(path, (match.x,))
     call.meta["val"] = out.meta.get("val")
     out.replace_all_uses_with(call)
@@ -290,12 +290,13 @@ def _fold_straight_through(gm: fx.GraphModule, call: fx.Node, x: fx.Node) -> Non
     rounding of y + (s − y) (which for |y| ≥ 2 is not ±1, and for |y| ≥ 2^24 not even close), so every use of
     the sum becomes a use of the step itself (as the weight form is snapped)."""
     for sub in [u for user in [call, *_alias_chain(call)] for u in user.users]:
-        if sub.target is not aten.sub.Tensor or _unaliased(sub.args[0]) is not call:
-            continue
+        if sub.target is not aten.sub.Tensor or _unaliased(sub.args[0]) is not call or sub.kwargs:
+            continue  # a sub or add with alpha is no straight-through estimator
         y = _unaliased(sub.args[1])
         end = _skip_aliases(sub)
         add = _only_user(end)
-        if add is None or add.target is not aten.add.Tensor or len(add.args) != 2 or set(add.args) != {y, end}:
+        if add is None or add.target is not aten.add.Tensor or len(add.args) != 2 or set(add.args) != {y, end} \
+                or add.kwargs:
             continue
         add.replace_all_uses_with(call)  # sub, aliases and add are then dead: eliminate_dead_code drops them
 

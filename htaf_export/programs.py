@@ -96,8 +96,9 @@ SHAPE_ONLY = {"zeros_like", "ones_like", "empty_like", "full_like"}
 def rebatch_state(module: nn.Module, batch: int) -> list[str]:
     """snnTorch keeps the last batch's membrane in a buffer (``lif.mem``, ``[batch, ...]``) and resets it with
     ``zeros_like``: a program exported after a test run reads it and so runs at that batch only. A buffer of
-    that batch whose values the program never reads (only its shape), or that is all zeros, is a state: it is
-    rebuilt as zeros at each call's batch. Returns the batch-sized buffers whose values matter (kept as they are)."""
+    that batch whose values the program never reads (only its shape) is rebuilt as zeros at each call's batch
+    (one read by value may be a constant table: it is kept). Returns the batch-sized non-zero buffers the program
+    reads by value, which the refusal names."""
     graph = module.graph  # type: ignore[attr-defined]
     inputs = [n for n in graph.nodes if n.op == "placeholder"]
     first = inputs[0] if inputs else None
@@ -107,9 +108,9 @@ def rebatch_state(module: nn.Module, batch: int) -> list[str]:
         if first is None or not isinstance(value, torch.Tensor) or value.dim() == 0 or value.shape[0] != batch \
                 or isinstance(value, nn.Parameter):
             continue
-        shape_only = all(_op_name(user) in SHAPE_ONLY for user in node.users)
-        if not shape_only and bool(value.any()):
-            kept.append(str(node.target))
+        if not all(_op_name(user) in SHAPE_ONLY for user in node.users):  # read by value: a state or a table
+            if bool(value.any()):
+                kept.append(str(node.target))
             continue
         with graph.inserting_after(inputs[-1]):
             size = graph.call_function(torch.ops.aten.sym_size.int, (first, 0))

@@ -301,10 +301,10 @@ def test_layer_norm_and_a_plain_sign_have_rules(tmp_path):
     assert not any("rounding bounds are not available" in n for n in report.notes), report.notes
 
 
-@pytest.mark.parametrize("act", [torch.nn.GELU(), torch.nn.GELU(approximate="tanh"), torch.nn.ELU(0.5),
-                                 torch.nn.SELU(), torch.nn.CELU(0.7), torch.nn.Softplus(), torch.nn.Hardsigmoid(),
+@pytest.mark.parametrize("act", [torch.nn.GELU(), torch.nn.GELU(approximate="tanh"), torch.nn.ELU(0.5), torch.nn.ELU(10.0),
+                                 torch.nn.SELU(), torch.nn.CELU(0.7), torch.nn.CELU(10.0), torch.nn.Softplus(), torch.nn.Hardsigmoid(),
                                  torch.nn.Hardswish(), torch.nn.Mish(), torch.nn.SiLU()],
-                         ids=lambda m: type(m).__name__)
+                         ids=lambda m: repr(m))
 def test_smooth_activations_have_rules_whose_bounds_hold(act):
     """Each activation's rule (Lipschitz constant times the input's error, plus a few roundings) holds against
     float64 through a layer before and after it."""
@@ -312,4 +312,4 @@ def test_smooth_activations_have_rules_whose_bounds_hold(act):
     torch.manual_seed(6)
     model = nn.Sequential(nn.Linear(12, 16), act, nn.Linear(16, 5)).eval()
     bound = output_bounds_hold(harden(model).model.eval(), torch.randn(64, 12) * 3, min_rows=48)
-    assert 0 < bound.max() <= 1e-4
+    assert 0 < bound.max() <= 1e-3  # α = 10 scales the errors of what it reads tenfold

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from htaf_export import cli
+from htaf_export import cli, outputs
 
 
 class OnesLikeSign(torch.autograd.Function):
@@ -244,3 +244,37 @@ def test_a_step_whose_bool_is_also_returned_is_a_step(tmp_path):
     assert result.report.crafted["samples"] > 0, result.report.crafted
     compared = {t.name for b in result.report.backends for t in b.tensors}
     assert "concepts" in compared, compared
+
+
+def test_a_bool_read_before_the_cast_and_an_alpha_add_stay_exact():
+    """The step's bool, read by a node before the cast, must come after the step (was 'used before it has been
+    defined'); torch.add(y, (s − y).detach(), alpha=0.5) is 0.5·(y + s), no straight-through estimator."""
+    from htaf_export.harden_traced import export_batched, harden_graph_module
+
+    class BoolFirst(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.l, self.h = nn.Linear(6, 5), nn.Linear(5, 3)
+
+        def forward(self, x):
+            c = self.l(x) > 0
+            return self.h(c.float()), c.sum(1)
+
+    class HalfAdd(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.l = nn.Linear(6, 5)
+
+        def forward(self, x):
+            h = self.l(x)
+            y, s = torch.tanh(h), (h >= 0).float()
+            return torch.add(y, (s - y).detach(), alpha=0.5)
+
+    torch.manual_seed(0)
+    x = torch.randn(9, 6)
+    for model in (BoolFirst().eval(), HalfAdd().eval()):
+        program = export_batched(model, [[6]])
+        hard, found = harden_graph_module(program, None)
+        assert len(found) == 1
+        for want, got in zip(outputs.leaves(model(x)), outputs.leaves(hard(x))):
+            assert torch.equal(want, got)

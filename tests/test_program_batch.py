@@ -104,3 +104,22 @@ def test_a_pickled_snntorch_model_is_not_left_at_the_batch_of_our_probes(tmp_pat
     result = htaf_export.export(path, "onnx", tmp_path / "m.onnx", data=tmp_path / "x.npz", trust_pickle=True,
                                 device="cpu")
     assert result.report.passed, result.report.failure_line()
+
+
+class ZeroThreshold(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 4)
+        self.register_buffer("t", torch.zeros(1))  # read by value: a constant, whatever its size
+
+    def forward(self, x):
+        return (self.fc(x) > self.t).float()
+
+
+def test_a_constant_buffer_the_size_of_the_batch_is_kept(tmp_path, capfd):
+    """Exported at batch 1, a [1] threshold buffer has the batch's size: it is a constant, not a state."""
+    path = tmp_path / "model.pt2"
+    torch.export.save(torch.export.export(ZeroThreshold().eval(), (torch.rand(1, 6),)), path)
+    capfd.readouterr()
+    rc = cli.main([str(path), "--target", "onnx", "-o", str(tmp_path / "model.onnx"), "--device", "cpu"])
+    assert rc == 0, capfd.readouterr().err

@@ -119,3 +119,27 @@ def test_smooth_activations_convert_to_tflite_float_under_derived_tolerances(tmp
     assert result.report.passed, result.report.failure_line()
     assert not any("rounding bounds are not available" in n for n in result.report.notes), result.report.notes
     assert "ELU" in tfl.op_names(tfl.read_model(result.artifact.read_bytes()))
+
+
+class OneSided(nn.Module):
+    """Replicate and circular padding trimmed to one side (stride 2 on an even map), and padding of the width
+    only: the sides without padding gather nothing (was an internal error)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(1, 4, 3, stride=2, padding=1, padding_mode="replicate")
+        self.b = nn.Conv2d(4, 4, 3, stride=2, padding=1, padding_mode="circular")
+        self.fc = nn.Linear(4 * 2 * 3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = (self.a(x) > 0).float()
+        return self.fc(self.b(F.pad(h, (1, 1, 0, 0), "replicate")).flatten(1))
+
+
+@pytest.mark.slow
+def test_padding_on_one_side_only_converts(tmp_path):
+    torch.manual_seed(0)
+    path = save_pt2(OneSided().eval(), torch.randn(2, 1, 8, 8), tmp_path / "one.pt2")
+    with contextlib.redirect_stdout(io.StringIO()):
+        result = htaf_export.export(path, "tflite-float", tmp_path / "one.tflite", device="cpu")
+    assert result.report.passed, result.report.failure_line()
