@@ -23,7 +23,7 @@ def refuse_training_mode(program: Any, path: Path) -> None:
     """A program exported before ``model.eval()`` normalizes with each batch's statistics (and drops at random):
     a different function from the trained model's, which no artifact should reproduce."""
     for node in program.graph.nodes:
-        name = getattr(getattr(node.target, "_overloadpacket", None), "__name__", "")
+        name = _op_name(node)
         flag = TRAINING_OPS.get(name, -1)
         if node.op == "call_function" and flag != -1 and (flag is None or (len(node.args) > flag and node.args[flag] is True)):
             what = "a dropout drops at random" if name == "dropout" else "a batch norm uses each batch's statistics"
@@ -124,11 +124,8 @@ def rebatch_state(module: nn.Module, batch: int) -> list[str]:
     return kept
 
 
-def _owner(module: nn.Module, target: Any) -> Any:
-    owner: Any = module
-    for part in str(target).split(".")[:-1]:
-        owner = getattr(owner, part)
-    return owner
+def _owner(module: nn.Module, target: Any) -> nn.Module:
+    return module.get_submodule(str(target).rpartition(".")[0])
 
 
 def _op_name(node: Any) -> str:

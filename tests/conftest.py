@@ -109,3 +109,25 @@ def save_pt2(model: torch.nn.Module, example: torch.Tensor, path: Path) -> Path:
     program = torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim("batch")},))
     torch.export.save(program, path)
     return path
+
+
+def save_as_user(model: torch.nn.Module, example: torch.Tensor, path: Path, fmt: str) -> Path:
+    """``model`` saved as a ``.pt2`` (``fmt`` "pt2") or a TorchScript trace (any other), warnings silenced."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if fmt == "pt2":
+            return save_pt2(model, example, path)
+        torch.jit.save(torch.jit.trace(model, example), str(path))
+    return path
+
+
+def with_trained_norms(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` in eval mode with batch-norm statistics as training leaves them (means in [−1, 1], variances in
+    [0.5, 2]), drawn in module order: random weights alone give every step a threshold of 0."""
+    with torch.no_grad():
+        for norm in (m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)):
+            norm.running_mean.uniform_(-1, 1)
+            norm.running_var.uniform_(0.5, 2)
+    return model.eval()

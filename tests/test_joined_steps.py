@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import io
-import warnings
 
 import pytest
 import torch
@@ -16,7 +15,7 @@ from torch import nn
 
 import htaf_export
 
-from conftest import save_pt2
+from conftest import save_as_user, with_trained_norms
 
 
 class SignConv(nn.Conv2d):
@@ -56,16 +55,8 @@ def test_joined_and_sliced_steps_feed_binary_convs(fmt, target, binary, tmp_path
     if importlib.util.find_spec(NEEDS[target]) is None:
         pytest.skip(f"{target} needs {NEEDS[target]}")
     torch.manual_seed(0)
-    model = SkipNet()
-    with torch.no_grad():
-        for bn in (model.bn0, model.bn1, model.bn2, model.bn3):
-            bn.running_mean.uniform_(-1, 1)
-            bn.running_var.uniform_(0.5, 2)
-    model, x = model.eval(), torch.randn(2, 2, 12, 12)
-    path = tmp_path / ("m.pt2" if fmt == "pt2" else "m.ts")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        save_pt2(model, x, path) if fmt == "pt2" else torch.jit.save(torch.jit.trace(model, x), str(path))
+    model = with_trained_norms(SkipNet())
+    path = save_as_user(model, torch.randn(2, 2, 12, 12), tmp_path / ("m.pt2" if fmt == "pt2" else "m.ts"), fmt)
     suffix = ".onnx" if "onnx" in target else ".tflite"
     with contextlib.redirect_stdout(io.StringIO()):
         result = htaf_export.export(path, target, tmp_path / f"m{suffix}", input_shape=[2, 12, 12], device="cpu")

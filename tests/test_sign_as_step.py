@@ -17,7 +17,7 @@ from torch import nn
 import htaf_export
 from htaf_export import cli
 
-from conftest import save_pt2
+from conftest import save_pt2, with_trained_norms
 
 
 class ApproxSign(nn.Module):
@@ -75,12 +75,7 @@ class BiRealSte(nn.Module):
 
 def _model(cls: type) -> nn.Module:
     torch.manual_seed(0)
-    model = cls()
-    with torch.no_grad():
-        for bn in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
-            bn.running_mean.uniform_(-1, 1)
-            bn.running_var.uniform_(0.5, 2)
-    return model.eval()
+    return with_trained_norms(cls())
 
 
 @pytest.mark.slow

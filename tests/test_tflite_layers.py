@@ -23,7 +23,7 @@ import htaf_export  # noqa: E402
 from htaf_export import tflite_file as tfl  # noqa: E402
 from htaf_export.nn import HTAF, BinaryConv2d  # noqa: E402
 
-from conftest import SAMPLE_DIR, digits_subset, save_pt2  # noqa: E402
+from conftest import SAMPLE_DIR, digits_subset, save_as_user, save_pt2  # noqa: E402
 from test_user_layers import SignConv2d  # noqa: E402
 
 SHAPE = (2, 9, 12)
@@ -146,11 +146,8 @@ def _exported(model: nn.Module, shape: tuple[int, ...], fmt: str, target: str, t
         for bn in (m for m in model.modules() if isinstance(m, nn.BatchNorm1d)):
             bn.running_mean.uniform_(-1, 1)
             bn.running_var.uniform_(0.5, 2)
-    model, x = model.eval(), torch.randn(2, *shape)
-    path = tmp_path / f"m.{'pt2' if fmt == 'pt2' else 'ts.pt'}"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        save_pt2(model, x, path) if fmt == "pt2" else torch.jit.save(torch.jit.trace(model, x), str(path))
+    path = save_as_user(model.eval(), torch.randn(2, *shape), tmp_path / f"m.{'pt2' if fmt == 'pt2' else 'ts.pt'}",
+                        fmt)
     with contextlib.redirect_stdout(io.StringIO()):
         result = htaf_export.export(path, target, tmp_path / "m.tflite", input_shape=list(shape), device="cpu",
                                     data=data)

@@ -8,7 +8,6 @@ import contextlib
 import importlib.util
 import io
 import os
-import warnings
 
 import pytest
 import torch
@@ -22,7 +21,7 @@ if importlib.util.find_spec("tensorflow") is None or importlib.util.find_spec("l
 import htaf_export  # noqa: E402
 from htaf_export import tflite_file as tfl  # noqa: E402
 
-from conftest import save_pt2  # noqa: E402
+from conftest import save_as_user, save_pt2, with_trained_norms  # noqa: E402
 
 SHAPE = (1, 11, 10)
 
@@ -57,16 +56,8 @@ class PaddedNet(nn.Module):
 
 def _export(fmt: str, target: str, tmp_path):
     torch.manual_seed(0)
-    model = PaddedNet()
-    with torch.no_grad():
-        for bn in (model.bn0, model.bn1, model.bn2, model.bn3):
-            bn.running_mean.uniform_(-1, 1)
-            bn.running_var.uniform_(0.5, 2)
-    model, x = model.eval(), torch.randn(2, *SHAPE)
-    path = tmp_path / f"padded.{'pt2' if fmt == 'pt2' else 'ts.pt'}"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        save_pt2(model, x, path) if fmt == "pt2" else torch.jit.save(torch.jit.trace(model, x), str(path))
+    model = with_trained_norms(PaddedNet())
+    path = save_as_user(model, torch.randn(2, *SHAPE), tmp_path / f"padded.{'pt2' if fmt == 'pt2' else 'ts.pt'}", fmt)
     suffix = ".onnx" if target.startswith("onnx") else ".tflite"
     with contextlib.redirect_stdout(io.StringIO()):
         result = htaf_export.export(path, target, tmp_path / f"padded{suffix}", input_shape=list(SHAPE),
