@@ -16,6 +16,7 @@ from htaf_export.ops import HTAF_DOMAIN
 from htaf_export.passes.util import attr, const_array, zeros_among_signs
 
 from .keras_binary import binary, step
+from .keras_decisions import DECISION_EMITTERS, broadcast_shape
 from .keras_builder import NHWC_AXIS, SHAPE_OPS, EmittedLayer, KerasBuilder, Val, keras, tf
 from .keras_activations import FORMULAS, activation, erf
 from .keras_norms import instance_norm, layer_norm
@@ -47,19 +48,6 @@ BINARY_OPS: dict[str, Callable[[Any, Any], Any]] = {
     "Max": lambda a, c: tf.maximum(a, c), "Min": lambda a, c: tf.minimum(a, c), "Pow": lambda a, c: a ** c}
 
 
-def _broadcast(a: Val, c: Val) -> tuple[int, ...] | None:
-    """The common shape of two computed tensors of one layout, where one broadcasts to the other as numpy does:
-    a per-channel gate (C, 1, 1) as squeeze-and-excite writes it, a per-position map (1, H, W) as XNOR-Net's
-    scale K. Channels last, the ranks must match: one axis order for both broadcasts alike."""
-    if a.layout != c.layout or (a.layout == "nhwc" and len(a.shape) != len(c.shape)):
-        return None
-    try:
-        shape = tuple(np.broadcast_shapes(a.shape, c.shape))
-    except ValueError:
-        return None
-    return shape if shape in (a.shape, c.shape) else None
-
-
 def _elementwise(b: KerasBuilder, node: ir.Node) -> list[Val]:
     op = BINARY_OPS[node.op_type]
     if len(node.inputs) != 2:
@@ -72,7 +60,7 @@ def _elementwise(b: KerasBuilder, node: ir.Node) -> list[Val]:
         return [Val(const=result, shape=result.shape)]
     if a.tensor is not None and c.tensor is not None:
         a, c = b.to_canonical(b.materialize(a)), b.to_canonical(b.materialize(c))
-        shape = _broadcast(a, c)
+        shape = broadcast_shape(a, c)
         if shape is None:
             raise UnsupportedLayer(node.name, f"{node.op_type} of tensors shaped {a.shape} and {c.shape}")
         t = b.lam(lambda zs: op(zs[0], zs[1]), [a.tensor, c.tensor], node.name or node.op_type)
@@ -86,40 +74,6 @@ def _elementwise(b: KerasBuilder, node: ir.Node) -> list[Val]:
     kc = b.const_like(k, x)  # type: ignore[arg-type]
     fn = (lambda z: op(z, kc)) if tensor_first else (lambda z: op(kc, z))
     return [replace(x, tensor=b.lam(fn, x.tensor, node.name or node.op_type))]
-
-
-COMPARE_OPS = {"Greater": tf.math.greater, "Less": tf.math.less, "Equal": tf.math.equal,
-               "GreaterOrEqual": tf.math.greater_equal, "LessOrEqual": tf.math.less_equal}
-
-
-def _compare(b: KerasBuilder, node: ir.Node) -> list[Val]:
-    """A tensor compared with a constant (``spike > 0`` before a ``where`` reset): a boolean tensor."""
-    a, c = b.get(node.inputs[0]), b.get(node.inputs[1])
-    if a.tensor is None or c.tensor is not None or c.const is None:
-        raise UnsupportedLayer(node.name, f"{node.op_type} other than of a tensor with a constant")
-    x = b.to_canonical(b.materialize(a))
-    kc, op = b.const_like(c.const, x), COMPARE_OPS[node.op_type]
-    return [replace(x, tensor=b.lam(lambda z: op(z, kc), x.tensor, node.name or node.op_type))]
-
-
-def _where(b: KerasBuilder, node: ir.Node) -> list[Val]:
-    """where(condition, a, b) with a boolean tensor condition; either branch may be a constant (a zero reset)."""
-    cond, *branches = (b.get(v) for v in node.inputs)
-    computed = [b.to_canonical(b.materialize(v)) for v in branches if v.tensor is not None]
-    if cond.tensor is None or not computed:
-        raise UnsupportedLayer(node.name, "Where with a constant condition or constant branches")
-    like, cond = computed[0], b.to_canonical(cond)
-    if any(v.shape != like.shape or v.layout != like.layout for v in (*computed, cond)):
-        raise UnsupportedLayer(node.name, "Where of tensors of different shapes")
-    parts = [v.tensor if v.tensor is not None else b.const_like(v.const, like) for v in branches]  # type: ignore[arg-type]
-    inputs = [cond.tensor] + [p for p in parts if not isinstance(p, np.ndarray)]
-
-    def select(zs):
-        it = iter(zs[1:])
-        yes, no = (p if isinstance(p, np.ndarray) else next(it) for p in parts)
-        return tf.where(zs[0], yes, no)
-
-    return [replace(like, tensor=b.lam(select, inputs, node.name or "Where"))]
 
 
 def _clip(b: KerasBuilder, node: ir.Node) -> list[Val]:
@@ -368,8 +322,7 @@ EMITTERS: dict[tuple[str, str], Callable[[KerasBuilder, ir.Node], list[Val]]] = 
     ("", "LogSoftmax"): _softmax,
     ("", "Transpose"): transpose,
     **{("", op): _elementwise for op in BINARY_OPS},
-    **{("", op): _compare for op in COMPARE_OPS},
-    ("", "Where"): _where,
+    **DECISION_EMITTERS,
     **{("", op): activation for op in FORMULAS},
     ("", "Erf"): erf,
     **{("", op): _unary for op in UNARY_OPS},

@@ -92,7 +92,7 @@ def select(b: KerasBuilder, node: ir.Node) -> list[Val]:
 
 
 def crop(b: KerasBuilder, node: ir.Node) -> list[Val]:
-    """A Slice with constant bounds (``y[:, :, 1:4, :5]``, every step positive), on the PyTorch tensor."""
+    """A Slice with constant bounds (``y[:, :, 1:4, :5]``; a negative step: ``flip``), on the PyTorch tensor."""
     x = b.get(node.inputs[0])
     if x.tensor is None:
         raise UnsupportedLayer(node.name, "Slice of a constant that capture did not fold")
@@ -110,13 +110,17 @@ def crop(b: KerasBuilder, node: ir.Node) -> list[Val]:
     index, shape = [slice(None)] * rank, list(x.shape)
     for axis, start, end, step in zip(axes, starts, ends, steps):
         axis = int(axis) % rank
-        if step <= 0:
-            raise UnsupportedLayer(node.name, "Slice with a negative step")
+        if step == 0:
+            raise UnsupportedLayer(node.name, "Slice with a zero step")
         if axis == 0:
             if start != 0 or end < np.iinfo(np.int32).max or step != 1:
                 raise UnsupportedLayer(node.name, "Slice across the batch axis")
             continue
         taken_axis = slice(int(max(start, -2**31)), int(min(end, 2**31 - 1)), int(step))
+        if step < 0:  # TF reads an end below −size as −1 (before the last element), Python as the start: say None
+            size = shape[axis - 1]
+            taken_axis = slice(None if start >= size else taken_axis.start, None if end < -size else taken_axis.stop,
+                               int(step))
         index[stored.get(axis, axis)] = taken_axis
         shape[axis - 1] = len(range(*taken_axis.indices(shape[axis - 1])))
     taken = tuple(index)
@@ -218,7 +222,10 @@ def _squeezed(node: ir.Node, shape: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def _sample_dim(b: KerasBuilder, node: ir.Node) -> np.ndarray | None:
-    """``Gather(Shape(x), k)`` for k ≥ 1 of a tensor whose per-sample shape is known: that dimension."""
+    """``Gather(Shape(x), k)`` for k ≥ 1 of a tensor whose per-sample shape is known: that dimension; and
+    ``Slice(Shape(x), k, …)`` for k ≥ 1 (``nn.Unflatten`` traced): those dimensions."""
+    if node.op_type == "Slice":
+        return _sample_dims(b, node)
     shape = _whole_shape(node.inputs[0]) if node.op_type == "Gather" else None
     index = const_array(node.inputs[1]) if shape is not None and len(node.inputs) > 1 else None
     if shape is None or index is None or index.ndim != 0 or int(index) < 1:
@@ -227,6 +234,22 @@ def _sample_dim(b: KerasBuilder, node: ir.Node) -> np.ndarray | None:
     if source.tensor is None or int(index) > len(source.shape):
         return None
     return np.asarray(source.shape[int(index) - 1], np.int64)  # Val.shape is PyTorch's, whatever the layout
+
+
+def _sample_dims(b: KerasBuilder, node: ir.Node) -> np.ndarray | None:
+    shape = _whole_shape(node.inputs[0])
+    given = [b.get(v).const if v is not None else None for v in node.inputs[1:]]
+    if shape is None or len(given) < 2 or any(c is None for c in given) or any(np.size(c) != 1 for c in given):
+        return None
+    source = b.get(shape.inputs[0])
+    start, end, *rest = (int(np.asarray(c).reshape(())) for c in given)
+    if source.tensor is None or (rest and rest[0] != 0) or (len(rest) > 1 and rest[1] != 1):
+        return None
+    dims = [-1, *source.shape]  # the batch, then the per-sample shape PyTorch sees
+    first = range(len(dims))[slice(start, end)]
+    if not first or first[0] >= 1:
+        return np.asarray(dims[slice(start, end)], np.int64)
+    return None
 
 
 def _whole_shape(value: ir.Value | None) -> ir.Node | None:

@@ -15,9 +15,10 @@ import onnx_ir as ir
 from htaf_export.errors import UnsupportedLayer
 from htaf_export.ops import HTAF_DOMAIN
 from htaf_export.passes.util import attr, const_array, layer_of
+from htaf_export.runtimes.nir_file import leak_text
 
 from .batch_transposes import read_axis
-from .nir_neurons import Neuron, leak_text
+from .nir_neurons import Neuron
 
 DT = 1e-4  # seconds per time step; snnTorch's importer assumes it (docs/nir.md)
 NEVER_LEAKS_TAU = 1e30  # a leak of exactly 1: β = 1 − DT/τ is 1.0 in float64
@@ -101,7 +102,7 @@ class SliceGraph:
     rows: list[tuple[str, str, str]] = field(default_factory=list)
     _named: dict[int, str] = field(default_factory=dict)
 
-    def build(self, outputs: dict[str, ir.Value], leaks: dict[str, float] | None = None) -> None:
+    def build(self, outputs: dict[str, ir.Value], leaks: dict[str, float | list[float]] | None = None) -> None:
         """Nodes for every neuron and output; an output named in ``leaks`` reads a leaky integrator (NIR ``LI``)
         fed by its value, with that leak."""
         import nir
@@ -118,7 +119,8 @@ class SliceGraph:
                 readout = self._unique(f"{name}_readout")
                 lif = lif_parameters(leaks[name], np.float32(0), "gt", shape)
                 self.nodes[readout] = nir.LI(tau=lif["tau"], r=lif["r"], v_leak=lif["v_leak"])
-                self.rows.append((f"{name} (readout)", f"LI (leak {leaks[name]:g}, no reset)", "its state is the output"))
+                self.rows.append((f"{name} (readout)", f"LI (leak {leak_text(leaks[name])}, no reset)",
+                                  "its state is the output"))
                 self.edges.append((source, readout))
                 source = readout
             self.edges.append((source, out))

@@ -21,6 +21,7 @@ import onnx_ir as ir
 from htaf_export.contracts import StepSpec
 from htaf_export.errors import UnsupportedLayer
 from htaf_export.passes.util import const_array
+from htaf_export.runtimes.nir_file import leak_text
 
 SUBTRACT_RESET = ("subtract reset (v ← v − θ·s) has no exact NIR form: a NIR LIF resets to v_reset, and rebuilding "
                   "the subtraction from NIR nodes rounds differently in float32; train with a zero reset (snnTorch: "
@@ -87,12 +88,6 @@ def _leak(value: ir.Value | None) -> float | np.ndarray | None:
     if array is None or array.size == 0:
         return None
     return float(array.reshape(-1)[0]) if array.size == 1 else array.astype(np.float32)
-
-
-def leak_text(leak: float | np.ndarray) -> str:
-    array = np.asarray(leak, np.float32)
-    return f"{float(array.reshape(-1)[0]):g}" if array.size == 1 else \
-        f"per neuron, {float(array.min()):g} to {float(array.max()):g}"
 
 
 def _reads_spike(value: ir.Value | None, spike: ir.Value) -> bool:

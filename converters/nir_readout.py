@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
+import numpy as np
 import onnx_ir as ir
 
 from htaf_export.capture import Capture
@@ -97,13 +98,14 @@ def _stacked(value: ir.Value, time_steps: int) -> tuple[list[ir.Value], dict] | 
 
 
 def _leaky_chain(terms: list[ir.Value], calls: dict[str, int], time_steps: int
-                 ) -> tuple[dict[int, ir.Value], float] | None:
+                 ) -> tuple[dict[int, ir.Value], float | list[float]] | None:
     """({step: the input current O[k]}, λ) when the terms are a leaky readout's states, in step order:
-    vo[0] = O[0] (or λ·0 + O[0]),  vo[k] = λ·vo[k−1] + O[k]; None when they are not."""
+    vo[0] = O[0] (or λ·0 + O[0]),  vo[k] = λ·vo[k−1] + O[k]; None when they are not. λ is one number, or one
+    per output unit (a list, as the file's readout metadata holds it)."""
     if len(terms) != time_steps or time_steps < 2:
         return None
     currents: dict[int, ir.Value] = {}
-    leak: float | None = None
+    leak: np.ndarray | None = None
     for k, term in enumerate(terms):
         node = term.producer()
         if k == 0:
@@ -117,25 +119,30 @@ def _leaky_chain(terms: list[ir.Value], calls: dict[str, int], time_steps: int
             return None
         for state, current in ((node.inputs[0], node.inputs[1]), (node.inputs[1], node.inputs[0])):
             factor = _leak_of(state, terms[k - 1])
-            if factor is not None and (leak is None or factor == leak):
+            if factor is not None and (leak is None or np.array_equal(factor, leak)):
                 leak, currents[k] = factor, current
                 break
         else:
             return None
     if any(_calls_feeding(currents[k], calls) != {k} for k in currents):
         return None
-    return currents, float(leak)  # type: ignore[arg-type]
+    if leak.size == 1:  # type: ignore[union-attr]
+        return currents, float(leak.reshape(()))  # type: ignore[union-attr]
+    return currents, [float(v) for v in leak.reshape(-1)]  # type: ignore[union-attr]
 
 
-def _leak_of(state: ir.Value, previous: ir.Value) -> float | None:
+def _leak_of(state: ir.Value, previous: ir.Value) -> np.ndarray | None:
+    """The constant λ of λ·previous: one number, or one per unit of the last axis (a tensor ``beta``)."""
     if state is previous:
-        return 1.0
+        return np.ones((), np.float32)
     node = state.producer()
     if node is None or node.op_type != "Mul" or previous not in node.inputs:
         return None
     other = node.inputs[1] if node.inputs[0] is previous else node.inputs[0]
     factor = const_array(other)
-    return float(factor.reshape(())) if factor is not None and factor.size == 1 else None
+    if factor is None or (factor.size > 1 and factor.reshape(-1).size != factor.shape[-1]):
+        return None
+    return np.asarray(factor, np.float32).reshape(() if factor.size == 1 else (-1,))
 
 
 def _scaled_zero(value: ir.Value) -> bool:

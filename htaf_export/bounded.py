@@ -69,3 +69,21 @@ def largest(t: torch.Tensor) -> float:
 
 def is_integral(t: torch.Tensor) -> bool:
     return bool(torch.all(t == torch.round(t))) and largest(t) < 2.0 ** 24
+
+
+def integers(*args: Any) -> bool:
+    return all(a.integer if isinstance(a, Bounded) else is_integral(torch.as_tensor(a, dtype=torch.float32))
+               for a in args)
+
+
+def value_of(t: Any) -> Any:
+    if isinstance(t, Bounded):
+        return t.value
+    return t.float() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+
+
+def value_and_error(t: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    if isinstance(t, Bounded):  # a decision (bool) reads as 0 and 1
+        return (t.value.float() if t.value.dtype == torch.bool else t.value), t.error
+    value = torch.as_tensor(t, dtype=torch.float32)
+    return value, torch.zeros_like(value)

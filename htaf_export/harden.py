@@ -166,8 +166,9 @@ def harden(model: nn.Module, data: torch.Tensor | None = None, labels: torch.Ten
         sites = _traced_sites(found)
     else:
         hard, sites = _harden_modules(model, tie)
-        if input_shapes is not None and _traced_for(hard, input_shapes, sign_as_step):
-            hard, sites = _through_program(hard, sites, tie, input_shapes, sign_as_step)
+        hows = _traced_for(hard, input_shapes, sign_as_step) if input_shapes is not None else ()
+        if hows:
+            hard, sites = _through_program(hard, sites, tie, input_shapes, hows, sign_as_step)
     result = HardenResult(model=hard, sites=sites, tie=tie)
     if data is not None:
         result.gaps = measure_gap(model, data, batch_size)
@@ -189,17 +190,22 @@ class _Calls(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def _traced_for(model: nn.Module, input_shapes: list[list[int]], sign_as_step: bool) -> bool:
-    """Whether a forward pass still calls both sigmoid and tanh once every HTAF module is a Step (an HTAF computed
-    by hand), torch.heaviside (its ONNX form is no step a converter reads), or torch.sign when it is read as a
-    step: one small pass, so that only such models pay for a trace."""
+def _traced_for(model: nn.Module, input_shapes: list[list[int]], sign_as_step: bool) -> tuple[str, ...]:
+    """How the steps that only a trace of ``model`` shows are found (``Site.how`` prefixes), when it has them: a
+    forward pass that still calls both sigmoid and tanh once every HTAF module is a Step (an HTAF computed by
+    hand), torch.heaviside (its ONNX form is no step a converter reads), torch.sign when it is read as a step, or
+    returns a bool (a comparison read both as a decision and as a step, which ONNX capture cannot split). One
+    small pass, so that only such models pay for a trace; () for the others."""
     calls = _Calls()
     try:
         with torch.no_grad(), calls, buffers_kept(model):
-            model(*(torch.zeros(2, *shape) for shape in input_shapes))
+            out = model(*(torch.zeros(2, *shape) for shape in input_shapes))
     except Exception:  # noqa: BLE001 - a model that cannot run here is refused later, with its own message
-        return False
-    return {"sigmoid", "tanh"} <= calls.seen or "heaviside" in calls.seen or sign_as_step and "sign" in calls.seen
+        return ()
+    found = {"HTAF composite": {"sigmoid", "tanh"} <= calls.seen, "torch.heaviside": "heaviside" in calls.seen,
+             "torch.sign": sign_as_step and "sign" in calls.seen,
+             "exact step": any(t.dtype == torch.bool for t in outputs.leaves(out))}
+    return tuple(how for how, seen in found.items() if seen)
 
 
 def _traced(model: nn.Module, sites: list[Site], tie: str | None, input_shapes: list[list[int]],
@@ -216,12 +222,11 @@ def _traced(model: nn.Module, sites: list[Site], tie: str | None, input_shapes: 
 
 
 def _through_program(hard: nn.Module, sites: list[Site], tie: str | None, input_shapes: list[list[int]],
-                     sign_as_step: bool = False) -> tuple[nn.Module, list[Site]]:
-    """The traced program of ``hard`` with its hand-written HTAF composites (and signs read as steps) hardened;
+                     hows: tuple[str, ...], sign_as_step: bool = False) -> tuple[nn.Module, list[Site]]:
+    """The traced program of ``hard`` with the steps only it shows (``hows``, from ``_traced_for``) hardened;
     ``hard`` as it is when it has none."""
     got = _traced(hard, sites, tie, input_shapes, sign_as_step)
-    if got is None or not any(s.how == "HTAF composite" or s.how.startswith(("torch.sign", "torch.heaviside"))
-                              for s in got[2]):
+    if got is None or not any(s.how.startswith(hows) for s in got[2]):
         return hard, sites
     return got[0], got[1]
 

@@ -12,7 +12,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from . import metadata as md
-from .runtimes.nir_file import graph_metadata, load_graph
+from .runtimes.nir_file import graph_metadata, leak_text, load_graph
 
 NEURONS = ("LIF", "LI", "IF", "CubaLIF", "CubaLI")
 DEFAULT_DT = 1e-4  # a file not written by this tool: the dt snnTorch assumes
@@ -118,7 +118,7 @@ def _topological(graph) -> list[str]:
 
 def _combined(how: dict) -> str:
     """How an output's per-step values make the output: summed (÷ T for a mean), stacked, or one pass."""
-    state = f"LI state (leak {how['leak']:g}), " if "leak" in how else ""
+    state = f"LI state (leak {leak_text(how['leak'])}), " if "leak" in how else ""
     if how["combine"] == "stack":
         return state + f"every step's value, stacked on axis {how['axis']}"
     if how["combine"] == "sum":

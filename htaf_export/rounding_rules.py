@@ -12,8 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils import _pytree as pytree
 
-from .bounded import ETA, LAMBDA, U, Bounded, NoBound, gamma, is_integral, largest
+from .bounded import ETA, LAMBDA, U, Bounded, NoBound, gamma, integers, is_integral, largest, value_and_error, value_of
 from .rounding_activations import ACTIVATION_RULES
+from .rounding_decisions import DECISION_RULES
 from .rounding_norms import layer_norm, log_softmax, softmax
 
 aten = torch.ops.aten
@@ -44,7 +45,7 @@ def _dot(x: Bounded, weight: Any, b: torch.Tensor | None, op: Callable, n: int, 
     """A linear layer (``op`` = linear or conv with its geometry): value, propagated and rounding error.
     A computed weight (a scaled sign written as a straight-through expression) brings its own error.
     ``bias_last``: the bias lies on the last axis (a linear layer at each position of [N, L, F]), not on axis 1."""
-    w, w_error = _ve(weight)
+    w, w_error = value_and_error(weight)
     value = op(x.value, w, b)
     exact = _exact_sum(x, weight, b, value)
     if exact is not None:
@@ -121,11 +122,6 @@ def _batch_norm(x: Bounded, weight, bias, mean, var, training, momentum, eps, *_
     return Bounded(value, torch.addcmul(per_channel, sa, inner))
 
 
-def _integers(*args: Any) -> bool:
-    return all(a.integer if isinstance(a, Bounded) else is_integral(torch.as_tensor(a, dtype=torch.float32))
-               for a in args)
-
-
 def _exact(value: torch.Tensor) -> Bounded | None:
     """An operation on exact integers whose result stays below 2²⁴: exact, whatever the order."""
     return Bounded.exact(value) if largest(value) < 2.0 ** 24 else None
@@ -141,9 +137,9 @@ def _rounded(value: torch.Tensor, carried: torch.Tensor, inputs: tuple[Any, ...]
 
 
 def _add(a, b, alpha=1) -> Bounded:
-    av, ae, bv, be = _ve(a) + _ve(b)
+    av, ae, bv, be = value_and_error(a) + value_and_error(b)
     value = torch.add(av, bv, alpha=alpha)
-    if _integers(a, b, alpha):
+    if integers(a, b, alpha):
         exact = _exact(value)
         if exact is not None:
             return exact
@@ -155,9 +151,9 @@ def _sub(a, b, alpha=1) -> Bounded:
 
 
 def _mul(a, b) -> Bounded:
-    av, ae, bv, be = _ve(a) + _ve(b)
+    av, ae, bv, be = value_and_error(a) + value_and_error(b)
     value = av * bv
-    if _integers(a, b):
+    if integers(a, b):
         exact = _exact(value)
         if exact is not None:
             return exact
@@ -165,7 +161,7 @@ def _mul(a, b) -> Bounded:
 
 
 def _div(a, b) -> Bounded:
-    av, ae, bv, be = _ve(a) + _ve(b)
+    av, ae, bv, be = value_and_error(a) + value_and_error(b)
     if bool(torch.any(be != 0)):
         raise NoBound("division by a computed tensor")
     value = av / bv
@@ -307,49 +303,11 @@ def _leaky_relu(x: Bounded, slope: float = 0.01) -> Bounded:
     return Bounded(value, max(1.0, abs(slope)) * x.error + U * value.abs() + ETA)
 
 
-def value_of(t: Any) -> Any:
-    if isinstance(t, Bounded):
-        return t.value
-    return t.float() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
-
-
-def _ve(t: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    if isinstance(t, Bounded):
-        return t.value, t.error
-    value = torch.as_tensor(t, dtype=torch.float32)
-    return value, torch.zeros_like(value)
-
-
-def _where(cond, a, b) -> Bounded:
-    c = value_of(cond)
-    av, ae, bv, be = _ve(a) + _ve(b)
-    value = torch.where(c, av, bv)
-    if _integers(a, b):  # a sign written as where(w >= 0, 1, -1): exact integers
-        return Bounded.exact(value)
-    return Bounded(value, torch.where(c, ae, be))
-
-
 def _to(x, *args, **kwargs):
     value = x.value if isinstance(x, Bounded) else x
     if isinstance(value, torch.Tensor) and value.dtype == torch.bool:
         value = value.float()
     return Bounded(value.float(), x.error if isinstance(x, Bounded) else torch.zeros_like(value, dtype=torch.float32))
-
-
-def _sign(x: Bounded) -> Bounded:
-    """``torch.sign`` (three values, so not a step): exact where the input's bound keeps it off zero; within the
-    bound of zero another evaluation may give any of −1, 0, 1, so 2 there."""
-    value = torch.sign(x.value)
-    uncertain = x.value.abs() <= x.error
-    if not bool(uncertain.any()):
-        return Bounded.exact(value, 1.0)
-    return Bounded(value, uncertain.to(value.dtype) * 2)
-
-
-def _compare(fn: Callable) -> Callable:
-    def rule(a, b) -> torch.Tensor:  # a comparison outside a Step: the reference's decision, as it is
-        return fn(value_of(a), value_of(b))
-    return rule
 
 
 def _filled(fn: Callable) -> Callable:
@@ -361,7 +319,7 @@ def _filled(fn: Callable) -> Callable:
 
 
 RULES: dict[Any, Callable] = {
-    **ACTIVATION_RULES,
+    **ACTIVATION_RULES, **DECISION_RULES,
     aten.linear.default: _linear, aten.mm.default: _matmul, aten.matmul.default: _matmul, aten.bmm.default: _matmul,
     aten.conv2d.default: _conv, aten.conv1d.default: _conv, aten.convolution.default: _convolution,
     aten.batch_norm.default: _batch_norm, aten.layer_norm.default: layer_norm,
@@ -384,9 +342,7 @@ RULES: dict[Any, Callable] = {
     aten.adaptive_max_pool2d.default: _adaptive_max_pool(aten.adaptive_max_pool2d.default),
     aten.adaptive_max_pool1d.default: _adaptive_max_pool(aten.adaptive_max_pool1d.default),
     operator.getitem: lambda items, i: items[i],  # one result of a multi-result op (values, indices)
-    aten.where.self: _where, aten.sign.default: _sign, aten.to.dtype: _to, aten._to_copy.default: _to,
-    aten.ge.Scalar: _compare(torch.ge), aten.gt.Scalar: _compare(torch.gt),
-    aten.ge.Tensor: _compare(torch.ge), aten.gt.Tensor: _compare(torch.gt),
+    aten.to.dtype: _to, aten._to_copy.default: _to,
     **{op: _same(op) for op in (
         aten.relu.default, aten.max_pool2d.default, aten.max_pool1d.default, aten.flatten.using_ints,
         aten.view.default, aten.reshape.default, aten.permute.default, aten.transpose.int, aten.t.default,
@@ -394,5 +350,5 @@ RULES: dict[Any, Callable] = {
         aten.detach.default, aten.detach_.default, aten.lift_fresh_copy.default, aten.expand.default,
         aten.expand_as.default, aten.select.int, aten.slice.Tensor, aten.hardtanh.default, aten.clamp.default,
         aten.neg.default, aten.alias.default, aten.abs.default, aten.movedim.int, aten.stack.default,
-        aten.pixel_shuffle.default)},
+        aten.pixel_shuffle.default, aten.flip.default, aten.roll.default, aten.unflatten.int)},
 }

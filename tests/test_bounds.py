@@ -313,3 +313,36 @@ def test_smooth_activations_have_rules_whose_bounds_hold(act):
     model = nn.Sequential(nn.Linear(12, 16), act, nn.Linear(16, 5)).eval()
     bound = output_bounds_hold(harden(model).model.eval(), torch.randn(64, 12) * 3, min_rows=48)
     assert 0 < bound.max() <= 1e-3  # α = 10 scales the errors of what it reads tenfold
+
+
+class _Decides(torch.nn.Module):
+    """Returns a comparison of two computed tensors (not a step: neither side is a constant) and a where on it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.step, self.head = torch.nn.Linear(6, 8), HTAF(levels="pm1"), torch.nn.Linear(8, 4)
+        with torch.no_grad():  # head row 1 is row 0 reversed; scores 2 and 3 far apart
+            self.head.weight[1] = self.head.weight[0].flip(0)
+            self.head.bias[1] = self.head.bias[0]
+            self.head.weight[3] = self.head.weight[2] + 5
+
+    def forward(self, x):
+        u = self.step(self.fc(x)) * 0.1 + x[:, :1]
+        s, t = self.head(u), self.head(u.flip(1))  # t[:, 1] sums s[:, 0]'s terms in the other order
+        near, far = s[:, 0] > t[:, 1], s[:, 2] < s[:, 3]
+        return near, far, torch.where(near & far, s[:, 0], -t[:, 1])
+
+
+def test_a_returned_comparison_is_uncertain_only_within_its_operands_bounds():
+    """Scores equal in exact arithmetic but summed in another order may compare either way: the decision's bound
+    is 1 (a runtime deciding the other way is a correct implementation); far-apart scores keep bound 0, so a
+    flipped decision there still fails. ``where`` on an uncertain decision covers both sides."""
+    torch.manual_seed(3)
+    model = harden(_Decides().eval()).model.eval()
+    x = torch.randn(64, 6)
+    program = bounds.traced_program(model, [[6]])
+    outs, _ = bounds.batch_bounds(program, (x,), ["near", "far", "picked"])
+    assert (outs["near"] > 0).mean() > 0.9 and (outs["far"] == 0).all()
+    with torch.no_grad():
+        s = model.head(model.step(model.fc(x)) * 0.1 + x[:, :1])
+    assert (outs["picked"] >= 2 * s[:, 0].abs().numpy() - 1e-6).all()  # either side may be picked

@@ -224,8 +224,10 @@ class BoolConcepts(nn.Module):
         return {"concepts": active, "logits": self.head(active.float())}
 
 
-def test_a_step_whose_bool_is_also_returned_is_a_step(tmp_path):
-    """Its comparison had two readers, so no step was found: no crafted inputs, outputs-only checks."""
+@pytest.mark.parametrize("fmt", ["pt2", "pickle"])
+def test_a_step_whose_bool_is_also_returned_is_a_step(tmp_path, fmt):
+    """Its comparison had two readers, so no step was found: no crafted inputs, outputs-only checks (and from a
+    pickle, the file declared the default tie rule against the model's 'gt': a correct file failed)."""
     import contextlib
     import io
 
@@ -236,9 +238,13 @@ def test_a_step_whose_bool_is_also_returned_is_a_step(tmp_path):
     model = BoolConcepts()
     with torch.no_grad():
         model.bn.running_mean.uniform_(-1, 1)
-    path = save_pt2(model.eval(), torch.rand(2, 20), tmp_path / "cbm.pt2")
+    if fmt == "pt2":
+        path = save_pt2(model.eval(), torch.rand(2, 20), tmp_path / "cbm.pt2")
+    else:
+        torch.save(model.eval(), path := tmp_path / "cbm.pt")
     with contextlib.redirect_stdout(io.StringIO()):
-        result = htaf_export.export(path, "onnx", tmp_path / "cbm.onnx", device="cpu")
+        result = htaf_export.export(path, "onnx", tmp_path / "cbm.onnx", device="cpu", input_shape=[20],
+                                    trust_pickle=True)
     assert result.report.passed, result.report.failure_line()
     assert [(s.levels, s.tie) for s in result.hardening.sites] == [("01", "gt")], result.hardening.sites
     assert result.report.crafted["samples"] > 0, result.report.crafted

@@ -64,12 +64,13 @@ class LeakyReadoutSNN(torch.nn.Module):
     """A user's loop: one LIF layer (zero reset by torch.where, tie gt) and a leaky readout whose state, averaged
     over the steps, is the output."""
 
-    def __init__(self) -> None:
+    def __init__(self, readout_leak: float | torch.Tensor = 0.5) -> None:
         super().__init__()
         from htaf_export.nn import HTAF
 
         self.inp, self.out = torch.nn.Linear(64, 30), torch.nn.Linear(30, 10)
         self.spike = HTAF(2.0, 4.0, threshold=0.4, levels="01", mode="surrogate", tie="gt")
+        self.register_buffer("readout_leak", torch.as_tensor(readout_leak, dtype=torch.float32))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         current = self.inp(x)
@@ -80,14 +81,16 @@ class LeakyReadoutSNN(torch.nn.Module):
             v = 0.875 * v + current
             s = self.spike(v)
             v = torch.where(s > 0, torch.zeros_like(v), v)
-            vo = 0.5 * vo + self.out(s)
+            vo = self.readout_leak * vo + self.out(s)
             total = total + vo
         return total / 6
 
 
-def test_a_leaky_readout_becomes_a_nir_li_node(tmp_path):
+@pytest.mark.parametrize("leak", [0.5, torch.linspace(0.25, 0.75, 10)], ids=["one", "per-neuron"])
+def test_a_leaky_readout_becomes_a_nir_li_node(tmp_path, leak):
+    """One leak, or one per output unit (a learned tensor): each τ gives its leak back exactly."""
     torch.manual_seed(1)
-    model = LeakyReadoutSNN().eval()
+    model = LeakyReadoutSNN(leak).eval()
     path = tmp_path / "leaky.pt2"
     save_pt2(model, torch.zeros(2, 64), path)
     result = _export(path, tmp_path / "leaky.nir")
@@ -96,7 +99,8 @@ def test_a_leaky_readout_becomes_a_nir_li_node(tmp_path):
     assert kinds["logits_readout"] == "LI" and kinds["spike"] == "LIF"
     graph = nir.read(result.artifact)
     assert ("out", "logits_readout") in graph.edges and ("logits_readout", "logits") in graph.edges
-    assert np.all(np.float32(1 - DT / graph.nodes["logits_readout"].tau) == np.float32(0.5))
+    assert np.array_equal(np.float32(1 - DT / graph.nodes["logits_readout"].tau) * np.ones(10, np.float32),
+                          np.broadcast_to(np.asarray(leak, np.float32), (10,)))
     assert [b.backend for b in result.report.backends] == ["nir-sim"]  # snnTorch has no module for LI
     assert all(t.max_abs_error == 0 for t in result.report.backends[0].tensors)
 

@@ -1,7 +1,7 @@
 """Layers users write that were refused, crashed or were named wrongly: binary layers at each token of [N, L, F]
 (bit-packed on TFLite, a MatMul in ONNX), LayerNorm on TFLite, an even kernel's 'same' padding before a binary
 Conv1d, binary Conv1d on integer kernels (onnx-int8), nearest upsampling on TFLite, XNOR-Net's scale after a large
-conv, parametrized weights, uint8 inputs."""
+conv, parametrized weights, uint8 inputs, ``nn.Unflatten`` from a vector to a feature map."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from htaf_export.errors import BadInput  # noqa: E402
 from htaf_export.nn import HTAF  # noqa: E402
 from htaf_export.passes.util import layer_of  # noqa: E402
 
-from conftest import save_pt2  # noqa: E402
+from conftest import save_as_user, save_pt2  # noqa: E402
 
 needs_tflite = pytest.mark.skipif(importlib.util.find_spec("larq_compute_engine") is None,
                                   reason="TFLite targets need the [tflite] extra")
@@ -196,3 +196,31 @@ def test_nearest_upsampling_before_a_binary_conv_runs_on_integer_kernels(tmp_pat
     """onnx-int8: the upsampling replays on the uint8 codes, so the binary conv after it is integer too."""
     rows = {r.layer: r.became for r in _export(Upsampled(), (1, 5, 7), "onnx-int8", tmp_path).conversion.rows}
     assert rows.get("c1") == "QLinearConv (threshold)", rows
+
+
+class Unflattened(nn.Module):
+    """A vector decoded to a feature map (``nn.Unflatten``), then a binary conv on it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.a0, self.grid = nn.Linear(12, 32), HTAF(levels="pm1"), nn.Unflatten(1, (2, 4, 4))
+        self.conv, self.head = SignConv2d(2, 3, 3, padding=1, bias=False), nn.Linear(48, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.conv(self.grid(self.a0(self.fc(x)))).flatten(1))
+
+
+@pytest.mark.slow
+@needs_tflite
+@pytest.mark.parametrize("fmt", ["pt", "pt2"])
+def test_unflatten_converts_from_either_format_and_keeps_derived_bounds(tmp_path, fmt):
+    """A TorchScript trace writes the target shape as Concat(Slice(Shape(x), 0, 1), [2, 4, 4], Slice(Shape(x), 2,
+    ∞)), which the TFLite builder once could not read; a .pt2 names ``aten.unflatten``, which had no rounding rule."""
+    torch.manual_seed(0)
+    path = save_as_user(Unflattened().eval(), torch.randn(2, 12), tmp_path / f"u.{fmt}", fmt)
+    with contextlib.redirect_stdout(io.StringIO()):
+        result = htaf_export.export(path, "tflite", tmp_path / "u.tflite", device="cpu", input_shape=[12])
+    assert result.report.passed, result.report.failure_line()
+    assert not any("rounding bounds are not available" in n for n in result.report.notes), result.report.notes
+    rows = {r.layer: r.became for r in result.conversion.rows}
+    assert rows.get("conv") == "LceBconv2d (bit-packed)", rows

@@ -136,3 +136,9 @@ class NirRunner(abc.ABC):
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return self.loop.run(inputs, self._reset, self._step)
 
+
+def leak_text(leak: float | list[float] | np.ndarray) -> str:
+    """A leak as the summaries show it: the number, or the range of one per neuron."""
+    array = np.asarray(leak, np.float32)
+    return f"{float(array.reshape(-1)[0]):g}" if array.size == 1 else \
+        f"per neuron, {float(array.min()):g} to {float(array.max()):g}"
