@@ -78,14 +78,17 @@ def _ts_exact_steps(module: torch.jit.ScriptModule) -> list[TracedSite]:
 
 
 def _ts_graphs(module: torch.jit.ScriptModule):
-    """(path, method name, graph) of every method of every submodule: a submodule called several times (a shared
-    activation, an SNN's spike at every time step) is traced into one method per call (forward, forward1, ...)."""
+    """(path, method name, graph, whether the submodule has no children, its TorchScript type) of every method of
+    every submodule: a submodule called several times (a shared activation, an SNN's spike at every time step) is
+    traced into one method per call (forward, forward1, ...)."""
     for path, sub in module.named_modules():
         c = getattr(sub, "_c", None)
+        leaf = next(iter(sub.children()), None) is None
+        kind = c._type().qualified_name() if c is not None and hasattr(c, "_type") else path
         for method in c._method_names() if c is not None and hasattr(c, "_method_names") else []:
             graph = getattr(c._get_method(method), "graph", None)
             if graph is not None:
-                yield path, method, graph
+                yield path, method, graph, leaf, kind
 
 
 def harden_torchscript(module: torch.jit.ScriptModule, tie: str | None) -> tuple[torch.jit.ScriptModule, list[TracedSite]]:
@@ -97,18 +100,21 @@ def harden_torchscript(module: torch.jit.ScriptModule, tie: str | None) -> tuple
     op = "gt" if tie == "gt" else "ge"
     step01 = _STEP01.replace("{op}", op)
     sites: list[TracedSite] = []
-    for path, method, graph in _ts_graphs(hard):
-        found = _ts_composites(graph)
+    seen: dict[tuple[str, str], list] = {}  # scripted modules of one type and configuration share their graph
+    for path, method, graph, leaf, kind in _ts_graphs(hard):
+        if leaf and (kind, method) not in seen:  # a scripted HTAF calls htaf_function: read its body (a parent's
+            torch._C._jit_pass_inline(graph)     # own graph is left as it is: its children's would come in)
+        found = seen.setdefault((kind, method), _ts_composites(graph))
         where = path if method == "forward" else f"{path}.{method}" if path else method
         for k, (theta, alpha, beta, levels) in enumerate(found):
             name = where if len(found) == 1 else f"{where}@{k}"
             sites.append(TracedSite(name or "(root)", theta, levels, op, "HTAF composite", alpha, beta))
-        if found:
+        if _ts_composites(graph):
             torch._C._jit_pass_custom_pattern_based_rewrite_graph(_pm1(_HTAF01, "%s"), _pm1(step01, "%f"), graph)
             torch._C._jit_pass_custom_pattern_based_rewrite_graph(_HTAF01, step01, graph)
             torch._C._jit_pass_dce(graph)
     sites += _ts_exact_steps(hard)
-    leftover = [f"{p}.{m}" for p, m, g in _ts_graphs(hard)
+    leftover = [f"{p}.{m}" for p, m, g, _, _ in _ts_graphs(hard)
                 if any(n.kind() == "aten::sigmoid" for n in g.nodes()) and _ts_composites(g)]
     if leftover:
         raise BadInput(f"TorchScript module {leftover[0]!r} computes an HTAF whose form this tool cannot rewrite; "

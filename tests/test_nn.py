@@ -356,3 +356,47 @@ def test_lif_bad_arguments():
         LIF(leak=1.5)
     with pytest.raises(ValueError):
         LIF(reset="none")
+
+
+# --------------------------------------------------------------------------------------------- TorchScript
+
+
+class _Scripted(torch.nn.Module):
+    """What a user scripts: smooth ±1 HTAF, a binary layer, a surrogate {0, 1} HTAF, float head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.a = torch.nn.Linear(10, 16), HTAF(levels="pm1")
+        self.b, self.a2, self.head = BinaryLinear(16, 8), HTAF(mode="surrogate", tie="gt"), torch.nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.a2(self.b(self.a(self.fc(x)))))
+
+
+@pytest.mark.parametrize("module", [HTAF(levels="pm1"), HTAF(mode="surrogate"), Step(0.5, "pm1", "gt"),
+                                    BinaryLinear(6, 3, bias=True, scale=True), BinaryConv2d(2, 3, 3, padding=1)],
+                         ids=lambda m: type(m).__name__)
+def test_the_layers_can_be_scripted_and_compute_the_same(module):
+    torch.manual_seed(0)
+    x = torch.randn(4, 2, 5, 5) if isinstance(module, BinaryConv2d) else torch.randn(4, 6)
+    assert torch.equal(torch.jit.script(module.eval())(x), module(x))
+
+
+@pytest.mark.slow
+def test_a_scripted_model_hardens_and_its_binary_layer_bit_packs(tmp_path):
+    """torch.jit.script failed on these layers; scripted, the smooth HTAF is a function call, which must be read
+    (else the smooth curve was exported as it is), and two HTAFs of one configuration share one graph."""
+    import contextlib
+    import importlib.util
+    import io
+
+    torch.manual_seed(0)
+    torch.jit.save(torch.jit.script(_Scripted().eval()), tmp_path / "s.pt")
+    target = "tflite" if importlib.util.find_spec("larq_compute_engine") else "onnx-int8"
+    out = tmp_path / ("s.tflite" if target == "tflite" else "s.int8.onnx")
+    with contextlib.redirect_stdout(io.StringIO()):
+        result = htaf_export.export(tmp_path / "s.pt", target, out, input_shape=[10], device="cpu")
+    assert result.report.passed, result.report.failure_line()
+    assert [(s.name, s.how) for s in result.hardening.sites] == [("a", "HTAF composite")]
+    rows = {r.layer: r.became for r in result.conversion.rows}
+    assert rows.get("b") in ("LceBconv2d (bit-packed)", "MatMulInteger (threshold)"), rows

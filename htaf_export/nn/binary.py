@@ -29,19 +29,16 @@ class BinaryWeights(nn.Module):
     bit per weight) rather than a sign op over latent weights.
     """
 
-    weight: nn.Parameter
-    scaled: bool
-    frozen: bool
+    # (no class-level annotations: torch.jit.script cannot read them as strings, and users script these layers)
 
-    def _reduce_dims(self) -> tuple[int, ...]:
-        return tuple(range(1, self.weight.dim()))
+    def _reduce_dims(self) -> list[int]:
+        return list(range(1, self.weight.dim()))
 
     def binary_weight(self) -> torch.Tensor:
         if self.frozen:
             return self.weight
-        if not (self.training and torch.is_grad_enabled()):
-            # no gradient to shape: the forward alone, which torch.jit.trace can save (an autograd.Function
-            # cannot be saved as TorchScript)
+        if torch.jit.is_scripting() or not (self.training and torch.is_grad_enabled()):
+            # no gradient to shape: the forward alone, which TorchScript can save (an autograd.Function cannot)
             w = self.weight
             return torch.where(w >= 0, torch.ones_like(w), -torch.ones_like(w))
         return _SignSTE.apply(self.weight)
@@ -74,7 +71,7 @@ class BinaryWeights(nn.Module):
         s = self.channel_scale()
         if s is None:
             return y
-        shape = (1, -1) + (1,) * (y.dim() - 2)
+        shape = [1, -1] + [1] * (y.dim() - 2)
         return y * s.reshape(shape)
 
 

@@ -30,7 +30,7 @@ def htaf_derivative(x: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
     return s * (1 - s) * (alpha + beta * (1 - t * t))
 
 
-def exact_step(x: torch.Tensor, threshold: torch.Tensor | float, levels: str, tie: str) -> torch.Tensor:
+def exact_step(x: torch.Tensor, threshold: float, levels: str, tie: str) -> torch.Tensor:
     """Heaviside step of x − threshold: 1 (or +1) above, 0 (or −1) below; at the threshold, tie decides.
 
     ±1 levels are 2·H − 1, computed exactly in floating point.
@@ -77,6 +77,9 @@ class HTAF(nn.Module):
     ``--tie`` decides (``ge`` when it is not given).
     """
 
+    # constants of a scripted module (torch.jit.script): its graph then has no branch on the configuration
+    __constants__ = ["alpha", "beta", "threshold", "levels", "mode", "tie"]
+
     def __init__(
         self,
         alpha: float = 2.0,
@@ -104,9 +107,11 @@ class HTAF(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "surrogate":
-            if not (self.training and torch.is_grad_enabled()):  # no gradient to shape: the plain step traces
-                return exact_step(x, self.threshold, self.levels, self.tie or "ge")
-            return _SurrogateStep.apply(x, self.threshold, self.alpha, self.beta, self.levels, self.tie or "ge")
+            tie = self.tie if self.tie is not None else "ge"
+            # no gradient to shape (or a scripted module, which has no autograd.Function): the plain step
+            if torch.jit.is_scripting() or not (self.training and torch.is_grad_enabled()):
+                return exact_step(x, self.threshold, self.levels, tie)
+            return _SurrogateStep.apply(x, self.threshold, self.alpha, self.beta, self.levels, tie)
         h = htaf_function(x - self.threshold, self.alpha, self.beta)
         return h if self.levels == "01" else 2 * h - 1
 
@@ -134,6 +139,8 @@ class Step(nn.Module):
     At x = θ, ``tie="ge"`` gives 1 (+1) and ``tie="gt"`` gives 0 (−1).
     """
 
+    __constants__ = ["threshold", "levels", "tie"]
+
     def __init__(self, threshold: float = 0.0, levels: Levels = "01", tie: Tie = "ge") -> None:
         super().__init__()
         check_one_of("levels", levels, LEVELS)
@@ -147,11 +154,12 @@ class Step(nn.Module):
         return "Heaviside" if self.levels == "01" else "Sign"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.onnx.is_in_onnx_export():
-            # One node in the htaf domain per call, so capture needs no pattern matching.
-            threshold = torch.tensor(self.threshold, dtype=x.dtype)
-            return torch.onnx.ops.symbolic(f"htaf::{self.onnx_op}", (x, threshold), attrs={"tie": self.tie},
-                                           dtype=x.dtype, shape=x.shape, version=1)
+        if not torch.jit.is_scripting():  # a scripted module is not compiled past here (no ONNX export hook)
+            if torch.onnx.is_in_onnx_export():
+                # One node in the htaf domain per call, so capture needs no pattern matching.
+                threshold = torch.tensor(self.threshold, dtype=x.dtype)
+                return torch.onnx.ops.symbolic(f"htaf::{self.onnx_op}", (x, threshold), attrs={"tie": self.tie},
+                                               dtype=x.dtype, shape=x.shape, version=1)
         return exact_step(x, self.threshold, self.levels, self.tie)
 
     def extra_repr(self) -> str:
