@@ -23,6 +23,7 @@ from htaf_export.contracts import Conversion, LayerRow
 from htaf_export.errors import UnsupportedLayer
 from htaf_export.ops import attach_step_functions
 from htaf_export.passes import PackBinaryWeights, PackIntegerWeights
+from htaf_export.passes.util import distinct_names
 from htaf_export.targets import ExportOptions
 
 from .channels_last import to_channels_last
@@ -46,6 +47,7 @@ def convert(capture: Capture, provenance: Mapping[str, str], options: ExportOpti
     twins = to_channels_last(model)
     packed = PackIntegerWeights()(model).records + PackBinaryWeights()(model).records
     cleanup(model, fold=False)
+    distinct_names(model.graph)
     channels_last = lowering.name_steps(twins)
     proto = ir.to_proto(model)
     attach_step_functions(proto)

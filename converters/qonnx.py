@@ -20,6 +20,7 @@ import onnx_ir as ir
 from htaf_export.capture import Capture, cleanup
 from htaf_export.contracts import Conversion, LayerRow
 from htaf_export.errors import BadInput, UnsupportedLayer
+from htaf_export.passes.util import distinct_names
 from htaf_export.targets import ExportOptions
 
 from .layer_ops import fused_ir
@@ -40,11 +41,14 @@ def convert(capture: Capture, provenance: Mapping[str, str], options: ExportOpti
     lowering = QonnxGraph(model.graph)
     lowering.lower()
     cleanup(model, fold=False)
+    repeated = distinct_names(model.graph)
+    datatypes = {**lowering.datatypes, **{new: lowering.datatypes[old] for new, old in repeated.items()
+                                          if old in lowering.datatypes}}
     proto = ir.to_proto(model)
     kept = [o for o in proto.opset_import if o.domain not in ("htaf", QONNX_DOMAIN)]
     del proto.opset_import[:]
     proto.opset_import.extend([*kept, onnx.helper.make_opsetid(QONNX_DOMAIN, 1)])
-    proto = annotate(proto, lowering.datatypes)
+    proto = annotate(proto, datatypes)
     stamp(proto, capture, provenance, MODE)  # IR version 10, as Brevitas 0.13 writes
     onnx.checker.check_model(proto)
     rows = [LayerRow(name, became, note) for name, became, note in lowering.rows]

@@ -31,6 +31,7 @@ from .nn.modules import set_eval
 from .origins import origins
 from .ops import HTAF_DOMAIN, OPSET, STEP_OPS
 from .passes.fold_weights import FoldWeightExpressions
+from .passes.einsum import EinsumAsMatMul
 from .passes.plain_steps import RecognisePlainSteps
 from .signature import as_shapes
 
@@ -272,6 +273,7 @@ def capture(hardened: nn.Module, input_shape: Sequence[int] | Sequence[Sequence[
     model = _torch_export(module, args, in_names, out_names, dyn)
     lines = origins(model)
     # Traced programs (TorchScript, .pt2) hold their steps as plain comparisons: lift them to htaf ops.
+    EinsumAsMatMul()(model)  # first: a weight binarized inline then feeds a MatMul, and is folded as one
     folded = FoldWeightExpressions()(model).records
     fold_all_constants(model)
     RecognisePlainSteps()(model)

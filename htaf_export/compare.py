@@ -176,3 +176,20 @@ def argmax_explained(ref: np.ndarray, tol: Tolerance) -> np.ndarray:
 def classes(outputs: np.ndarray, indices: bool) -> np.ndarray:
     """Each sample's class: the output itself where it is a class index, else the position of its largest value."""
     return outputs[:, 0] if indices else outputs.argmax(1)
+
+
+def near_hidden_steps(ref, seen: set[tuple[str, int]], found: BatchBounds | None, flip_margin: float, n: int
+                      ) -> np.ndarray:
+    """Samples with a pre-activation within rounding of its threshold at a step the file keeps in no tensor (fused
+    into a kernel, folded into a binary layer's thresholds; ``seen`` are the others): such a step may flip there
+    unseen, and what follows with it, so their outputs are not compared (as after an explained flip); the other
+    samples' outputs still are. The margin is the step's derived one, else ``flip_margin``."""
+    near = np.zeros(n, dtype=bool)
+    for key, pre in ref.preactivations.items():
+        if key in seen:
+            continue
+        margin = found.step_margin(key) if found is not None else None
+        margin = np.float32(flip_margin) if margin is None else (margin() if callable(margin) else margin).reshape(n, -1)
+        # an exact sum (margin 0) decides the same in every correct file, its ties included: never spared
+        near |= ((np.abs(pre.reshape(n, -1)) <= margin) & (margin > 0)).any(axis=1)
+    return near

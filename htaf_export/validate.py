@@ -26,7 +26,9 @@ Let u be the reference pre-activation of a unit (its step input minus θ, float3
 
   A sample whose flips at a tensor are all explained is *excused* for every later tensor (what
   follows depends on the flip); a sample with an unexplained flip is not, so the damage shows
-  downstream too, but the report names the first failing tensor.
+  downstream too, but the report names the first failing tensor. A step the file keeps in no tensor (fused into a
+  kernel) cannot be seen to flip: a sample whose pre-activation there lies within the margin (> 0; an exact sum
+  has none) is spared the output comparison likewise, and the report counts such samples.
 - **Float tensors** (logits, membrane state) pass when |ref − artifact| ≤ atol + rtol·|ref|.
 - **Argmax** of the first output must agree, except on excused samples and where the reference's two
   largest values are within atol + rtol·|max| of each other (a tie between classes).
@@ -47,14 +49,15 @@ does not grow with the number of samples.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from .compare import BatchBounds, argmax_explained, classes, compare_binary, compare_float, ordered_tensors
+from .compare import (BatchBounds, argmax_explained, classes, compare_binary, compare_float, near_hidden_steps,
+                      ordered_tensors)
 from .crafted import CraftedSet
 from .data import Batches, Dataset, Inputs, as_batches, count
 from .errors import BadInput
@@ -62,7 +65,8 @@ from .nn.modules import step_modules
 from .parts import crafted_inputs, validation_parts
 from .outputs import require_batch_first
 from .references import Chunk, References, rows
-from .parity import BackendResult, MarginHistogram, ParityReport, Tolerance, uncompared_outputs
+from .validation_notes import finish
+from .parity import BackendResult, MarginHistogram, ParityReport, Tolerance
 from .runtimes import ArtifactInfo, Runner
 
 
@@ -86,6 +90,7 @@ class Shard:
     needed_bounds: bool
     foreign_labels: str = ""  # why no accuracy: labels beyond the model's classes
     unsure: int = 0  # samples whose outputs were not compared (``ReferenceRun.unsure``)
+    hidden: dict[str, int] = field(default_factory=dict)  # by backend: spared by a step no tensor holds
 
 
 @dataclass(frozen=True)
@@ -121,6 +126,7 @@ class Validation:
         self.margins = {s.tensor: MarginHistogram(s.tensor) for s in info.steps}
         self.unobserved: set[str] = set()
         self.unsure = 0
+        self.hidden: dict[str, int] = {}
         self.ties: set[str] = set()
         self.steps_per_run = int(getattr(model, "steps", 1)) if info.streaming else 1
         # Certified ties by (tensor, time step) → list of (crafted row, unit).
@@ -138,7 +144,7 @@ class Validation:
     def shard(self) -> Shard:
         refs = self.references
         return Shard(self.results, self.margins, self.unobserved, self.ties, refs.no_bound, refs.needed_bounds,
-                     self.foreign_labels, self.unsure)
+                     self.foreign_labels, self.unsure, self.hidden)
 
     def absorb(self, shard: Shard) -> None:
         # by name: a worker on another machine may see other runtimes (a Ray actor is given no GPU)
@@ -157,6 +163,8 @@ class Validation:
         refs.needed_bounds = refs.needed_bounds or shard.needed_bounds
         self.foreign_labels = self.foreign_labels or shard.foreign_labels
         self.unsure += shard.unsure
+        for backend, spared in shard.hidden.items():
+            self.hidden[backend] = self.hidden.get(backend, 0) + spared
 
     def _certified_mask(self, tensor: str, t: int, offset: int, n: int, units: int) -> np.ndarray | None:
         marks = self.certified.get((tensor, t))
@@ -246,6 +254,11 @@ class Validation:
     def _tensors(self, backend: str, result: BackendResult, ref, art: dict[str, np.ndarray], excused: np.ndarray,
                  part: str, offset: int, t: int, n: int, found: BatchBounds | None) -> None:
         """Each step tensor (bit for bit) and each float output of one backend, against the reference."""
+        # with derived tolerances and no sample needing bounds, every output agrees to its last bits: none to spare
+        hidden = near_hidden_steps(ref, {(s.site, s.call) for s in self.info.steps if s.tensor in art}, found,
+                                   self.tol.flip_margin, n) \
+            if found is not None or not self.tol.derived or self.references.no_bound else np.zeros(n, bool)
+        self.hidden[backend] = self.hidden.get(backend, 0) + int(hidden.sum())
         for tr in result.tensors:
             key = None
             if tr.kind == "binary":
@@ -268,8 +281,9 @@ class Validation:
                 compare_binary(tr, ref.steps[key], art[tr.name], pre, cert, excused, margin, part, offset)
             else:
                 bound = found.outputs.get(tr.name) if found is not None else None
-                compare_float(tr, ref.outputs[tr.name], art[tr.name], _spared(excused, ref), self.tol, part, offset,
-                              bound)
+                compare_float(tr, ref.outputs[tr.name], art[tr.name], _spared(excused | hidden, ref), self.tol, part,
+                              offset, bound)
+        excused |= hidden  # and the argmax
 
     def _argmax(self, ref, arts: list[dict[str, np.ndarray]], excused: list[np.ndarray], y: np.ndarray | None,
                 part: str, n: int) -> None:
@@ -343,7 +357,7 @@ def validate(model: nn.Module, info: ArtifactInfo, runners: list[Runner], data: 
         for part, x, y, offset in parts:
             run.batch(x, y, part, offset)
             advance(count(x))
-    _finish(report, run)
+    finish(report, run)
     report.seconds = time.perf_counter() - started
     return report
 
@@ -368,30 +382,3 @@ def _new_report(model: nn.Module, info: ArtifactInfo, model_name: str, batches: 
     artifact_tie = info.tie if isinstance(getattr(info, "tie", None), str) else None
     report.tie_rule = {"reference": _declared_tie(model), "artifact": artifact_tie}
     return report
-
-
-def _finish(report: ParityReport, run: Validation) -> None:
-    """What the pass found, into the report: results, margins, the tie rule applied, notes."""
-    report.backends = run.results
-    if report.tie_rule["reference"] is None and len(run.ties) == 1:
-        report.tie_rule["reference"] = next(iter(run.ties))  # a traced model: the comparisons it applied
-    report.margins = run.margins
-    if run.graph_steps is not None:
-        report.notes.append("the model (TorchScript) exposes no intermediate tensors: its step tensors and "
-                            "pre-activations come from its captured graph run in ONNX Runtime (so they check the "
-                            "conversion, not the capture); outputs from the model itself")
-    if run.unsure:
-        report.notes.append(f"{run.unsure} sample{'s' if run.unsure != 1 else ''}: the model's outputs differ from "
-                            f"its captured graph's and a step input lies within the flip margin of its threshold "
-                            f"(a near tie it may decide the other way); their outputs were not compared")
-    if run.foreign_labels:
-        report.notes.append(run.foreign_labels)
-    if uncompared_outputs(run.results):
-        report.notes.append(uncompared_outputs(run.results))
-    if run.unobserved:
-        report.notes.append(f"the reference cannot record step tensors {', '.join(sorted(run.unobserved))} "
-                            f"(a traced model has no Step modules to hook); they are checked through the outputs only")
-    if report.tolerance.derived and run.references.no_bound and run.references.needed_bounds:
-        report.notes.append(f"rounding bounds are not available for this model ({run.references.no_bound}); "
-                            f"the fixed tolerances were used")
-        report.tolerance = replace(report.tolerance, derived=False)  # the report says what was applied

@@ -382,6 +382,12 @@ def test_the_layers_can_be_scripted_and_compute_the_same(module):
     assert torch.equal(torch.jit.script(module.eval())(x), module(x))
 
 
+def test_a_lif_neuron_can_be_scripted():
+    lif, current, v = LIF(0.8, 1.0, "zero").eval(), torch.randn(4, 6), torch.rand(4, 6)
+    scripted = torch.jit.script(lif)
+    assert all(torch.equal(a, b) for a, b in zip(scripted(current, v), lif(current, v)))
+
+
 @pytest.mark.slow
 def test_a_scripted_model_hardens_and_its_binary_layer_bit_packs(tmp_path):
     """torch.jit.script failed on these layers; scripted, the smooth HTAF is a function call, which must be read

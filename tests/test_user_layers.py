@@ -1,7 +1,7 @@
 """Layers users write that were refused, crashed or were named wrongly: binary layers at each token of [N, L, F]
 (bit-packed on TFLite, a MatMul in ONNX), LayerNorm on TFLite, an even kernel's 'same' padding before a binary
 Conv1d, binary Conv1d on integer kernels (onnx-int8), nearest upsampling on TFLite, XNOR-Net's scale after a large
-conv, parametrized weights, uint8 inputs, ``nn.Unflatten`` from a vector to a feature map."""
+conv, parametrized weights, uint8 inputs, ``nn.Unflatten`` from a vector to a feature map, ``torch.einsum`` written for a dense layer."""
 
 from __future__ import annotations
 
@@ -224,3 +224,38 @@ def test_unflatten_converts_from_either_format_and_keeps_derived_bounds(tmp_path
     assert not any("rounding bounds are not available" in n for n in result.report.notes), result.report.notes
     rows = {r.layer: r.became for r in result.conversion.rows}
     assert rows.get("conv") == "LceBconv2d (bit-packed)", rows
+
+
+class EinsumNet(nn.Module):
+    """Dense layers written as einsum on ±1 weights computed inline (at each token, then on the pooled vector)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.a0 = nn.Linear(6, 12), HTAF(levels="pm1")
+        self.w1 = nn.Parameter(torch.randn(10, 12))
+        self.bn, self.a1 = nn.BatchNorm1d(5), HTAF(levels="pm1")
+        self.w2 = nn.Parameter(torch.randn(3, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.einsum("bti,oi->bto", self.a0(self.embed(x)), ste_sign(self.w1))
+        return torch.einsum("bi,io->bo", self.a1(self.bn(h)).mean(1), ste_sign(self.w2).t())
+
+
+def test_einsum_equations_that_are_a_matrix_product_are_found():
+    from htaf_export.passes.einsum import _matmul_axes
+
+    assert _matmul_axes("bi,oi->bo") == ("bi", "oi", "bo", "i")
+    assert _matmul_axes("bti,io->tbo") == ("bti", "io", "tbo", "i")
+    assert _matmul_axes("bij,jk->bik") == ("bij", "jk", "bik", "j")
+    for other in ("bi,bi->b", "ij,jk,kl->il", "...i,oi->...o", "bii,oi->bo", "bij,ijk->bk", "bi,oi->boi"):
+        assert _matmul_axes(other) is None, other
+
+
+@pytest.mark.slow
+@needs_tflite
+@pytest.mark.parametrize("target", ["tflite", "onnx-int8"])
+def test_einsum_dense_layers_are_binary_layers(tmp_path, target):
+    """TFLite refused Einsum ('no TFLite translation'); now each is the MatMul it is, binary on ±1 weights and
+    named after its parameter."""
+    rows = {r.layer: r.became for r in _export(EinsumNet(), (5, 6), target, tmp_path).conversion.rows}
+    assert rows.get("w1", "").startswith(("LceBconv2d", "MatMulInteger")), rows

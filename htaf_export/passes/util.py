@@ -85,7 +85,7 @@ def zeros_among_signs(array: np.ndarray, axis: int = 0) -> int:
 
 
 MODULE_PARAMETERS = ("weight", "bias", "latent")  # what torch's and this package's layers call their parameters
-DERIVED_SUFFIXES = (".packed", ".unpacked", ".shape", ".numel", ".scale", ".bipolar", ".folded")
+DERIVED_SUFFIXES = (".packed", ".unpacked", ".shape", ".numel", ".scale", ".bipolar", ".folded", ".transposed")
 
 
 def layer_of(weight_name: str) -> str:
@@ -114,3 +114,32 @@ def layer_of_node(node_name: str) -> str:
     """The module path the ONNX exporter writes into a node's name (``/layers/0/Conv`` → ``layers.0``), for a
     weight the exporter made itself (``onnx::Conv_29``: a batch norm folded into it, a transposed matrix)."""
     return ".".join(part for part in node_name.split("/")[1:-1] if part)
+
+
+def distinct_names(graph: ir.Graph) -> dict[str, str]:
+    """Give repeated node names and repeated names of computed values a suffix (``@1``, ``@2``), in graph order: a
+    lowering names what it writes after the layer, and a layer called at several time steps (a recurrent weight)
+    is lowered once per call. Returns {new value name: the name it repeated} (annotations keyed by value name
+    apply to both). Graph outputs keep their names."""
+    nodes: set[str] = set()
+    values = {v.name for v in [*graph.inputs, *graph.initializers.values()] if v.name}
+    kept = {v.name for v in graph.outputs}
+    renamed: dict[str, str] = {}
+
+    def fresh(name: str, taken: set[str]) -> str:
+        k = 1
+        while f"{name}@{k}" in taken:
+            k += 1
+        return f"{name}@{k}"
+
+    for node in graph:
+        if node.name:
+            node.name = fresh(node.name, nodes) if node.name in nodes else node.name
+            nodes.add(node.name)
+        for value in node.outputs:
+            if value.name in values and value.name not in kept:
+                new = fresh(value.name, values)
+                renamed[new], value.name = value.name, new
+            if value.name:
+                values.add(value.name)
+    return renamed
