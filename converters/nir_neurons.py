@@ -20,6 +20,7 @@ import onnx_ir as ir
 
 from htaf_export.contracts import StepSpec
 from htaf_export.errors import UnsupportedLayer
+from htaf_export.ops import HTAF_DOMAIN
 from htaf_export.passes.util import const_array
 from htaf_export.runtimes.nir_file import leak_text
 
@@ -103,7 +104,25 @@ def _reads_spike(value: ir.Value | None, spike: ir.Value) -> bool:
         return node.inputs[0] is spike and is_constant(node.inputs[1], 0.0)
     if node.op_type == "Equal":
         return spike in node.inputs and any(is_constant(v, 1.0) for v in node.inputs)
+    if node.op_type in ("GreaterOrEqual", "Greater"):  # the spike's own test again: where(v >= θ, 0, v)
+        return _same_test(node, spike)
     return False
+
+
+def _same_test(compare: ir.Node, spike: ir.Value) -> bool:
+    """``compare`` tests the spike's membrane against its threshold with its tie rule: true exactly where it fired."""
+    step = spike.producer()
+    if step is None or step.domain != HTAF_DOMAIN or step.op_type != "Heaviside":
+        return False
+    tie = next((a.value for a in step.attributes.values() if a.name == "tie"), "ge")
+    if compare.op_type != ("GreaterOrEqual" if tie == "ge" else "Greater"):
+        return False
+    try:
+        membrane, theta = membrane_of(step)
+    except UnsupportedLayer:
+        return False
+    bound = const_array(compare.inputs[1])
+    return compare.inputs[0] is membrane and bound is not None and bool(np.all(bound.astype(np.float32) == theta))
 
 
 def reset_kind(value: ir.Value, membrane: ir.Value, spike: ir.Value) -> str | None:
@@ -119,6 +138,9 @@ def reset_kind(value: ir.Value, membrane: ir.Value, spike: ir.Value) -> str | No
     if where is not None and where.inputs[2] is membrane and is_constant(where.inputs[1], 0.0) \
             and _reads_spike(where.inputs[0], spike):
         return "zero"
+    if where is not None and where.inputs[2] is membrane and _reads_spike(where.inputs[0], spike) and \
+            _producer(where.inputs[1], "Sub") is not None and _producer(where.inputs[1], "Sub").inputs[0] is membrane:
+        return "subtract"  # where(s > 0, v − θ, v)
     if sub is not None and sub.inputs[0] is membrane:
         taken = sub.inputs[1]
         scaled = _producer(taken, "Mul")

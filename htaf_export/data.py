@@ -179,6 +179,7 @@ class NpzBatches:
                            f"[batch, {', '.join(map(str, shape))}]{hint}")
         if found[0] == 0:
             raise BadInput(f"data file {self.path} holds no samples")
+        _same_layout(self.path, list(found[1:]), list(shape))
         return found[0], dtype, fortran
 
     def __len__(self) -> int:
@@ -246,3 +247,19 @@ def load_npz(path: str | Path, input_shape: Sequence[int] | Sequence[Sequence[in
     if isinstance(parts[0], tuple):
         return Dataset(tuple(np.concatenate(a) for a in zip(*parts)), source.y, source.source)
     return Dataset(np.concatenate(parts), source.y, source.source)
+
+
+def _same_layout(path: Path, sample: list[int], shape: list[int]) -> None:
+    """Rows of as many values as the model's input are read in its shape when they are flat, or the same shape up to
+    axes of size 1; another arrangement of the same axes (channels last for a [C, H, W] model) would scramble every
+    sample, so it is refused, with the transpose that fixes it."""
+    if len(sample) <= 1 or [d for d in sample if d != 1] == [d for d in shape if d != 1]:
+        return
+    hint = ""
+    if sorted(sample) == sorted(shape) and len(sample) == len(shape):
+        order = []
+        for d in shape:  # the first unused axis of each size: exact for distinct sizes, a guess otherwise
+            order.append(next(i for i, e in enumerate(sample) if e == d and i not in order))
+        hint = f"; if its axes are only in another order, store np.transpose(x, {tuple([0] + [i + 1 for i in order])})"
+    raise BadInput(f"data file {path}: samples shaped {sample} are not the model input's {shape}, and reading them "
+                   f"in that shape would scramble them{hint}")

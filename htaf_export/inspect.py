@@ -16,6 +16,7 @@ from .errors import BadInput, UnsupportedLayer
 from .harden import HardenResult, Site, harden, record_every_step, unrecorded_tie_note
 from .io import LoadedModel
 from .nn.binary import BinaryWeights
+from .passes.util import const_array
 from . import metadata as md
 from .recommend import Recommendation, recommend
 from .targets import TARGETS, ExportOptions
@@ -104,12 +105,30 @@ def summarize(loaded: LoadedModel, data: Dataset | None = None, tie: str | None 
                              f"export ({e})")
         return summary
     if traced:  # a traced graph's modules are plain: its binary layers are those the ONNX export packs
+        summary.sites = summary.sites + _captured_sites(cap, {s.name for s in summary.sites})
         packed = {r.layer for r in onnx_file.rows if r.became == PACKED_WEIGHTS}
         summary.layers = layer_table(loaded.module, packed)
         summary.notes.append("binary layers found as the ONNX export finds them (±1 weights, packed to 1 bit)")
     if recommend_target:
         summary.recommendation = recommend(cap, {"onnx": onnx_file.data})
     return summary
+
+
+def _captured_sites(cap, known: set[str]) -> list[Site]:
+    """The steps only the captured graph shows (a TorchScript trace's plain comparisons), as sites: its threshold
+    where one number holds for every unit, else ``None`` (shown as "?")."""
+    found = []
+    producers = {n.outputs[0].name: n for n in cap.model.graph if n.outputs}
+    for spec in cap.steps:  # by tensor: a trace's steps share the name "step", one call each
+        if spec.site in known or spec.tensor in known:
+            continue
+        node = producers.get(spec.tensor)
+        theta = const_array(node.inputs[1]) if node is not None and len(node.inputs) > 1 else None
+        one = theta is not None and theta.size > 0 and bool((theta == theta.reshape(-1)[0]).all())
+        found.append(Site(spec.tensor, spec.levels, float(theta.reshape(-1)[0]) if one else None, spec.tie,  # type: ignore[union-attr]
+                          "step", how="exact step in the captured graph"))
+        known.add(spec.tensor)
+    return found
 
 
 def render(summary: ModelSummary, console: Console) -> None:

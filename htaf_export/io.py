@@ -22,7 +22,7 @@ from .batch_axis import BatchAxes
 from .files import atomic_write
 from .model_state import buffers_kept
 from .pickles import unpickle
-from .programs import flatten_inputs, free_batch, refuse_training_mode, static_batch
+from .programs import flatten_inputs, free_batch, refuse_batch_statistics, refuse_training_mode, static_batch
 from .signature import as_shapes, forward_arguments
 
 CHECKPOINT_FORMAT = "htaf-export/checkpoint"
@@ -75,6 +75,7 @@ def resolve(loaded: LoadedModel, input_shape: Sequence[int] | Sequence[Sequence[
     from . import outputs
     from .data import npz_sample_shapes
 
+    refuse_batch_statistics(loaded.module, loaded.path)
     arguments = loaded.input_names or forward_arguments(loaded.module)
     names = ["input"] if len(arguments) == 1 else arguments
     shapes = as_shapes(input_shape) or (loaded.input_shapes or None)

@@ -26,6 +26,8 @@ def refuse_training_mode(program: Any, path: Path) -> None:
         name = _op_name(node)
         flag = TRAINING_OPS.get(name, -1)
         if node.op == "call_function" and flag != -1 and (flag is None or (len(node.args) > flag and node.args[flag] is True)):
+            if name == "batch_norm" and len(node.args) > 3 and node.args[3] is None or "no_stats" in str(node.target):
+                raise BadInput(_batch_statistics(path, _module_of(node)))
             what = "a dropout drops at random" if name == "dropout" else "a batch norm uses each batch's statistics"
             raise BadInput(f".pt2 file {path} was exported in training mode ({what}); call model.eval() before "
                            f"torch.export.export")
@@ -130,3 +132,24 @@ def _owner(module: nn.Module, target: Any) -> nn.Module:
 
 def _op_name(node: Any) -> str:
     return getattr(getattr(node.target, "_overloadpacket", None), "__name__", "")
+
+
+def _batch_statistics(path: Path, name: str) -> str:
+    return (f"{path}: batch norm {name!r} keeps no running statistics (track_running_stats=False), so even in eval it "
+            f"normalizes each batch by that batch's own mean and variance: a sample's output depends on the rest of "
+            f"its batch, which no exported file reproduces; train it with running statistics (the default), or use "
+            f"LayerNorm or GroupNorm, which normalize each sample alone")
+
+
+def _module_of(node: Any) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    return str(list(stack.values())[-1][0]) if stack else str(node.name)
+
+
+def refuse_batch_statistics(module: Any, path: Path) -> None:
+    """A batch norm without running statistics normalizes with each batch's statistics in eval too (refused, as a
+    program exported in training mode is): in a pickle, a checkpoint's model or a TorchScript module."""
+    for name, sub in module.named_modules():
+        kind = getattr(sub, "original_name", type(sub).__name__)
+        if kind in ("BatchNorm1d", "BatchNorm2d", "BatchNorm3d") and getattr(sub, "running_mean", None) is None:
+            raise BadInput(_batch_statistics(path, name))

@@ -305,3 +305,24 @@ def test_a_report_without_validation_is_refused_before_anything_is_written(sampl
                               "--report", report)
     assert "--no-validate" in _one_error_line(code, err) and printed == ""
     assert not out.exists() and not report.exists()
+
+
+def test_inspect_lists_the_plain_steps_of_a_torchscript_trace(tmp_path, capsys, wide):
+    """A trace's `(conv(x) > t).float()` steps are found by capture, not by hardening: inspect listed no site."""
+
+    class Plain(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c1, self.c2 = torch.nn.Conv1d(5, 8, 3), torch.nn.Conv1d(8, 8, 3, dilation=2)
+            self.fc = torch.nn.Linear(8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = (self.c2((self.c1(x) > 0).float()) > 0.1).float()
+            return self.fc(h.amax(-1))
+
+    torch.manual_seed(0)
+    path = tmp_path / "k.pt"
+    torch.jit.save(torch.jit.trace(Plain().eval(), torch.randn(2, 5, 31)), path)
+    code, out, _ = _run(capsys, "inspect", str(path), "--input-shape", "5,31")
+    rows = [line for line in out.splitlines() if "exact step in the captured graph" in line]
+    assert code == 0 and len(rows) == 2 and " 0.1 " in rows[1], out

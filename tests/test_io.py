@@ -503,3 +503,36 @@ def test_time_first_data_for_a_batch_first_input_is_told_to_move_its_axes(tmp_pa
     with pytest.raises(BadInput) as refused:  # a plain misfit gets no such hint
         load_npz(tmp_path / "d.npz", [7, 20])
     assert "time first" not in str(refused.value)
+
+
+class BatchStatistics(torch.nn.Module):
+    """A batch norm without running statistics: in eval too it normalizes each batch by its own statistics."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.bn = torch.nn.Linear(10, 16), torch.nn.BatchNorm1d(16, track_running_stats=False)
+        self.out = torch.nn.Linear(16, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out((self.bn(self.fc(x)) >= 0).float())
+
+
+@pytest.mark.parametrize("fmt", ["pt2", "pickle", "torchscript"])
+def test_a_batch_norm_without_running_statistics_is_refused_in_one_line(tmp_path, capsys, fmt):
+    """Was: a .pt2 told to call model.eval() (it was in eval), a pickle passed with outputs that depend on the rest
+    of the batch, TorchScript an internal error (exit 3)."""
+    from htaf_export import cli
+
+    model, path = BatchStatistics().eval(), tmp_path / ("m.pt2" if fmt == "pt2" else "m.pt")
+    if fmt == "pt2":
+        htaf_export.save(model, path, input_shape=[10])
+    elif fmt == "pickle":
+        torch.save(model, path)
+    else:
+        torch.jit.save(torch.jit.trace(model, torch.randn(4, 10)), path)
+    capsys.readouterr()
+    code = cli.main([str(path), "--target", "onnx", "-o", str(tmp_path / "m.onnx"), "--input-shape", "10",
+                     "--trust-pickle"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "keeps no running statistics" in err and "'bn'" in err, err
+    assert not (tmp_path / "m.onnx").exists()

@@ -503,3 +503,36 @@ def test_snntorch_forms_nir_cannot_express_are_refused_for_what_they_are(model, 
     assert cli.main([str(path), "--target", "nir", "-o", str(out), "--no-validate"]) == 2
     err = capsys.readouterr().err.strip()
     assert said in err and "\n" not in err and not out.exists()
+
+
+class ResetSpelling(torch.nn.Module):
+    """A plain LIF loop whose reset is written with torch.where, on the membrane's own test or on the spike."""
+
+    def __init__(self, reset: str) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.reset = torch.nn.Linear(11, 20), torch.nn.Linear(20, 4), reset
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        v1, v2, outs = torch.zeros(x.shape[0], 20), torch.zeros(x.shape[0], 4), []
+        for t in range(x.shape[1]):
+            v1 = 0.9 * v1 + self.fc1(x[:, t])
+            s1 = (v1 >= 1.0).float()
+            v1 = torch.where(v1 >= 1.0, 0.0, v1) if self.reset == "zero" else torch.where(s1 > 0, v1 - 1.0, v1)
+            v2 = 0.9 * v2 + self.fc2(s1)
+            s2 = (v2 >= 1.0).float()
+            v2 = v2 * (1 - s2)
+            outs.append(s2)
+        return torch.stack(outs, dim=1)
+
+
+@pytest.mark.parametrize("reset", ["zero", "subtract"])
+def test_a_reset_written_with_where_is_read_as_the_reset_it_is(tmp_path, reset):
+    """where(v >= θ, 0, v) tests the membrane again rather than the spike: refused as 'Add has no NIR node' (the
+    leak line); where(s > 0, v − θ, v) is a subtract reset, refused with that reason rather than the Add's."""
+    torch.manual_seed(0)
+    path = htaf_export.save(ResetSpelling(reset).eval(), tmp_path / "lif.pt2", input_shape=[[6, 11]])
+    if reset == "zero":
+        assert _export(path, tmp_path / "lif.nir").report.passed
+    else:
+        with pytest.raises(htaf_export.errors.UnsupportedLayer, match="subtract reset"):
+            _export(path, tmp_path / "lif.nir")

@@ -202,3 +202,22 @@ def test_a_pt2_whose_forward_takes_a_dict_exports_its_tensors_by_name(tmp_path):
     result = htaf_export.export(tmp_path / "d.pt2", "onnx", tmp_path / "d.onnx", device="cpu")
     assert result.report.passed and result.report.inputs.startswith("digits")
     assert [i.name for i in onnx.load(tmp_path / "d.onnx").graph.input] == ["input"]
+
+
+def test_data_in_another_axis_order_is_refused_with_the_transpose_that_fixes_it(tmp_path, capsys):
+    """Channels-last images for a [3, 7, 9] model held as many values per row, so they were read in the model's
+    shape, every sample scrambled (and the parity check passed on the scrambled inputs)."""
+    import numpy as np
+
+    from htaf_export import cli
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4 * 5 * 7, 2)).eval()
+    path = htaf_export.save(model, tmp_path / "m.pt2", input_shape=[3, 7, 9])
+    np.savez(tmp_path / "nhwc.npz", x=np.random.default_rng(0).random((16, 7, 9, 3), np.float32))
+    np.savez(tmp_path / "flat.npz", x=np.random.default_rng(0).random((16, 3 * 7 * 9), np.float32))
+    capsys.readouterr()
+    code = cli.main([str(path), "--target", "onnx", "-o", str(tmp_path / "m.onnx"), "--data", str(tmp_path / "nhwc.npz")])
+    err = capsys.readouterr().err
+    assert code == 2 and "np.transpose(x, (0, 3, 1, 2))" in err and not (tmp_path / "m.onnx").exists(), err
+    assert cli.main([str(path), "--target", "onnx", "-o", str(tmp_path / "m.onnx"), "--data",
+                     str(tmp_path / "flat.npz")]) == 0  # flat rows of the right size are read as the input's shape

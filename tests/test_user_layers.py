@@ -259,3 +259,40 @@ def test_einsum_dense_layers_are_binary_layers(tmp_path, target):
     named after its parameter."""
     rows = {r.layer: r.became for r in _export(EinsumNet(), (5, 6), target, tmp_path).conversion.rows}
     assert rows.get("w1", "").startswith(("LceBconv2d", "MatMulInteger")), rows
+
+
+class RecurrentSign(nn.Module):
+    """One ±1 recurrent weight used at every time step of [N, T, F] (a binary RNN cell written by hand)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.wx, self.wh, self.bn = nn.Linear(7, 12, bias=False), nn.Linear(12, 12, bias=False), nn.BatchNorm1d(12)
+        self.head = nn.Linear(12, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.zeros(x.size(0), 12)
+        for t in range(x.size(1)):
+            h = torch.where(self.bn(self.wx(x[:, t])) + F.linear(h, ste_sign(self.wh.weight)) >= 0, 1.0, -1.0)
+        return self.head(h)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", ["onnx-int8", "qonnx"])
+def test_a_binary_weight_used_at_every_time_step_lowers_once_per_call(tmp_path, target):
+    """Each call was lowered under the layer's name: two nodes of one name (ONNX Runtime refused the onnx-int8
+    file) and a value written twice (qonnx: an internal error)."""
+    if target == "qonnx":
+        pytest.importorskip("qonnx")
+    torch.manual_seed(0)
+    model = RecurrentSign()
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-1, 1)
+    path = save_pt2(model.eval(), torch.randn(2, 5, 7), tmp_path / "rnn.pt2")
+    out = tmp_path / ("rnn.int8.onnx" if target == "onnx-int8" else "rnn.qonnx.onnx")
+    with contextlib.redirect_stdout(io.StringIO()):
+        result = htaf_export.export(path, target, out, device="cpu")
+    assert result.report.passed, result.report.failure_line()
+    import onnx
+
+    names = [n.name for n in onnx.load(str(out)).graph.node]
+    assert len(names) == len(set(names))
