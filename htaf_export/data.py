@@ -250,10 +250,10 @@ def load_npz(path: str | Path, input_shape: Sequence[int] | Sequence[Sequence[in
 
 
 def _same_layout(path: Path, sample: list[int], shape: list[int]) -> None:
-    """Rows of as many values as the model's input are read in its shape when they are flat, or the same shape up to
-    axes of size 1; another arrangement of the same axes (channels last for a [C, H, W] model) would scramble every
-    sample, so it is refused, with the transpose that fixes it."""
-    if len(sample) <= 1 or [d for d in sample if d != 1] == [d for d in shape if d != 1]:
+    """Rows of as many values as the model's input are read in its shape when either is flat (8×8 images for an MLP
+    that takes 64 values), or the same shape up to axes of size 1; another arrangement of several axes (channels
+    last for a [C, H, W] model) would scramble every sample, so it is refused, with the transpose that fixes it."""
+    if len(sample) <= 1 or len(shape) <= 1 or [d for d in sample if d != 1] == [d for d in shape if d != 1]:
         return
     hint = ""
     if sorted(sample) == sorted(shape) and len(sample) == len(shape):
