@@ -296,3 +296,5 @@ def test_a_binary_weight_used_at_every_time_step_lowers_once_per_call(tmp_path, 
 
     names = [n.name for n in onnx.load(str(out)).graph.node]
     assert len(names) == len(set(names))
+    # the weight binarized anew at each step folds to one parameter's weight, named after it (was `add_64`)
+    assert "wh" in {r.layer for r in result.conversion.rows}, result.conversion.rows

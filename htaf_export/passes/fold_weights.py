@@ -109,10 +109,15 @@ class FoldWeightExpressions(ir.passes.InPlacePass):
             return report(model)
         fold_constants(model, should_fold=lambda n: True if id(n) in foldable else None)
         records = []
+        first: dict[str, ir.Value] = {}  # by parameter: a weight binarized anew at each time step folds to one
         for node, source in targets.values():
             index = WEIGHT_INPUTS[node.op_type]
             weight = node.inputs[index]
             if weight is None or const_array(weight) is None:
+                continue
+            seen = first.get(source) if source else None
+            if seen is not None and seen is not weight and np.array_equal(const_array(seen), const_array(weight)):
+                node.replace_input_with(index, seen)
                 continue
             stale = graph.initializers.get(source) if source else None
             if stale is not None and stale is not weight and not stale.uses():
@@ -129,4 +134,6 @@ class FoldWeightExpressions(ir.passes.InPlacePass):
             if snap is not None:
                 weight.const_value = ir.tensor(snap[0], name=weight.name)
             records.append(FoldedWeight(str(weight.name), source, snap[1] if snap else 0.0))
+            if source:
+                first.setdefault(source, weight)
         return report(model, records)
