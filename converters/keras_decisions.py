@@ -34,7 +34,8 @@ MIRRORED = {"Greater": "Less", "Less": "Greater", "Equal": "Equal", "GreaterOrEq
 LOGICAL_OPS = {"And": tf.math.logical_and, "Or": tf.math.logical_or, "Xor": tf.math.logical_xor}
 
 
-def _two_tensors(b: KerasBuilder, node: ir.Node, a: Val, c: Val, op: Callable) -> list[Val]:
+def tensor_pair(b: KerasBuilder, node: ir.Node, a: Val, c: Val, op: Callable) -> list[Val]:
+    """``op`` of two computed tensors of one layout, one broadcasting to the other (``broadcast_shape``)."""
     a, c = b.to_canonical(b.materialize(a)), b.to_canonical(b.materialize(c))
     shape = broadcast_shape(a, c)
     if shape is None:
@@ -50,7 +51,7 @@ def _compare(b: KerasBuilder, node: ir.Node) -> list[Val]:
     a, c = b.get(node.inputs[0]), b.get(node.inputs[1])
     kind = node.op_type
     if a.tensor is not None and c.tensor is not None:
-        return _two_tensors(b, node, a, c, COMPARE_OPS[kind])
+        return tensor_pair(b, node, a, c, COMPARE_OPS[kind])
     if a.tensor is None:
         a, c, kind = c, a, MIRRORED[kind]
     if a.tensor is None or c.const is None:
@@ -65,7 +66,7 @@ def _logical(b: KerasBuilder, node: ir.Node) -> list[Val]:
     a, c = b.get(node.inputs[0]), b.get(node.inputs[1])
     if a.tensor is None or c.tensor is None:
         raise UnsupportedLayer(node.name, f"{node.op_type} with a constant decision")
-    return _two_tensors(b, node, a, c, LOGICAL_OPS[node.op_type])
+    return tensor_pair(b, node, a, c, LOGICAL_OPS[node.op_type])
 
 
 def _not(b: KerasBuilder, node: ir.Node) -> list[Val]:

@@ -16,7 +16,7 @@ from htaf_export.ops import HTAF_DOMAIN
 from htaf_export.passes.util import attr, const_array, zeros_among_signs
 
 from .keras_binary import binary, step
-from .keras_decisions import DECISION_EMITTERS, broadcast_shape
+from .keras_decisions import DECISION_EMITTERS, tensor_pair
 from .keras_builder import NHWC_AXIS, SHAPE_OPS, EmittedLayer, KerasBuilder, Val, keras, tf
 from .keras_activations import FORMULAS, activation, erf
 from .keras_norms import instance_norm, layer_norm
@@ -59,13 +59,7 @@ def _elementwise(b: KerasBuilder, node: ir.Node) -> list[Val]:
         result = np.asarray(op(a.const.astype(np.float32), c.const.astype(np.float32)), dtype=np.float32)
         return [Val(const=result, shape=result.shape)]
     if a.tensor is not None and c.tensor is not None:
-        a, c = b.to_canonical(b.materialize(a)), b.to_canonical(b.materialize(c))
-        shape = broadcast_shape(a, c)
-        if shape is None:
-            raise UnsupportedLayer(node.name, f"{node.op_type} of tensors shaped {a.shape} and {c.shape}")
-        t = b.lam(lambda zs: op(zs[0], zs[1]), [a.tensor, c.tensor], node.name or node.op_type)
-        big = a if a.shape == shape else c
-        return [Val(t, big.shape, big.layout, source=big.source)]
+        return tensor_pair(b, node, a, c, op)
     tensor_first = a.tensor is not None
     x = b.materialize(a if tensor_first else c)
     k = (c if tensor_first else a).const

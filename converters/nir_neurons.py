@@ -21,7 +21,7 @@ import onnx_ir as ir
 from htaf_export.contracts import StepSpec
 from htaf_export.errors import UnsupportedLayer
 from htaf_export.ops import HTAF_DOMAIN
-from htaf_export.passes.util import const_array
+from htaf_export.passes.util import attr, const_array
 from htaf_export.runtimes.nir_file import leak_text
 
 SUBTRACT_RESET = ("subtract reset (v ← v − θ·s) has no exact NIR form: a NIR LIF resets to v_reset, and rebuilding "
@@ -114,7 +114,7 @@ def _same_test(compare: ir.Node, spike: ir.Value) -> bool:
     step = spike.producer()
     if step is None or step.domain != HTAF_DOMAIN or step.op_type != "Heaviside":
         return False
-    tie = next((a.value for a in step.attributes.values() if a.name == "tie"), "ge")
+    tie = attr(step, "tie", "ge")
     if compare.op_type != ("GreaterOrEqual" if tie == "ge" else "Greater"):
         return False
     try:
@@ -138,8 +138,9 @@ def reset_kind(value: ir.Value, membrane: ir.Value, spike: ir.Value) -> str | No
     if where is not None and where.inputs[2] is membrane and is_constant(where.inputs[1], 0.0) \
             and _reads_spike(where.inputs[0], spike):
         return "zero"
-    if where is not None and where.inputs[2] is membrane and _reads_spike(where.inputs[0], spike) and \
-            _producer(where.inputs[1], "Sub") is not None and _producer(where.inputs[1], "Sub").inputs[0] is membrane:
+    taken = _producer(where.inputs[1], "Sub") if where is not None else None
+    if taken is not None and taken.inputs[0] is membrane and where.inputs[2] is membrane \
+            and _reads_spike(where.inputs[0], spike):
         return "subtract"  # where(s > 0, v − θ, v)
     if sub is not None and sub.inputs[0] is membrane:
         taken = sub.inputs[1]

@@ -102,14 +102,15 @@ def harden_torchscript(module: torch.jit.ScriptModule, tie: str | None) -> tuple
     sites: list[TracedSite] = []
     seen: dict[tuple[str, str], list] = {}  # scripted modules of one type and configuration share their graph
     for path, method, graph, leaf, kind in _ts_graphs(hard):
-        if leaf and (kind, method) not in seen:  # a scripted HTAF calls htaf_function: read its body (a parent's
-            torch._C._jit_pass_inline(graph)     # own graph is left as it is: its children's would come in)
-        found = seen.setdefault((kind, method), _ts_composites(graph))
+        first = (kind, method) not in seen
+        if leaf and first:  # a scripted HTAF calls htaf_function: read its body (a parent's own graph is left as
+            torch._C._jit_pass_inline(graph)  # it is: its children's would come in)
+        found = seen.setdefault((kind, method), _ts_composites(graph) if first else [])
         where = path if method == "forward" else f"{path}.{method}" if path else method
         for k, (theta, alpha, beta, levels) in enumerate(found):
             name = where if len(found) == 1 else f"{where}@{k}"
             sites.append(TracedSite(name or "(root)", theta, levels, op, "HTAF composite", alpha, beta))
-        if _ts_composites(graph):
+        if found and first:
             torch._C._jit_pass_custom_pattern_based_rewrite_graph(_pm1(_HTAF01, "%s"), _pm1(step01, "%f"), graph)
             torch._C._jit_pass_custom_pattern_based_rewrite_graph(_HTAF01, step01, graph)
             torch._C._jit_pass_dce(graph)

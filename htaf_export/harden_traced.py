@@ -58,7 +58,7 @@ def as_number(value) -> float | None:
     return None
 
 
-def _scope(node: fx.Node) -> tuple[str, str]:
+def scope_of(node: fx.Node) -> tuple[str, str]:
     """(module path, type name) of the innermost module a node ran in; ("", "") at the root."""
     stack = node.meta.get("nn_module_stack") or {}
     if not stack:
@@ -225,7 +225,7 @@ def _the_cast(cmp: fx.Node) -> fx.Node | None:
 
 
 def _site_path(gm: fx.GraphModule, node: fx.Node, match: _Match, taken: dict[str, TracedSite]) -> str:
-    path, kind = _scope(node)
+    path, kind = scope_of(node)
     base = path if kind in SCOPES and path else (f"{path}.step" if path else "step")
     name, k = base, 1
     while True:

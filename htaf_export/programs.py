@@ -13,6 +13,7 @@ from torch.utils import _pytree as pytree
 
 from . import outputs
 from .errors import BadInput
+from .harden_traced import scope_of
 
 
 TRAINING_OPS = {"batch_norm": 5, "dropout": 2, "_native_batch_norm_legit_functional": None,
@@ -27,7 +28,7 @@ def refuse_training_mode(program: Any, path: Path) -> None:
         flag = TRAINING_OPS.get(name, -1)
         if node.op == "call_function" and flag != -1 and (flag is None or (len(node.args) > flag and node.args[flag] is True)):
             if name == "batch_norm" and len(node.args) > 3 and node.args[3] is None or "no_stats" in str(node.target):
-                raise BadInput(_batch_statistics(path, _module_of(node)))
+                raise BadInput(_batch_statistics(path, scope_of(node)[0] or str(node.name)))
             what = "a dropout drops at random" if name == "dropout" else "a batch norm uses each batch's statistics"
             raise BadInput(f".pt2 file {path} was exported in training mode ({what}); call model.eval() before "
                            f"torch.export.export")
@@ -139,11 +140,6 @@ def _batch_statistics(path: Path, name: str) -> str:
             f"normalizes each batch by that batch's own mean and variance: a sample's output depends on the rest of "
             f"its batch, which no exported file reproduces; train it with running statistics (the default), or use "
             f"LayerNorm or GroupNorm, which normalize each sample alone")
-
-
-def _module_of(node: Any) -> str:
-    stack = node.meta.get("nn_module_stack") or {}
-    return str(list(stack.values())[-1][0]) if stack else str(node.name)
 
 
 def refuse_batch_statistics(module: Any, path: Path) -> None:
