@@ -220,7 +220,7 @@ class SliceGraph:
             return made, layer_of(node.inputs[1].name), x
         if op == "MatMul" and weight is not None and weight.ndim == 2:
             return nir.Linear(np.ascontiguousarray(weight.T, dtype=np.float32)), layer_of(node.inputs[1].name), x
-        if op == "Conv" and weight is not None and weight.ndim == 4:
+        if op == "Conv" and weight is not None and weight.ndim in (3, 4):
             return self._conv(node, weight), layer_of(node.inputs[1].name), x
         if op == "AveragePool":
             return self._pool(node), "avg_pool", x
@@ -240,19 +240,25 @@ class SliceGraph:
                                    "sum, and a membrane carried between time steps is recognised only in the forms "
                                    "docs/nir.md lists")
         raise UnsupportedLayer(node.name or op, f"{op} has no NIR node that computes it exactly "
-                               "(NIR carries Affine/Linear, Conv2d, AvgPool2d, Flatten and Scale between neurons)")
+                               "(NIR carries Affine/Linear, Conv1d, Conv2d, AvgPool2d, Flatten and Scale between neurons)")
 
     def _conv(self, node: ir.Node, weight: np.ndarray):
         import nir
 
-        pads = list(attr(node, "pads", [0, 0, 0, 0]))
-        if pads[:2] != pads[2:] or attr(node, "auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
-            raise UnsupportedLayer(layer_of(node.inputs[1].name), "asymmetric padding has no NIR Conv2d form")
+        dims = weight.ndim - 2
+        pads = list(attr(node, "pads", [0] * 2 * dims))
+        if pads[:dims] != pads[dims:] or attr(node, "auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
+            raise UnsupportedLayer(layer_of(node.inputs[1].name), f"asymmetric padding has no NIR Conv{dims}d form")
         bias = const_array(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
         bias = np.zeros(weight.shape[0], np.float32) if bias is None else bias
-        return nir.Conv2d(input_shape=self.shape(node.inputs[0])[1:], weight=_ungrouped(weight, int(attr(node, "group", 1))),
-                          stride=tuple(attr(node, "strides", [1, 1])), padding=tuple(pads[:2]),
-                          dilation=tuple(attr(node, "dilations", [1, 1])), groups=1, bias=bias.astype(np.float32))
+        made = nir.Conv2d if dims == 2 else nir.Conv1d
+        spatial = self.shape(node.inputs[0])[1:]
+        strides, dilations = attr(node, "strides", [1] * dims), attr(node, "dilations", [1] * dims)
+        # Conv1d's fields are plain ints in NIR (Conv2d's are pairs)
+        one = (lambda v: tuple(v)) if dims == 2 else (lambda v: int(v[0]))
+        return made(input_shape=one(spatial),
+                    weight=_ungrouped(weight, int(attr(node, "group", 1))), stride=one(strides),
+                    padding=one(pads[:dims]), dilation=one(dilations), groups=1, bias=bias.astype(np.float32))
 
     def _pool(self, node: ir.Node):
         import nir

@@ -536,3 +536,40 @@ def test_a_reset_written_with_where_is_read_as_the_reset_it_is(tmp_path, reset):
     else:
         with pytest.raises(htaf_export.errors.UnsupportedLayer, match="subtract reset"):
             _export(path, tmp_path / "lif.nir")
+
+
+class AudioSNN(torch.nn.Module):
+    """A spiking net on audio features (channels × frames): a strided Conv1d encoder and a dilated grouped Conv1d
+    between two hand-written zero-reset LIF layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = torch.nn.Conv1d(5, 8, 3, padding=1, stride=2)
+        self.dw = torch.nn.Conv1d(8, 8, 3, padding=2, dilation=2, groups=4)
+        self.out = torch.nn.Linear(8 * 10, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        v1, v2, total = torch.zeros(x.shape[0], 8, 10), torch.zeros(x.shape[0], 8, 10), 0
+        current = self.enc(x)
+        for _ in range(4):
+            v1 = 0.75 * v1 + current
+            s1 = (v1 >= 0.5).float()
+            v1 = v1 * (1 - s1)
+            v2 = 0.75 * v2 + self.dw(s1)
+            s2 = (v2 >= 0.5).float()
+            v2 = v2 * (1 - s2)
+            total = total + self.out(s2.flatten(1))
+        return total
+
+
+def test_conv1d_layers_become_nir_conv1d_nodes(tmp_path):
+    torch.manual_seed(0)
+    path = tmp_path / "audio.pt2"
+    save_pt2(AudioSNN().eval(), torch.randn(2, 5, 20), path)
+    result = _export(path, tmp_path / "audio.nir")
+    assert result.report.passed, result.report.failure_line()
+    sim = next(b for b in result.report.backends if b.backend == "nir-sim")
+    assert sum(t.kind == "binary" and t.elements > 0 for t in sim.tensors) == 2 * 4
+    convs = {n.weight.shape: n for n in nir.read(result.artifact).nodes.values() if type(n).__name__ == "Conv1d"}
+    assert set(convs) == {(8, 5, 3), (8, 8, 3)}
+    assert int(np.asarray(convs[(8, 5, 3)].stride)) == 2 and int(np.asarray(convs[(8, 8, 3)].dilation)) == 2

@@ -87,11 +87,12 @@ def _layer(node):
     if kind == "Scale":
         s = _f32(node.scale)
         return lambda x: x * s
-    if kind == "Conv2d":
+    if kind in ("Conv1d", "Conv2d"):
         w, b = _f32(node.weight), _f32(node.bias)
+        conv = F.conv1d if kind == "Conv1d" else F.conv2d
         pad = node.padding if isinstance(node.padding, str) else tuple(int(p) for p in np.atleast_1d(node.padding))
-        return lambda x: F.conv2d(x, w, b, tuple(np.atleast_1d(node.stride).tolist()), pad,
-                                  tuple(np.atleast_1d(node.dilation).tolist()), int(node.groups))
+        return lambda x: conv(x, w, b, tuple(np.atleast_1d(node.stride).tolist()), pad,
+                              tuple(np.atleast_1d(node.dilation).tolist()), int(node.groups))
     if kind in ("AvgPool2d", "SumPool2d"):
         k, s, p = (tuple(int(v) for v in np.atleast_1d(a)) for a in (node.kernel_size, node.stride, node.padding))
         divisor = 1 if kind == "SumPool2d" else None
