@@ -159,7 +159,7 @@ def reshape(b: KerasBuilder, node: ir.Node) -> list[Val]:
     x = b.get(node.inputs[0])
     if x.tensor is None:
         if x.const is not None:
-            raise UnsupportedLayer(node.name, "reshape of a constant that capture did not fold")
+            return [_reshaped_constant(b, node, np.asarray(x.const))]
         return [Val(shape_only=True)]
     out_shape = _reshape_target(b, node, x)
     if out_shape == x.shape:
@@ -174,6 +174,17 @@ def reshape(b: KerasBuilder, node: ir.Node) -> list[Val]:
     p = b.to_plain(x)
     t = b.reshape(p.tensor, out_shape, node.name or "reshape")
     return [b.to_canonical(Val(t, out_shape, "plain", presign=x.presign))]
+
+
+def _reshaped_constant(b: KerasBuilder, node: ir.Node, const: np.ndarray) -> Val:
+    """A reshape of a batch-1 constant the converter folded itself (a zero initial state times a leak, lifted
+    to 2-D for a Conv1d): the same reshape in numpy."""
+    if const.ndim == 0 or const.shape[0] != 1:
+        raise UnsupportedLayer(node.name, "reshape of a constant that capture did not fold")
+    out_shape = _reshape_target(b, node, Val(shape=const.shape[1:]))
+    if int(np.prod(out_shape)) != const.size:
+        raise UnsupportedLayer(node.name, f"reshape of a constant of shape {const.shape[1:]} to {out_shape}")
+    return Val(const=const.reshape((1, *out_shape)))
 
 
 def _reshape_target(b: KerasBuilder, node: ir.Node, x: Val) -> tuple[int, ...]:

@@ -59,14 +59,23 @@ def static_batch(program: Any) -> int | None:
 
 def free_batch(module: nn.Module, path: Path, batch: int, shapes: list[list[int]]) -> None:
     """Let a program exported for one batch size run on any: drop its batch guard, then check that each
-    sample's result is what it is alone (a program that folded the batch into a reshape mixes samples)."""
+    sample's result is what it is alone (a program that folded the batch into a reshape mixes samples). Sizes
+    the trace wrote as the batch literal (``torch.zeros(x.shape[0], ...)`` became ``zeros([2, ...])``) are read
+    from the input instead when the program does not run otherwise."""
     graph = module.graph  # type: ignore[attr-defined]
     for node in list(graph.nodes):
         if node.op == "call_module" and str(node.target) == "_guards_fn":
             graph.erase_node(node)
     kept = rebatch_state(module, batch)
     module.recompile()  # type: ignore[operator]
+    if not _runs_per_sample(module, shapes) and not (batch > 1 and _rebatch_sizes(module, batch)
+                                                     and _runs_per_sample(module, shapes)):
+        raise BadInput(f".pt2 file {path} was exported for batch size {batch} only and cannot run on other batch "
+                       f"sizes; {_advice(kept)}")
 
+
+def _runs_per_sample(module: nn.Module, shapes: list[list[int]]) -> bool:
+    """Whether the module runs at batch 3 and gives each sample what it gives it alone."""
     gen = torch.Generator().manual_seed(0)
     xs = [torch.randn(3, *shape, generator=gen) for shape in shapes]
     try:
@@ -75,14 +84,34 @@ def free_batch(module: nn.Module, path: Path, batch: int, shapes: list[list[int]
             alone = [outputs.leaves(module(*(x[i:i + 1] for x in xs))) for i in range(3)]
         # it ran at batch 3: an output without the batch on axis 0 is a layout to fix, not a fixed batch
         outputs.require_batch_first([t.shape for t in together], 3, [f"#{k}" for k in range(len(together))])
-        ok = all(t.shape[:1] == (3,) and all(torch.allclose(t[i:i + 1], a[k], rtol=1e-4, atol=1e-5)
-                                             for i, a in enumerate(alone))
-                 for k, t in enumerate(together))
+        return all(t.shape[:1] == (3,) and all(torch.allclose(t[i:i + 1], a[k], rtol=1e-4, atol=1e-5)
+                                               for i, a in enumerate(alone))
+                   for k, t in enumerate(together))
     except (RuntimeError, AssertionError, IndexError, ValueError):
-        ok = False
-    if not ok:
-        raise BadInput(f".pt2 file {path} was exported for batch size {batch} only and cannot run on other batch "
-                       f"sizes; {_advice(kept)}")
+        return False
+
+
+SIZED = {"zeros": 0, "ones": 0, "full": 0, "empty": 0, "new_zeros": 1, "new_ones": 1, "new_full": 1,
+         "new_empty": 1, "view": 1, "reshape": 1, "_unsafe_view": 1, "expand": 1}  # op → position of its size
+
+
+def _rebatch_sizes(module: nn.Module, batch: int) -> bool:
+    """Rewrite each size list whose first entry is the batch literal to read the first input's batch; whether
+    any was. The caller checks the result sample by sample, so a literal that was not the batch is refused."""
+    graph = module.graph  # type: ignore[attr-defined]
+    inputs = [n for n in graph.nodes if n.op == "placeholder"]
+    sized = [n for n in graph.nodes if n.op == "call_function" and _op_name(n) in SIZED
+             and isinstance(n.args[SIZED[_op_name(n)]], (list, tuple)) and n.args[SIZED[_op_name(n)]]
+             and n.args[SIZED[_op_name(n)]][0] == batch]
+    if not inputs or not sized:
+        return False
+    with graph.inserting_after(inputs[-1]):
+        size = graph.call_function(torch.ops.aten.sym_size.int, (inputs[0], 0))
+    for node in sized:
+        at = SIZED[_op_name(node)]
+        node.args = (*node.args[:at], [size, *node.args[at][1:]], *node.args[at + 1:])
+    module.recompile()  # type: ignore[operator]
+    return True
 
 
 def _advice(kept: list[str]) -> str:

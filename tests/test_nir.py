@@ -18,6 +18,7 @@ from htaf_export.models.snn import SnnMLP
 from htaf_export.nn import HTAF
 
 from conftest import save_pt2
+from spiking_models import AudioSNN
 
 nir = pytest.importorskip("nir")
 
@@ -536,30 +537,6 @@ def test_a_reset_written_with_where_is_read_as_the_reset_it_is(tmp_path, reset):
     else:
         with pytest.raises(htaf_export.errors.UnsupportedLayer, match="subtract reset"):
             _export(path, tmp_path / "lif.nir")
-
-
-class AudioSNN(torch.nn.Module):
-    """A spiking net on audio features (channels × frames): a strided Conv1d encoder and a dilated grouped Conv1d
-    between two hand-written zero-reset LIF layers."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.enc = torch.nn.Conv1d(5, 8, 3, padding=1, stride=2)
-        self.dw = torch.nn.Conv1d(8, 8, 3, padding=2, dilation=2, groups=4)
-        self.out = torch.nn.Linear(8 * 10, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        v1, v2, total = torch.zeros(x.shape[0], 8, 10), torch.zeros(x.shape[0], 8, 10), 0
-        current = self.enc(x)
-        for _ in range(4):
-            v1 = 0.75 * v1 + current
-            s1 = (v1 >= 0.5).float()
-            v1 = v1 * (1 - s1)
-            v2 = 0.75 * v2 + self.dw(s1)
-            s2 = (v2 >= 0.5).float()
-            v2 = v2 * (1 - s2)
-            total = total + self.out(s2.flatten(1))
-        return total
 
 
 def test_conv1d_layers_become_nir_conv1d_nodes(tmp_path):

@@ -58,6 +58,25 @@ class FoldedBatch(nn.Module):
         return (self.fc(x.reshape(1, 24)) > 0).float().expand(4, 4)
 
 
+class SizedByItsInput(nn.Module):
+    """A hand-written LIF loop whose state is ``torch.zeros(x.shape[0], ...)`` and whose readout flattens with
+    ``view(x.shape[0], -1)``: exported without a dynamic batch, the trace writes both sizes as the literal 4."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(6, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        v, total = torch.zeros(x.shape[0], 2, 4), 0
+        drive = self.fc1(x).view(x.shape[0], 2, 4)
+        for _ in range(3):
+            v = 0.5 * v + drive
+            s = (v >= 0.25).float()
+            v = v * (1 - s)
+            total = total + self.fc2(s.view(x.shape[0], -1))
+        return total
+
+
 def _export(model: nn.Module, tmp_path, capfd) -> tuple[int, str]:
     path = tmp_path / "model.pt2"
     features = model.fc1.in_features if hasattr(model, "fc1") else 6
@@ -76,6 +95,19 @@ def test_snntorch_membrane_kept_from_a_test_run_is_sized_to_each_batch(tmp_path,
     rc, err = _export(model, tmp_path, capfd)
     assert rc == 0, err
     assert (tmp_path / "model.onnx").exists()
+
+
+def test_sizes_the_trace_wrote_as_the_batch_are_read_from_the_input(tmp_path, capfd):
+    import onnxruntime as ort
+
+    torch.manual_seed(0)
+    model = SizedByItsInput().eval()
+    rc, err = _export(model, tmp_path, capfd)
+    assert rc == 0, err
+    x = torch.randn(3, 6)
+    session = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    np.testing.assert_allclose(got, model(x).detach().numpy(), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("model, named", [(KeptState, "'carry' holds a state of that batch"),

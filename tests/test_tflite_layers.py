@@ -24,6 +24,7 @@ from htaf_export import tflite_file as tfl  # noqa: E402
 from htaf_export.nn import HTAF, BinaryConv2d  # noqa: E402
 
 from conftest import SAMPLE_DIR, digits_subset, save_as_user, save_pt2  # noqa: E402
+from spiking_models import AudioSNN  # noqa: E402
 from test_user_layers import SignConv2d  # noqa: E402
 
 SHAPE = (2, 9, 12)
@@ -175,6 +176,24 @@ def test_a_conv1d_as_the_last_layer_exports_to_tflite_float_with_parity(tmp_path
     result = _exported(FrameHead(), (5, 17), "pt2", "tflite-float", tmp_path)
     ops = tfl.op_names(tfl.read_model(result.artifact.read_bytes()))
     assert ops.count("CONV_2D") == 2 and "AVERAGE_POOL_2D" in ops, ops
+
+
+@pytest.mark.parametrize("batch", [None, 2])
+def test_a_conv1d_spiking_net_exports_to_tflite_at_any_or_its_fixed_batch(tmp_path, batch):
+    """Its zero initial membrane times the leak is a constant the converter folds, then lifts to 2-D for the
+    Conv1d; a .pt2 exported at batch 2 without a dynamic batch writes that batch into its zeros."""
+    torch.manual_seed(0)
+    model, path = AudioSNN().eval(), tmp_path / "audio.pt2"
+    x = torch.randn(2, 5, 20)
+    if batch is None:
+        save_pt2(model, x, path)
+    else:
+        torch.export.save(torch.export.export(model, (x,)), path)
+    with contextlib.redirect_stdout(io.StringIO()):
+        result = htaf_export.export(path, "tflite", tmp_path / "audio.tflite", device="cpu")
+    assert result.report.passed, result.report.failure_line()
+    steps = [t for b in result.report.backends for t in b.tensors if t.kind == "binary" and t.elements > 0]
+    assert len(steps) >= 8, [t.name for t in steps]
 
 
 class FrameClassifier(nn.Module):
