@@ -49,9 +49,24 @@ def new_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     return value
 
 
+def _holding(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value | None:
+    """The initializer ``name`` or ``name_k`` (as ``new_initializer`` names them) that holds ``array``, if any."""
+    candidate, k = name, 1
+    while candidate in graph.initializers:
+        held = const_array(graph.initializers[candidate])
+        if held is not None and held.dtype == array.dtype and held.shape == array.shape and np.array_equal(held, array):
+            return graph.initializers[candidate]
+        candidate, k = f"{name}_{k}", k + 1
+    return None
+
+
 def replacing_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     """``new_initializer`` under ``name`` itself when the initializer of that name is no longer used (a layer
-    being rewritten keeps its parameter's name instead of ``name_1``)."""
+    being rewritten keeps its parameter's name instead of ``name_1``), or that initializer itself when it holds
+    ``array`` already (a weight read at every time step is stored once)."""
+    same = _holding(graph, name, array)
+    if same is not None:
+        return same
     old = graph.initializers.get(name)
     if old is not None and not old.uses() and not old.is_graph_output():
         graph.initializers.pop(name)
