@@ -68,7 +68,7 @@ def free_batch(module: nn.Module, path: Path, batch: int, shapes: list[list[int]
             graph.erase_node(node)
     kept = rebatch_state(module, batch)
     module.recompile()  # type: ignore[operator]
-    if not _runs_per_sample(module, shapes) and not (batch > 1 and _rebatch_sizes(module, batch)
+    if not _runs_per_sample(module, shapes) and not (_rebatch_sizes(module, batch)
                                                      and _runs_per_sample(module, shapes)):
         raise BadInput(f".pt2 file {path} was exported for batch size {batch} only and cannot run on other batch "
                        f"sizes; {_advice(kept)}")
@@ -97,12 +97,16 @@ SIZED = {"zeros": 0, "ones": 0, "full": 0, "empty": 0, "new_zeros": 1, "new_ones
 
 def _rebatch_sizes(module: nn.Module, batch: int) -> bool:
     """Rewrite each size list whose first entry is the batch literal to read the first input's batch; whether
-    any was. The caller checks the result sample by sample, so a literal that was not the batch is refused."""
+    any was. At batch 1 only the reshapes of tensors computed from the inputs (``h.view(1, -1)``): a 1 elsewhere
+    is as likely a broadcast axis. The caller checks the result sample by sample, so a literal that was not the
+    batch is refused."""
     graph = module.graph  # type: ignore[attr-defined]
     inputs = [n for n in graph.nodes if n.op == "placeholder"]
+    computed = _computed_from(inputs)
     sized = [n for n in graph.nodes if n.op == "call_function" and _op_name(n) in SIZED
              and isinstance(n.args[SIZED[_op_name(n)]], (list, tuple)) and n.args[SIZED[_op_name(n)]]
-             and n.args[SIZED[_op_name(n)]][0] == batch]
+             and n.args[SIZED[_op_name(n)]][0] == batch
+             and (batch > 1 or (SIZED[_op_name(n)] == 1 and n.args[0] in computed))]
     if not inputs or not sized:
         return False
     with graph.inserting_after(inputs[-1]):
@@ -112,6 +116,17 @@ def _rebatch_sizes(module: nn.Module, batch: int) -> bool:
         node.args = (*node.args[:at], [size, *node.args[at][1:]], *node.args[at + 1:])
     module.recompile()  # type: ignore[operator]
     return True
+
+
+def _computed_from(inputs: list[Any]) -> set[Any]:
+    """The graph nodes whose values depend on ``inputs``."""
+    seen, todo = set(inputs), list(inputs)
+    while todo:
+        for user in todo.pop().users:
+            if user not in seen:
+                seen.add(user)
+                todo.append(user)
+    return seen
 
 
 def _advice(kept: list[str]) -> str:

@@ -77,10 +77,22 @@ class SizedByItsInput(nn.Module):
         return total
 
 
-def _export(model: nn.Module, tmp_path, capfd) -> tuple[int, str]:
+class OneSampleView(nn.Module):
+    """Written for one sample at a time: ``h.view(1, -1)`` before the classifier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(6, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = (self.fc1(x).view(1, 2, 4) >= 0).float()
+        return self.fc2(h.view(1, -1))
+
+
+def _export(model: nn.Module, tmp_path, capfd, batch: int = 4) -> tuple[int, str]:
     path = tmp_path / "model.pt2"
     features = model.fc1.in_features if hasattr(model, "fc1") else 6
-    torch.export.save(torch.export.export(model.eval(), (torch.rand(4, features),)), path)
+    torch.export.save(torch.export.export(model.eval(), (torch.rand(batch, features),)), path)
     capfd.readouterr()
     rc = cli.main([str(path), "--target", "onnx", "-o", str(tmp_path / "model.onnx"), "--device", "cpu"])
     return rc, capfd.readouterr().err
@@ -97,17 +109,19 @@ def test_snntorch_membrane_kept_from_a_test_run_is_sized_to_each_batch(tmp_path,
     assert (tmp_path / "model.onnx").exists()
 
 
-def test_sizes_the_trace_wrote_as_the_batch_are_read_from_the_input(tmp_path, capfd):
+@pytest.mark.parametrize("model, batch", [(SizedByItsInput, 4), (OneSampleView, 1)])
+def test_sizes_the_trace_wrote_as_the_batch_are_read_from_the_input(model, batch, tmp_path, capfd):
     import onnxruntime as ort
 
     torch.manual_seed(0)
-    model = SizedByItsInput().eval()
-    rc, err = _export(model, tmp_path, capfd)
+    model = model().eval()
+    rc, err = _export(model, tmp_path, capfd, batch)
     assert rc == 0, err
     x = torch.randn(3, 6)
     session = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
     got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
-    np.testing.assert_allclose(got, model(x).detach().numpy(), rtol=1e-5, atol=1e-6)
+    alone = torch.cat([model(x[i:i + 1]) for i in range(3)]).detach().numpy()  # the model itself runs one at a time
+    np.testing.assert_allclose(got, alone, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("model, named", [(KeptState, "'carry' holds a state of that batch"),
