@@ -31,6 +31,7 @@ from .nn.modules import set_eval
 from .origins import origins
 from .ops import HTAF_DOMAIN, OPSET, STEP_OPS
 from .passes.fold_weights import FoldWeightExpressions
+from .passes.conv_bias import DropMalformedZeroBiases
 from .passes.einsum import EinsumAsMatMul
 from .passes.plain_steps import RecognisePlainSteps
 from .signature import as_shapes
@@ -276,6 +277,7 @@ def capture(hardened: nn.Module, input_shape: Sequence[int] | Sequence[Sequence[
     EinsumAsMatMul()(model)  # first: a weight binarized inline then feeds a MatMul, and is folded as one
     folded = FoldWeightExpressions()(model).records
     fold_all_constants(model)
+    DropMalformedZeroBiases()(model)
     RecognisePlainSteps()(model)
     steps = _name_steps(model)
     cleanup(model)

@@ -302,3 +302,24 @@ def test_a_binary_weight_used_at_every_time_step_lowers_once_per_call(tmp_path, 
     assert target != "onnx-int8" or len(read) == 1, read
     # the weight binarized anew at each step folds to one parameter's weight, named after it (was `add_64`)
     assert "wh" in {r.layer for r in result.conversion.rows}, result.conversion.rows
+
+
+class VideoNet(nn.Module):
+    """Short clips [N, C, T, H, W]: a float Conv3d stem, then a bias-free Conv3d on binarized weights."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.body = nn.Conv3d(2, 6, 3, padding=1), nn.Conv3d(6, 8, (2, 3, 3), bias=False)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.where(self.stem(x) >= 0, 1.0, -1.0)
+        h = (F.conv3d(h, ste_sign(self.body.weight), None, (1, 2, 2)) >= 0).float()
+        return self.head(h.mean((2, 3, 4)))
+
+
+@pytest.mark.parametrize("target", ["onnx", "onnx-int8"])
+def test_a_bias_free_conv3d_on_computed_weights_exports(tmp_path, target):
+    """torch's exporter gives it a [C_out, 2] zero bias that ONNX Runtime refuses (was an internal error)."""
+    result = _export(VideoNet(), (2, 4, 9, 7), target, tmp_path)
+    assert any(t.kind == "binary" and t.elements > 0 for b in result.report.backends for t in b.tensors)
