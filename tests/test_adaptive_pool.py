@@ -1,4 +1,4 @@
-"""Adaptive average pools whose input size is not a multiple of their output size (AdaptiveAvgPool2d(3) on a
+"""Adaptive average (and max) pools whose input size is not a multiple of their output size (AdaptiveAvgPool2d(3) on a
 10×9 map, AdaptiveAvgPool1d(4) over 10 steps). PyTorch's exporter writes them as run-time index arithmetic,
 which the TFLite targets refused ("Transpose … moves the batch axis") and its TorchScript exporter refuses
 outright; capture now writes each bin as a slice and a mean. Parity is checked on the real interpreters."""
@@ -93,3 +93,50 @@ def test_a_global_pool_of_unknown_spatial_size_converts_from_torchscript(tmp_pat
     result = _exported(model, (1, 8, 8), "torchscript", "tflite-float", tmp_path)
     ops = tfl.op_names(tfl.read_model(result.artifact.read_bytes()))
     assert "MEAN" in ops or "AVERAGE_POOL_2D" in ops, ops
+
+
+class MaxPooledNet(nn.Module):
+    """A strided stem on an odd-sized image, ±1 signs, a max pool to 2×3 bins over a 6×4 map (uneven widths)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.bn, self.act = nn.Conv2d(3, 8, 3, stride=2), nn.BatchNorm2d(8), HTAF(levels="pm1")
+        self.body, self.act2 = SignConv2d(8, 6, 3, stride=2), HTAF()
+        self.pool, self.fc = nn.AdaptiveMaxPool2d((2, 3)), nn.Linear(36, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.pool(self.act2(self.body(self.act(self.bn(self.stem(x)))))).flatten(1))
+
+
+@pytest.mark.parametrize(("fmt", "target"), [("pt2", "tflite"), ("torchscript", "tflite-float")])
+def test_adaptive_max_pools_convert_with_parity(fmt, target, tmp_path):
+    """torch's exporter has no translation for aten.adaptive_max_pool2d (every target refused it) and its
+    TorchScript exporter refuses uneven bins."""
+    torch.manual_seed(4)
+    _exported(MaxPooledNet(), (3, 27, 19), fmt, target, tmp_path)
+
+
+class MaxWithIndices(nn.Module):
+    def __init__(self, pool: nn.Module) -> None:
+        super().__init__()
+        self.pool = pool
+
+    def forward(self, x: torch.Tensor):
+        values, indices = self.pool(x)
+        return values, indices
+
+
+@pytest.mark.parametrize("pool, shape", [(nn.AdaptiveMaxPool2d((2, 3), return_indices=True), (2, 3, 6, 4)),
+                                         (nn.AdaptiveMaxPool2d(2, return_indices=True), (2, 3, 6, 8)),
+                                         (nn.AdaptiveMaxPool1d(3, return_indices=True), (2, 3, 10))])
+def test_max_pool_indices_are_pytorchs(pool, shape):
+    """The indices, which a model rarely reads, still mean what PyTorch's do (ties included: the first)."""
+    import onnxruntime as ort
+
+    x = torch.randint(-2, 3, shape).float()  # few values: many ties within a bin
+    program = torch.onnx.export(MaxWithIndices(pool).eval(), (x,), dynamo=True, verbose=False,
+                                custom_translation_table=adaptive_pool.TRANSLATIONS)
+    session = ort.InferenceSession(program.model_proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    values, indices = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    want_values, want_indices = pool(x)
+    assert (values == want_values.numpy()).all() and (indices == want_indices.numpy()).all()
