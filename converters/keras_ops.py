@@ -24,7 +24,7 @@ from .keras_padding import pad
 from .keras_transposed import conv_transpose
 from .keras_products import activation_product
 from .keras_shapes import (depth_to_space, expand, identity, per_position, positions, reshape, resize, shape_only,
-                           split, transpose)
+                           split, tile, transpose)
 from .layouts import torch_shape
 from .tflite_binary import DOMAIN as BINARY_DOMAIN, OP as BINARY_OP, is_binary_weight, layer_name, trim_padding
 
@@ -308,7 +308,7 @@ EMITTERS: dict[tuple[str, str], Callable[[KerasBuilder, ir.Node], list[Val]]] = 
     **{("", op): _reduce for op in ("ReduceMean", "ReduceMax", "ReduceSum")},
     ("", "Flatten"): reshape,
     ("", "Identity"): identity,
-    ("", "Expand"): expand,
+    ("", "Expand"): expand, ("", "Tile"): tile,
     ("", "Clip"): _clip,
     ("", "LeakyRelu"): _leaky_relu,
     ("", "PRelu"): _prelu,

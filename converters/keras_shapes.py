@@ -179,6 +179,9 @@ def reshape(b: KerasBuilder, node: ir.Node) -> list[Val]:
 def _reshaped_constant(b: KerasBuilder, node: ir.Node, const: np.ndarray) -> Val:
     """A reshape of a batch-1 constant the converter folded itself (a zero initial state times a leak, lifted
     to 2-D for a Conv1d): the same reshape in numpy."""
+    axes = const_array(node.inputs[1]) if node.op_type == "Unsqueeze" and len(node.inputs) > 1 else None
+    if const.ndim == 0 and axes is not None:  # shape arithmetic: a traced size (c // groups) made a 1-D shape
+        return Val(const=np.expand_dims(const, tuple(int(a) for a in axes.reshape(-1))))
     if const.ndim == 0 or const.shape[0] != 1:
         raise UnsupportedLayer(node.name, "reshape of a constant that capture did not fold")
     out_shape = _reshape_target(b, node, Val(shape=const.shape[1:]))
@@ -272,6 +275,32 @@ def _whole_shape(value: ir.Value | None) -> ir.Node | None:
     return producer
 
 
+def _expanded_shape(b: KerasBuilder, node: ir.Node, x: Val) -> tuple[int, ...]:
+    """The per-sample shape an Expand produces: from the IR, else from its target shape (``q.repeat(1, 2, 1, 1)``
+    is an Expand to [batch, C, H, W] that the exporter leaves unshaped, then a Tile)."""
+    shape = node.outputs[0].shape
+    if shape is not None and all(isinstance(d, int) for d in list(shape)[1:]) or x.tensor is None:
+        return static_shape(node.outputs[0])
+    target = b.get(node.inputs[1]).const
+    target = _batch_then_constants(b, node.inputs[1]) if target is None else target
+    if target is None or len(target) > len(x.shape) + 1:
+        raise UnsupportedLayer(node.name, "Expand to a shape the IR does not know")
+    per_sample = [1 if d == -2 else int(d) for d in np.asarray(target).reshape(-1)][-len(x.shape):] if len(x.shape) else []
+    return tuple(int(d) for d in np.broadcast_shapes(tuple(x.shape), tuple(per_sample)))
+
+
+def tile(b: KerasBuilder, node: ir.Node) -> list[Val]:
+    """``x.repeat(1, k, ...)``: a Tile with constant repeats that leave the batch alone, on the PyTorch tensor."""
+    x = b.to_plain(b.real(node.inputs[0]))
+    repeats = b.get(node.inputs[1]).const
+    if repeats is None or len(repeats) != len(x.shape) + 1 or int(repeats[0]) != 1:
+        raise UnsupportedLayer(node.name, "Tile with repeats that are not constant, or that repeat the batch")
+    reps = [int(r) for r in repeats]
+    t = b.lam(lambda z: tf.tile(z, reps), x.tensor, node.name or "tile")
+    shape = tuple(d * r for d, r in zip(x.shape, reps[1:]))
+    return [b.to_canonical(Val(t, shape, "plain", presign=x.presign))]
+
+
 def _batch_then_constants(b: KerasBuilder, value: ir.Value | None) -> np.ndarray | None:
     """A traced ``view(x.size(0), ...)``: Concat(the batch size, constants) → [batch, constants...]."""
     producer = value.producer() if value is not None else None
@@ -309,7 +338,7 @@ def concat(b: KerasBuilder, node: ir.Node) -> list[Val]:
 
 def expand(b: KerasBuilder, node: ir.Node) -> list[Val]:
     x = b.get(node.inputs[0])
-    out_shape = static_shape(node.outputs[0])
+    out_shape = _expanded_shape(b, node, x)
     if x.tensor is None and x.const is not None:  # zeros for the initial state: a batch-broadcast constant
         out = np.broadcast_to(x.const, (1,) + out_shape).astype(np.float32)
         return [Val(const=out, shape=out.shape)]

@@ -196,6 +196,32 @@ def test_a_conv1d_spiking_net_exports_to_tflite_at_any_or_its_fixed_batch(tmp_pa
     assert len(steps) >= 8, [t.name for t in steps]
 
 
+class ShuffledChannels(nn.Module):
+    """ShuffleNet's channel shuffle written with ``x.shape`` (a TorchScript trace computes ``c // groups`` in the
+    graph) and a branch widened with ``repeat`` (an Expand the exporter leaves unshaped, then a Tile)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.bn, self.sign = nn.Conv2d(2, 8, 3, padding=1), nn.BatchNorm2d(8), HTAF(levels="pm1")
+        self.head = nn.Conv2d(6, 3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.sign(self.bn(self.stem(x)))
+        n, c, height, width = h.shape
+        h = h.view(n, 2, c // 2, height, width).transpose(1, 2).reshape(n, c, height, width)
+        p, q = torch.split(h, [6, 2], dim=1)
+        return self.head(p + 0.5 * q.repeat(1, 3, 1, 1))
+
+
+@pytest.mark.parametrize("fmt", ["pt2", "torchscript"])
+def test_a_channel_shuffle_and_a_repeat_convert_to_tflite(tmp_path, fmt):
+    """Both were refused: 'the IR does not know the shape of this tensor' (repeat), 'reshape of a constant'
+    (the traced c // 2)."""
+    torch.manual_seed(7)
+    result = _exported(ShuffledChannels(), (2, 6, 6), fmt, "tflite-float", tmp_path)
+    assert "TILE" in tfl.op_names(tfl.read_model(result.artifact.read_bytes()))
+
+
 class FrameClassifier(nn.Module):
     """A dilated Conv1d, its batch norm and a sign, then a Linear at each time step ([N, L, C] after a transpose)."""
 
