@@ -23,8 +23,8 @@ from .keras_norms import instance_norm, layer_norm
 from .keras_padding import pad
 from .keras_transposed import conv_transpose
 from .keras_products import activation_product
-from .keras_shapes import (depth_to_space, expand, identity, per_position, positions, reshape, resize, shape_only,
-                           split, tile, transpose)
+from .keras_shapes import expand, identity, per_position, positions, reshape, shape_only, split, tile, transpose
+from .keras_upsampling import depth_to_space, resize
 from .layouts import torch_shape
 from .tflite_binary import DOMAIN as BINARY_DOMAIN, OP as BINARY_OP, is_binary_weight, layer_name, trim_padding
 
