@@ -22,7 +22,8 @@ from .batch_axis import BatchAxes
 from .files import atomic_write
 from .model_state import buffers_kept
 from .pickles import unpickle
-from .programs import flatten_inputs, free_batch, refuse_batch_statistics, refuse_training_mode, static_batch
+from .programs import (flatten_inputs, free_batch, load_program, refuse_batch_statistics, refuse_training_mode,
+                       static_batch)
 from .signature import as_shapes, forward_arguments
 
 CHECKPOINT_FORMAT = "htaf-export/checkpoint"
@@ -121,12 +122,24 @@ def _does_not_run(loaded: LoadedModel, shapes: list[list[int]], e: Exception) ->
         return BadInput(f"{loaded.path}: the model takes {kind} inputs; htaf-export feeds float32 inputs only: "
                         f"move the conversion (e.g. img.float() / 255) out of forward, into the data pipeline, "
                         f"and save the model that takes its result")
+    other = _not_float32(loaded.module)
+    if other:
+        return BadInput(f"{loaded.path}: the model's weights are {other[1]} ({other[0]}, ...); every target computes "
+                        f"in float32 and htaf-export feeds float32 inputs: save model.float() instead")
     given = "; ".join(f"[batch, {', '.join(map(str, shape))}]" for shape in shapes)
     help_ = SHAPE_HELP
     if isinstance(loaded.module, torch.jit.ScriptModule) and "at dimension 0" in str(e):
         help_ = ("TorchScript sources are read batch first: a time-first model ([T, N, ...]) saves as a .pt2 "
                  "with its batch on axis 1 (dynamic_shapes=({1: torch.export.Dim('batch')},)) or a pickle")
     return BadInput(f"{loaded.path}: the model does not run on inputs of shape {given} ({first}); {help_}")
+
+
+def _not_float32(module: nn.Module) -> tuple[str, str] | None:
+    """(name, dtype) of a floating parameter or buffer that is not float32 (model.double(), model.half())."""
+    for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+        if tensor.is_floating_point() and tensor.dtype != torch.float32:
+            return name, str(tensor.dtype).removeprefix("torch.")
+    return None
 
 
 def file_sha256(path: Path) -> str:
@@ -301,7 +314,7 @@ def _load_torchscript(path: Path, digest: str) -> LoadedModel:
 
 def _load_exported_program(path: Path, digest: str) -> LoadedModel:
     extra = {SPEC_FILE: ""}
-    program = torch.export.load(path, extra_files=extra)
+    program = load_program(path, extra)
     if extra[SPEC_FILE]:
         spec = _read_spec(extra[SPEC_FILE], path, ".pt2")
     else:

@@ -4,6 +4,8 @@ then checked sample by sample)."""
 
 from __future__ import annotations
 
+import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,34 @@ from .harden_traced import scope_of
 
 TRAINING_OPS = {"batch_norm": 5, "dropout": 2, "_native_batch_norm_legit_functional": None,
                 "_native_batch_norm_legit": None}  # op → position of its ``training`` flag (None: always training)
+
+
+class _Kept(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.text: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.text.append(record.getMessage() + "\n" + (logging.Formatter().formatException(record.exc_info)
+                                                       if record.exc_info else ""))
+
+
+def load_program(path: Path, extra_files: dict[str, str]) -> Any:
+    """``torch.export.load``, its logged traceback kept off the console; a program whose output is a namedtuple
+    (which torch cannot read back without that class registered) is refused for what it is."""
+    logger, kept = logging.getLogger("torch.export"), _Kept()
+    handlers, logger.handlers = logger.handlers, [kept]  # torch's own handler writes to stderr
+    try:
+        return torch.export.load(path, extra_files=extra_files)
+    except RuntimeError:
+        named = re.search(r"namedtuple class ([\w.]+)", "".join(kept.text))
+        if named:
+            raise BadInput(f".pt2 file {path} returns a namedtuple ({named.group(1)}), which torch.export.load "
+                           f"cannot read back outside the code that defines it: return a tuple or a dict from "
+                           f"forward, or save a pickle (torch.save) or TorchScript") from None
+        raise
+    finally:
+        logger.handlers = handlers
 
 
 def refuse_training_mode(program: Any, path: Path) -> None:

@@ -221,3 +221,43 @@ def test_data_in_another_axis_order_is_refused_with_the_transpose_that_fixes_it(
     assert code == 2 and "np.transpose(x, (0, 3, 1, 2))" in err and not (tmp_path / "m.onnx").exists(), err
     assert cli.main([str(path), "--target", "onnx", "-o", str(tmp_path / "m.onnx"), "--data",
                      str(tmp_path / "flat.npz")]) == 0  # flat rows of the right size are read as the input's shape
+
+
+def test_a_float64_model_is_refused_with_the_cast_that_fixes_it(tmp_path, capsys):
+    """It said 'does not run on inputs of shape [batch, 16]' and advised --input-shape, which the user gave."""
+    model = BoolOut().eval().double()
+    pickled, program = tmp_path / "double.pt", tmp_path / "double.pt2"
+    torch.save(model, pickled)
+    save_pt2(model, torch.randn(2, 16, dtype=torch.float64), program)
+    for path, extra in ((pickled, ["--trust-pickle", "--input-shape", "16"]), (program, [])):
+        _one_line_exit_2([str(path), "--target", "onnx", "-o", str(tmp_path / "d.onnx"), *extra], capsys,
+                         "weights are float64 (fc1.weight", "model.float()")
+        assert not (tmp_path / "d.onnx").exists()
+
+
+def test_a_pt2_returning_a_namedtuple_is_refused_for_what_it_is(tmp_path):
+    """torch writes it only with the class registered, and reads it back only where it is: was 'truncated or
+    corrupt?' after 35 lines of torch's traceback. A fresh process, as the user's shell is."""
+    import subprocess
+    import sys
+
+    script = f"""
+import collections, torch
+from torch.utils import _pytree
+Pair = collections.namedtuple("Pair", ["scores", "code"])
+_pytree._register_namedtuple(Pair, serialized_type_name="user_models.Pair")
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 3)
+    def forward(self, x):
+        return Pair(self.fc(x), (self.fc(x) >= 0).float())
+program = torch.export.export(Net().eval(), (torch.randn(2, 4),), dynamic_shapes=({{0: torch.export.Dim("batch")}},))
+torch.export.save(program, {str(tmp_path / "pair.pt2")!r})
+"""
+    subprocess.run([sys.executable, "-c", script], check=True, capture_output=True)
+    done = subprocess.run([sys.executable, "-m", "htaf_export.cli", str(tmp_path / "pair.pt2"), "--target", "onnx",
+                           "-o", str(tmp_path / "pair.onnx")], capture_output=True, text=True)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert "returns a namedtuple (user_models.Pair)" in done.stderr and "return a tuple or a dict" in done.stderr
+    assert not (tmp_path / "pair.onnx").exists()
