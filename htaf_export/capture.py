@@ -293,4 +293,8 @@ def capture(hardened: nn.Module, input_shape: Sequence[int] | Sequence[Sequence[
         notes += ("torch.sign is three-valued (sign(0) = 0), so it is not read as a step: the layers it feeds "
                   "stay float and its decisions are checked through the outputs only; --sign-as-step reads it as "
                   "a ±1 step (sign(0) = +1, as larq and LCE do), as torch.where(x >= 0, 1.0, -1.0) is",)
+    if any(n.op_type == "Sigmoid" and n.domain == "" for n in model.graph):
+        notes += ("a sigmoid is exported as it is (float): only the HTAF form σ(α·u + β·tanh u) is read as a step; "
+                  "a sigmoid that stands for one (σ(k·x), k large) is hardened when written as a comparison "
+                  "(x >= 0) or an htaf_export.nn.HTAF",)
     return Capture(model, tuple(in_names), tuple(out_names), tuple(steps), streaming, notes, lines)

@@ -115,10 +115,24 @@ def harden_torchscript(module: torch.jit.ScriptModule, tie: str | None) -> tuple
             torch._C._jit_pass_custom_pattern_based_rewrite_graph(_HTAF01, step01, graph)
             torch._C._jit_pass_dce(graph)
     sites += _ts_exact_steps(hard)
-    leftover = [f"{p}.{m}" for p, m, g, _, _ in _ts_graphs(hard)
-                if any(n.kind() == "aten::sigmoid" for n in g.nodes()) and _ts_composites(g)]
+    leftover = [f"{p}.{m}" for p, m, g, _, _ in _ts_graphs(hard) if _ts_composites(g) or _composite_like(g)]
     if leftover:
-        raise BadInput(f"TorchScript module {leftover[0]!r} computes an HTAF whose form this tool cannot rewrite; "
-                       f"harden before tracing, or save a torch.export program (.pt2)")
+        raise BadInput(f"TorchScript module {leftover[0]!r} computes an HTAF σ(α·u + β·tanh u) in a form this tool "
+                       f"cannot rewrite in TorchScript (α or β read from a buffer or parameter, or another order of "
+                       f"terms), so it would stay smooth; save a torch.export program (.pt2) or a pickle, where it "
+                       f"is found, or harden before tracing")
     return hard, sites
+
+
+def _composite_like(graph) -> bool:
+    """Whether a sigmoid in ``graph`` reads a sum with a multiple of a tanh: an HTAF, whatever holds α and β."""
+    for node in graph.nodes():
+        add = node.inputsAt(0).node() if node.kind() == "aten::sigmoid" else None
+        if add is None or add.kind() != "aten::add":
+            continue
+        terms = [add.inputsAt(i).node() for i in range(2)]
+        if any(t.kind() == "aten::mul" and any(t.inputsAt(i).node().kind() == "aten::tanh" for i in range(2))
+               for t in terms):
+            return True
+    return False
 

@@ -51,11 +51,21 @@ class TracedSite:
 
 
 def as_number(value) -> float | None:
+    """A number, a one-element tensor, or a graph's one-element buffer or parameter (an annealed temperature
+    ``self.alpha``, fixed once trained)."""
+    if isinstance(value, fx.Node) and value.op == "get_attr" and value.graph.owning_module is not None:
+        value = _attribute(value.graph.owning_module, str(value.target))
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         return float(value.reshape(()))
     return None
+
+
+def _attribute(module: torch.nn.Module, target: str) -> Any:
+    for part in target.split("."):
+        module = getattr(module, part, None)  # type: ignore[assignment]
+    return module
 
 
 def scope_of(node: fx.Node) -> tuple[str, str]:

@@ -284,3 +284,57 @@ def test_a_bool_read_before_the_cast_and_an_alpha_add_stay_exact():
         assert len(found) == 1
         for want, got in zip(outputs.leaves(model(x)), outputs.leaves(hard(x))):
             assert torch.equal(want, got)
+
+
+class AnnealedHTAF(nn.Module):
+    """A hand-written HTAF whose temperature α is annealed in training, so the user keeps it in a buffer (or a
+    parameter) rather than a Python float."""
+
+    def __init__(self, as_parameter: bool) -> None:
+        super().__init__()
+        alpha = torch.tensor(11.0)
+        if as_parameter:
+            self.alpha = nn.Parameter(alpha, requires_grad=False)
+        else:
+            self.register_buffer("alpha", alpha)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.alpha * x + 4.0 * torch.tanh(x))
+
+
+class AnnealedNet(nn.Module):
+    def __init__(self, as_parameter: bool) -> None:
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(20, 16), AnnealedHTAF(as_parameter), nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+@pytest.mark.parametrize("as_parameter", [False, True])
+def test_an_htaf_whose_temperature_is_a_buffer_or_parameter_is_hardened(tmp_path, as_parameter, capsys):
+    """It was left smooth, and its file 'passed' against a model that was not hardened either (the argmax of the
+    hardened model agreed on 73 % of inputs). TorchScript cannot rewrite it: refused, not left smooth."""
+    import contextlib
+    import io
+
+    import htaf_export
+
+    from conftest import save_pt2
+
+    torch.manual_seed(0)
+    model = AnnealedNet(as_parameter).eval()
+    path = save_pt2(model, torch.randn(2, 20), tmp_path / "annealed.pt2")
+    with contextlib.redirect_stdout(io.StringIO()):
+        result = htaf_export.export(path, "onnx", tmp_path / "annealed.onnx", device="cpu")
+    assert result.report.passed, result.report.failure_line()
+    assert [s.name for s in result.hardening.sites] == ["act.step"], result.hardening.sites
+    x = torch.randn(64, 20)
+    hard = model.fc2((model.fc1(x) >= 0).float())  # the step the HTAF stands for
+    assert torch.allclose(result.hardening.model(x), hard, atol=1e-5)
+
+    traced = tmp_path / "annealed.ts"
+    torch.jit.save(torch.jit.trace(model, torch.randn(2, 20)), str(traced))
+    assert cli.main([str(traced), "--target", "onnx", "--input-shape", "20", "-o", str(tmp_path / "t.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert "would stay smooth" in err and ".pt2" in err and err.count("\n") == 1, err
