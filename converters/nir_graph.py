@@ -236,9 +236,10 @@ class SliceGraph:
             # named by its constant, which every time step shares (the node's own name differs per step)
             return nir.Scale(np.ascontiguousarray(scale)), f"scale_{constant or node.name or 'x'}", x
         if op == "Add" and all(const_array(v) is None for v in node.inputs):
-            raise UnsupportedLayer(node.name or op, "it adds two computed tensors: NIR has no node for a residual "
-                                   "sum, and a membrane carried between time steps is recognised only in the forms "
-                                   "docs/nir.md lists")
+            raise UnsupportedLayer(node.name or op, "it adds two computed tensors (a residual sum, or a recurrent "
+                                   "input such as rec(spk) beside the feed-forward one): NIR graphs written here are "
+                                   "feed-forward between neurons, and a membrane carried between time steps is "
+                                   "recognised only in the forms docs/nir.md lists")
         raise UnsupportedLayer(node.name or op, f"{op} has no NIR node that computes it exactly "
                                "(NIR carries Affine/Linear, Conv1d, Conv2d, AvgPool2d, Flatten and Scale between neurons)")
 

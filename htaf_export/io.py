@@ -21,6 +21,7 @@ from . import archives, batch_axis
 from .batch_axis import BatchAxes
 from .files import atomic_write
 from .model_state import buffers_kept
+from .model_refusals import SHAPE_HELP, does_not_run
 from .pickles import unpickle
 from .programs import (flatten_inputs, free_batch, load_program, refuse_batch_statistics, refuse_training_mode,
                        static_batch)
@@ -103,43 +104,9 @@ def resolve(loaded: LoadedModel, input_shape: Sequence[int] | Sequence[Sequence[
             with torch.no_grad():
                 out = loaded.module(*(torch.zeros(2, *shape) for shape in shapes))
         except Exception as e:  # noqa: BLE001 - whatever the user's forward raises is about the model: exit 2
-            raise _does_not_run(loaded, shapes, e) from None
+            raise does_not_run(loaded.module, loaded.path, shapes, e) from None
     return replace(loaded, input_shape=shapes[0], extra_input_shapes=shapes[1:], input_names=names,
                    output_names=outputs.names(out, loaded.output_names), batch_axes=axes)
-
-
-def _does_not_run(loaded: LoadedModel, shapes: list[list[int]], e: Exception) -> BadInput:
-    """Why the model did not run on zeros of ``shapes``, and what to do about it, in one line."""
-    first = _cause(e)
-    if re.search(r"'indices' to have one of the following scalar types|expected scalar type (Long|Int)", str(e)):
-        return BadInput(f"{loaded.path}: the model takes integer inputs (token ids for an nn.Embedding?); "
-                        f"htaf-export feeds float inputs only: export the layers after the embedding, and "
-                        f"feed them its output")
-    integer = re.search(r"dtype mismatch! Expected: (Byte|Char|Short|Int|Long|Bool)", str(e))
-    if integer:
-        kind = {"Byte": "uint8", "Char": "int8", "Short": "int16", "Int": "int32", "Long": "int64"}.get(
-            integer.group(1), "bool")
-        return BadInput(f"{loaded.path}: the model takes {kind} inputs; htaf-export feeds float32 inputs only: "
-                        f"move the conversion (e.g. img.float() / 255) out of forward, into the data pipeline, "
-                        f"and save the model that takes its result")
-    other = _not_float32(loaded.module)
-    if other:
-        return BadInput(f"{loaded.path}: the model's weights are {other[1]} ({other[0]}, ...); every target computes "
-                        f"in float32 and htaf-export feeds float32 inputs: save model.float() instead")
-    given = "; ".join(f"[batch, {', '.join(map(str, shape))}]" for shape in shapes)
-    help_ = SHAPE_HELP
-    if isinstance(loaded.module, torch.jit.ScriptModule) and "at dimension 0" in str(e):
-        help_ = ("TorchScript sources are read batch first: a time-first model ([T, N, ...]) saves as a .pt2 "
-                 "with its batch on axis 1 (dynamic_shapes=({1: torch.export.Dim('batch')},)) or a pickle")
-    return BadInput(f"{loaded.path}: the model does not run on inputs of shape {given} ({first}); {help_}")
-
-
-def _not_float32(module: nn.Module) -> tuple[str, str] | None:
-    """(name, dtype) of a floating parameter or buffer that is not float32 (model.double(), model.half())."""
-    for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
-        if tensor.is_floating_point() and tensor.dtype != torch.float32:
-            return name, str(tensor.dtype).removeprefix("torch.")
-    return None
 
 
 def file_sha256(path: Path) -> str:
@@ -149,9 +116,6 @@ def file_sha256(path: Path) -> str:
             h.update(chunk)
     return h.hexdigest()
 
-
-SHAPE_HELP = ("pass --input-shape (per sample, no batch, e.g. 1,8,8; once per input), or --data FILE.npz with "
-              "inputs 'x', or save the model with htaf_export.save or torch.export, which record it")
 
 
 def _declared_outputs(module: nn.Module) -> list[str] | None:
@@ -266,15 +230,6 @@ def load(path: str | Path, trust_pickle: bool = False) -> LoadedModel:
     except TORCH_READ_ERRORS as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise BadInput(f"model file {path} cannot be read (truncated or corrupt?): {msg[:200]}") from None
-
-
-def _cause(error: Exception) -> str:
-    """One line on why the model raised: TorchScript puts its own sentence first and the cause last."""
-    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
-    if not lines:
-        return type(error).__name__
-    line = lines[-1] if "TorchScript interpreter" in lines[0] and len(lines) > 1 else lines[0]
-    return f"{type(error).__name__}: {line}"[:200] if not isinstance(error, RuntimeError) else line[:200]
 
 
 def _rebuilt(program: torch.export.ExportedProgram, path: Path) -> torch.nn.Module:

@@ -261,3 +261,20 @@ torch.export.save(program, {str(tmp_path / "pair.pt2")!r})
     assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
     assert "returns a namedtuple (user_models.Pair)" in done.stderr and "return a tuple or a dict" in done.stderr
     assert not (tmp_path / "pair.onnx").exists()
+
+
+class OneAtATime(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(6, 8), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2((self.fc1(x) >= 0).float().view(1, -1))
+
+
+def test_a_pickle_that_runs_one_sample_at_a_time_is_told_where_the_batch_goes(tmp_path, capsys):
+    """It was told to pass --input-shape, which it had."""
+    path = tmp_path / "one.pt"
+    torch.save(OneAtATime().eval(), path)
+    _one_line_exit_2([str(path), "--target", "onnx", "--trust-pickle", "--input-shape", "6"], capsys,
+                     "runs on one sample at a time only", "h.view(x.shape[0], -1)")
