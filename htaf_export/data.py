@@ -117,7 +117,7 @@ def _read_header(f, path: Path) -> tuple[tuple[int, ...], np.dtype, bool]:
 def _readable(path: Path):
     """One clear error for archives that are not .npz files."""
     if not path.is_file():
-        raise BadInput(f"data file {path} does not exist")
+        raise BadInput(f"data file {path} {'is a directory, not an .npz file' if path.is_dir() else 'does not exist'}")
     return (ValueError, OSError, zipfile.BadZipFile, EOFError, KeyError)
 
 
@@ -164,10 +164,14 @@ class NpzBatches:
         if y is not None:
             given = np.asarray(y)
             y = given.reshape(-1)
-            if len(y) != self.count or not np.issubdtype(y.dtype, np.integer):
+            whole = np.issubdtype(y.dtype, np.floating) and bool(np.all(np.isfinite(y) & (y == np.round(y))))
+            if len(y) != self.count or not (np.issubdtype(y.dtype, np.integer) or whole):
                 raise BadInput(f"data file {self.path}: labels 'y' must be {self.count} integers, got "
                                f"{list(given.shape)} of {y.dtype}")
             y = y.astype(np.int64)
+            if len(y) and int(y.min()) < 0:
+                raise BadInput(f"data file {self.path}: labels 'y' are class indices from 0, but one is "
+                               f"{int(y.min())}: drop the rows without a class, or shift the labels")
         self.y = y
 
     def _check(self, header: tuple[tuple[int, ...], np.dtype, bool], shape: list[int]) -> tuple[int, np.dtype, bool]:

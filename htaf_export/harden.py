@@ -17,7 +17,7 @@ from .nn import HTAF, Step, htaf_function
 from .harden_torchscript import harden_torchscript
 from .harden_traced import export_batched, harden_graph_module
 from .nn.binary import BinaryWeights
-from .nn.modules import step_modules
+from .nn.modules import set_eval, step_modules
 
 # A pre-activation is "unsaturated" when HTAF differs from the step by more than this, on the 0..1 scale.
 GAP_TOLERANCE = 0.01
@@ -135,7 +135,7 @@ def _harden_modules(model: nn.Module, tie: str | None) -> tuple[nn.Module, list[
     return hard, sites
 
 
-def harden(model: nn.Module, data: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+def harden(model: nn.Module, data: Inputs | None = None, labels: torch.Tensor | None = None,
            tie: str | None = None, batch_size: int = 512, input_shapes: list[list[int]] | None = None,
            sign_as_step: bool = False) -> HardenResult:
     """Return a hardened copy of ``model`` (the input is not modified) and a record of its sites.
@@ -236,18 +236,32 @@ def primary_output(out: Any) -> torch.Tensor:
     return outputs.leaves(out)[0]
 
 
-@torch.no_grad()
-def accuracy(model: nn.Module, data: torch.Tensor, labels: torch.Tensor, batch_size: int = 512) -> float:
-    model = model.eval()
-    correct = 0
-    for i in range(0, len(data), batch_size):
-        logits = primary_output(model(data[i:i + batch_size]))
-        correct += int((logits.argmax(dim=1) == labels[i:i + batch_size]).sum())
-    return correct / max(len(data), 1)
+Inputs = torch.Tensor | tuple[torch.Tensor, ...]  # one input, or one tensor per input of a multi-input model
+
+
+def _rows(data: Inputs, start: int, stop: int) -> tuple[torch.Tensor, ...]:
+    return tuple(x[start:stop] for x in data) if isinstance(data, tuple) else (data[start:stop],)
+
+
+def _count(data: Inputs) -> int:
+    return len(data[0]) if isinstance(data, tuple) else len(data)
 
 
 @torch.no_grad()
-def measure_gap(model: nn.Module, data: torch.Tensor, batch_size: int = 512) -> list[SiteGap]:
+def accuracy(model: nn.Module, data: Inputs, labels: torch.Tensor, batch_size: int = 512) -> float:
+    """Share of samples whose scored output (``outputs.scored``: the logits, not a concept bottleneck's
+    concepts) has its largest value at the label."""
+    model = set_eval(model)
+    correct, scored = 0, None
+    for i in range(0, _count(data), batch_size):
+        values = outputs.leaves(model(*_rows(data, i, i + batch_size)))
+        scored = outputs.scored(values) if scored is None else scored
+        correct += int((values[scored].argmax(dim=1) == labels[i:i + batch_size]).sum())
+    return correct / max(_count(data), 1)
+
+
+@torch.no_grad()
+def measure_gap(model: nn.Module, data: Inputs, batch_size: int = 512) -> list[SiteGap]:
     """Share of pre-activations per HTAF site where |HTAF(u) − H(u)| > GAP_TOLERANCE (0..1 scale)."""
     gaps: dict[str, SiteGap] = {}
     hooks = []
@@ -266,9 +280,9 @@ def measure_gap(model: nn.Module, data: torch.Tensor, batch_size: int = 512) -> 
         if isinstance(m, HTAF):
             hooks.append(m.register_forward_hook(record(name, m)))
     try:
-        model.eval()
-        for i in range(0, len(data), batch_size):
-            model(data[i:i + batch_size])
+        set_eval(model)
+        for i in range(0, _count(data), batch_size):
+            model(*_rows(data, i, i + batch_size))
     finally:
         for h in hooks:
             h.remove()

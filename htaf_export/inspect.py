@@ -78,7 +78,8 @@ def summarize(loaded: LoadedModel, data: Dataset | None = None, tie: str | None 
     """Inspect a loaded model; with data, harden a copy to measure the gap (and accuracy with labels);
     ``recommend_target`` (a resolved model): time its ONNX files here and recommend a target; ``sign_as_step``:
     as ``harden``'s."""
-    x = torch.from_numpy(data.x) if data is not None else None
+    x = None if data is None else tuple(torch.from_numpy(a) for a in data.x) if isinstance(data.x, tuple) \
+        else torch.from_numpy(data.x)
     y = torch.from_numpy(data.y) if data is not None and data.y is not None else None
     shapes = loaded.input_shapes or None
     result = harden(loaded.module, x, y, tie=tie, input_shapes=shapes, sign_as_step=sign_as_step)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 from torch.utils import _pytree as pytree
 
@@ -24,6 +25,19 @@ def leaves(out: Any) -> list[torch.Tensor]:
         raise BadInput(f"the model returns {', '.join(sorted(set(odd)))} values besides tensors; "
                        f"return tensors (in tuples, lists or dicts) only")
     return flat
+
+
+def scored(values: Sequence[Any]) -> int:
+    """Index of the output that accuracy is scored on: the first that does not hold step values only (a concept
+    bottleneck returning (concepts, logits) is scored on its logits), else the first. An integer output is a
+    class index (an argmax in forward), a bool one decisions."""
+    for k, value in enumerate(values):
+        a = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+        if a.dtype == bool or a.size == 0:
+            continue
+        if np.issubdtype(a.dtype, np.integer) or not (np.isin(a, (0, 1)).all() or np.isin(a, (-1, 1)).all()):
+            return k
+    return 0
 
 
 def _key(k: Any) -> str:

@@ -266,7 +266,7 @@ class ParityReport:
                       f"{b.crafted.samples - b.crafted.agree - b.crafted.explained} crafted samples")
             return {"backend": backend, "tensor": name, "layer": None, "reason": reason}
         if t.kind == "binary":
-            reason = f"{t.unexplained} unexplained flip{'s' if t.unexplained != 1 else ''} of {t.elements:,} bits"
+            reason = f"{t.unexplained:,} unexplained flip{'s' if t.unexplained != 1 else ''} of {t.elements:,} bits"
             if t.tie_violations:
                 reason += (f", {t.tie_violations} of them on certified ties (u = 0 exactly): the tie rule or the "
                            f"threshold differs from the model's")

@@ -154,8 +154,8 @@ def read_model(data: bytes):
     """The file as TFLite's object API (``ModelT``)."""
     try:
         return schema().ModelT.InitFromPackedBuf(bytearray(data), 0)
-    except FLATBUFFER_ERRORS as e:
-        raise BadInput(f"not a readable .tflite flatbuffer ({type(e).__name__})") from None
+    except FLATBUFFER_ERRORS:
+        raise BadInput("not a readable .tflite flatbuffer (truncated, or another kind of file)") from None
 
 
 def write_model(model) -> bytes:

@@ -63,6 +63,7 @@ from .data import Batches, Dataset, Inputs, as_batches, count
 from .errors import BadInput
 from .nn.modules import step_modules
 from .parts import crafted_inputs, validation_parts
+from . import outputs
 from .outputs import require_batch_first
 from .references import Chunk, References, rows
 from .validation_notes import finish
@@ -121,6 +122,7 @@ class Validation:
         self.graph_steps = graph_steps
         self.references = References(model, info, tol, reference_device, graph_steps)
         self.foreign_labels = ""
+        self.scored: str | None = None  # the output argmax agreement and accuracy are scored on
         self.results = [BackendResult(r.name, r.device, ordered_tensors(info)) for r in self.runners]
         self.step_of = {s.tensor: s for s in info.steps}
         self.margins = {s.tensor: MarginHistogram(s.tensor) for s in info.steps}
@@ -289,7 +291,10 @@ class Validation:
                 part: str, n: int) -> None:
         """Argmax agreement of the first output on every backend, and accuracy where there are labels; an output
         of one integer a sample is a class index already (an argmax in the model's forward)."""
-        first = self.info.output_names[0]
+        if self.scored is None:  # decided once, on the first batch: the logits, not a bottleneck's concepts
+            names = self.info.output_names
+            self.scored = names[outputs.scored([ref.outputs[name] for name in names])]
+        first = self.scored
         ref_logits = ref.outputs[first].reshape(n, -1)
         indices = ref_logits.shape[1] == 1 and np.issubdtype(ref_logits.dtype, np.integer)
         tie_between_classes = np.zeros(n, bool) if indices else argmax_explained(ref_logits, self.tol)
@@ -333,8 +338,8 @@ def validate(model: nn.Module, info: ArtifactInfo, runners: list[Runner], data: 
     batches = as_batches(data)
     report = _new_report(model, info, model_name, batches, tol, skipped)
     crafted_set = crafted_inputs(model, batches, crafted, report.notes)
-    if crafted_set is not None:
-        report.crafted = crafted_set.to_dict()
+    # none made (several inputs, --no-crafted): the same fields, zero, as the schema has them
+    report.crafted = (crafted_set or CraftedSet(np.zeros(0, np.float32))).to_dict()
     run = Validation(model, info, runners, tol, reference_device, crafted_set, graph_steps)
     total = len(batches) + (len(crafted_set) if crafted_set is not None else 0)
     parts = validation_parts(batches, crafted_set, _batch_size(batch_size, total, pool, remote))  # streamed

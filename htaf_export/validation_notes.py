@@ -31,6 +31,10 @@ def finish(report: ParityReport, run: Any) -> None:
                             f"outputs were not compared")
     if run.foreign_labels:
         report.notes.append(run.foreign_labels)
+    names = run.info.output_names
+    if run.scored is not None and run.scored != names[0]:
+        report.notes.append(f"argmax agreement and accuracy are scored on output {run.scored!r}: "
+                            f"{', '.join(repr(n) for n in names[:names.index(run.scored)])} before it hold step values")
     if uncompared_outputs(run.results):
         report.notes.append(uncompared_outputs(run.results))
     if run.unobserved:

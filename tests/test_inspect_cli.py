@@ -103,6 +103,32 @@ def test_inspect_with_labelled_data_shows_gap_and_accuracy(name, sample_paths, n
     assert (f"accuracy: as trained {result.smooth_accuracy:.2%}, hardened {result.hardened_accuracy:.2%}") in out
 
 
+def test_inspect_with_data_reads_a_pt2_and_a_model_of_two_inputs(load_sample, tmp_path, npz_file, capsys, wide):
+    """Both crashed (exit 3): a graph module refuses eval(); the inputs of a two-input model are a tuple."""
+    class TwoInputs(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.act = torch.nn.Linear(64, 16), torch.nn.Linear(4, 16), htaf_export.nn.HTAF()
+            self.head = torch.nn.Linear(16, 10)
+
+        def forward(self, image: torch.Tensor, extra: torch.Tensor) -> torch.Tensor:
+            return self.head(self.act(self.a(image) + self.b(extra)))
+
+    torch.manual_seed(0)
+    te = digits("test")
+    one = htaf_export.save(load_sample("dhn_mlp").module, tmp_path / "one.pt2", format="pt2")
+    two = tmp_path / "two.pt2"
+    batch = torch.export.Dim("batch")
+    torch.export.save(torch.export.export(TwoInputs().eval(), (torch.randn(2, 64), torch.randn(2, 4)),
+                                          dynamic_shapes=({0: batch}, {0: batch})), two)
+    single = npz_file(x=te.x[:100], y=te.y[:100])
+    both = tmp_path / "both.npz"
+    np.savez(both, image=te.x[:100], extra=np.ones((100, 4), np.float32), y=te.y[:100])
+    for model, data in ((one, single), (two, both)):
+        code, out, err = _run(capsys, "inspect", model, "--data", data)
+        assert code == 0 and "accuracy: as trained" in out, err
+
+
 def test_inspect_with_unlabelled_data_shows_gap_only(sample_paths, npz_file, capsys, wide):
     te = digits("test")
     path = npz_file(inputs=te.x[:50])  # the only array, under another key
@@ -215,8 +241,10 @@ def _bad_npz(case: str, tmp_path: Path) -> Path:
         path = tmp_path / "nope.npz"
     elif case == "bad_labels":
         np.savez(path, x=te.x[:5], y=te.y[:4])
-    elif case == "float_labels":
-        np.savez(path, x=te.x[:5], y=te.y[:5].astype(np.float32))
+    elif case == "float_labels":  # whole-valued float labels are read as integers; halves are no class
+        np.savez(path, x=te.x[:5], y=te.y[:5].astype(np.float32) + 0.5)
+    elif case == "negative_labels":  # was accepted, and every -1 scored as a miss
+        np.savez(path, x=te.x[:5], y=np.array([0, 1, -1, 2, 3]))
     elif case == "no_samples":
         np.savez(path, x=np.zeros((0, 64), np.float32))
     elif case == "strings":
@@ -229,6 +257,7 @@ NPZ_CASES = {
     "not_npz": "not a readable .npz", "npy": "not a readable .npz", "garbage": "not a readable .npz",
     "empty_file": "not a readable .npz", "missing": "does not exist", "bad_labels": "labels",
     "float_labels": "labels", "no_samples": "no samples", "strings": "dtype",
+    "negative_labels": "class indices from 0, but one is -1",
 }
 
 

@@ -12,6 +12,7 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
+import htaf_export
 from htaf_export import cli
 from htaf_export.pipeline import export
 from htaf_export.report import render_html
@@ -85,12 +86,17 @@ def reports(tmp_path_factory):
                      "--report", str(out / "bad.html")]) == 1
     assert cli.main(["validate", str(SAMPLES / "bnn_cnn.pt"), str(bad), "--device", "cpu",
                      "--report", str(out / "bad.json")]) == 1
+    from test_user_patterns import TwoInputs  # no crafted inputs for two inputs: its "crafted" was {}
+
+    two = htaf_export.save(TwoInputs().eval(), out / "two.pt2", input_shape=[[12], [4]])
+    assert cli.main([str(two), "--target", "onnx", "-o", str(out / "two.onnx"), "--device", "cpu",
+                     "--report", str(out / "two.json")]) == 0
     return out
 
 
 def test_json_reports_follow_the_schema(reports):
     spec = schema()
-    for name in ("clean.json", "bad.json"):
+    for name in ("clean.json", "bad.json", "two.json"):
         data = json.loads((reports / name).read_text())
         assert check(data, spec) == [], name
 

@@ -4,6 +4,7 @@ wrapper, an exported file given as the model, an output folder. Each works or is
 from __future__ import annotations
 
 import onnx
+import pytest
 import torch
 from torch import nn
 
@@ -278,3 +279,55 @@ def test_a_pickle_that_runs_one_sample_at_a_time_is_told_where_the_batch_goes(tm
     torch.save(OneAtATime().eval(), path)
     _one_line_exit_2([str(path), "--target", "onnx", "--trust-pickle", "--input-shape", "6"], capsys,
                      "runs on one sample at a time only", "h.view(x.shape[0], -1)")
+
+
+class ConceptsFirst(nn.Module):
+    """A concept bottleneck that returns (concepts, logits): the concepts are steps, the logits the classes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.to_concepts, self.head = nn.Linear(64, 16), nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor):
+        concepts = (self.to_concepts(x) >= 0).float()
+        return concepts, self.head(concepts)
+
+
+def test_accuracy_is_scored_on_the_logits_not_on_concepts_returned_first(tmp_path):
+    """Output 0 (16 concept bits) was scored: labels 0..9 fit in 16 values, so 19.6 % was reported for a model
+    at 96.4 %."""
+    import numpy as np
+
+    from htaf_export.data import digits
+
+    torch.manual_seed(0)
+    model = ConceptsFirst().eval()
+    te = digits("test")
+    x, y = te.x[:300].reshape(300, 64), te.y[:300]
+    data = tmp_path / "d.npz"
+    np.savez(data, x=x, y=y)
+    path = save_pt2(model, torch.randn(2, 64), tmp_path / "c.pt2")
+    result = htaf_export.export(path, "onnx", tmp_path / "c.onnx", device="cpu", data=data)
+    with torch.no_grad():
+        want = float((model(torch.from_numpy(x))[1].argmax(1).numpy() == y).mean())
+    backend = result.report.to_dict()["backends"][0]
+    assert backend["reference_accuracy"] == pytest.approx(want), (backend, want)
+    assert any("scored on output 'output.1'" in n for n in result.report.notes), result.report.notes
+
+
+def test_a_folder_or_an_empty_file_given_as_a_file_is_said_to_be_one(tmp_path, capsys):
+    """A folder was 'does not exist'; an empty artifact 'was not written by htaf-export'."""
+    import numpy as np
+
+    path = save_pt2(BoolOut().eval(), torch.randn(2, 16), tmp_path / "b.pt2")
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (tmp_path / "empty.onnx").write_bytes(b"")
+    np.savez(tmp_path / "y_negative.npz", x=np.zeros((3, 16), np.float32), y=np.array([0, -1, 1]))
+    _one_line_exit_2(["validate", str(path), str(folder)], capsys, "is a directory, not a file")
+    _one_line_exit_2(["validate", str(path), str(tmp_path / "empty.onnx")], capsys, "is empty (0 bytes)")
+    _one_line_exit_2([str(path), "--target", "onnx", "-o", str(tmp_path / "b.onnx"), "--data", str(folder)], capsys,
+                     "is a directory, not an .npz file")
+    _one_line_exit_2([str(path), "--target", "onnx", "-o", str(tmp_path / "b.onnx"), "--data",
+                      str(tmp_path / "y_negative.npz")], capsys, "class indices from 0, but one is -1")
+    assert not (tmp_path / "b.onnx").exists()

@@ -135,7 +135,9 @@ def backends_for(info: ArtifactInfo, device: str = "all", model=None, threads: i
 
 def read_artifact(path: Path) -> ArtifactInfo:
     if not path.is_file():
-        raise BadInput(f"artifact {path} does not exist")
+        raise BadInput(f"artifact {path} {'is a directory, not a file' if path.is_dir() else 'does not exist'}")
+    if path.stat().st_size == 0:
+        raise BadInput(f"artifact {path} is empty (0 bytes): an export that did not finish?")
     if path.suffix == ".onnx":
         from .onnxruntime import read_onnx_artifact
 

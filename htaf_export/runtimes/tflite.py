@@ -28,7 +28,10 @@ KERNEL_TIMING_BUDGET_S = 0.4
 
 
 def read_tflite_artifact(path: Path) -> ArtifactInfo:
-    model = read_model(Path(path).read_bytes())
+    try:
+        model = read_model(Path(path).read_bytes())
+    except BadInput as e:
+        raise BadInput(f"artifact {path}: {e}") from None
     try:
         meta = read_metadata(model)
     except (ValueError, UnicodeDecodeError):
