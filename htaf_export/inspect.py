@@ -57,9 +57,22 @@ class ModelSummary:
         return sum(layer.bits for layer in self.layers)
 
 
+def _traced_types(module: torch.nn.Module) -> dict[str, str]:
+    """Module path → the class name it had, for a torch.export program (whose submodules are plain ``Module``s)."""
+    graph = getattr(module, "graph", None)
+    if not isinstance(module, torch.fx.GraphModule) or graph is None:
+        return {}
+    types = {}
+    for node in graph.nodes:
+        for path, kind in (node.meta.get("nn_module_stack") or {}).values():
+            name = kind if isinstance(kind, str) else f"{kind.__module__}.{kind.__qualname__}"
+            types.setdefault(str(path), str(name).rsplit(".", 1)[-1].strip("'>"))
+    return types
+
+
 def layer_table(module: torch.nn.Module, packed: set[str] | None = None) -> list[LayerInfo]:
     """Each module with parameters; binary: an ``htaf_export.nn`` binary layer, or one named in ``packed``."""
-    layers = []
+    layers, traced = [], _traced_types(module)
     for name, m in module.named_modules():
         # Parameters plus float buffers (batch-norm statistics, frozen scales): all of them ship.
         own = list(m.parameters(recurse=False)) + [b for b in m.buffers(recurse=False) if b.is_floating_point()]
@@ -68,7 +81,7 @@ def layer_table(module: torch.nn.Module, packed: set[str] | None = None) -> list
             continue
         binary = isinstance(m, BinaryWeights) or (name in (packed or ()) and hasattr(m, "weight"))
         one_bit = m.weight.numel() if binary else 0
-        kind = getattr(m, "original_name", type(m).__name__)
+        kind = getattr(m, "original_name", None) or traced.get(name) or type(m).__name__
         layers.append(LayerInfo(name or "(root)", kind, binary, count, one_bit))
     return layers
 

@@ -127,6 +127,8 @@ def test_inspect_with_data_reads_a_pt2_and_a_model_of_two_inputs(load_sample, tm
     for model, data in ((one, single), (two, both)):
         code, out, err = _run(capsys, "inspect", model, "--data", data)
         assert code == 0 and "accuracy: as trained" in out, err
+    head = next(line for line in out.splitlines() if line.startswith("│ head "))
+    assert "Linear" in head, head  # the class the program recorded (was "Module" for every layer of a .pt2)
 
 
 def test_inspect_with_unlabelled_data_shows_gap_only(sample_paths, npz_file, capsys, wide):
