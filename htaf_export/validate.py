@@ -92,6 +92,7 @@ class Shard:
     foreign_labels: str = ""  # why no accuracy: labels beyond the model's classes
     unsure: int = 0  # samples whose outputs were not compared (``ReferenceRun.unsure``)
     hidden: dict[str, int] = field(default_factory=dict)  # by backend: spared by a step no tensor holds
+    scored: str | None = None  # the output argmax and accuracy were scored on
 
 
 @dataclass(frozen=True)
@@ -146,7 +147,7 @@ class Validation:
     def shard(self) -> Shard:
         refs = self.references
         return Shard(self.results, self.margins, self.unobserved, self.ties, refs.no_bound, refs.needed_bounds,
-                     self.foreign_labels, self.unsure, self.hidden)
+                     self.foreign_labels, self.unsure, self.hidden, self.scored)
 
     def absorb(self, shard: Shard) -> None:
         # by name: a worker on another machine may see other runtimes (a Ray actor is given no GPU)
@@ -164,6 +165,7 @@ class Validation:
         refs.no_bound = refs.no_bound or shard.no_bound
         refs.needed_bounds = refs.needed_bounds or shard.needed_bounds
         self.foreign_labels = self.foreign_labels or shard.foreign_labels
+        self.scored = self.scored or shard.scored
         self.unsure += shard.unsure
         for backend, spared in shard.hidden.items():
             self.hidden[backend] = self.hidden.get(backend, 0) + spared

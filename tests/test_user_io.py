@@ -293,7 +293,8 @@ class ConceptsFirst(nn.Module):
         return concepts, self.head(concepts)
 
 
-def test_accuracy_is_scored_on_the_logits_not_on_concepts_returned_first(tmp_path):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_accuracy_is_scored_on_the_logits_not_on_concepts_returned_first(tmp_path, workers):
     """Output 0 (16 concept bits) was scored: labels 0..9 fit in 16 values, so 19.6 % was reported for a model
     at 96.4 %."""
     import numpy as np
@@ -307,7 +308,7 @@ def test_accuracy_is_scored_on_the_logits_not_on_concepts_returned_first(tmp_pat
     data = tmp_path / "d.npz"
     np.savez(data, x=x, y=y)
     path = save_pt2(model, torch.randn(2, 64), tmp_path / "c.pt2")
-    result = htaf_export.export(path, "onnx", tmp_path / "c.onnx", device="cpu", data=data)
+    result = htaf_export.export(path, "onnx", tmp_path / "c.onnx", device="cpu", data=data, workers=workers)
     with torch.no_grad():
         want = float((model(torch.from_numpy(x))[1].argmax(1).numpy() == y).mean())
     backend = result.report.to_dict()["backends"][0]
