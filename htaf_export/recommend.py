@@ -117,7 +117,9 @@ def _recommend(cap: Capture, built: Mapping[str, bytes]) -> Recommendation | Non
     fastest = min(ms, key=ms.__getitem__)
     close = "onnx" in ms and (ms["onnx"] <= ms[fastest] * MIN_GAIN or ms["onnx"] - ms[fastest] < MIN_SAVED_MS)
     best = "onnx" if close else fastest
-    return Recommendation(best, machine, tuple(timings), f"measured {measured}")
+    why = (f"; onnx is within {MIN_GAIN:g}x or {MIN_SAVED_MS:g} ms of {fastest}, a difference this small is "
+           f"noise" if close and fastest != "onnx" else "")
+    return Recommendation(best, machine, tuple(timings), f"measured {measured}{why}")
 
 
 def _runs_integer_kernels(data: bytes) -> bool:
