@@ -41,12 +41,9 @@ def _ts_composites(graph) -> list[tuple[float, float, float, str]]:
     """(θ, α, β, levels) of each HTAF composite in a TorchScript graph (the ``_HTAF01`` shape)."""
     found = []
     for node in graph.nodes():
-        if node.kind() != "aten::sigmoid":
+        muls = _sigmoid_terms(node)
+        if muls is None:
             continue
-        add = node.inputsAt(0).node()
-        if add.kind() != "aten::add":
-            continue
-        muls = [add.inputsAt(i).node() for i in range(2)]
         tanh_mul = next((m for m in muls if m.kind() == "aten::mul" and m.inputsAt(0).node().kind() == "aten::tanh"), None)
         lin_mul = next((m for m in muls if m is not tanh_mul and m.kind() == "aten::mul"), None)
         if tanh_mul is None or lin_mul is None or lin_mul.inputsAt(0).node().kind() != "aten::sub":
@@ -124,15 +121,14 @@ def harden_torchscript(module: torch.jit.ScriptModule, tie: str | None) -> tuple
     return hard, sites
 
 
+def _sigmoid_terms(node) -> list | None:
+    """The nodes of the two terms a sigmoid's sum adds, when ``node`` is a sigmoid of a sum; else None."""
+    add = node.inputsAt(0).node() if node.kind() == "aten::sigmoid" else None
+    return [add.inputsAt(i).node() for i in range(2)] if add is not None and add.kind() == "aten::add" else None
+
+
 def _composite_like(graph) -> bool:
     """Whether a sigmoid in ``graph`` reads a sum with a multiple of a tanh: an HTAF, whatever holds α and β."""
-    for node in graph.nodes():
-        add = node.inputsAt(0).node() if node.kind() == "aten::sigmoid" else None
-        if add is None or add.kind() != "aten::add":
-            continue
-        terms = [add.inputsAt(i).node() for i in range(2)]
-        if any(t.kind() == "aten::mul" and any(t.inputsAt(i).node().kind() == "aten::tanh" for i in range(2))
-               for t in terms):
-            return True
-    return False
+    return any(t.kind() == "aten::mul" and any(t.inputsAt(i).node().kind() == "aten::tanh" for i in range(2))
+               for node in graph.nodes() for t in _sigmoid_terms(node) or [])
 

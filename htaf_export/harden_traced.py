@@ -19,6 +19,7 @@ place (``harden_torchscript``).
 from __future__ import annotations
 
 import copy
+import operator
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -54,18 +55,12 @@ def as_number(value) -> float | None:
     """A number, a one-element tensor, or a graph's one-element buffer or parameter (an annealed temperature
     ``self.alpha``, fixed once trained)."""
     if isinstance(value, fx.Node) and value.op == "get_attr" and value.graph.owning_module is not None:
-        value = _attribute(value.graph.owning_module, str(value.target))
+        value = operator.attrgetter(str(value.target))(value.graph.owning_module)
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         return float(value.reshape(()))
     return None
-
-
-def _attribute(module: torch.nn.Module, target: str) -> Any:
-    for part in target.split("."):
-        module = getattr(module, part, None)  # type: ignore[assignment]
-    return module
 
 
 def scope_of(node: fx.Node) -> tuple[str, str]:
@@ -74,8 +69,13 @@ def scope_of(node: fx.Node) -> tuple[str, str]:
     if not stack:
         return "", ""
     path, kind = list(stack.values())[-1]
+    return str(path), type_name(kind)
+
+
+def type_name(kind: Any) -> str:
+    """The class name of an ``nn_module_stack`` entry's type (a class, or its qualified name as a string)."""
     name = kind if isinstance(kind, str) else f"{kind.__module__}.{kind.__qualname__}"
-    return str(path), str(name).rsplit(".", 1)[-1].strip("'>")
+    return str(name).rsplit(".", 1)[-1].strip("'>")
 
 
 def _only_user(node: fx.Node) -> fx.Node | None:
@@ -322,7 +322,7 @@ def _alias_chain(node: fx.Node) -> list[fx.Node]:
     return found
 
 
-def _constants(graph: fx.Graph) -> set[fx.Node]:
+def constant_nodes(graph: fx.Graph) -> set[fx.Node]:
     """Nodes computed from parameters and constants only (a weight binarized in forward is not a step)."""
     const: set[fx.Node] = set()
     for node in graph.nodes:
@@ -359,7 +359,7 @@ def harden_graph_module(gm: fx.GraphModule, tie: str | None, sign_as_step: bool 
     hard = copy.deepcopy(gm)
     sites: dict[str, TracedSite] = {}
     found: list[TracedSite] = []
-    constant = _constants(hard.graph)
+    constant = constant_nodes(hard.graph)
     for node in list(hard.graph.nodes):
         if node.graph is None or node.op != "call_function" or node in constant:
             continue

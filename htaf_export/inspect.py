@@ -14,6 +14,7 @@ from .contracts import PACKED_WEIGHTS
 from .data import Dataset
 from .errors import BadInput, UnsupportedLayer
 from .harden import HardenResult, Site, harden, record_every_step, unrecorded_tie_note
+from .harden_traced import type_name
 from .io import LoadedModel
 from .nn.binary import BinaryWeights
 from .passes.util import const_array
@@ -62,11 +63,10 @@ def _traced_types(module: torch.nn.Module) -> dict[str, str]:
     graph = getattr(module, "graph", None)
     if not isinstance(module, torch.fx.GraphModule) or graph is None:
         return {}
-    types = {}
+    types: dict[str, str] = {}
     for node in graph.nodes:
         for path, kind in (node.meta.get("nn_module_stack") or {}).values():
-            name = kind if isinstance(kind, str) else f"{kind.__module__}.{kind.__qualname__}"
-            types.setdefault(str(path), str(name).rsplit(".", 1)[-1].strip("'>"))
+            types.setdefault(str(path), type_name(kind))
     return types
 
 

@@ -15,7 +15,7 @@ from torch.utils import _pytree as pytree
 
 from . import outputs
 from .errors import BadInput
-from .harden_traced import scope_of
+from .harden_traced import constant_nodes, scope_of
 
 
 TRAINING_OPS = {"batch_norm": 5, "dropout": 2, "_native_batch_norm_legit_functional": None,
@@ -132,11 +132,12 @@ def _rebatch_sizes(module: nn.Module, batch: int) -> bool:
     batch is refused."""
     graph = module.graph  # type: ignore[attr-defined]
     inputs = [n for n in graph.nodes if n.op == "placeholder"]
-    computed = _computed_from(inputs)
+    constant = constant_nodes(graph)
     sized = [n for n in graph.nodes if n.op == "call_function" and _op_name(n) in SIZED
              and isinstance(n.args[SIZED[_op_name(n)]], (list, tuple)) and n.args[SIZED[_op_name(n)]]
              and n.args[SIZED[_op_name(n)]][0] == batch
-             and (batch > 1 or (SIZED[_op_name(n)] == 1 and n.args[0] in computed))]
+             and (batch > 1 or (SIZED[_op_name(n)] == 1 and isinstance(n.args[0], torch.fx.Node)
+                                and n.args[0] not in constant))]
     if not inputs or not sized:
         return False
     with graph.inserting_after(inputs[-1]):
@@ -146,17 +147,6 @@ def _rebatch_sizes(module: nn.Module, batch: int) -> bool:
         node.args = (*node.args[:at], [size, *node.args[at][1:]], *node.args[at + 1:])
     module.recompile()  # type: ignore[operator]
     return True
-
-
-def _computed_from(inputs: list[Any]) -> set[Any]:
-    """The graph nodes whose values depend on ``inputs``."""
-    seen, todo = set(inputs), list(inputs)
-    while todo:
-        for user in todo.pop().users:
-            if user not in seen:
-                seen.add(user)
-                todo.append(user)
-    return seen
 
 
 def _advice(kept: list[str]) -> str:

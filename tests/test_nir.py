@@ -18,7 +18,7 @@ from htaf_export.models.snn import SnnMLP
 from htaf_export.nn import HTAF
 
 from conftest import save_pt2
-from spiking_models import AudioSNN
+from spiking_models import AudioSNN, zero_reset_lif
 
 nir = pytest.importorskip("nir")
 
@@ -292,12 +292,8 @@ class TwoLayerLoop(torch.nn.Module):
         v1, v2, count = torch.zeros(x.shape[0], 9), torch.zeros(x.shape[0], 4), 0
         drive = self.fc1(x)
         for _ in range(4):
-            v1 = 0.8 * v1 + drive
-            s1 = (v1 >= 1.0).float()
-            v1 = v1 * (1 - s1)
-            v2 = 0.8 * v2 + self.fc2(s1)
-            s2 = (v2 >= 1.0).float()
-            v2 = v2 * (1 - s2)
+            s1, v1 = zero_reset_lif(v1, drive, 0.8, 1.0)
+            s2, v2 = zero_reset_lif(v2, self.fc2(s1), 0.8, 1.0)
             count = count + self.fc3(s2)
         return count
 
